@@ -1,0 +1,291 @@
+"""The data every objective shares: the token batch, where the rest of the batch lives, global statistics.
+
+Every objective runs in two phases so that a group may span micro-batches and ranks:
+
+1. ``statistics(members(batch))``: per-member scalars (reward, group id, counted tokens, and for GIFT the
+   implicit reward) of this rank's whole batch, reduced over the data-parallel / context-parallel ranks
+   into :class:`BatchStats` that are identical on every rank. This needs no gradient, so it can run on the
+   forward-only (reference / old-policy) pass before the training micro-batches.
+2. ``loss(batch, stats)`` on each micro-batch: this micro-batch's share of the global loss. The global loss
+   is the sum of the shares over all micro-batches and ranks, and so is its gradient, which is what
+   Megatron-Core's gradient all-reduce computes.
+
+Calling an objective (``objective(batch)``) does both on one batch: the single-process case, or one call
+per rank when every rank holds its whole batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import ClassVar
+
+import torch
+
+from gift_megatron.comm import ProcessGroup, all_reduce_sum, group_size
+from gift_megatron.objectives.groups import GroupStats, _check_group_ids
+
+
+@dataclass(frozen=True)
+class BatchLayout:
+    """Where the rest of the global batch lives, seen from this process.
+
+    dp_group: ranks holding the other members of the batch (each member on exactly one of them).
+    cp_group: ranks holding other tokens of this rank's members (Megatron's zig-zag context parallel split);
+        per-sequence sums are all-reduced over it, and sequence-level terms are counted once in total.
+    None means "nobody else": the default describes a single process holding the whole batch.
+    """
+
+    dp_group: ProcessGroup | None = None
+    cp_group: ProcessGroup | None = None
+
+    @property
+    def cp_size(self) -> int:
+        return group_size(self.cp_group)
+
+    def sum_over_tokens_ranks(self, x: torch.Tensor) -> torch.Tensor:
+        """SUM over every rank that holds part of the batch (dp x cp); no gradient."""
+        x = all_reduce_sum(x.detach(), self.dp_group)
+        return all_reduce_sum(x, self.cp_group)
+
+
+SINGLE_PROCESS = BatchLayout()
+
+
+@dataclass
+class TokenBatch:
+    """Per-token tensors of a (micro-)batch of B members, S positions each.
+
+    logp:      [B, S] float, log-prob of each token under the policy being trained (carries gradient).
+    mask:      [B, S] float or bool, 1 on response tokens that count, 0 on prompt and padding.
+    rewards:   [B] float, one explicit reward per member (None for objectives that use none).
+    group_ids: [B] int, the prompt group of each member (None for objectives that use none).
+    ref_logp:  [B, S] float, reference policy log-probs (no gradient), when the objective needs them.
+    old_logp:  [B, S] float, rollout policy log-probs (no gradient), when the objective needs them.
+    Values at positions where mask is 0 are never read (they may be padding garbage, even NaN).
+    """
+
+    logp: torch.Tensor
+    mask: torch.Tensor
+    rewards: torch.Tensor | None = None
+    group_ids: torch.Tensor | None = None
+    ref_logp: torch.Tensor | None = None
+    old_logp: torch.Tensor | None = None
+
+    @property
+    def counted(self) -> torch.Tensor:
+        """[B, S] bool: the tokens that count."""
+        return self.mask > 0
+
+    def masked(self, name: str) -> torch.Tensor:
+        """Field ``name`` in fp32 with non-counted positions set to 0, so padding never leaks (0 * NaN)."""
+        x = getattr(self, name)
+        return torch.where(self.counted, x.float(), torch.zeros((), dtype=torch.float32, device=x.device))
+
+
+@dataclass
+class Members:
+    """Per-member scalars of this rank's batch, enough to compute every global statistic.
+
+    rewards, group_ids: [B] (or None). token_counts: [B] fp32, counted tokens held by this rank (this CP
+    rank's share). extra: objective-specific [B] fp32 scalars, e.g. GIFT's implicit reward.
+    """
+
+    token_counts: torch.Tensor
+    rewards: torch.Tensor | None = None
+    group_ids: torch.Tensor | None = None
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @staticmethod
+    def cat(parts: list["Members"]) -> "Members":
+        """Concatenate the members of several micro-batches (same fields in every part)."""
+        if not parts:
+            raise ValueError("Members.cat needs at least one part")
+
+        def cat_opt(name):
+            xs = [getattr(p, name) for p in parts]
+            return None if xs[0] is None else torch.cat(xs)
+
+        return Members(
+            token_counts=torch.cat([p.token_counts for p in parts]),
+            rewards=cat_opt("rewards"),
+            group_ids=cat_opt("group_ids"),
+            extra={k: torch.cat([p.extra[k] for p in parts]) for k in parts[0].extra},
+        )
+
+
+@dataclass(frozen=True)
+class BatchStats:
+    """Global statistics of the whole step's batch; identical on every rank.
+
+    n_members, n_tokens: fp32 scalars, global counts of members and counted tokens.
+    rewards: per-group statistics of the explicit rewards (group objectives).
+    implicit: per-group statistics of GIFT's implicit reward.
+    correction: GIFT with detach_stats=False: per-group coefficients (a_g, b_g) [G] of the exact gradient
+        through the group mean and std (see gift.py).
+    metrics: metrics that only need per-member scalars, already global.
+    """
+
+    n_members: torch.Tensor
+    n_tokens: torch.Tensor
+    rewards: GroupStats | None = None
+    implicit: GroupStats | None = None
+    correction: tuple[torch.Tensor, torch.Tensor] | None = None
+    metrics: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class LossOutput:
+    """One call's result.
+
+    loss: fp32 scalar, this call's share of the global loss (the whole loss for a single process holding
+        the whole batch). Backpropagate it; the sum over micro-batches and ranks is the global loss.
+    shares: additive metric shares: summed over micro-batches and ranks they give the global metric.
+    metrics: metrics that are already global (from BatchStats), identical on every rank.
+    """
+
+    loss: torch.Tensor
+    shares: dict[str, torch.Tensor]
+    metrics: dict[str, torch.Tensor]
+
+    def finalize(self, layout: BatchLayout) -> dict[str, torch.Tensor]:
+        """All global metrics of a call that saw its rank's whole batch (shares summed over ranks)."""
+        out = dict(self.metrics)
+        if self.shares:
+            keys = sorted(self.shares)
+            summed = layout.sum_over_tokens_ranks(torch.stack([self.shares[k].detach().float() for k in keys]))
+            out.update({k: summed[i] for i, k in enumerate(keys)})
+        return out
+
+
+class Objective:
+    """Base class of the registered objectives; subclasses are frozen dataclasses of their options.
+
+    Subclasses set ``name``, ``uses`` (the TokenBatch fields they read besides logp and mask), and implement
+    ``statistics`` and ``loss``.
+    """
+
+    name: ClassVar[str] = ""
+    uses: ClassVar[frozenset[str]] = frozenset()
+    group_relative: ClassVar[bool] = False
+
+    def __post_init__(self) -> None:
+        self.validate_options()
+
+    def validate_options(self) -> None:
+        if hasattr(self, "eps") and not self.eps > 0:
+            raise ValueError(f"{self.name}: eps must be > 0, got {self.eps}")
+
+    # ---- phase 1 ----
+    @torch.no_grad()
+    def members(self, batch: TokenBatch, layout: BatchLayout = SINGLE_PROCESS) -> Members:
+        """Per-member scalars of ``batch`` (no gradient). Validates the batch."""
+        check_batch(batch, self.uses, self.name)
+        counts = batch.counted.float().sum(dim=1)
+        global_counts = all_reduce_sum(counts, layout.cp_group)
+        if bool((global_counts == 0).any()):
+            bad = torch.nonzero(global_counts == 0).flatten()[:5].tolist()
+            raise ValueError(f"mask: members {bad} have no counted tokens (every response needs at least one)")
+        return Members(
+            token_counts=counts,
+            rewards=None if batch.rewards is None else batch.rewards.float(),
+            group_ids=None if batch.group_ids is None else batch.group_ids.to(torch.int64),
+            extra=self.member_extras(batch, layout),
+        )
+
+    def member_extras(self, batch: TokenBatch, layout: BatchLayout) -> dict[str, torch.Tensor]:
+        return {}
+
+    def statistics(self, members: Members, layout: BatchLayout = SINGLE_PROCESS) -> BatchStats:
+        raise NotImplementedError
+
+    # ---- phase 2 ----
+    def loss(self, batch: TokenBatch, stats: BatchStats, layout: BatchLayout = SINGLE_PROCESS) -> LossOutput:
+        raise NotImplementedError
+
+    def __call__(
+        self, batch: TokenBatch, layout: BatchLayout = SINGLE_PROCESS, stats: BatchStats | None = None
+    ) -> LossOutput:
+        """Both phases on one batch; ``stats`` given means they were computed on the whole step already."""
+        if stats is None:
+            stats = self.statistics(self.members(batch, layout), layout)
+        else:
+            check_batch(batch, self.uses, self.name)
+        return self.loss(batch, stats, layout)
+
+
+def count_totals(members: Members, layout: BatchLayout) -> tuple[torch.Tensor, torch.Tensor]:
+    """Global (n_members, n_tokens) as fp32 scalars. Members are counted once although CP ranks share them."""
+    local = torch.stack(
+        [torch.tensor(float(members.token_counts.shape[0]), device=members.token_counts.device) / layout.cp_size,
+         members.token_counts.sum()]
+    )
+    total = layout.sum_over_tokens_ranks(local)
+    return total[0].round(), total[1]
+
+
+def check_batch(batch: TokenBatch, uses: frozenset[str], objective: str) -> None:
+    """Raise ValueError naming the offending field for any malformed input."""
+    lp = batch.logp
+    if not isinstance(lp, torch.Tensor) or lp.dim() != 2 or not lp.dtype.is_floating_point:
+        raise ValueError(f"{objective}: logp must be a float tensor [B, S], got {_desc(lp)}")
+    B, S = lp.shape
+    if not isinstance(batch.mask, torch.Tensor) or tuple(batch.mask.shape) != (B, S):
+        raise ValueError(f"{objective}: mask must have the shape of logp {[B, S]}, got {_desc(batch.mask)}")
+    m = batch.mask
+    if m.dtype != torch.bool and not bool(((m == 0) | (m == 1)).all()):
+        raise ValueError(f"{objective}: mask must hold only 0 and 1")
+    counted = batch.counted
+    for name in ("ref_logp", "old_logp"):
+        x = getattr(batch, name)
+        if name in uses and x is None:
+            raise ValueError(f"{objective}: {name} is required by this objective but was not given")
+        if x is not None:
+            if not isinstance(x, torch.Tensor) or tuple(x.shape) != (B, S) or not x.dtype.is_floating_point:
+                raise ValueError(f"{objective}: {name} must be a float tensor of shape {[B, S]}, got {_desc(x)}")
+            if not bool(torch.isfinite(x[counted]).all()):
+                raise ValueError(f"{objective}: {name} has non-finite values on counted tokens")
+    if not bool(torch.isfinite(lp.detach()[counted]).all()):
+        raise ValueError(f"{objective}: logp has non-finite values on counted tokens")
+    if "rewards" in uses:
+        r = batch.rewards
+        if not isinstance(r, torch.Tensor) or r.dim() != 1 or r.shape[0] != B:
+            raise ValueError(f"{objective}: rewards must be a tensor of shape [{B}], got {_desc(r)}")
+        if not bool(torch.isfinite(r).all()):
+            bad = torch.nonzero(~torch.isfinite(r)).flatten()[:5].tolist()
+            raise ValueError(f"{objective}: rewards are not finite for members {bad}")
+    if "group_ids" in uses:
+        if batch.group_ids is None:
+            raise ValueError(f"{objective}: group_ids are required by this objective but were not given")
+        _check_group_ids(batch.group_ids, B)
+
+
+def _desc(x) -> str:
+    if isinstance(x, torch.Tensor):
+        return f"tensor of shape {list(x.shape)} and dtype {x.dtype}"
+    return type(x).__name__
+
+
+OBJECTIVES: dict[str, type[Objective]] = {}
+
+
+def register(cls: type[Objective]) -> type[Objective]:
+    """Class decorator: make ``cls`` selectable by its ``name`` in configs."""
+    if cls.name in OBJECTIVES:
+        raise ValueError(f"objective name {cls.name!r} is registered twice")
+    OBJECTIVES[cls.name] = cls
+    return cls
+
+
+def build_objective(name: str, **options) -> Objective:
+    """The registered objective ``name`` with ``options`` (its dataclass fields).
+
+    Raises ValueError naming the unknown objective (listing the known ones) or the unknown option.
+    """
+    if name not in OBJECTIVES:
+        raise ValueError(f"objective: unknown name {name!r}; known objectives: {', '.join(sorted(OBJECTIVES))}")
+    cls = OBJECTIVES[name]
+    known = {f.name for f in fields(cls)}
+    for key in options:
+        if key not in known:
+            raise ValueError(f"objective {name}: unknown option {key!r}; options: {', '.join(sorted(known))}")
+    return cls(**options)

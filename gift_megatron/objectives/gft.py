@@ -1,0 +1,101 @@
+"""GFT: Group Fine-Tuning (arXiv 2604.14258), OBJECTIVES.md "GFT".
+
+    A_i    = Z_g(R)_i                                    GRPO z-score over the hybrid group, no leave-one-out
+    l[i,t] = -A_i * sg(c(p[i,t])) * lp[i,t],  p = exp(lp),  c(p) = p if p <= tau else 1
+    L      = sum_{i,t} m[i,t] l[i,t] / (counted tokens of the global batch)
+
+Dynamic Coefficient Rectification: d l / d p = -A c(p)/p, i.e. the ordinary 1/p weight above tau and a
+weight of 1 at or below tau, which caps the inverse-probability blow-up on tokens the policy finds unlikely
+(expert and teacher members). The token mean is over the whole global batch, so the result does not depend
+on how the batch is cut into micro-batches (the authors' code averages per micro-batch; ours does not).
+Building the hybrid groups (expert, teacher and rollout members) is the data pipeline's job; here every
+member is just a row with a reward and a group id.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from gift_megatron.objectives.base import (
+    SINGLE_PROCESS,
+    BatchLayout,
+    BatchStats,
+    LossOutput,
+    Members,
+    Objective,
+    TokenBatch,
+    count_totals,
+    register,
+)
+from gift_megatron.objectives.gift import gather_member_scalars, reward_group_stats, reward_metrics
+
+
+def dcr_coefficient(p: torch.Tensor, tau: float) -> torch.Tensor:
+    """c(p) = p where p <= tau, else 1 (same shape and dtype as ``p``)."""
+    return torch.where(p <= tau, p, torch.ones_like(p))
+
+
+@torch.no_grad()
+def group_reward_statistics(obj: Objective, members: Members, layout: BatchLayout) -> BatchStats:
+    """BatchStats with the reward z-score statistics and global counts, shared by GFT and the GRPO family."""
+    n_members, n_tokens = count_totals(members, layout)
+    ids, rewards, _ = gather_member_scalars(members, layout)
+    r_stats, inverse = reward_group_stats(ids, rewards, obj.unbiased)
+    A = (rewards - r_stats.mean[inverse]) / (r_stats.std[inverse] + obj.eps)
+    return BatchStats(n_members, n_tokens, rewards=r_stats, metrics=reward_metrics(rewards, r_stats, A))
+
+
+@register
+@dataclass(frozen=True)
+class GFT(Objective):
+    tau: float = 0.1
+    eps: float = 1e-6
+    unbiased: bool = True
+
+    name: ClassVar[str] = "gft"
+    uses: ClassVar[frozenset[str]] = frozenset({"rewards", "group_ids"})
+    group_relative: ClassVar[bool] = True
+
+    def validate_options(self) -> None:
+        super().validate_options()
+        if not (0 < self.tau <= 1):
+            raise ValueError(f"gft: tau must be in (0, 1], got {self.tau}")
+
+    def statistics(self, members: Members, layout: BatchLayout = SINGLE_PROCESS) -> BatchStats:
+        return group_reward_statistics(self, members, layout)
+
+    def loss(self, batch: TokenBatch, stats: BatchStats, layout: BatchLayout = SINGLE_PROCESS) -> LossOutput:
+        lp = batch.masked("logp")
+        A = stats.rewards.zscore(batch.rewards, batch.group_ids, self.eps)
+        p = torch.exp(lp.detach())
+        counted = batch.counted
+        coeff = dcr_coefficient(p, self.tau)
+        token_loss = -A[:, None] * coeff * lp
+        loss = torch.where(counted, token_loss, torch.zeros_like(token_loss)).sum() / stats.n_tokens
+        low = ((p <= self.tau) & counted).float().sum() / stats.n_tokens
+        shares = {"loss": loss.detach(), "gft/low_prob_token_frac": low}
+        return LossOutput(loss=loss, shares=shares, metrics=dict(stats.metrics))
+
+
+def gft_loss(
+    logp: torch.Tensor,
+    mask: torch.Tensor,
+    rewards: torch.Tensor,
+    group_ids: torch.Tensor,
+    *,
+    tau: float = 0.1,
+    eps: float = 1e-6,
+    unbiased: bool = True,
+    layout: BatchLayout = SINGLE_PROCESS,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """GFT loss (token mean over the mask): (loss fp32 scalar, metrics).
+
+    logp, mask [B, S]; rewards [B] float; group_ids [B] int. With a distributed ``layout`` the loss is this
+    rank's share of the global loss and the metrics are global.
+    """
+    obj = GFT(tau=tau, eps=eps, unbiased=unbiased)
+    out = obj(TokenBatch(logp, mask, rewards, group_ids), layout)
+    return out.loss, out.finalize(layout)

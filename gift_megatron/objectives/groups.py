@@ -1,0 +1,151 @@
+"""Group statistics shared by every group-relative objective (OBJECTIVES.md, "Group statistics").
+
+A group is the set of responses ("members") to one prompt, identified by an integer id. Its members may
+sit on different data-parallel ranks and in different micro-batches, so statistics are always computed on
+the whole global batch: each rank contributes its members' scalars (a few floats per sequence) through an
+all-gather over the data-parallel group, and every rank then runs the same arithmetic on the same global
+vectors. That makes the statistics identical on every rank and equal (to fp32 round-off) to a
+single-process computation, whatever the layout.
+
+Conventions (OBJECTIVES.md):
+- std is unbiased (N-1) by default, biased on request; ``eps`` is added to the std, not under the root.
+- A group of one member has std 1. OBJECTIVES.md also says its mean is 0, but then its z-score would be
+  the value itself, not the 0 the same sentence requires ("carries no signal"). We keep the natural mean
+  (the member's own value), so the z-score is exactly 0, which is the stated intent.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from gift_megatron.comm import ProcessGroup, all_gather_rows
+
+
+class _SafeSqrt(torch.autograd.Function):
+    """sqrt whose gradient at 0 is 0 instead of inf.
+
+    A group whose values are all equal has variance 0; with torch.sqrt its backward is inf * 0 = NaN,
+    which would poison every parameter gradient. The subgradient 0 is the honest value there.
+    """
+
+    @staticmethod
+    def forward(ctx, x):
+        y = torch.sqrt(x)
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        (y,) = ctx.saved_tensors
+        safe = torch.where(y > 0, y, torch.ones_like(y))
+        return torch.where(y > 0, grad / (2 * safe), torch.zeros_like(grad))
+
+
+def _check_group_ids(group_ids: torch.Tensor, n: int, name: str = "group_ids") -> None:
+    if not isinstance(group_ids, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor of integer ids, got {type(group_ids).__name__}")
+    if group_ids.dtype.is_floating_point or group_ids.dtype.is_complex or group_ids.dtype == torch.bool:
+        raise ValueError(f"{name} must hold integers (torch.int32/int64), got dtype {group_ids.dtype}")
+    if group_ids.dim() != 1 or group_ids.shape[0] != n:
+        raise ValueError(f"{name} must have shape [{n}] (one id per member), got {list(group_ids.shape)}")
+
+
+def segment_mean_std(
+    values: torch.Tensor, inverse: torch.Tensor, num_groups: int, *, unbiased: bool = True
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-group (count, mean, std) of ``values`` [B] for members mapped to groups by ``inverse`` [B].
+
+    Differentiable w.r.t. ``values``. Returns three fp32 tensors of shape [num_groups]. Two passes (mean,
+    then squared deviations) rather than sum of squares, to avoid cancellation when |mean| >> std.
+    """
+    values = values.float()
+    count = torch.zeros(num_groups, dtype=torch.float32, device=values.device)
+    count = count.index_add(0, inverse, torch.ones_like(values))
+    total = torch.zeros_like(count).index_add(0, inverse, values)
+    mean = total / count
+    dev = values - mean[inverse]
+    sq = torch.zeros_like(count).index_add(0, inverse, dev * dev)
+    single = count < 2
+    denom = (count - 1) if unbiased else count
+    var = sq / torch.where(single, torch.ones_like(denom), denom)
+    std = torch.where(single, torch.ones_like(var), _SafeSqrt.apply(torch.where(single, torch.ones_like(var), var)))
+    return count, mean, std
+
+
+@dataclass(frozen=True)
+class GroupStats:
+    """Per-group statistics of one per-member quantity over the whole global batch.
+
+    All tensors are fp32 of shape [G] except ``ids`` (int64 [G], sorted). Identical on every rank.
+    """
+
+    ids: torch.Tensor
+    count: torch.Tensor
+    mean: torch.Tensor
+    std: torch.Tensor
+
+    def index(self, group_ids: torch.Tensor) -> torch.Tensor:
+        """Positions in ``ids`` of each entry of ``group_ids`` [B] -> int64 [B]."""
+        group_ids = group_ids.to(self.ids.device, torch.int64)
+        pos = torch.searchsorted(self.ids, group_ids).clamp_(max=self.ids.numel() - 1)
+        if not bool((self.ids[pos] == group_ids).all()):
+            missing = group_ids[self.ids[pos] != group_ids].unique()[:5].tolist()
+            raise ValueError(f"group_ids {missing} are not in the batch these statistics were computed on")
+        return pos
+
+    def zscore(self, values: torch.Tensor, group_ids: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+        """(values - mean_g) / (std_g + eps) for each member; gradient flows through ``values`` only."""
+        pos = self.index(group_ids)
+        return (values.float() - self.mean[pos]) / (self.std[pos] + eps)
+
+
+@torch.no_grad()
+def group_statistics(
+    values: torch.Tensor,
+    group_ids: torch.Tensor,
+    *,
+    unbiased: bool = True,
+    dp_group: ProcessGroup | None = None,
+) -> GroupStats:
+    """Exact per-group statistics of ``values`` over the global batch (no gradient).
+
+    Args:
+        values: [B] float, one scalar per member held by this rank.
+        group_ids: [B] integer group id per member.
+        unbiased: N-1 (True) or N (False) in the variance.
+        dp_group: the ranks that hold the other members (each member on exactly one rank). Ranks that hold
+            copies of the same members (tensor-, context-parallel peers) must not be in it.
+    """
+    _check_group_ids(group_ids, values.shape[0])
+    gathered = all_gather_rows(torch.stack([values.detach().double(), group_ids.double()], dim=1), dp_group)
+    all_values, all_ids = gathered[:, 0].float(), gathered[:, 1].to(torch.int64)
+    ids, inverse = torch.unique(all_ids, sorted=True, return_inverse=True)
+    count, mean, std = segment_mean_std(all_values, inverse, ids.numel(), unbiased=unbiased)
+    return GroupStats(ids=ids, count=count, mean=mean, std=std)
+
+
+def group_zscore(
+    values: torch.Tensor,
+    group_ids: torch.Tensor,
+    *,
+    eps: float = 1e-6,
+    unbiased: bool = True,
+    dp_group: ProcessGroup | None = None,
+) -> torch.Tensor:
+    """Z_g(x)_i = (x_i - mean_g x) / (std_g x + eps) for every member i; fp32 [B].
+
+    Without ``dp_group`` the statistics are computed from ``values`` itself and the result is fully
+    differentiable (gradient through mean and std too). With ``dp_group`` the statistics come from the
+    global batch and carry no gradient (the objectives add the exact statistics gradient themselves where
+    an option asks for it, see gift.py).
+    """
+    if not isinstance(values, torch.Tensor) or values.dim() != 1:
+        raise ValueError(f"values must be a 1-D tensor [B], got {getattr(values, 'shape', type(values))}")
+    _check_group_ids(group_ids, values.shape[0])
+    if dp_group is not None:
+        return group_statistics(values, group_ids, unbiased=unbiased, dp_group=dp_group).zscore(values, group_ids, eps)
+    ids, inverse = torch.unique(group_ids.to(torch.int64), sorted=True, return_inverse=True)
+    _, mean, std = segment_mean_std(values, inverse, ids.numel(), unbiased=unbiased)
+    return (values.float() - mean[inverse]) / (std[inverse] + eps)
