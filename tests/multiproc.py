@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import pickle
 import socket
 import traceback
 from typing import Any, Callable
@@ -36,7 +37,9 @@ def _entry(fn, rank, world_size, port, args, queue, env):
     try:
         dist.init_process_group("gloo", rank=rank, world_size=world_size)
         result = fn(rank, world_size, *args)
-        queue.put((rank, "ok", result))
+        # Plain pickle bytes: a tensor sent through the queue as-is goes by shared memory, whose file
+        # descriptor handoff fails once this process has exited.
+        queue.put((rank, "ok", pickle.dumps(result)))
     except BaseException:  # report every failure, including assertion errors, to the parent
         queue.put((rank, "error", traceback.format_exc()))
     finally:
@@ -88,7 +91,7 @@ def run_ranks(
                     raise RuntimeError(f"rank process exited with code {dead[0].exitcode} without a result")
                 continue
             if status == "ok":
-                results[rank] = payload
+                results[rank] = pickle.loads(payload)
             else:
                 errors.append(f"rank {rank}:\n{payload}")
                 break

@@ -147,6 +147,14 @@ class LossOutput:
     shares: dict[str, torch.Tensor]
     metrics: dict[str, torch.Tensor]
 
+    @staticmethod
+    def accumulate(outputs: list["LossOutput"]) -> "LossOutput":
+        """Sum of the losses and shares of several micro-batches of one step (metrics from the first)."""
+        if not outputs:
+            raise ValueError("LossOutput.accumulate needs at least one output")
+        shares = {k: sum(o.shares[k] for o in outputs) for k in outputs[0].shares}
+        return LossOutput(sum(o.loss for o in outputs), shares, dict(outputs[0].metrics))
+
     def finalize(self, layout: BatchLayout) -> dict[str, torch.Tensor]:
         """All global metrics of a call that saw its rank's whole batch (shares summed over ranks)."""
         out = dict(self.metrics)
