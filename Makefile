@@ -1,0 +1,32 @@
+# The two commands a newcomer needs: `make demo` (the main job) and `make test` (the suite).
+# Both create .venv (Python 3.12, pinned stack from constraints/) on first use and reuse it afterwards.
+SHELL := /bin/bash
+VENV ?= .venv
+COMPAT_VENV ?= .venv-compat
+PYTEST_ARGS ?=
+export OMP_NUM_THREADS ?= 1
+
+# Tests of the layers that must also run on the oldest supported stack (Python 3.11, megatron-core 0.16.1).
+COMPAT_TESTS := tests/test_objectives.py tests/test_layout_invariance.py tests/test_logprobs.py \
+                tests/test_context_parallel.py tests/test_cpu_runtime.py
+
+.PHONY: venv test test-compat demo bench clean-venv
+
+venv:
+	@scripts/ensure_venv.sh $(VENV) 3.12 constraints/dev-py312.txt "-e .[dev]"
+
+test: venv
+	$(VENV)/bin/python -m pytest tests $(PYTEST_ARGS)
+
+test-compat:
+	@scripts/ensure_venv.sh $(COMPAT_VENV) 3.11 constraints/compat-py311.txt "-e . pytest pytest-timeout hypothesis"
+	$(COMPAT_VENV)/bin/python -m pytest $(COMPAT_TESTS) $(PYTEST_ARGS)
+
+demo: venv
+	@echo "The main job (tiny end-to-end GIFT training on CPU) is not built yet: it arrives with the trainer (issue 5)."
+
+bench: venv
+	$(VENV)/bin/python benchmarks/logprobs.py
+
+clean-venv:
+	rm -rf $(VENV) $(COMPAT_VENV)
