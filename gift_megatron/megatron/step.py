@@ -1,0 +1,349 @@
+"""One training step of any registered objective inside Megatron-Core's own schedules.
+
+The pieces, each usable on its own from an existing Megatron training script:
+
+- :func:`make_forward_step` returns a ``forward_step_func`` for ``get_forward_backward_func()``: it runs the
+  model on one micro-batch, turns its vocab-parallel ``[b, s, V/tp]`` logits into fp32 token log-probs and
+  hands them to the objective; its ``loss_func`` returns Megatron's ``(loss, count, report)``.
+- :func:`forward_logprobs` is the forward-only pass (reference model, old policy, or the statistics pass).
+- :class:`ObjectiveStep` strings them together: log-prob passes, exact group statistics, forward/backward,
+  optimizer step, metrics.
+
+Normalization. Megatron-Core with ``calculate_per_token_loss=True`` sums gradients over data-parallel and
+context-parallel ranks (no 1/dp) and divides them by the sum of the ``count`` every micro-batch returned.
+Our objectives already produce each micro-batch's share of the globally normalized loss (token-level
+objectives divide by every counted token of the step, GIFT by every member), so the loss function returns
+``share * D`` with ``count`` = the micro-batch's members, D being their global sum (members x cp): Megatron's
+division then gives back exactly the share, whatever the micro-batch size and the DP/CP layout.
+
+Group statistics (OBJECTIVES.md, "Group statistics"), chosen per step and reported as ``stats_source``:
+- ``data``: the objective's statistics need only rewards and counts (GFT, GRPO, DAPO, GSPO, SFT, DFT), so
+  they are computed from the batch before any forward pass;
+- ``in_place``: GIFT, and every micro-batch of every DP rank holds whole groups: each micro-batch computes
+  its groups' implicit-reward statistics from its own forward pass (no extra pass);
+- ``policy_pass``: GIFT with groups split across micro-batches or DP ranks: a no-grad pass at the current
+  parameters gives every member's implicit reward first, reduced over DP x CP.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+import torch.distributed as dist
+
+from gift_megatron.comm import all_gather_rows
+from gift_megatron.objectives import BatchLayout, BatchStats, LossOutput, Members, Objective, TokenBatch
+from gift_megatron.objectives.base import count_totals
+from gift_megatron.parallel.context import zigzag_split
+from gift_megatron.parallel.logprobs import vocab_parallel_logprobs
+
+# Keys of a micro-batch dict. tokens/labels/loss_mask are [b, s] over the whole (unsplit) sequence, labels
+# already shifted (labels[:, t] is the token after tokens[:, t]); rewards [b] float; group_ids [b] int;
+# ref_logp / old_logp optional [b, s] fp32, aligned with labels.
+PER_TOKEN_KEYS = ("tokens", "labels", "loss_mask", "ref_logp", "old_logp", "position_ids")
+
+
+def _ps():
+    from megatron.core import parallel_state
+
+    return parallel_state
+
+
+def batch_layout() -> BatchLayout:
+    """The objective's view of Megatron's parallel state: members spread over DP, tokens over CP."""
+    ps = _ps()
+    cp = ps.get_context_parallel_group() if ps.get_context_parallel_world_size() > 1 else None
+    return BatchLayout(dp_group=ps.get_data_parallel_group(), cp_group=cp)
+
+
+def split_for_context_parallel(mb: dict[str, Any]) -> dict[str, Any]:
+    """This CP rank's zig-zag part of every per-token tensor of ``mb`` (identity when cp == 1)."""
+    ps = _ps()
+    cp = ps.get_context_parallel_world_size()
+    if cp == 1:
+        return mb
+    rank = ps.get_context_parallel_rank()
+    return {k: (zigzag_split(v, cp, rank, seq_dim=1) if k in PER_TOKEN_KEYS and v is not None else v)
+            for k, v in mb.items()}
+
+
+def _model_logits(model, mb: dict[str, Any]) -> torch.Tensor:
+    tokens = mb["tokens"]
+    position_ids = mb.get("position_ids")
+    if position_ids is None:
+        position_ids = torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0).expand_as(tokens)
+    # attention_mask None: causal attention is built by the attention backend (local and TE specs).
+    return model(tokens, position_ids, None)
+
+
+def token_batch(mb: dict[str, Any], logp: torch.Tensor) -> TokenBatch:
+    """The objective's view of a (CP-local) micro-batch with its policy log-probs ``logp`` [b, s] fp32."""
+    return TokenBatch(
+        logp=logp,
+        mask=mb["loss_mask"],
+        rewards=mb.get("rewards"),
+        group_ids=mb.get("group_ids"),
+        ref_logp=mb.get("ref_logp"),
+        old_logp=mb.get("old_logp"),
+    )
+
+
+# ---------------------------------------------------------------------------------------------- loss
+@dataclass
+class LossContext:
+    """What the loss function of every micro-batch of one step shares."""
+
+    objective: Objective
+    layout: BatchLayout
+    stats: BatchStats | None  # None: statistics in place, per micro-batch (GIFT with whole groups)
+    scale: float  # D: the global sum of the per-micro-batch counts returned to Megatron
+    totals: tuple[torch.Tensor, torch.Tensor] | None = None  # global (n_members, n_tokens) for in-place
+    members: list[Members] = field(default_factory=list)  # in-place: member scalars, for global metrics
+
+
+def loss_func(ctx: LossContext, mb: dict[str, Any], logits: torch.Tensor, temperature: float,
+              chunk_size: int | None):
+    """Megatron ``loss_func``: (share * D, members in this micro-batch (int), {"output": LossOutput})."""
+    ps = _ps()
+    logp = vocab_parallel_logprobs(logits, mb["labels"], tp_group=ps.get_tensor_model_parallel_group(),
+                                   temperature=temperature, chunk_size=chunk_size)
+    batch = token_batch(mb, logp)
+    stats = ctx.stats
+    if stats is None:
+        local = BatchLayout(dp_group=None, cp_group=ctx.layout.cp_group)
+        members = ctx.objective.members(batch, local)
+        ctx.members.append(members)
+        stats = ctx.objective.statistics(members, local)
+        stats = dataclasses.replace(stats, n_members=ctx.totals[0], n_tokens=ctx.totals[1], metrics={})
+    out = ctx.objective.loss(batch, stats, ctx.layout)
+    count = torch.tensor(logp.shape[0], dtype=torch.int, device=logp.device)
+    report = LossOutput(out.loss.detach(), {k: v.detach() for k, v in out.shares.items()}, {})
+    return out.loss * ctx.scale, count, {"output": report}
+
+
+def make_forward_step(ctx: LossContext, *, temperature: float = 1.0, chunk_size: int | None = None):
+    """``forward_step_func(data_iterator, model)`` for ``get_forward_backward_func()``.
+
+    The iterator yields micro-batch dicts (see PER_TOKEN_KEYS); each is split for context parallelism here.
+    """
+
+    def forward_step(data_iterator: Iterator[dict[str, Any]], model):
+        mb = split_for_context_parallel(next(data_iterator))
+        logits = _model_logits(model, mb)
+        return logits, partial(loss_func, ctx, mb, temperature=temperature, chunk_size=chunk_size)
+
+    return forward_step
+
+
+# ------------------------------------------------------------------------------------ forward-only
+def forward_logprobs(
+    model, micro_batches: Sequence[dict[str, Any]], *, temperature: float = 1.0, chunk_size: int | None = None
+) -> list[torch.Tensor] | None:
+    """No-grad per-token log-probs of every micro-batch: a list of [b, s_local] fp32 tensors (this CP
+    rank's zig-zag part) on the last pipeline stage, None on the other stages."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    ps = _ps()
+
+    def _collect(mb, logits):
+        lp = vocab_parallel_logprobs(logits, mb["labels"], tp_group=ps.get_tensor_model_parallel_group(),
+                                     temperature=temperature, chunk_size=chunk_size)
+        return lp.sum() * 0.0, torch.tensor(1, dtype=torch.int), {"logp": lp.detach()}
+
+    def forward_step(data_iterator, m):
+        mb = split_for_context_parallel(next(data_iterator))
+        return _model_logits(m, mb), partial(_collect, mb)
+
+    models = model if isinstance(model, list) else [model]
+    with torch.no_grad():
+        store = get_forward_backward_func()(
+            forward_step_func=forward_step,
+            data_iterator=iter(list(micro_batches)),
+            model=models,
+            num_microbatches=len(micro_batches),
+            seq_length=micro_batches[0]["tokens"].shape[1],
+            micro_batch_size=micro_batches[0]["tokens"].shape[0],
+            forward_only=True,
+        )
+    if not ps.is_pipeline_last_stage():
+        return None
+    return [r["logp"] for r in store]
+
+
+# ------------------------------------------------------------------------------------- statistics
+def data_members(objective: Objective, micro_batches: Sequence[dict[str, Any]]) -> Members:
+    """Members of this rank's micro-batches from the data alone (rewards, group ids, counted tokens)."""
+    parts = []
+    for mb in micro_batches:
+        mb = split_for_context_parallel(mb)
+        parts.append(Members(
+            token_counts=(mb["loss_mask"] > 0).float().sum(dim=1),
+            rewards=None if mb.get("rewards") is None else mb["rewards"].float(),
+            group_ids=None if mb.get("group_ids") is None else mb["group_ids"].to(torch.int64),
+        ))
+    return Members.cat(parts)
+
+
+def groups_whole_per_micro_batch(micro_batches: Sequence[dict[str, Any]], layout: BatchLayout) -> bool:
+    """True when every group of the step lies in a single micro-batch of a single DP rank (all ranks agree)."""
+    dp_rank = dist.get_rank(layout.dp_group) if layout.dp_group is not None else 0
+    rows = [torch.stack([mb["group_ids"].to(torch.float64),
+                         torch.full_like(mb["group_ids"], dp_rank, dtype=torch.float64),
+                         torch.full_like(mb["group_ids"], i, dtype=torch.float64)], dim=1)
+            for i, mb in enumerate(micro_batches)]
+    table = all_gather_rows(torch.cat(rows), layout.dp_group)
+    places = torch.unique(table, dim=0)  # unique (group, rank, micro-batch) triples
+    return places.shape[0] == torch.unique(table[:, 0]).numel()
+
+
+def uses_policy_statistics(objective: Objective) -> bool:
+    """Whether the objective's statistics depend on the policy's log-probs (GIFT's implicit reward)."""
+    return type(objective).member_extras is not Objective.member_extras
+
+
+# ------------------------------------------------------------------------------------------- step
+@dataclass
+class StepResult:
+    """loss: the global loss of the step; metrics: global metrics (fp32 scalars as floats); identical on
+    every rank of every pipeline stage. stats_source: data | in_place | policy_pass."""
+
+    loss: float
+    metrics: dict[str, float]
+    stats_source: str
+    grad_norm: float | None = None
+
+
+class ObjectiveStep:
+    """One optimizer step of ``objective`` on Megatron-Core.
+
+    Args:
+        objective: a registered objective (``gift_megatron.objectives.build_objective``).
+        model: the policy, a list of model chunks wrapped in Megatron's DistributedDataParallel.
+        optimizer: Megatron's optimizer for ``model``.
+        reference: a forward-only model holding the frozen reference policy (GIFT ``reference: frozen``,
+            GRPO with kl_coef > 0), or None when micro-batches already carry ``ref_logp``.
+        temperature: the rollout sampling temperature (log-probs are of logits / temperature).
+        logprob_chunk_size: bound on fp32 temporaries of the log-prob computation (tokens per block).
+    """
+
+    def __init__(self, objective: Objective, model: list, optimizer, *, reference=None, temperature: float = 1.0,
+                 logprob_chunk_size: int | None = None) -> None:
+        self.objective = objective
+        self.model = model if isinstance(model, list) else [model]
+        self.optimizer = optimizer
+        self.reference = reference
+        self.temperature = temperature
+        self.chunk_size = logprob_chunk_size
+        config = self.model[0].config
+        if not getattr(config, "calculate_per_token_loss", False):
+            raise ValueError("model config: calculate_per_token_loss must be True for ObjectiveStep "
+                             "(the objectives normalize globally; see gift_megatron/megatron/step.py)")
+        if config.finalize_model_grads_func is None:
+            from megatron.core.distributed import finalize_model_grads
+
+            config.finalize_model_grads_func = finalize_model_grads
+        if config.no_sync_func is None and hasattr(self.model[0], "no_sync"):
+            config.no_sync_func = self.model[0].no_sync
+        if getattr(config, "grad_scale_func", None) is None and hasattr(optimizer, "scale_loss"):
+            config.grad_scale_func = optimizer.scale_loss
+
+    def _fill_reference_logprobs(self, micro_batches: list[dict[str, Any]]) -> None:
+        """Add ref_logp / old_logp the objective needs and the micro-batches lack (forward-only passes)."""
+        uses = self.objective.uses
+        if "ref_logp" in uses and micro_batches[0].get("ref_logp") is None:
+            if self.reference is None:
+                raise ValueError(f"objective {self.objective.name} needs ref_logp: give micro-batches a "
+                                 "'ref_logp' or ObjectiveStep a reference model")
+            if hasattr(self.reference, "onload"):
+                self.reference.onload()
+            self._attach(micro_batches, "ref_logp", forward_logprobs(self.reference, micro_batches,
+                         temperature=self.temperature, chunk_size=self.chunk_size))
+            if hasattr(self.reference, "offload"):
+                self.reference.offload()
+        if "old_logp" in uses and micro_batches[0].get("old_logp") is None:
+            # The policy before this step is the rollout policy when each rollout feeds one step.
+            self._attach(micro_batches, "old_logp", forward_logprobs(self.model, micro_batches,
+                         temperature=self.temperature, chunk_size=self.chunk_size))
+
+    @staticmethod
+    def _attach(micro_batches, key, logps):
+        """Store CP-local log-probs back at full-sequence positions (the step splits every tensor again)."""
+        ps = _ps()
+        if logps is None:  # not the last pipeline stage: nothing reads it there
+            return
+        cp, rank = ps.get_context_parallel_world_size(), ps.get_context_parallel_rank()
+        for mb, lp in zip(micro_batches, logps):
+            if cp == 1:
+                mb[key] = lp
+                continue
+            full = torch.zeros(mb["labels"].shape, dtype=lp.dtype, device=lp.device)
+            idx = zigzag_split(torch.arange(full.shape[1], device=lp.device)[None], cp, rank, seq_dim=1)[0]
+            full[:, idx] = lp
+            mb[key] = full
+
+    def statistics(self, micro_batches: list[dict[str, Any]], layout: BatchLayout):
+        """(LossContext for the step, stats_source)."""
+        obj = self.objective
+        members = data_members(obj, micro_batches)
+        n_members, n_tokens = count_totals(members, layout)
+        scale = float(n_members) * layout.cp_size
+        if not uses_policy_statistics(obj):
+            return LossContext(obj, layout, obj.statistics(members, layout), scale), "data"
+        if groups_whole_per_micro_batch(micro_batches, layout):
+            return LossContext(obj, layout, None, scale, totals=(n_members, n_tokens)), "in_place"
+        logps = forward_logprobs(self.model, micro_batches, temperature=self.temperature, chunk_size=self.chunk_size)
+        stats = None
+        if logps is not None:
+            parts = [obj.members(token_batch(split_for_context_parallel(mb), lp), layout)
+                     for mb, lp in zip(micro_batches, logps)]
+            stats = obj.statistics(Members.cat(parts), layout)
+        return LossContext(obj, layout, stats, scale), "policy_pass"
+
+    def __call__(self, micro_batches: list[dict[str, Any]]) -> StepResult:
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        ps = _ps()
+        micro_batches = [dict(mb) for mb in micro_batches]
+        layout = batch_layout()
+        self._fill_reference_logprobs(micro_batches)
+        ctx, source = self.statistics(micro_batches, layout)
+
+        for chunk in self.model:
+            chunk.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        store = get_forward_backward_func()(
+            forward_step_func=make_forward_step(ctx, temperature=self.temperature, chunk_size=self.chunk_size),
+            data_iterator=iter(micro_batches),
+            model=self.model,
+            num_microbatches=len(micro_batches),
+            seq_length=micro_batches[0]["tokens"].shape[1],
+            micro_batch_size=micro_batches[0]["tokens"].shape[0],
+            forward_only=False,
+        )
+        ok, grad_norm, _ = self.optimizer.step()
+        if not ok:
+            raise RuntimeError("Megatron optimizer skipped the update (non-finite gradients)")
+        metrics = self._metrics(store, ctx, layout)
+        metrics["stats_source/" + source] = 1.0
+        return StepResult(loss=metrics["loss"], metrics=metrics, stats_source=source,
+                          grad_norm=None if grad_norm is None else float(grad_norm))
+
+    def _metrics(self, store, ctx: LossContext, layout: BatchLayout) -> dict[str, float]:
+        """Global metrics on the last stage, broadcast to every pipeline stage."""
+        ps = _ps()
+        payload: list[Any] = [None]
+        if ps.is_pipeline_last_stage():
+            total = LossOutput.accumulate([r["output"] for r in store])
+            metrics = dict(ctx.stats.metrics) if ctx.stats is not None else {}
+            if ctx.stats is None:  # in place: the global statistics' metrics from the members seen
+                metrics = dict(self.objective.statistics(Members.cat(ctx.members), layout).metrics)
+            total.metrics = metrics
+            payload = [{k: float(v) for k, v in total.finalize(layout).items()}]
+        if ps.get_pipeline_model_parallel_world_size() > 1:
+            dist.broadcast_object_list(payload, src=ps.get_pipeline_model_parallel_last_rank(),
+                                       group=ps.get_pipeline_model_parallel_group())
+        return payload[0]

@@ -1,0 +1,358 @@
+"""Run Megatron-Core on CPU: TP, PP, DP, the distributed optimizer and dist-checkpointing over gloo.
+
+Megatron-Core's math runs on any device, but a few of its modules hard-code CUDA. On a machine without a
+GPU, :func:`enable_cpu_runtime` redirects exactly the calls that training and checkpointing reach
+(megatron-core 0.16 and 0.19):
+
+- ``torch.cuda.current_device()`` as the device of new buffers (DDP grad/param buffers, pipeline p2p
+  receive buffers, the global memory buffer of core attention, RoPE frequencies, checkpoint save);
+- ``torch.cuda.synchronize()`` (checkpoint save) and ``torch.cuda.current_stream()`` (grad sync, 0.19);
+- tensors created with a literal ``device="cuda"`` (the schedules' token counter, the optimizers'
+  loss-scale and grad-norm buffers, the default causal attention mask);
+- the model-parallel RNG tracker (``tensor_parallel.random``: ``model_parallel_cuda_manual_seed``,
+  ``get_cuda_rng_tracker().add()/fork()``), which saves and restores CUDA generator states: on CPU it
+  tracks the CPU default generator, so TP ranks draw the same or different streams exactly as on GPU;
+- ``Tensor.type() == 'torch.cuda.FloatTensor'``-style checks in the optimizers (distributed-optimizer and
+  mixed-precision param sorting, gradient clipping), which a CPU tensor (``'torch.FloatTensor'``) fails.
+
+How: each module listed in ``_CPU_TORCH_MODULES`` gets its own view of ``torch`` (its module global
+``torch`` is replaced) in which CUDA is the CPU; the real ``torch`` and every other module are untouched.
+The RNG state helpers are replaced by CPU ones. Only the ``Tensor.type()`` checks need a global patch
+(the method lives on the tensor class), confined to the duration of the few Megatron calls that do them.
+
+With a GPU (``torch.cuda.is_available()``) nothing is patched and Megatron-Core runs unchanged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib
+import logging
+import sys
+import threading
+from typing import Any, Callable, Iterator
+
+import torch
+
+__all__ = [
+    "enable_cpu_runtime",
+    "cpu_runtime_enabled",
+    "initialize_model_parallel_cpu",
+    "destroy_model_parallel_cpu",
+]
+
+_enabled = False
+
+# Megatron modules whose global ``torch`` becomes the CPU view: what each calls, and which versions.
+_CPU_TORCH_MODULES: dict[str, str] = {
+    "megatron.core.pipeline_parallel.schedules": 'total_num_tokens = zeros(device="cuda") (0.16, 0.19)',
+    "megatron.core.pipeline_parallel.p2p_communication": "recv buffers on current_device() (0.16, 0.19)",
+    "megatron.core.distributed.param_and_grad_buffer": (
+        "grad/param buffers on current_device() (0.16, 0.19); current_stream() in grad sync (0.19)"
+    ),
+    "megatron.core.optimizer.optimizer": 'FP32Optimizer / found_inf scale tensors device="cuda" (0.16, 0.19)',
+    "megatron.core.optimizer.clip_grads": 'grad-norm buffers device="cuda" (0.16, 0.19)',
+    "megatron.core.utils": "GlobalMemoryBuffer (core attention's matmul buffer) on current_device() (0.16, 0.19)",
+    "megatron.core.transformer.utils": 'get_default_causal_mask: ones(device="cuda") (0.16, 0.19)',
+    "megatron.core.models.common.embeddings.rotary_pos_embedding": (
+        "RoPE inv_freq moved to current_device() (0.16, 0.19)"
+    ),
+    "megatron.core.dist_checkpointing.strategies.filesystem_async": "synchronize() before writing (0.16, 0.19)",
+    "megatron.core.dist_checkpointing.strategies.state_dict_saver": (
+        "failure flag on current_device() when finalizing a save (0.16, 0.19)"
+    ),
+}
+
+
+# --------------------------------------------------------------------------------------------------
+# A view of torch in which CUDA is the CPU
+# --------------------------------------------------------------------------------------------------
+
+
+def _is_cuda_device(device: Any) -> bool:
+    """True for every way Megatron names a CUDA device: "cuda", "cuda:N", torch.device("cuda"), an int."""
+    if isinstance(device, torch.device):
+        return device.type == "cuda"
+    if isinstance(device, str):
+        return device.split(":", 1)[0] == "cuda"
+    # A bare int in device= is a CUDA ordinal (torch.cuda.current_device() returns one).
+    return isinstance(device, int) and not isinstance(device, bool)
+
+
+def _on_cpu(factory: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """Wrap a tensor factory so that a CUDA ``device=`` argument creates the tensor on the CPU."""
+
+    @functools.wraps(factory)
+    def create(*args: Any, **kwargs: Any) -> torch.Tensor:
+        if _is_cuda_device(kwargs.get("device")):
+            kwargs["device"] = "cpu"
+        return factory(*args, **kwargs)
+
+    return create
+
+
+class _NullStream:
+    """Stands for a CUDA stream on the CPU, where every op is synchronous: waits and records are no-ops."""
+
+    def wait_event(self, event: Any) -> None:
+        pass
+
+    def wait_stream(self, stream: Any) -> None:
+        pass
+
+    def record_event(self, event: Any = None) -> Any:
+        return event
+
+    def synchronize(self) -> None:
+        pass
+
+    def query(self) -> bool:
+        return True
+
+
+_NULL_STREAM = _NullStream()
+
+
+class _CpuCuda:
+    """``torch.cuda`` as seen by a patched Megatron module: device, sync, stream and RNG calls act on the CPU.
+
+    Anything not defined here (is_available, nvtx, amp, ...) is the real ``torch.cuda`` attribute, so a
+    CUDA call that is not redirected still fails loudly instead of silently doing something else.
+    """
+
+    @staticmethod
+    def current_device() -> torch.device:
+        # A torch.device, not an int: Megatron passes it to device=, .to() and .cuda(), where an int means
+        # a CUDA ordinal.
+        return torch.device("cpu")
+
+    @staticmethod
+    def synchronize(device: Any = None) -> None:
+        pass  # CPU kernels are synchronous
+
+    @staticmethod
+    def current_stream(device: Any = None) -> _NullStream:
+        return _NULL_STREAM
+
+    @staticmethod
+    def get_rng_state(device: Any = "cuda") -> torch.Tensor:
+        # The RNG tracker's "CUDA" generator on CPU is the CPU default generator.
+        return torch.get_rng_state()
+
+    @staticmethod
+    def manual_seed(seed: int) -> None:
+        # Megatron seeds the CUDA generator with the same seed its training loop gives torch.manual_seed.
+        torch.manual_seed(seed)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(torch.cuda, name)
+
+
+class _TorchOnCpu:
+    """``torch`` as seen by a patched Megatron module: ``torch.cuda`` is :class:`_CpuCuda` and tensor
+    factories given a CUDA device create on the CPU. Everything else is the real ``torch`` attribute."""
+
+    _FACTORIES = ("empty", "zeros", "ones", "full", "tensor", "arange")
+
+    def __init__(self) -> None:
+        self.cuda = _CpuCuda()
+        for name in self._FACTORIES:
+            setattr(self, name, _on_cpu(getattr(torch, name)))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(torch, name)
+
+
+_TORCH_ON_CPU = _TorchOnCpu()
+
+
+# --------------------------------------------------------------------------------------------------
+# Tensor.type() checks
+# --------------------------------------------------------------------------------------------------
+
+_real_tensor_type = torch.Tensor.type
+_type_patch_lock = threading.RLock()
+_type_patch_depth = 0
+
+
+def _type_reporting_cuda(self: torch.Tensor, dtype: Any = None, non_blocking: bool = False, **kwargs: Any) -> Any:
+    """``Tensor.type()`` that names a CPU tensor like its CUDA twin ('torch.FloatTensor' -> 'torch.cuda.
+    FloatTensor'); conversions (a dtype argument) are the real method."""
+    if dtype is not None or kwargs:
+        return _real_tensor_type(self, dtype, non_blocking, **kwargs)
+    name = _real_tensor_type(self)
+    if self.device.type == "cpu" and name.startswith("torch.") and not name.startswith("torch.cuda."):
+        return "torch.cuda." + name[len("torch.") :]
+    return name
+
+
+@contextlib.contextmanager
+def _cpu_tensors_named_as_cuda() -> Iterator[None]:
+    """While active, CPU tensors report CUDA type names. Global by necessity (the method is on the tensor
+    class); held only for the duration of one Megatron call, re-entrant, restored on exit."""
+    global _type_patch_depth
+    with _type_patch_lock:
+        if _type_patch_depth == 0:
+            torch.Tensor.type = _type_reporting_cuda  # type: ignore[method-assign]
+        _type_patch_depth += 1
+    try:
+        yield
+    finally:
+        with _type_patch_lock:
+            _type_patch_depth -= 1
+            if _type_patch_depth == 0:
+                torch.Tensor.type = _real_tensor_type  # type: ignore[method-assign]
+
+
+def _with_cpu_tensors_named_as_cuda(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` run inside :func:`_cpu_tensors_named_as_cuda`; marked so that it is never wrapped twice."""
+
+    @functools.wraps(fn)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        with _cpu_tensors_named_as_cuda():
+            return fn(*args, **kwargs)
+
+    call.__gift_cpu_runtime__ = True  # type: ignore[attr-defined]
+    return call
+
+
+# --------------------------------------------------------------------------------------------------
+# Model-parallel RNG tracker
+# --------------------------------------------------------------------------------------------------
+
+
+def _get_cpu_rng_state(device: Any = "cuda", clone: bool = False, graph_safe: bool = False) -> torch.Tensor:
+    """Replacement for ``tensor_parallel.random._get_cuda_rng_state``: the CPU default generator's state
+    (a fresh tensor, so ``clone`` is implied; ``graph_safe`` concerns CUDA graphs only)."""
+    return torch.get_rng_state()
+
+
+def _set_cpu_rng_state(new_state: torch.Tensor, device: Any = -1, graph_safe: bool = False) -> None:
+    """Replacement for ``tensor_parallel.random._set_cuda_rng_state``: set the CPU default generator."""
+    torch.set_rng_state(new_state)
+
+
+# --------------------------------------------------------------------------------------------------
+# Public API
+# --------------------------------------------------------------------------------------------------
+
+
+def cpu_runtime_enabled() -> bool:
+    """Whether :func:`enable_cpu_runtime` has patched Megatron-Core in this process."""
+    return _enabled
+
+
+def enable_cpu_runtime() -> None:
+    """Redirect Megatron-Core's hard-coded CUDA calls to the CPU (see the module docstring for the list).
+
+    Idempotent. A no-op when CUDA is available. Imports the patched Megatron-Core modules; call it before
+    building models, optimizers or DDP wrappers (they create their buffers on ``current_device()``).
+    """
+    global _enabled
+    if _enabled or torch.cuda.is_available():
+        return
+    _patch_module_torch()
+    _patch_rng_tracker()
+    _patch_tensor_type_checks()
+    _enabled = True
+
+
+def _patch_module_torch() -> None:
+    for module_name in _CPU_TORCH_MODULES:
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:
+            continue  # not every listed module exists in every supported megatron-core version
+        module.torch = _TORCH_ON_CPU  # type: ignore[attr-defined]
+
+
+def _patch_rng_tracker() -> None:
+    from megatron.core.tensor_parallel import random as mp_random
+
+    # add() and model_parallel_cuda_manual_seed() call torch.cuda.get_rng_state / manual_seed; unpatched,
+    # manual_seed is silently queued until CUDA initializes, i.e. dropped on CPU (0.16, 0.19).
+    mp_random.torch = _TORCH_ON_CPU
+    # fork() and activation checkpointing save/restore states through these two helpers (0.16, 0.19).
+    mp_random._get_cuda_rng_state = _get_cpu_rng_state
+    mp_random._set_cuda_rng_state = _set_cpu_rng_state
+    # fork() warns when the CPU generator moved inside it; on CPU the forked generator IS the CPU one, so
+    # every dropout draw would warn (0.16, 0.19).
+    logging.getLogger(mp_random.__name__).addFilter(_drop_cpu_rng_changed_warning)
+
+
+def _drop_cpu_rng_changed_warning(record: logging.LogRecord) -> bool:
+    """Logging filter: False (drop) for fork()'s 'CPU RNG state changed within GPU RNG context'."""
+    return not str(record.msg).startswith("CPU RNG state changed within GPU RNG context")
+
+
+def _patch_tensor_type_checks() -> None:
+    from megatron.core.optimizer import clip_grads, distrib_optimizer, optimizer
+
+    # `assert param.grad.type() == 'torch.cuda.FloatTensor'` when clipping (clip_grad > 0) (0.16, 0.19).
+    # Modules that imported the function by name hold their own reference: rebind all of them.
+    clip = clip_grads.clip_grad_by_total_norm_fp32
+    if not getattr(clip, "__gift_cpu_runtime__", False):
+        _rebind_everywhere(clip, _with_cpu_tensors_named_as_cuda(clip))
+    # fp32 / fp16 / bf16 param sorting by type() name when building the shards, and main_param setup
+    # (0.16, 0.19; __init__ is the only caller of _build_model_and_main_param_groups).
+    _wrap_init(distrib_optimizer.DistributedOptimizer)
+    # The same sorting in the non-distributed mixed-precision optimizer (bf16/fp16 params) (0.16, 0.19).
+    _wrap_init(optimizer.Float16OptimizerWithFloat16Params)
+
+
+def _wrap_init(cls: type) -> None:
+    """Run ``cls.__init__`` with CPU tensors named as CUDA ones (subclasses reach it through super())."""
+    if not getattr(cls.__init__, "__gift_cpu_runtime__", False):
+        cls.__init__ = _with_cpu_tensors_named_as_cuda(cls.__init__)  # type: ignore[misc]
+
+
+def _rebind_everywhere(original: Callable[..., Any], replacement: Callable[..., Any]) -> None:
+    """Point every loaded ``megatron.core`` module attribute that is ``original`` at ``replacement``."""
+    for name, module in list(sys.modules.items()):
+        if module is None or not (name == "megatron.core" or name.startswith("megatron.core.")):
+            continue
+        for attr, value in list(vars(module).items()):
+            if value is original:
+                setattr(module, attr, replacement)
+
+
+def initialize_model_parallel_cpu(
+    tensor_model_parallel_size: int = 1,
+    pipeline_model_parallel_size: int = 1,
+    context_parallel_size: int = 1,
+    seed: int = 1234,
+    **kwargs: Any,
+) -> None:
+    """Set up Megatron-Core's parallel state on the already initialized (gloo) default process group.
+
+    Calls :func:`enable_cpu_runtime`, then ``parallel_state.initialize_model_parallel`` with these sizes
+    and ``kwargs``, then Megatron's ``model_parallel_cuda_manual_seed(seed)``, which (redirected to the CPU)
+    seeds the CPU default generator with ``seed`` and the tracker's tensor-parallel stream with
+    ``seed + 2718 + tp_rank``, as on GPU (the data-parallel stream: ``seed``; expert: ``seed + 1024 +
+    100 * ep_rank + etp_rank``). Megatron's own training loop first offsets the seed by ``100 * pp_rank``;
+    pass such an offset in ``seed`` if you want it. With CUDA available the same calls run unpatched.
+    Undo with :func:`destroy_model_parallel_cpu`.
+    """
+    if not torch.distributed.is_initialized():
+        raise RuntimeError(
+            "initialize_model_parallel_cpu needs torch.distributed initialized first "
+            '(e.g. torch.distributed.init_process_group("gloo"))'
+        )
+    enable_cpu_runtime()
+    from megatron.core import parallel_state, tensor_parallel
+
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=tensor_model_parallel_size,
+        pipeline_model_parallel_size=pipeline_model_parallel_size,
+        context_parallel_size=context_parallel_size,
+        **kwargs,
+    )
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+
+
+def destroy_model_parallel_cpu() -> None:
+    """Tear down what :func:`initialize_model_parallel_cpu` set up (the default process group stays)."""
+    from megatron.core import parallel_state
+
+    parallel_state.destroy_model_parallel()
