@@ -71,13 +71,48 @@ def split_for_context_parallel(mb: dict[str, Any]) -> dict[str, Any]:
             for k, v in mb.items()}
 
 
-def _model_logits(model, mb: dict[str, Any]) -> torch.Tensor:
+def _unwrap(module):
+    while hasattr(module, "module"):
+        module = module.module
+    return module
+
+
+def model_logprobs(model, mb: dict[str, Any], *, temperature: float = 1.0, chunk_size: int | None = None):
+    """Run ``model`` on a (CP-local) micro-batch; on the last pipeline stage return the fp32 token
+    log-probs [b, s] of ``mb["labels"]``, on other stages the hidden states Megatron sends on.
+
+    Why a forward hook on the output layer: GPTModel without labels returns its logits as
+    ``logits.transpose(0, 1).contiguous()``, a full copy of the largest activation of the step. The hook
+    turns the output layer's ``[s, b, V/tp]`` logits into log-probs where they are produced, so the model
+    returns ``[b, s, 1]`` and the copy is of the log-probs only.
+    """
     tokens = mb["tokens"]
     position_ids = mb.get("position_ids")
     if position_ids is None:
         position_ids = torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0).expand_as(tokens)
-    # attention_mask None: causal attention is built by the attention backend (local and TE specs).
-    return model(tokens, position_ids, None)
+    inner = _unwrap(model)
+    output_layer = getattr(inner, "output_layer", None) if getattr(inner, "post_process", False) else None
+    if output_layer is None:
+        return model(tokens, position_ids, None)
+    labels_sb = mb["labels"].transpose(0, 1)
+    tp_group = _ps().get_tensor_model_parallel_group()
+
+    def to_logprobs(module, inputs, output):
+        logits, bias = output
+        if logits.shape[:2] != labels_sb.shape:
+            raise RuntimeError(f"output layer returned logits of shape {list(logits.shape)}, expected "
+                               f"[s, b, V/tp] with [s, b] = {list(labels_sb.shape)}")
+        lp = vocab_parallel_logprobs(logits, labels_sb, tp_group=tp_group, temperature=temperature,
+                                     chunk_size=chunk_size)
+        return lp.unsqueeze(-1), bias
+
+    handle = output_layer.register_forward_hook(to_logprobs)
+    try:
+        # attention_mask None: causal attention is built by the attention backend (local and TE specs).
+        out = model(tokens, position_ids, None)
+    finally:
+        handle.remove()
+    return out.squeeze(-1)
 
 
 def token_batch(mb: dict[str, Any], logp: torch.Tensor) -> TokenBatch:
@@ -105,12 +140,9 @@ class LossContext:
     members: list[Members] = field(default_factory=list)  # in-place: member scalars, for global metrics
 
 
-def loss_func(ctx: LossContext, mb: dict[str, Any], logits: torch.Tensor, temperature: float,
-              chunk_size: int | None):
-    """Megatron ``loss_func``: (share * D, members in this micro-batch (int), {"output": LossOutput})."""
-    ps = _ps()
-    logp = vocab_parallel_logprobs(logits, mb["labels"], tp_group=ps.get_tensor_model_parallel_group(),
-                                   temperature=temperature, chunk_size=chunk_size)
+def loss_func(ctx: LossContext, mb: dict[str, Any], logp: torch.Tensor):
+    """Megatron ``loss_func`` on the model's token log-probs ``logp`` [b, s] fp32:
+    (share * D, members in this micro-batch (int), {"output": LossOutput})."""
     batch = token_batch(mb, logp)
     stats = ctx.stats
     if stats is None:
@@ -133,8 +165,8 @@ def make_forward_step(ctx: LossContext, *, temperature: float = 1.0, chunk_size:
 
     def forward_step(data_iterator: Iterator[dict[str, Any]], model):
         mb = split_for_context_parallel(next(data_iterator))
-        logits = _model_logits(model, mb)
-        return logits, partial(loss_func, ctx, mb, temperature=temperature, chunk_size=chunk_size)
+        logp = model_logprobs(model, mb, temperature=temperature, chunk_size=chunk_size)
+        return logp, partial(loss_func, ctx, mb)
 
     return forward_step
 
@@ -149,14 +181,12 @@ def forward_logprobs(
 
     ps = _ps()
 
-    def _collect(mb, logits):
-        lp = vocab_parallel_logprobs(logits, mb["labels"], tp_group=ps.get_tensor_model_parallel_group(),
-                                     temperature=temperature, chunk_size=chunk_size)
+    def _collect(lp):
         return lp.sum() * 0.0, torch.tensor(1, dtype=torch.int), {"logp": lp.detach()}
 
     def forward_step(data_iterator, m):
         mb = split_for_context_parallel(next(data_iterator))
-        return _model_logits(m, mb), partial(_collect, mb)
+        return model_logprobs(m, mb, temperature=temperature, chunk_size=chunk_size), _collect
 
     models = model if isinstance(model, list) else [model]
     with torch.no_grad():
