@@ -230,3 +230,54 @@ def test_single_process_step_equals_plain_autograd(reference_run):
             scale = float(upd.abs().max())
             torch.testing.assert_close(got, upd, rtol=1e-3, atol=1e-4 * scale + 1e-7,
                                        msg=lambda m: f"{case} {name}: {m}")
+
+
+def test_batching_errors_name_the_problem():
+    from gift_megatron.megatron.step import split_global_batch, validate_micro_batches
+    from gift_megatron.objectives import build_objective
+
+    b = global_batch()
+    with pytest.raises(ValueError, match="global batch size 16 is not a multiple of micro_batch_size \\(3\\)"):
+        split_global_batch(b, micro_batch_size=3, dp_rank=0, dp_size=1)
+    with pytest.raises(ValueError, match="data-parallel size \\(3\\)"):
+        split_global_batch(b, micro_batch_size=2, dp_rank=0, dp_size=3)
+    mbs = split_global_batch(b, micro_batch_size=4, dp_rank=1, dp_size=2)
+    assert len(mbs) == 2 and torch.equal(mbs[0]["tokens"], b["tokens"][8:12])
+    gift = build_objective("gift")
+    validate_micro_batches(gift, mbs)
+    with pytest.raises(ValueError, match="needs 'rewards'"):
+        validate_micro_batches(gift, [{k: v for k, v in mbs[0].items() if k != "rewards"}])
+    bad = dict(mbs[1], tokens=mbs[1]["tokens"][:, :-1], labels=mbs[1]["labels"][:, :-1], loss_mask=mbs[1]["loss_mask"][:, :-1])
+    with pytest.raises(ValueError, match="micro-batch 1: 'tokens' has shape"):
+        validate_micro_batches(gift, [mbs[0], bad])
+    with pytest.raises(ValueError, match="not divisible by 2 x context_parallel_size \\(6\\)"):
+        validate_micro_batches(gift, mbs, cp_size=3)
+    with pytest.raises(ValueError, match="missing 'labels'"):
+        validate_micro_batches(gift, [{"tokens": mbs[0]["tokens"]}])
+
+
+def needs_reference_worker(rank, world):
+    from gift_megatron.megatron.step import ObjectiveStep
+    from gift_megatron.objectives import build_objective
+
+    setup_parallel(Layout())
+    try:
+        model = build_model(SPEC, Layout())
+        ddp, opt = make_optimizer(model, model.config)
+        before = {k: v.clone() for k, v in ddp.module.state_dict().items() if isinstance(v, torch.Tensor)}
+        step = ObjectiveStep(build_objective("gift"), [ddp], opt)  # no reference model, no ref_logp
+        try:
+            step(my_micro_batches(0, 1, 2, False))
+        except ValueError as e:
+            unchanged = all(torch.equal(before[k], v) for k, v in ddp.module.state_dict().items() if k in before)
+            return str(e), unchanged
+        return None, None
+    finally:
+        teardown_parallel()
+
+
+@pytest.mark.timeout(120)
+def test_missing_reference_is_an_error_before_compute():
+    msg, unchanged = run_ranks(needs_reference_worker, 1, timeout=100)[0]
+    assert msg is not None and "needs ref_logp" in msg
+    assert unchanged

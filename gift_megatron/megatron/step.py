@@ -235,6 +235,60 @@ def uses_policy_statistics(objective: Objective) -> bool:
     return type(objective).member_extras is not Objective.member_extras
 
 
+# ------------------------------------------------------------------------------------- batching
+def split_global_batch(batch: dict[str, torch.Tensor], *, micro_batch_size: int, dp_rank: int, dp_size: int
+                       ) -> list[dict[str, torch.Tensor]]:
+    """This DP rank's micro-batches of a global batch (every value has the members along dim 0).
+
+    Rank r takes the r-th contiguous slice of N / dp_size members and cuts it into micro-batches of
+    ``micro_batch_size``. Raises ValueError when N is not a multiple of micro_batch_size x dp_size.
+    """
+    if not batch:
+        raise ValueError("global batch: empty")
+    n = next(iter(batch.values())).shape[0]
+    if micro_batch_size < 1:
+        raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
+    if n % (micro_batch_size * dp_size):
+        raise ValueError(f"global batch size {n} is not a multiple of micro_batch_size ({micro_batch_size}) x "
+                         f"data-parallel size ({dp_size})")
+    for k, v in batch.items():
+        if v.shape[0] != n:
+            raise ValueError(f"global batch: {k!r} has {v.shape[0]} rows, expected {n}")
+    per_rank = n // dp_size
+    start = dp_rank * per_rank
+    return [{k: v[start + i: start + i + micro_batch_size] for k, v in batch.items()}
+            for i in range(0, per_rank, micro_batch_size)]
+
+
+def validate_micro_batches(objective: Objective, micro_batches: Sequence[dict[str, Any]], cp_size: int = 1) -> None:
+    """Clear errors for micro-batches the step cannot run, before any compute.
+
+    Megatron's pipeline schedules need every micro-batch to have the same [b, s] shape; context parallelism
+    needs s divisible by 2 x cp; the objective needs its inputs (rewards, group ids).
+    """
+    if not micro_batches:
+        raise ValueError("micro_batches: empty list")
+    shape = None
+    for i, mb in enumerate(micro_batches):
+        for key in ("tokens", "labels", "loss_mask"):
+            if key not in mb:
+                raise ValueError(f"micro-batch {i}: missing {key!r}")
+        if shape is None:
+            shape = tuple(mb["tokens"].shape)
+        for key in ("tokens", "labels", "loss_mask", "ref_logp", "old_logp"):
+            if mb.get(key) is not None and tuple(mb[key].shape) != shape:
+                raise ValueError(f"micro-batch {i}: {key!r} has shape {list(mb[key].shape)}, expected {list(shape)} "
+                                 "(every micro-batch of a step must have the same [micro_batch_size, seq_length])")
+        for key in ("rewards", "group_ids"):
+            if key in objective.uses:
+                if mb.get(key) is None:
+                    raise ValueError(f"micro-batch {i}: objective {objective.name} needs {key!r}")
+                if tuple(mb[key].shape) != shape[:1]:
+                    raise ValueError(f"micro-batch {i}: {key!r} has shape {list(mb[key].shape)}, expected [{shape[0]}]")
+    if cp_size > 1 and shape[1] % (2 * cp_size):
+        raise ValueError(f"sequence length {shape[1]} is not divisible by 2 x context_parallel_size ({2 * cp_size})")
+
+
 # ------------------------------------------------------------------------------------------- step
 @dataclass
 class StepResult:
@@ -338,6 +392,7 @@ class ObjectiveStep:
 
         ps = _ps()
         micro_batches = [dict(mb) for mb in micro_batches]
+        validate_micro_batches(self.objective, micro_batches, ps.get_context_parallel_world_size())
         layout = batch_layout()
         self._fill_reference_logprobs(micro_batches)
         ctx, source = self.statistics(micro_batches, layout)
