@@ -38,7 +38,7 @@ from gift_megatron.parallel.cpu_runtime import destroy_model_parallel_cpu, initi
 
 @dataclasses.dataclass(frozen=True)
 class TinyGPT:
-    """Sizes of the tiny model: Llama/Qwen-like (RoPE, RMSNorm, SwiGLU, GQA, no biases, untied output)."""
+    """The tiny model: Llama/Qwen-like (RoPE, RMSNorm, SwiGLU, GQA, no biases)."""
 
     num_layers: int = 2
     hidden_size: int = 64
@@ -48,6 +48,7 @@ class TinyGPT:
     vocab_size: int = 128  # divisible by every TP size used in tests (Megatron pads the vocab otherwise)
     seq_length: int = 32
     swiglu: bool = True
+    tie_embeddings: bool = False  # output layer = word embeddings (with PP: a copy kept in sync on the last stage)
     bf16: bool = False  # bf16 params with fp32 main params in the optimizer (Megatron's mixed precision)
 
     @property
@@ -138,7 +139,7 @@ def build_model(spec: TinyGPT, layout: Layout) -> Any:
         max_sequence_length=spec.seq_length,
         pre_process=parallel_state.is_pipeline_first_stage(),
         post_process=parallel_state.is_pipeline_last_stage(),
-        share_embeddings_and_output_weights=False,
+        share_embeddings_and_output_weights=spec.tie_embeddings,
         position_embedding_type="rope",
     )
 

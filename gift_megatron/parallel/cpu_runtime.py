@@ -13,12 +13,13 @@ GPU, :func:`enable_cpu_runtime` redirects exactly the calls that training and ch
   ``get_cuda_rng_tracker().add()/fork()``), which saves and restores CUDA generator states: on CPU it
   tracks the CPU default generator, so TP ranks draw the same or different streams exactly as on GPU;
 - ``Tensor.type() == 'torch.cuda.FloatTensor'``-style checks in the optimizers (distributed-optimizer and
-  mixed-precision param sorting, gradient clipping), which a CPU tensor (``'torch.FloatTensor'``) fails.
+  mixed-precision param sorting, gradient clipping), which a CPU tensor (``'torch.FloatTensor'``) fails;
+- ``Tensor.cuda()`` on the shared embedding weight (tied embeddings with pipeline parallelism).
 
 How: each module listed in ``_CPU_TORCH_MODULES`` gets its own view of ``torch`` (its module global
 ``torch`` is replaced) in which CUDA is the CPU; the real ``torch`` and every other module are untouched.
-The RNG state helpers are replaced by CPU ones. Only the ``Tensor.type()`` checks need a global patch
-(the method lives on the tensor class), confined to the duration of the few Megatron calls that do them.
+The RNG state helpers are replaced by CPU ones. Only the two ``Tensor`` methods need a global patch (a
+method lives on the tensor class), confined to the duration of the few Megatron calls that use them.
 
 With a GPU (``torch.cuda.is_available()``) nothing is patched and Megatron-Core runs unchanged.
 """
@@ -168,53 +169,74 @@ _TORCH_ON_CPU = _TorchOnCpu()
 
 
 # --------------------------------------------------------------------------------------------------
-# Tensor.type() checks
+# Tensor methods: .type() checks and .cuda() moves
 # --------------------------------------------------------------------------------------------------
 
+
+class _ScopedTensorMethod:
+    """Replaces one ``torch.Tensor`` method, but only while a wrapped Megatron call runs.
+
+    Why global: a method called on a tensor cannot be redirected per module. The replacement is installed
+    on entering the first wrapped call and the real method restored on leaving it (re-entrant, locked), so
+    code outside those calls never sees it; another thread running during such a call would.
+    """
+
+    def __init__(self, name: str, replacement: Callable[..., Any]) -> None:
+        self.name = name
+        self.replacement = replacement
+        self.real = getattr(torch.Tensor, name)
+        self._lock = threading.RLock()
+        self._depth = 0
+
+    @contextlib.contextmanager
+    def active(self) -> Iterator[None]:
+        with self._lock:
+            if self._depth == 0:
+                setattr(torch.Tensor, self.name, self.replacement)
+            self._depth += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._depth -= 1
+                if self._depth == 0:
+                    setattr(torch.Tensor, self.name, self.real)
+
+    def around(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        """``fn`` run with the replacement active; marked so that the same patch never wraps it twice."""
+        if self in getattr(fn, "__gift_cpu_runtime__", ()):
+            return fn
+
+        @functools.wraps(fn)
+        def call(*args: Any, **kwargs: Any) -> Any:
+            with self.active():
+                return fn(*args, **kwargs)
+
+        call.__gift_cpu_runtime__ = (*getattr(fn, "__gift_cpu_runtime__", ()), self)  # type: ignore[attr-defined]
+        return call
+
+
 _real_tensor_type = torch.Tensor.type
-_type_patch_lock = threading.RLock()
-_type_patch_depth = 0
 
 
-def _type_reporting_cuda(self: torch.Tensor, dtype: Any = None, non_blocking: bool = False, **kwargs: Any) -> Any:
-    """``Tensor.type()`` that names a CPU tensor like its CUDA twin ('torch.FloatTensor' -> 'torch.cuda.
-    FloatTensor'); conversions (a dtype argument) are the real method."""
+def _type_named_as_cuda(self: torch.Tensor, dtype: Any = None, non_blocking: bool = False, **kwargs: Any) -> Any:
+    """``Tensor.type()`` naming a CPU tensor like its CUDA twin ('torch.FloatTensor' -> 'torch.cuda.FloatTensor');
+    a conversion (``dtype`` given) is the real method."""
     if dtype is not None or kwargs:
         return _real_tensor_type(self, dtype, non_blocking, **kwargs)
     name = _real_tensor_type(self)
-    if self.device.type == "cpu" and name.startswith("torch.") and not name.startswith("torch.cuda."):
+    if self.device.type == "cpu" and not name.startswith("torch.cuda."):
         return "torch.cuda." + name[len("torch.") :]
     return name
 
 
-@contextlib.contextmanager
-def _cpu_tensors_named_as_cuda() -> Iterator[None]:
-    """While active, CPU tensors report CUDA type names. Global by necessity (the method is on the tensor
-    class); held only for the duration of one Megatron call, re-entrant, restored on exit."""
-    global _type_patch_depth
-    with _type_patch_lock:
-        if _type_patch_depth == 0:
-            torch.Tensor.type = _type_reporting_cuda  # type: ignore[method-assign]
-        _type_patch_depth += 1
-    try:
-        yield
-    finally:
-        with _type_patch_lock:
-            _type_patch_depth -= 1
-            if _type_patch_depth == 0:
-                torch.Tensor.type = _real_tensor_type  # type: ignore[method-assign]
+def _cuda_stays_on_cpu(self: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    """``Tensor.cuda()`` on the CPU runtime: the tensor is already where CUDA tensors live, on the CPU."""
+    return self
 
 
-def _with_cpu_tensors_named_as_cuda(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """``fn`` run inside :func:`_cpu_tensors_named_as_cuda`; marked so that it is never wrapped twice."""
-
-    @functools.wraps(fn)
-    def call(*args: Any, **kwargs: Any) -> Any:
-        with _cpu_tensors_named_as_cuda():
-            return fn(*args, **kwargs)
-
-    call.__gift_cpu_runtime__ = True  # type: ignore[attr-defined]
-    return call
+_CPU_TENSORS_NAMED_AS_CUDA = _ScopedTensorMethod("type", _type_named_as_cuda)
+_CUDA_MOVES_STAY_ON_CPU = _ScopedTensorMethod("cuda", _cuda_stays_on_cpu)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -254,7 +276,7 @@ def enable_cpu_runtime() -> None:
         return
     _patch_module_torch()
     _patch_rng_tracker()
-    _patch_tensor_type_checks()
+    _patch_tensor_methods()
     _enabled = True
 
 
@@ -286,29 +308,33 @@ def _drop_cpu_rng_changed_warning(record: logging.LogRecord) -> bool:
     return not str(record.msg).startswith("CPU RNG state changed within GPU RNG context")
 
 
-def _patch_tensor_type_checks() -> None:
+def _patch_tensor_methods() -> None:
+    from megatron.core.models.common.language_module.language_module import LanguageModule
     from megatron.core.optimizer import clip_grads, distrib_optimizer, optimizer
 
     # `assert param.grad.type() == 'torch.cuda.FloatTensor'` when clipping (clip_grad > 0) (0.16, 0.19).
     # Modules that imported the function by name hold their own reference: rebind all of them.
     clip = clip_grads.clip_grad_by_total_norm_fp32
-    if not getattr(clip, "__gift_cpu_runtime__", False):
-        _rebind_everywhere(clip, _with_cpu_tensors_named_as_cuda(clip))
+    _rebind_everywhere(clip, _CPU_TENSORS_NAMED_AS_CUDA.around(clip))
     # fp32 / fp16 / bf16 param sorting by type() name when building the shards, and main_param setup
     # (0.16, 0.19; __init__ is the only caller of _build_model_and_main_param_groups).
-    _wrap_init(distrib_optimizer.DistributedOptimizer)
+    _wrap_method(distrib_optimizer.DistributedOptimizer, "__init__", _CPU_TENSORS_NAMED_AS_CUDA)
     # The same sorting in the non-distributed mixed-precision optimizer (bf16/fp16 params) (0.16, 0.19).
-    _wrap_init(optimizer.Float16OptimizerWithFloat16Params)
+    _wrap_method(optimizer.Float16OptimizerWithFloat16Params, "__init__", _CPU_TENSORS_NAMED_AS_CUDA)
+    # Tied embeddings with PP > 1: `weight.data = weight.data.cuda()` before the first/last-stage
+    # all-reduce of the shared weight (0.16, 0.19).
+    _wrap_method(LanguageModule, "setup_embeddings_and_output_layer", _CUDA_MOVES_STAY_ON_CPU)
 
 
-def _wrap_init(cls: type) -> None:
-    """Run ``cls.__init__`` with CPU tensors named as CUDA ones (subclasses reach it through super())."""
-    if not getattr(cls.__init__, "__gift_cpu_runtime__", False):
-        cls.__init__ = _with_cpu_tensors_named_as_cuda(cls.__init__)  # type: ignore[misc]
+def _wrap_method(cls: type, name: str, patch: _ScopedTensorMethod) -> None:
+    """Run ``cls.<name>`` with ``patch`` active (subclasses reach it through inheritance or super())."""
+    setattr(cls, name, patch.around(getattr(cls, name)))
 
 
 def _rebind_everywhere(original: Callable[..., Any], replacement: Callable[..., Any]) -> None:
     """Point every loaded ``megatron.core`` module attribute that is ``original`` at ``replacement``."""
+    if replacement is original:
+        return
     for name, module in list(sys.modules.items()):
         if module is None or not (name == "megatron.core" or name.startswith("megatron.core.")):
             continue
