@@ -1,0 +1,33 @@
+"""Layer 3: Megatron-Core integration, the public surface for existing Megatron training scripts.
+
+- ``model``: typed configs and the GPTModel builder (local spec on CPU, Transformer Engine spec and FP8 on GPU);
+- ``step``: the objective's forward_step / loss_func for ``get_forward_backward_func`` and ``ObjectiveStep``;
+- ``reference``: the frozen reference policy.
+
+Importing this package imports neither Megatron-Core nor Transformer Engine; the submodules import
+Megatron-Core when they are used.
+"""
+
+from gift_megatron.megatron.model import (
+    ModelConfig,
+    ParallelConfig,
+    PrecisionConfig,
+    build_model,
+    check_fp8_support,
+    transformer_config,
+)
+from gift_megatron.megatron.reference import FrozenReference
+from gift_megatron.megatron.step import (
+    ObjectiveStep,
+    StepResult,
+    forward_logprobs,
+    make_forward_step,
+    split_global_batch,
+    validate_micro_batches,
+)
+
+__all__ = [
+    "ModelConfig", "ParallelConfig", "PrecisionConfig", "build_model", "check_fp8_support", "transformer_config",
+    "FrozenReference", "ObjectiveStep", "StepResult", "forward_logprobs", "make_forward_step",
+    "split_global_batch", "validate_micro_batches",
+]

@@ -1,0 +1,354 @@
+"""Build a Megatron-Core GPTModel for the dense families we target from typed configs.
+
+Three small dataclasses, in the spirit of Megatron's TransformerConfig:
+
+- :class:`ModelConfig`: the architecture (Llama-2/3, Qwen2/2.5, Qwen3 dense), with ``from_hf_config``;
+- :class:`ParallelConfig`: TP / PP / CP sizes and ``validate(world_size, model)``;
+- :class:`PrecisionConfig`: bf16 / fp16 / fp32 and the FP8 options of Transformer Engine.
+
+:func:`build_model` picks the layer spec: Transformer Engine's on a CUDA machine (imported there and only
+there: installing TE on a CPU machine breaks ``import megatron.core``), the local spec on CPU.
+
+FP8 scope: the transformer layers' linear layers run in FP8 inside Megatron's FP8 context; the output
+layer is Megatron's plain ``tensor_parallel.ColumnParallelLinear`` in both supported megatron-core lines
+(0.16, 0.19), not a TE module, so the logits and our fp32 log-probs never see FP8.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+
+FAMILIES = ("llama", "qwen2", "qwen3")
+HF_MODEL_TYPES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
+FP8_FORMATS = ("e4m3", "hybrid")
+FP8_RECIPES = ("delayed", "tensorwise", "blockwise", "mxfp8")
+# Minimum compute capability per recipe. FP8 tensor cores arrive with Ada/Hopper (8.9); Transformer
+# Engine 2.x implements blockwise scaling for Hopper only and MXFP8 for Blackwell (10.0+) only
+# (TE's own recipe availability checks: check_fp8_block_scaling_support / check_mxfp8_support).
+_RECIPE_CAPABILITY = {"delayed": ((8, 9), None), "tensorwise": ((8, 9), None), "blockwise": ((9, 0), (10, 0)),
+                      "mxfp8": ((10, 0), None)}
+
+
+@dataclass
+class ModelConfig:
+    """A dense decoder-only transformer.
+
+    num_layers, hidden_size, ffn_hidden_size: depth, model width, SwiGLU inner width.
+    num_attention_heads, num_query_groups: query heads and KV heads (GQA; = heads for MHA).
+    kv_channels: head dimension (None: hidden_size // heads; Qwen3 sets it explicitly).
+    vocab_size: the tokenizer's vocabulary; the model's is padded to a multiple of
+        make_vocab_size_divisible_by x TP (as Megatron-LM does), see :meth:`padded_vocab_size`.
+    max_position_embeddings: RoPE table length; seq_length: the training sequence length.
+    rotary_base: RoPE theta. rope_scaling_factor: Llama-3.1 style RoPE scaling factor (None: off).
+    norm_epsilon: RMSNorm epsilon. add_qkv_bias: Qwen2's biases on Q, K, V. qk_layernorm: Qwen3's RMSNorm
+    on queries and keys. tie_embeddings: output layer shares the input embedding.
+    """
+
+    family: str = "llama"
+    num_layers: int = 2
+    hidden_size: int = 64
+    ffn_hidden_size: int = 128
+    num_attention_heads: int = 4
+    num_query_groups: int = 2
+    kv_channels: Optional[int] = None
+    vocab_size: int = 128
+    max_position_embeddings: int = 2048
+    seq_length: int = 512
+    rotary_base: float = 10000.0
+    rope_scaling_factor: Optional[float] = None
+    norm_epsilon: float = 1e-5
+    add_qkv_bias: bool = False
+    qk_layernorm: bool = False
+    tie_embeddings: bool = False
+    make_vocab_size_divisible_by: int = 128
+
+    def __post_init__(self) -> None:
+        if self.family not in FAMILIES:
+            raise ValueError(f"model.family must be one of {FAMILIES}, got {self.family!r}")
+        for name in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
+                     "vocab_size", "seq_length", "make_vocab_size_divisible_by"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"model.{name} must be >= 1, got {getattr(self, name)}")
+        if self.num_attention_heads % self.num_query_groups:
+            raise ValueError(f"model.num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                             f"model.num_query_groups ({self.num_query_groups})")
+        if self.kv_channels is None and self.hidden_size % self.num_attention_heads:
+            raise ValueError(f"model.hidden_size ({self.hidden_size}) is not divisible by num_attention_heads "
+                             f"({self.num_attention_heads}); set model.kv_channels")
+
+    @property
+    def head_dim(self) -> int:
+        return self.kv_channels or self.hidden_size // self.num_attention_heads
+
+    def padded_vocab_size(self, tp: int = 1) -> int:
+        """Vocabulary rows of the embedding and output layer: vocab_size rounded up to a multiple of
+        make_vocab_size_divisible_by x tp, so every TP rank holds an equal contiguous shard."""
+        m = self.make_vocab_size_divisible_by * tp
+        return -(-self.vocab_size // m) * m
+
+    @classmethod
+    def from_hf_config(cls, cfg: Any, **overrides: Any) -> "ModelConfig":
+        """The ModelConfig of a Hugging Face LlamaConfig / Qwen2Config / Qwen3Config (object or dict)."""
+        c = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
+        model_type = c.get("model_type")
+        if model_type not in HF_MODEL_TYPES:
+            raise ValueError(f"unsupported Hugging Face model_type {model_type!r}; supported: "
+                             f"{', '.join(sorted(HF_MODEL_TYPES))}")
+        family = HF_MODEL_TYPES[model_type]
+        if c.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"hidden_act {c.get('hidden_act')!r} is not supported (SwiGLU with silu only)")
+        rope = c.get("rope_scaling") or c.get("rope_parameters") or None
+        factor = None
+        if rope and rope.get("rope_type", rope.get("type")) not in (None, "default"):
+            if rope.get("rope_type", rope.get("type")) != "llama3":
+                raise ValueError(f"rope_scaling {rope} is not supported (only Llama-3 'llama3' scaling)")
+            expected = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+            for k, v in expected.items():
+                if float(rope.get(k, v)) != v:
+                    raise ValueError(f"rope_scaling.{k}={rope.get(k)} differs from Megatron-Core's fixed {v}")
+            factor = float(rope["factor"])
+        theta = c.get("rope_theta") or (rope or {}).get("rope_theta") or 10000.0
+        heads = c["num_attention_heads"]
+        head_dim = c.get("head_dim") or c["hidden_size"] // heads
+        fields = dict(
+            family=family,
+            num_layers=c["num_hidden_layers"],
+            hidden_size=c["hidden_size"],
+            ffn_hidden_size=c["intermediate_size"],
+            num_attention_heads=heads,
+            num_query_groups=c.get("num_key_value_heads") or heads,
+            kv_channels=head_dim if head_dim != c["hidden_size"] // heads else None,
+            vocab_size=c["vocab_size"],
+            max_position_embeddings=c.get("max_position_embeddings", 2048),
+            rotary_base=float(theta),
+            rope_scaling_factor=factor,
+            norm_epsilon=c.get("rms_norm_eps", 1e-6),
+            add_qkv_bias=family == "qwen2" or bool(c.get("attention_bias", False)),
+            qk_layernorm=family == "qwen3",
+            tie_embeddings=bool(c.get("tie_word_embeddings", False)),
+        )
+        fields.update(overrides)
+        return cls(**fields)
+
+
+@dataclass
+class ParallelConfig:
+    """tensor/pipeline/context parallel sizes; data parallel is world_size / (tp x pp x cp).
+
+    sequence_parallel needs tp > 1 and Transformer Engine's norms (the local spec's torch norms reject it).
+    """
+
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    context_parallel_size: int = 1
+    sequence_parallel: bool = False
+
+    def validate(self, world_size: int, model: ModelConfig) -> int:
+        """Raise ValueError naming the field when this layout cannot run ``model`` on ``world_size`` ranks;
+        return the data-parallel size."""
+        tp, pp, cp = self.tensor_model_parallel_size, self.pipeline_model_parallel_size, self.context_parallel_size
+        for name, v in (("tensor_model_parallel_size", tp), ("pipeline_model_parallel_size", pp),
+                        ("context_parallel_size", cp)):
+            if v < 1:
+                raise ValueError(f"parallel.{name} must be >= 1, got {v}")
+        if world_size % (tp * pp * cp):
+            raise ValueError(f"world size {world_size} is not divisible by tensor x pipeline x context parallel "
+                             f"sizes ({tp} x {pp} x {cp} = {tp * pp * cp})")
+        if model.num_attention_heads % tp:
+            raise ValueError(f"parallel.tensor_model_parallel_size ({tp}) does not divide "
+                             f"model.num_attention_heads ({model.num_attention_heads})")
+        if model.num_query_groups % tp:
+            raise ValueError(f"parallel.tensor_model_parallel_size ({tp}) does not divide "
+                             f"model.num_query_groups ({model.num_query_groups} KV heads)")
+        if model.ffn_hidden_size % tp:
+            raise ValueError(f"parallel.tensor_model_parallel_size ({tp}) does not divide "
+                             f"model.ffn_hidden_size ({model.ffn_hidden_size})")
+        if model.num_layers % pp:
+            raise ValueError(f"parallel.pipeline_model_parallel_size ({pp}) does not divide "
+                             f"model.num_layers ({model.num_layers})")
+        if cp > 1 and model.seq_length % (2 * cp):
+            raise ValueError(f"model.seq_length ({model.seq_length}) is not divisible by 2 x "
+                             f"parallel.context_parallel_size ({2 * cp})")
+        if self.sequence_parallel and tp == 1:
+            raise ValueError("parallel.sequence_parallel needs tensor_model_parallel_size > 1")
+        return world_size // (tp * pp * cp)
+
+
+@dataclass
+class PrecisionConfig:
+    """dtype: "bf16" | "fp16" | "fp32" (parameters and activations).
+
+    fp8: None | "e4m3" | "hybrid" (e4m3 forward, e5m2 gradients); fp8_recipe: "delayed" | "tensorwise" |
+    "blockwise" | "mxfp8"; fp8_margin, fp8_amax_history_len, fp8_amax_compute_algo: delayed-scaling
+    options; fp8_param: keep the FP8 weights as parameters (saves memory, needs TE);
+    first_last_layers_bf16 with num_layers_at_start_in_bf16 / num_layers_at_end_in_bf16: keep those layers
+    out of FP8 (a common stabilizer for post-training).
+    """
+
+    dtype: str = "bf16"
+    fp8: Optional[str] = None
+    fp8_recipe: str = "delayed"
+    fp8_margin: int = 0
+    fp8_amax_history_len: int = 1024
+    fp8_amax_compute_algo: str = "max"
+    fp8_param: bool = False
+    first_last_layers_bf16: bool = False
+    num_layers_at_start_in_bf16: int = 1
+    num_layers_at_end_in_bf16: int = 1
+
+    def __post_init__(self) -> None:
+        if self.dtype not in ("bf16", "fp16", "fp32"):
+            raise ValueError(f"precision.dtype must be bf16, fp16 or fp32, got {self.dtype!r}")
+        if self.fp8 is not None and self.fp8 not in FP8_FORMATS:
+            raise ValueError(f"precision.fp8 must be None or one of {FP8_FORMATS}, got {self.fp8!r}")
+        if self.fp8_recipe not in FP8_RECIPES:
+            raise ValueError(f"precision.fp8_recipe must be one of {FP8_RECIPES}, got {self.fp8_recipe!r}")
+        if self.fp8_amax_compute_algo not in ("max", "most_recent"):
+            raise ValueError(f"precision.fp8_amax_compute_algo must be max or most_recent, "
+                             f"got {self.fp8_amax_compute_algo!r}")
+        if self.fp8 is not None and self.dtype == "fp32":
+            raise ValueError("precision.fp8 needs dtype bf16 or fp16 for the non-FP8 parts, got fp32")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[self.dtype]
+
+
+def check_fp8_support(precision: PrecisionConfig, capability: Optional[tuple[int, int]] = None) -> None:
+    """Raise a clear error when ``precision`` asks for FP8 the GPU found cannot run.
+
+    ``capability`` is the CUDA compute capability (major, minor); by default the current device's.
+    """
+    if precision.fp8 is None:
+        return
+    if capability is None:
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"precision.fp8={precision.fp8!r} needs a CUDA GPU with Transformer Engine; "
+                               "none is available on this machine")
+        capability = torch.cuda.get_device_capability()
+    low, below = _RECIPE_CAPABILITY[precision.fp8_recipe]
+    name = f"compute capability {capability[0]}.{capability[1]}"
+    if tuple(capability) < low:
+        raise RuntimeError(f"precision.fp8_recipe={precision.fp8_recipe!r} needs compute capability >= "
+                           f"{low[0]}.{low[1]}, the GPU found has {name}")
+    if below is not None and tuple(capability) >= below:
+        raise RuntimeError(f"precision.fp8_recipe={precision.fp8_recipe!r} is implemented by Transformer Engine "
+                           f"for Hopper (9.x) only; the GPU found has {name} (use 'mxfp8' on Blackwell)")
+
+
+def _cuda() -> bool:
+    return torch.cuda.is_available()
+
+
+def transformer_config(model: ModelConfig, parallel: ParallelConfig, precision: PrecisionConfig,
+                       **overrides: Any):
+    """The Megatron-Core TransformerConfig for this model, layout and precision.
+
+    ``calculate_per_token_loss`` is on: gift_megatron's training step normalizes globally through it.
+    Without CUDA every fusion that needs a CUDA kernel or Apex is off and weights are built on the CPU.
+    """
+    from megatron.core.transformer import TransformerConfig
+
+    cuda = _cuda()
+    kwargs: dict[str, Any] = dict(
+        num_layers=model.num_layers,
+        hidden_size=model.hidden_size,
+        ffn_hidden_size=model.ffn_hidden_size,
+        num_attention_heads=model.num_attention_heads,
+        num_query_groups=model.num_query_groups,
+        kv_channels=model.head_dim,
+        tensor_model_parallel_size=parallel.tensor_model_parallel_size,
+        pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
+        context_parallel_size=parallel.context_parallel_size,
+        sequence_parallel=parallel.sequence_parallel,
+        params_dtype=precision.torch_dtype,
+        pipeline_dtype=precision.torch_dtype,
+        bf16=precision.dtype == "bf16",
+        fp16=precision.dtype == "fp16",
+        normalization="RMSNorm",
+        layernorm_epsilon=model.norm_epsilon,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=model.add_qkv_bias,
+        qk_layernorm=model.qk_layernorm,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        calculate_per_token_loss=True,
+        use_cpu_initialization=not cuda,
+        init_method_std=0.02,
+    )
+    if not cuda:
+        kwargs.update(bias_activation_fusion=False, bias_dropout_fusion=False, masked_softmax_fusion=False,
+                      persist_layer_norm=False, gradient_accumulation_fusion=False, apply_rope_fusion=False,
+                      cross_entropy_loss_fusion=False)
+    else:
+        kwargs.update(bias_activation_fusion=True, masked_softmax_fusion=True, apply_rope_fusion=True)
+    if precision.fp8 is not None:
+        check_fp8_support(precision)
+        kwargs.update(fp8=precision.fp8, fp8_recipe=precision.fp8_recipe, fp8_margin=precision.fp8_margin,
+                      fp8_amax_history_len=precision.fp8_amax_history_len,
+                      fp8_amax_compute_algo=precision.fp8_amax_compute_algo, fp8_param=precision.fp8_param,
+                      first_last_layers_bf16=precision.first_last_layers_bf16,
+                      num_layers_at_start_in_bf16=precision.num_layers_at_start_in_bf16,
+                      num_layers_at_end_in_bf16=precision.num_layers_at_end_in_bf16)
+    kwargs.update(overrides)
+    known = {f.name for f in dataclasses.fields(TransformerConfig)}
+    unknown = sorted(k for k in kwargs if k not in known)
+    if unknown:
+        import megatron.core
+
+        raise ValueError(f"options {unknown} are not supported by the installed megatron-core "
+                         f"{getattr(megatron.core, '__version__', '?')}")
+    return TransformerConfig(**kwargs)
+
+
+def layer_spec(model: ModelConfig):
+    """Transformer Engine's layer spec on CUDA machines (imported lazily), the local spec otherwise."""
+    from megatron.core.models.gpt import gpt_layer_specs
+
+    if _cuda():
+        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=model.qk_layernorm)
+    return gpt_layer_specs.get_gpt_layer_local_spec(qk_layernorm=model.qk_layernorm, normalization="RMSNorm")
+
+
+def build_model(model: ModelConfig, parallel: ParallelConfig, precision: PrecisionConfig, *,
+                pre_process: Optional[bool] = None, post_process: Optional[bool] = None, **config_overrides: Any):
+    """This rank's GPTModel (its pipeline stage and tensor-parallel shard), on the current device.
+
+    Megatron's parallel state must be initialized (``initialize_model_parallel`` or, on CPU,
+    ``gift_megatron.parallel.initialize_model_parallel_cpu``). The model returns vocab-parallel logits
+    [b, s, padded_vocab / tp] when called without labels.
+    """
+    from megatron.core import parallel_state
+    from megatron.core.models.gpt import GPTModel
+
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    if tp != parallel.tensor_model_parallel_size:
+        raise ValueError(f"parallel.tensor_model_parallel_size={parallel.tensor_model_parallel_size} but Megatron's "
+                         f"parallel state was initialized with TP={tp}")
+    parallel.validate(torch.distributed.get_world_size(), model)
+    config = transformer_config(model, parallel, precision, **config_overrides)
+    gpt = GPTModel(
+        config=config,
+        transformer_layer_spec=layer_spec(model),
+        vocab_size=model.padded_vocab_size(tp),
+        max_sequence_length=model.max_position_embeddings,
+        pre_process=parallel_state.is_pipeline_first_stage() if pre_process is None else pre_process,
+        post_process=parallel_state.is_pipeline_last_stage() if post_process is None else post_process,
+        share_embeddings_and_output_weights=model.tie_embeddings,
+        position_embedding_type="rope",
+        rotary_base=int(model.rotary_base) if float(model.rotary_base).is_integer() else model.rotary_base,
+        rope_scaling=model.rope_scaling_factor is not None,
+        rope_scaling_factor=model.rope_scaling_factor or 8.0,
+    )
+    if _cuda():
+        gpt = gpt.cuda()
+    if precision.dtype != "fp32":
+        gpt = gpt.to(precision.torch_dtype)
+    return gpt
