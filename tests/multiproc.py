@@ -20,7 +20,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _entry(fn, rank, world_size, port, args, queue, env):
+def _entry(fn, rank, world_size, port, args, queue, env, backend):
     os.environ.update(env)
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
@@ -35,7 +35,9 @@ def _entry(fn, rank, world_size, port, args, queue, env):
 
     torch.set_num_threads(1)
     try:
-        dist.init_process_group("gloo", rank=rank, world_size=world_size)
+        if backend == "nccl":
+            torch.cuda.set_device(rank)
+        dist.init_process_group(backend, rank=rank, world_size=world_size)
         result = fn(rank, world_size, *args)
         # Plain pickle bytes: a tensor sent through the queue as-is goes by shared memory, whose file
         # descriptor handoff fails once this process has exited.
@@ -56,8 +58,10 @@ def run_ranks(
     *args: Any,
     timeout: float = 120.0,
     env: dict[str, str] | None = None,
+    backend: str = "gloo",
 ) -> list[Any]:
-    """Call ``fn(rank, world_size, *args)`` on ``world_size`` gloo ranks; return the per-rank results.
+    """Call ``fn(rank, world_size, *args)`` on ``world_size`` ranks (gloo, or nccl with one GPU per rank);
+    return the per-rank results.
 
     ``fn`` must be importable at module level (spawn pickles it by reference); results must be picklable.
     Raises RuntimeError with the failing rank's traceback, or TimeoutError after ``timeout`` seconds.
@@ -66,7 +70,7 @@ def run_ranks(
     queue = ctx.Queue()
     port = free_port()
     procs = [
-        ctx.Process(target=_entry, args=(fn, r, world_size, port, args, queue, dict(env or {})), daemon=True)
+        ctx.Process(target=_entry, args=(fn, r, world_size, port, args, queue, dict(env or {}), backend), daemon=True)
         for r in range(world_size)
     ]
     for p in procs:

@@ -180,6 +180,6 @@ def test_transformer_engine_bf16_and_fp8_train_step(precision):
         check_fp8_support(precision)
     except RuntimeError as e:
         pytest.skip(str(e))
-    loss, finite, dtype = run_ranks(gpu_fp8_worker, 1, precision, timeout=250, env={"NCCL_DEBUG": "WARN"})[0]
+    loss, finite, dtype = run_ranks(gpu_fp8_worker, 1, precision, timeout=250, backend="nccl")[0]
     assert torch.isfinite(torch.tensor(loss)) and finite
     assert dtype == "torch.bfloat16"
