@@ -2,12 +2,19 @@
 
 - ``model``: typed configs and the GPTModel builder (local spec on CPU, Transformer Engine spec and FP8 on GPU);
 - ``step``: the objective's forward_step / loss_func for ``get_forward_backward_func`` and ``ObjectiveStep``;
-- ``reference``: the frozen reference policy.
+- ``reference``: the frozen reference policy;
+- ``checkpoint``: crash-safe distributed checkpoints (save, resume, reshard weights).
 
 Importing this package imports neither Megatron-Core nor Transformer Engine; the submodules import
 Megatron-Core when they are used.
 """
 
+from gift_megatron.megatron.checkpoint import (
+    CheckpointError,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 from gift_megatron.megatron.model import (
     ModelConfig,
     ParallelConfig,
@@ -27,6 +34,7 @@ from gift_megatron.megatron.step import (
 )
 
 __all__ = [
+    "CheckpointError", "latest_checkpoint", "load_checkpoint", "save_checkpoint",
     "ModelConfig", "ParallelConfig", "PrecisionConfig", "build_model", "check_fp8_support", "transformer_config",
     "FrozenReference", "ObjectiveStep", "StepResult", "forward_logprobs", "make_forward_step",
     "split_global_batch", "validate_micro_batches",
