@@ -1,0 +1,91 @@
+"""The CPU rollout engine: Hugging Face transformers' ``generate``, fed by the same weight stream as vLLM.
+
+Used where vLLM cannot run (CPU machines, CI) and as a reference for the vLLM adapter. Sampling is done
+by transformers (temperature, top-p); the log-prob of every generated token is recomputed from the logits
+``generate`` returns, as log softmax(logits / temperature) before top-p (see SamplingParams).
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Sequence
+
+import torch
+
+from gift_megatron.rollout.base import Rollout, SamplingParams
+
+
+class HFRolloutEngine:
+    """A rollout engine around a transformers causal LM (``model``), on its current device.
+
+    ``pad_token_id`` / ``eos_token_id`` default to the model's generation config.
+    """
+
+    def __init__(self, model, *, eos_token_id: int | None = None, pad_token_id: int | None = None) -> None:
+        self.model = model.eval()
+        gen = model.generation_config
+        self.eos_token_id = eos_token_id if eos_token_id is not None else gen.eos_token_id
+        pad = pad_token_id if pad_token_id is not None else gen.pad_token_id
+        self.pad_token_id = pad if pad is not None else (self.eos_token_id if self.eos_token_id is not None else 0)
+
+    @torch.no_grad()
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[Rollout]:
+        if not prompts:
+            raise ValueError("prompts: empty list")
+        device = next(self.model.parameters()).device
+        out: list[Rollout] = []
+        if params.seed is not None:
+            torch.manual_seed(params.seed)
+        for index, prompt in enumerate(prompts):  # one prompt at a time: no padding, exact positions
+            if len(prompt) == 0:
+                raise ValueError(f"prompts[{index}] is empty")
+            ids = torch.tensor([list(prompt)] * params.n, dtype=torch.long, device=device)
+            greedy = params.temperature == 0
+            result = self.model.generate(
+                input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=not greedy,
+                temperature=None if greedy else params.temperature, top_p=None if greedy else params.top_p,
+                top_k=None, max_new_tokens=params.max_tokens, eos_token_id=self.eos_token_id,
+                pad_token_id=self.pad_token_id, output_logits=True, return_dict_in_generate=True,
+            )
+            new = result.sequences[:, ids.shape[1]:]
+            logits = torch.stack(result.logits, dim=1).float()  # [n, T, V], raw (before processors)
+            if not greedy:
+                logits = logits / params.temperature
+            lp = torch.log_softmax(logits, -1).gather(-1, new[..., None])[..., 0]
+            for row in range(params.n):
+                length, finished = new.shape[1], False
+                if self.eos_token_id is not None:
+                    hits = (new[row] == self.eos_token_id).nonzero()
+                    if hits.numel():
+                        length, finished = int(hits[0]) + 1, True
+                out.append(Rollout(index, ids[row].cpu(), new[row, :length].cpu(), lp[row, :length].cpu(), finished))
+        return out
+
+    @torch.no_grad()
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        params = dict(self.model.named_parameters())
+        params.update({k: v for k, v in self.model.named_buffers() if k not in params})
+        seen = set()
+        for name, tensor in named_tensors:
+            if name not in params:
+                raise ValueError(f"update_weights: {name!r} is not a parameter of the rollout model "
+                                 f"({type(self.model).__name__})")
+            target = params[name]
+            if tuple(target.shape) != tuple(tensor.shape):
+                raise ValueError(f"update_weights: {name!r} has shape {list(tensor.shape)}, the rollout model "
+                                 f"expects {list(target.shape)}")
+            target.copy_(tensor.to(device=target.device, dtype=target.dtype))
+            seen.add(name)
+        # A tied lm_head is the embedding: it is updated through it, whichever name the stream used.
+        missing = [n for n, _ in self.model.named_parameters() if n not in seen]
+        if missing and seen:
+            tied = getattr(self.model.config, "tie_word_embeddings", False)
+            missing = [n for n in missing if not (tied and n == "lm_head.weight")]
+            if missing:
+                raise ValueError(f"update_weights: the stream had no tensor for {missing[:5]}"
+                                 f"{' ...' if len(missing) > 5 else ''}")
+
+    def sleep(self) -> None:  # nothing to release on CPU
+        pass
+
+    def wake(self) -> None:
+        pass
