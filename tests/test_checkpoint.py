@@ -10,8 +10,8 @@ The story the tests pin, with the tiny GPT of tests/tiny_gpt.py, Adam and a cosi
   fails after writing its shards leaves ``latest`` at the previous checkpoint, which loads, and the next
   save cleans up;
 - resharding: TP=2 weights give the same logits at TP=1 and PP=2; the non-distributed optimizer state
-  continues training at TP=1 and PP=2 with the TP=2 losses; the distributed optimizer's state reshards
-  across DP and is refused, clearly, across TP/PP;
+  continues training at TP=1 and PP=2 with the TP=2 losses; the distributed optimizer's state resumes
+  exactly in its own layout and across DP, and is refused, clearly, across TP/PP;
 - bad input: missing, incomplete, truncated, mismatched checkpoints fail with the path and the problem,
   before the model changes.
 """
@@ -50,6 +50,11 @@ BATCH = 8  # sequences per step
 MICRO_BATCHES = 2  # per DP rank
 DROPOUT = 0.1
 EXTRA = {"objective": "sft", "lr": 1e-2}
+# Deadlines. One multi-rank job takes 5-10 s here; RANKS_TIMEOUT turns a hung collective into a failure.
+# Module-scoped fixtures run inside the first test that needs them, and pytest-timeout counts fixture
+# setup, so a test's deadline covers its whole fixture chain (at most 6 jobs, about 40 s on 2 cores).
+RANKS_TIMEOUT = 150
+CHAIN_TIMEOUT = 240
 
 
 # --------------------------------------------------------------------------------------------------
@@ -301,7 +306,8 @@ def gathered_logits(model) -> torch.Tensor | None:
 
 
 def distributed_optimizer_worker(rank, world, root):
-    """DP=2 with the distributed optimizer: save at steps 0 and 1, then steps 2-3."""
+    """DP=2 with the distributed optimizer: save at steps 0 and 1, then steps 2-3; a fresh DP=2 job
+    resumed from step 1 (same layout) and one resumed with the weights only, each running steps 2-3."""
     from gift_megatron.megatron.checkpoint import list_checkpoints
 
     setup_parallel(Layout(distributed_optimizer=True), seed=7)
@@ -311,7 +317,16 @@ def distributed_optimizer_worker(rank, world, root):
         job.save(root, 0)  # before the first step: torch's Adam has no state yet
         job.step()
         path = job.save(root, 1)
-        return {"path": path, "losses": [job.step(), job.step()], "saved": [s for s, _ in list_checkpoints(root)]}
+        out = {"path": path, "losses": [job.step(), job.step()], "saved": [s for s, _ in list_checkpoints(root)]}
+        resumed = Job(Layout(distributed_optimizer=True))
+        resumed.load(path)
+        out["resumed_losses"] = [resumed.step(), resumed.step()]
+        weights_only = Job(Layout(distributed_optimizer=True))
+        weights_only.load(path, optimizer=False)
+        # The distributed optimizer keeps fp32 main params of its shard: they must follow the new weights.
+        weights_only.trainer.optimizer.reload_model_params()
+        out["weights_only_losses"] = [weights_only.step(), weights_only.step()]
+        return out
     finally:
         teardown_parallel()
 
@@ -420,26 +435,26 @@ def runs(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def uninterrupted(runs):
-    return run_ranks(uninterrupted_worker, 2, str(runs / "uninterrupted"), timeout=240)
+    return run_ranks(uninterrupted_worker, 2, str(runs / "uninterrupted"), timeout=RANKS_TIMEOUT)
 
 
 @pytest.fixture(scope="module")
 def killed(runs):
     root = str(runs / "resumable")
     with pytest.raises(RuntimeError, match="exited with code -9"):
-        run_ranks(killed_worker, 2, root, timeout=240)
+        run_ranks(killed_worker, 2, root, timeout=RANKS_TIMEOUT)
     return root, listing(root)
 
 
 @pytest.fixture(scope="module")
 def resumed(killed):
     root, _ = killed
-    return run_ranks(resume_worker, 2, root, timeout=240)
+    return run_ranks(resume_worker, 2, root, timeout=RANKS_TIMEOUT)
 
 
 @pytest.fixture(scope="module")
 def distributed_optimizer(runs):
-    return run_ranks(distributed_optimizer_worker, 2, str(runs / "distopt"), timeout=240)[0]
+    return run_ranks(distributed_optimizer_worker, 2, str(runs / "distopt"), timeout=RANKS_TIMEOUT)[0]
 
 
 @pytest.fixture(scope="module")
@@ -449,8 +464,8 @@ def resharded(runs, uninterrupted, resumed, distributed_optimizer):
     step2_tp2 = str(runs / "resumable" / "step_00000002")
     args = (final_tp2, step2_tp2, distributed_optimizer["path"])
     scratch = str(runs / "scratch")
-    single = run_ranks(single_rank_worker, 1, *args, scratch, timeout=240)[0]
-    pipeline = run_ranks(pipeline_worker, 2, *args, timeout=240)
+    single = run_ranks(single_rank_worker, 1, *args, scratch, timeout=RANKS_TIMEOUT)[0]
+    pipeline = run_ranks(pipeline_worker, 2, *args, timeout=RANKS_TIMEOUT)
     return single, pipeline
 
 
@@ -459,7 +474,7 @@ def resharded(runs, uninterrupted, resumed, distributed_optimizer):
 # --------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(CHAIN_TIMEOUT)
 def test_killed_job_resumes_with_the_uninterrupted_losses(uninterrupted, resumed):
     full = uninterrupted[0]["losses"]
     for rank in range(2):
@@ -475,7 +490,7 @@ def test_killed_job_resumes_with_the_uninterrupted_losses(uninterrupted, resumed
         assert abs(r["weights_only_losses"][1] - full[3]) > 1e-3 * abs(full[3]), (r["weights_only_losses"], full)
 
 
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(CHAIN_TIMEOUT)
 def test_every_rank_resumes_its_own_rng_states(uninterrupted, resumed):
     for rank in range(2):
         saved, loaded = uninterrupted[rank]["rng_after_2"], resumed[rank]["rng_after_load"]
@@ -487,7 +502,7 @@ def test_every_rank_resumes_its_own_rng_states(uninterrupted, resumed):
     assert uninterrupted[0]["rng_after_2"][0] != uninterrupted[1]["rng_after_2"][0]
 
 
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(CHAIN_TIMEOUT)
 def test_kill_mid_save_leaves_latest_at_the_previous_checkpoint(killed):
     root, after_kill = killed
     assert after_kill["latest"] == "step_00000002"
@@ -498,7 +513,7 @@ def test_kill_mid_save_leaves_latest_at_the_previous_checkpoint(killed):
     assert not os.path.exists(os.path.join(root, stale[0], "gift_checkpoint.json"))
 
 
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(CHAIN_TIMEOUT)
 def test_failed_save_keeps_latest_loadable_and_the_next_save_cleans_up(resumed):
     r = resumed[0]
     # The save after step 3 removed the killed job's temp dir; keep_last=3 kept steps 1-3.
@@ -521,7 +536,7 @@ def test_failed_save_keeps_latest_loadable_and_the_next_save_cleans_up(resumed):
 # --------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.timeout(900)
+@pytest.mark.timeout(CHAIN_TIMEOUT)
 def test_tp2_weights_give_the_same_logits_at_tp1_and_pp2(uninterrupted, resharded):
     single, pipeline = resharded
     expected = uninterrupted[0]["logits"]
@@ -532,7 +547,7 @@ def test_tp2_weights_give_the_same_logits_at_tp1_and_pp2(uninterrupted, resharde
     assert single["rng_restored"] is False  # another layout: RNG states are not meaningful there
 
 
-@pytest.mark.timeout(900)
+@pytest.mark.timeout(CHAIN_TIMEOUT)
 def test_adam_state_reshards_from_tp2_to_tp1_pp2_and_dp2(resumed, resharded):
     single, pipeline = resharded
     expected = resumed[0]["no_dropout_losses"]  # TP=2, resumed from the same step-2 checkpoint
@@ -542,10 +557,16 @@ def test_adam_state_reshards_from_tp2_to_tp1_pp2_and_dp2(resumed, resharded):
         assert pipeline[rank]["dp2_no_dropout_losses"] == pytest.approx(expected, rel=1e-5)
 
 
-@pytest.mark.timeout(900)
-def test_distributed_optimizer_reshards_across_dp_but_refuses_tp_pp_changes(distributed_optimizer, resharded):
+@pytest.mark.timeout(CHAIN_TIMEOUT)
+def test_distributed_optimizer_resumes_and_reshards_across_dp_but_refuses_tp_pp_changes(distributed_optimizer, resharded):
     single, pipeline = resharded
     assert distributed_optimizer["saved"] == [0, 1]  # a step-0 checkpoint works too
+    # Same layout (DP=2): a fresh job continues exactly; without the optimizer state it does not.
+    full = distributed_optimizer["losses"]
+    assert distributed_optimizer["resumed_losses"] == pytest.approx(full, rel=1e-5)
+    weights_only = distributed_optimizer["weights_only_losses"]
+    assert weights_only[0] == pytest.approx(full[0], rel=1e-5)  # computed before the first update
+    assert abs(weights_only[1] - full[1]) > 1e-3 * abs(full[1]), (weights_only, full)
     # DP=2 -> DP=1: steps 2-3 continue exactly.
     assert single["distopt_losses"] == pytest.approx(distributed_optimizer["losses"], rel=1e-5)
     # PP change: refused before the model is touched, naming the format and both layouts.
@@ -561,7 +582,7 @@ def test_distributed_optimizer_reshards_across_dp_but_refuses_tp_pp_changes(dist
 # --------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.timeout(900)
+@pytest.mark.timeout(CHAIN_TIMEOUT)
 def test_mismatched_model_fails_before_loading(resharded, runs):
     single, _ = resharded
     message = single["shape_error"]
@@ -571,14 +592,14 @@ def test_mismatched_model_fails_before_loading(resharded, runs):
     assert single["shape_unchanged"]
 
 
-@pytest.mark.timeout(900)
+@pytest.mark.timeout(CHAIN_TIMEOUT)
 def test_wrong_optimizer_kind_fails_before_loading(resharded):
     single, _ = resharded
     assert "from a distributed optimizer, this optimizer is non-distributed" in single["kind_error"]
     assert single["kind_unchanged"]
 
 
-@pytest.mark.timeout(900)
+@pytest.mark.timeout(CHAIN_TIMEOUT)
 def test_missing_or_truncated_checkpoint_fails_before_loading(resharded, runs):
     single, _ = resharded
     missing = str(runs / "scratch" / "step_00000042")
@@ -588,14 +609,14 @@ def test_missing_or_truncated_checkpoint_fails_before_loading(resharded, runs):
     assert single["truncated_unchanged"]
 
 
-@pytest.mark.timeout(900)
+@pytest.mark.timeout(CHAIN_TIMEOUT)
 def test_state_that_was_not_saved_is_an_error(resharded):
     single, _ = resharded
     assert "the checkpoint has no optimizer state (saved with optimizer=None)" in single["no_optimizer_error"]
     assert "the checkpoint has no scheduler state (saved with scheduler=None)" in single["no_scheduler_error"]
 
 
-@pytest.mark.timeout(900)
+@pytest.mark.timeout(CHAIN_TIMEOUT)
 def test_strict_and_non_strict_key_matching(resharded):
     single, _ = resharded
     assert "1 model tensor(s) of the checkpoint are not in the model (strict): output_layer.weight" in \
@@ -621,7 +642,7 @@ def _error(path) -> str:
     return str(info.value)
 
 
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(CHAIN_TIMEOUT)
 @pytest.mark.parametrize("victim", ["metadata.json", ".metadata"])
 def test_missing_metadata_file(good_checkpoint, victim):
     os.remove(os.path.join(good_checkpoint, victim))
@@ -629,7 +650,7 @@ def test_missing_metadata_file(good_checkpoint, victim):
     assert good_checkpoint in message and f"file '{victim}' is missing (incomplete checkpoint)" in message
 
 
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(CHAIN_TIMEOUT)
 def test_intact_checkpoint_verifies(good_checkpoint):
     from gift_megatron.megatron.checkpoint import verify_checkpoint
 
@@ -638,7 +659,7 @@ def test_intact_checkpoint_verifies(good_checkpoint):
     assert {"metadata.json", ".metadata", "__0_0.distcp", "__1_0.distcp"} <= set(manifest["files"])
 
 
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(CHAIN_TIMEOUT)
 def test_truncated_shard(good_checkpoint):
     shard = os.path.join(good_checkpoint, "__1_0.distcp")
     size = os.path.getsize(shard)
@@ -647,7 +668,7 @@ def test_truncated_shard(good_checkpoint):
     assert f"file '__1_0.distcp' has {size - 100} bytes, {size} were written (truncated)" in _error(good_checkpoint)
 
 
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(CHAIN_TIMEOUT)
 def test_interrupted_save_and_corrupt_manifest(good_checkpoint, tmp_path):
     manifest = os.path.join(good_checkpoint, "gift_checkpoint.json")
     with open(manifest, "w") as f:
@@ -657,7 +678,7 @@ def test_interrupted_save_and_corrupt_manifest(good_checkpoint, tmp_path):
     assert "no gift_checkpoint.json: not a complete checkpoint written by save_checkpoint" in _error(good_checkpoint)
 
 
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(CHAIN_TIMEOUT)
 def test_checkpoint_root_instead_of_a_checkpoint(uninterrupted, runs):
     root = str(runs / "uninterrupted")
     assert f"pass latest_checkpoint('{root}')" in _error(root)
