@@ -18,7 +18,15 @@ setup(
         "psutil",
         "numpy",
         "pyyaml",
+        # The trainer's data, rewards and observability layers.
+        "safetensors",
+        "pyarrow",
+        "math-verify",
+        "tqdm",
+        "tensorboard",
+        "matplotlib",
     ],
+    entry_points={"console_scripts": ["gift-megatron=gift_megatron.cli:main"]},
     extras_require={
         # Transformer Engine only on CUDA machines: installing it on CPU breaks `import megatron.core`.
         "te": ["transformer-engine[pytorch]>=2.4"],
