@@ -1,0 +1,428 @@
+"""The training configuration: typed dataclasses loaded from YAML, with dotted ``key=value`` overrides.
+
+    cfg = load_config("examples/tiny_cpu_gift.yaml", ["objective.name=grpo", "train.steps=10"])
+    cfg.parallel.tensor_model_parallel_size, cfg.objective.options["beta"], cfg.run.output_dir
+
+Every section is a dataclass; the model, parallel and precision sections are the Megatron integration's own
+configs (:mod:`gift_megatron.megatron.model`), so a YAML file and a Python caller build the same objects.
+Unknown keys, wrong types and invalid values are :class:`ConfigError` naming the dotted key (and the file).
+
+Written by hand rather than with OmegaConf's structured configs because those reject the ``Literal`` and
+``X | None`` annotations our sections use and do not call ``__post_init__`` validation on merge; the
+loader below is the small subset we need (dataclasses, Optional, list, dict, Literal, scalars).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+from gift_megatron.megatron.model import ModelConfig, ParallelConfig, PrecisionConfig
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message names the dotted key and, when known, the file."""
+
+
+@dataclass
+class RunConfig:
+    """output_dir: checkpoints (``checkpoints/``), metrics (``metrics.jsonl``), TensorBoard events
+    (``tensorboard/``), plots (``plots/``) and the resolved config (``config.yaml``).
+    resume: ``none`` (start fresh; refuses a non-empty checkpoint directory), ``auto`` (continue from the
+    newest complete checkpoint if there is one) or a checkpoint path.
+    save_interval: steps between checkpoints (0: only at the end). keep_last: checkpoints kept (None: all).
+    """
+
+    output_dir: str = "runs/default"
+    seed: int = 1234
+    resume: str = "none"
+    save_interval: int = 50
+    keep_last: Optional[int] = 3
+    log_interval: int = 1
+    tensorboard: bool = True
+    wandb_project: Optional[str] = None
+    plots: bool = True
+    progress: bool = True
+
+
+@dataclass
+class InitConfig:
+    """Where the weights and architecture come from.
+
+    hf_config: a Hugging Face model dir (or its config.json): the ``model`` section is derived from it,
+        keys given under ``model`` override it. checkpoint: a Megatron checkpoint (for example written by
+        ``tools/convert_hf_to_megatron.py``) whose weights start the run; None starts from random weights.
+    """
+
+    hf_config: Optional[str] = None
+    checkpoint: Optional[str] = None
+
+
+@dataclass
+class DataConfig:
+    """train_files / eval_files: JSONL or Parquet prompt files (schema in docs/data.md).
+
+    tokenizer: a Hugging Face tokenizer dir or a sentencepiece ``.model`` file. fields: column renames,
+    e.g. ``{prompt: question}``. max_skipped_fraction: malformed rows allowed before the run stops.
+    max_prompt_tokens: longer prompts are an error (they would not fit ``model.seq_length``).
+    """
+
+    train_files: list[str] = field(default_factory=list)
+    eval_files: list[str] = field(default_factory=list)
+    tokenizer: Optional[str] = None
+    use_chat_template: bool = False
+    fields: dict[str, str] = field(default_factory=dict)
+    max_skipped_fraction: float = 0.0
+    shuffle: bool = True
+    max_prompt_tokens: int = 256
+
+
+@dataclass
+class RolloutConfig:
+    """engine: ``hf`` (transformers generate, CPU default), ``vllm`` (GPU default) or ``auto``.
+    n: on-policy responses per prompt (GFT's n_rollout). tensor_parallel_size, gpu_memory_utilization,
+    sleep_during_training: vLLM only (colocated engine sleeps while the trainer trains).
+    """
+
+    engine: Literal["auto", "hf", "vllm"] = "auto"
+    n: int = 8
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_tokens: int = 256
+    tensor_parallel_size: int = 1
+    gpu_memory_utilization: float = 0.5
+    sleep_during_training: bool = True
+    sync_bucket_mb: int = 512
+
+
+@dataclass
+class GroupsConfig:
+    """GFT hybrid groups (OBJECTIVES.md, GFT 1): dataset expert demonstrations and teacher responses added
+    to every group next to the ``rollout.n`` on-policy members. None: the objective's default (GFT: 1 expert,
+    3 teachers; every other objective: 0)."""
+
+    n_expert: Optional[int] = None
+    n_teacher: Optional[int] = None
+
+
+@dataclass
+class RewardConfig:
+    """name: ``math_verify`` | ``exact_match`` | ``toy`` | ``reward_model:PATH`` | ``package.module:function``;
+    options: keyword arguments of that reward."""
+
+    name: str = "math_verify"
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ObjectiveConfig:
+    """name: a registered objective (gift, gft, grpo, dapo, gspo, sft, dft); options: its options
+    (OBJECTIVES.md), validated by ``gift_megatron.objectives.build_objective``."""
+
+    name: str = "gift"
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class OptimizerConfig:
+    """Adam(W) through Megatron's optimizer (distributed optimizer optional), with Megatron's scheduler."""
+
+    lr: float = 1e-6
+    min_lr: float = 0.0
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    warmup_steps: int = 0
+    lr_decay_style: Literal["constant", "linear", "cosine"] = "constant"
+    use_distributed_optimizer: bool = True
+
+
+@dataclass
+class LoopConfig:
+    """steps: optimizer rounds (one rollout batch each). prompts_per_step: prompts per rollout batch, over
+    all data-parallel ranks. updates_per_step: optimizer steps per rollout batch (mini-batches of whole
+    groups). micro_batch_size: members per micro-batch. eval_interval: steps between greedy evaluations on
+    ``data.eval_files`` (0: only at the start and the end); eval_prompts: how many eval prompts."""
+
+    steps: int = 100
+    prompts_per_step: int = 32
+    updates_per_step: int = 1
+    micro_batch_size: int = 4
+    eval_interval: int = 0
+    eval_prompts: int = 64
+    logprob_chunk_size: Optional[int] = None
+
+
+@dataclass
+class TrainConfig:
+    """The whole run. Sections mirror the YAML file."""
+
+    run: RunConfig = field(default_factory=RunConfig)
+    init: InitConfig = field(default_factory=InitConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    groups: GroupsConfig = field(default_factory=GroupsConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    train: LoopConfig = field(default_factory=LoopConfig)
+
+    def group_composition(self) -> tuple[int, int, int]:
+        """(n_expert, n_teacher, n_rollout) of every group."""
+        gft = self.objective.name == "gft"
+        n_expert = self.groups.n_expert if self.groups.n_expert is not None else (1 if gft else 0)
+        n_teacher = self.groups.n_teacher if self.groups.n_teacher is not None else (3 if gft else 0)
+        return n_expert, n_teacher, self.rollout.n
+
+
+# --------------------------------------------------------------------------------------------- loading
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    """``value`` (parsed YAML) as type ``tp``, or ConfigError naming ``key``."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(value, arg, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: {value!r} matches none of {_type_name(tp)}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}: must be one of {list(args)}, got {value!r}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key)
+    if origin is list:
+        if isinstance(value, str):  # a comma-separated override: data.train_files=a.jsonl,b.jsonl
+            value = [v for v in value.split(",") if v]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
+        return [_convert(v, args[0] if args else Any, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__} {value!r}")
+        vt = args[1] if len(args) == 2 else Any
+        return {str(k): _convert(v, vt, f"{key}.{k}") for k, v in value.items()}
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str):  # PyYAML (YAML 1.1) reads 3e-4 as a string; 3.0e-4 as a float
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return str(value)
+    raise ConfigError(f"{key}: unsupported field type {_type_name(tp)}")
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    """Instance of dataclass ``cls`` from mapping ``data``: unknown keys and bad values name their key."""
+    if data is None:
+        data = {}
+    if dataclasses.is_dataclass(data):
+        return data
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {type(data).__name__} {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls) if f.init]
+    unknown = [k for k in data if k not in names]
+    if unknown:
+        where = prefix + "." if prefix else ""
+        raise ConfigError(f"unknown key {where}{unknown[0]} (known keys of {prefix or 'the config'}: "
+                          f"{', '.join(names)})")
+    kwargs = {k: _convert(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (ValueError, TypeError) as exc:
+        msg = str(exc)
+        raise ConfigError(msg if prefix and prefix in msg else f"{prefix}: {msg}") from exc
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``a.b.c=value`` -> (["a", "b", "c"], value parsed as YAML: numbers, true/false, null, lists)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected key=value (for example train.steps=10)")
+    key, raw = text.split("=", 1)
+    path = key.strip().split(".")
+    if not all(path):
+        raise ConfigError(f"override {text!r}: empty key segment")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {key}: cannot parse value {raw!r}: {exc}") from exc
+    return path, value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """``data`` with every ``key=value`` of ``overrides`` set (nested mappings created as needed)."""
+    for text in overrides:
+        path, value = parse_override(text)
+        node = data
+        for i, part in enumerate(path[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {text!r}: {'.'.join(path[:i + 1])} is not a section")
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def _hf_model_section(path: str, key: str = "init.hf_config") -> dict:
+    """ModelConfig fields derived from a Hugging Face config.json (file or model dir)."""
+    import json
+
+    file = os.path.join(path, "config.json") if os.path.isdir(path) else path
+    try:
+        with open(file, encoding="utf-8") as fh:
+            hf = json.load(fh)
+    except OSError as exc:
+        raise ConfigError(f"{key}: cannot read {file}: {exc.strerror}") from exc
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{key}: {file} is not valid JSON: {exc}") from exc
+    try:
+        return dataclasses.asdict(ModelConfig.from_hf_config(hf))
+    except (ValueError, KeyError) as exc:
+        raise ConfigError(f"{key}: {file}: {exc}") from exc
+
+
+def config_from_dict(data: dict, *, source: str = "") -> TrainConfig:
+    """A validated TrainConfig from a mapping (the YAML document after overrides)."""
+    data = dict(data or {})
+    hf = (data.get("init") or {}).get("hf_config") if isinstance(data.get("init"), dict) else None
+    if hf:
+        data["model"] = {**_hf_model_section(hf), **(data.get("model") or {})}
+    try:
+        cfg = _build(TrainConfig, data, "")
+        validate(cfg)
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}" if source else str(exc)) from None
+    return cfg
+
+
+def load_config(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
+    """Load ``path`` (YAML), apply dotted ``overrides`` and validate; ConfigError names file and key."""
+    path = os.fspath(path)
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = yaml.safe_load(fh) or {}
+    except OSError as exc:
+        raise ConfigError(f"config file {path}: {exc.strerror}") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path}: invalid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path}: expected a mapping of sections, got {type(data).__name__}")
+    data = apply_overrides(data, list(overrides))
+    return config_from_dict(data, source=path)
+
+
+def config_to_dict(cfg: TrainConfig) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: TrainConfig, path: str | os.PathLike) -> None:
+    """Write the resolved config as YAML (atomically: a reader never sees half a file)."""
+    tmp = f"{os.fspath(path)}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        yaml.safe_dump(config_to_dict(cfg), fh, sort_keys=False)
+    os.replace(tmp, path)
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Checks across sections that need no world size (``check_world_size`` does the layout)."""
+    from gift_megatron.objectives import OBJECTIVES, build_objective
+
+    t, r = cfg.train, cfg.rollout
+    for key, value in (("train.steps", t.steps), ("train.prompts_per_step", t.prompts_per_step),
+                       ("train.updates_per_step", t.updates_per_step), ("train.micro_batch_size", t.micro_batch_size),
+                       ("rollout.n", r.n), ("rollout.max_tokens", r.max_tokens),
+                       ("rollout.tensor_parallel_size", r.tensor_parallel_size)):
+        if value < 1:
+            raise ConfigError(f"{key} must be >= 1, got {value}")
+    if cfg.run.save_interval < 0 or cfg.run.log_interval < 1:
+        raise ConfigError("run.save_interval must be >= 0 and run.log_interval >= 1")
+    if cfg.run.resume not in ("none", "auto") and not os.path.exists(cfg.run.resume):
+        raise ConfigError(f"run.resume: expected none, auto or an existing checkpoint path, got {cfg.run.resume!r}")
+    if cfg.objective.name not in OBJECTIVES:
+        raise ConfigError(f"objective.name: unknown objective {cfg.objective.name!r}; registered: "
+                          f"{', '.join(sorted(OBJECTIVES))}")
+    try:
+        objective = build_objective(cfg.objective.name, **cfg.objective.options)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"objective.options: {exc}") from exc
+    n_expert, n_teacher, n_rollout = cfg.group_composition()
+    if min(n_expert, n_teacher) < 0:
+        raise ConfigError("groups.n_expert and groups.n_teacher must be >= 0")
+    group = n_expert + n_teacher + n_rollout
+    if getattr(objective, "group_relative", False) and group < 2:
+        raise ConfigError(f"objective {objective.name} compares members of a group, but a group has {group} member "
+                          f"(rollout.n={n_rollout}, groups.n_expert={n_expert}, groups.n_teacher={n_teacher}): "
+                          "set rollout.n >= 2")
+    if (t.prompts_per_step * group) % t.updates_per_step:
+        raise ConfigError(f"train.updates_per_step ({t.updates_per_step}) must divide train.prompts_per_step "
+                          f"({t.prompts_per_step}) so every mini-batch holds whole groups")
+    if not 0 <= cfg.data.max_skipped_fraction <= 1:
+        raise ConfigError(f"data.max_skipped_fraction must be in [0, 1], got {cfg.data.max_skipped_fraction}")
+    if not 0 < r.top_p <= 1 or r.temperature < 0:
+        raise ConfigError("rollout.top_p must be in (0, 1] and rollout.temperature >= 0")
+    if cfg.data.max_prompt_tokens + r.max_tokens > cfg.model.seq_length:
+        raise ConfigError(f"data.max_prompt_tokens ({cfg.data.max_prompt_tokens}) + rollout.max_tokens "
+                          f"({r.max_tokens}) exceeds model.seq_length ({cfg.model.seq_length})")
+
+
+def check_world_size(cfg: TrainConfig, world_size: int) -> int:
+    """The data-parallel size of ``cfg`` on ``world_size`` ranks, or ConfigError naming the numbers: the
+    layout must fit the world, and every data-parallel rank must get whole micro-batches of whole groups."""
+    try:
+        dp = cfg.parallel.validate(world_size, cfg.model)
+    except ValueError as exc:
+        raise ConfigError(f"{exc} (world size {world_size})") from exc
+    t = cfg.train
+    n_expert, n_teacher, n_rollout = cfg.group_composition()
+    group = n_expert + n_teacher + n_rollout
+    if t.prompts_per_step % (dp * t.updates_per_step):
+        raise ConfigError(f"train.prompts_per_step ({t.prompts_per_step}) must be a multiple of data-parallel size "
+                          f"({dp}) x train.updates_per_step ({t.updates_per_step})")
+    per_rank = t.prompts_per_step // (dp * t.updates_per_step) * group
+    if per_rank % t.micro_batch_size:
+        raise ConfigError(f"each data-parallel rank gets {per_rank} members per update ({t.prompts_per_step} prompts "
+                          f"x {group} members / {dp} ranks / {t.updates_per_step} updates), not a multiple of "
+                          f"train.micro_batch_size ({t.micro_batch_size})")
+    return dp

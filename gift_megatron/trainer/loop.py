@@ -1,0 +1,464 @@
+"""The training loop: one obvious entry point, ``train(cfg)``.
+
+Per step (DESIGN.md, "The data flow of one training step"):
+
+    prompts -> rollout n responses per prompt -> rewards -> (GFT) expert and teacher members join each group
+    -> reference / old log-prob passes -> group statistics -> optimizer step(s) on mini-batches of whole groups
+    -> weights streamed to the rollout engine -> metrics -> periodic checkpoint
+
+Who does what. Every data-parallel replica (the TP x PP x CP ranks that hold one copy of the model) draws
+its own share of the step's prompts. The replica's first rank (TP, PP and CP rank 0) owns the replica's
+rollout engine: it generates, scores, and sends the members to the rest of its replica. Every rank then
+trains on its replica's members through ``ObjectiveStep``, which makes the group statistics exact across
+replicas. After the update the replica streams its weights, gathered over TP and PP, into its engine.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import logging
+import os
+import random
+import time
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from gift_megatron.config import TrainConfig, check_world_size, save_config
+from gift_megatron.trainer.batch import Member, micro_batches, pack
+from gift_megatron.trainer.metrics import MetricsLogger, plot_run
+
+log = logging.getLogger("gift_megatron.train")
+
+
+# ------------------------------------------------------------------------------------------ process set-up
+def init_distributed(cfg: TrainConfig) -> None:
+    """The default process group (torchrun's environment, or a single process) and Megatron's parallel
+    state with the configured layout; NCCL on CUDA, gloo with the CPU runtime otherwise."""
+    cuda = torch.cuda.is_available()
+    if not dist.is_initialized():
+        if "RANK" not in os.environ:  # plain `python -m gift_megatron.train`: a world of one
+            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        if cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(minutes=30))
+    p = cfg.parallel
+    if cuda:
+        from megatron.core import parallel_state, tensor_parallel
+
+        parallel_state.initialize_model_parallel(p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
+                                                 context_parallel_size=p.context_parallel_size)
+        tensor_parallel.model_parallel_cuda_manual_seed(cfg.run.seed)
+    else:
+        from gift_megatron.parallel import initialize_model_parallel_cpu
+
+        initialize_model_parallel_cpu(p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
+                                      p.context_parallel_size, seed=cfg.run.seed)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ps():
+    from megatron.core import parallel_state
+
+    return parallel_state
+
+
+def replica_groups() -> tuple[Any, int]:
+    """(process group of this rank's data-parallel replica, global rank of its rollout owner).
+
+    A replica is every rank with the same data-parallel rank: its TP x PP x CP ranks. Built from an
+    all-gather of data-parallel ranks because Megatron has no group spanning exactly TP x PP x CP.
+    """
+    ps = _ps()
+    dp_ranks: list[int] = [0] * dist.get_world_size()
+    dist.all_gather_object(dp_ranks, ps.get_data_parallel_rank())
+    mine = None
+    for d in sorted(set(dp_ranks)):
+        ranks = [r for r, x in enumerate(dp_ranks) if x == d]
+        group = dist.new_group(ranks) if len(ranks) > 1 else None  # every rank must create every group
+        if d == ps.get_data_parallel_rank():
+            mine = (group, ranks[0])
+    return mine
+
+
+def is_rollout_owner() -> bool:
+    ps = _ps()
+    return (ps.get_tensor_model_parallel_rank() == 0 and ps.get_pipeline_model_parallel_rank() == 0
+            and ps.get_context_parallel_rank() == 0)
+
+
+# ------------------------------------------------------------------------------------------ the trainer
+class Trainer:
+    """Holds the run's state; ``run()`` trains ``cfg.train.steps`` steps (from the resumed step)."""
+
+    def __init__(self, cfg: TrainConfig) -> None:
+        self.cfg = cfg
+        init_distributed(cfg)
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.dp = check_world_size(cfg, self.world)  # before anything heavy: a clear error
+        ps = _ps()
+        self.dp_rank = ps.get_data_parallel_rank()
+        self.replica_group, self.owner_rank = replica_groups()
+        self.owner = is_rollout_owner()
+        self.run_dir = cfg.run.output_dir
+        self.ckpt_dir = os.path.join(self.run_dir, "checkpoints")
+
+        from gift_megatron.objectives import build_objective
+
+        self.objective = build_objective(cfg.objective.name, **cfg.objective.options)
+        self.n_expert, self.n_teacher, self.n_rollout = cfg.group_composition()
+        self.group_size = self.n_expert + self.n_teacher + self.n_rollout
+        self._load_data()
+        self._check_resume_target()
+        self._build_model()
+        self.step = 0
+        self.consumed = 0
+        self._resume()
+        self.engine = self._build_engine() if self.owner else None
+        self.sync_weights()
+        if self.rank == 0:
+            os.makedirs(self.run_dir, exist_ok=True)
+            save_config(cfg, os.path.join(self.run_dir, "config.yaml"))
+        self.logger = MetricsLogger(
+            self.run_dir, enabled=self.rank == 0, resume_step=self.step if self.resumed else None,
+            tensorboard=cfg.run.tensorboard, wandb_project=cfg.run.wandb_project,
+            config=dataclasses.asdict(cfg), total_steps=cfg.train.steps, initial_step=self.step,
+            progress=cfg.run.progress)
+
+    # ----------------------------------------------------------------------------------------- data
+    def _load_data(self) -> None:
+        from gift_megatron.data import Tokenizer, check_vocab, load_prompts
+        from gift_megatron.rewards import build_reward
+
+        d = self.cfg.data
+        if not d.train_files:
+            raise ValueError("data.train_files: no prompt file given")
+        if d.tokenizer is None:
+            if self.cfg.init.hf_config is None:
+                raise ValueError("data.tokenizer: no tokenizer given (and no init.hf_config dir to take it from)")
+            d.tokenizer = self.cfg.init.hf_config
+        self.tokenizer = Tokenizer.load(d.tokenizer, use_chat_template=d.use_chat_template)
+        check_vocab(self.tokenizer, self.cfg.model.vocab_size)
+        self.train_set, report = load_prompts(d.train_files, max_skipped_fraction=d.max_skipped_fraction,
+                                              fields=d.fields)
+        self.eval_set = load_prompts(d.eval_files, max_skipped_fraction=d.max_skipped_fraction,
+                                     fields=d.fields)[0] if d.eval_files else []
+        for example in self.train_set:
+            self._check_example(example)
+        self.reward_fn = build_reward(self.cfg.reward.name, **self.cfg.reward.options)
+
+    def _check_example(self, ex) -> None:
+        """Every row can form a full group and fits the sequence length (checked before any compute)."""
+        where = f"{ex.source}:{ex.line}"
+        n = len(self.tokenizer.prompt_ids(ex))
+        if n > self.cfg.data.max_prompt_tokens:
+            raise ValueError(f"{where}: prompt has {n} tokens, more than data.max_prompt_tokens "
+                             f"({self.cfg.data.max_prompt_tokens})")
+        if self.n_expert and not ex.expert:
+            raise ValueError(f"{where}: objective {self.objective.name} adds {self.n_expert} expert member(s) per "
+                             "group but the row has no 'expert' field (set groups.n_expert=0 to train without)")
+        if self.n_teacher and len(ex.teachers) < self.n_teacher:
+            raise ValueError(f"{where}: groups.n_teacher={self.n_teacher} but the row has "
+                             f"{len(ex.teachers)} teacher response(s)")
+
+    def _step_prompts(self, step: int) -> list[tuple[int, Any]]:
+        """This replica's (global prompt index within the step, example) pairs for ``step``: a seeded
+        permutation per epoch, so a resumed run draws exactly what the uninterrupted run would have."""
+        per_step = self.cfg.train.prompts_per_step
+        out = []
+        for k in range(per_step):
+            position = step * per_step + k
+            epoch, offset = divmod(position, len(self.train_set))
+            order = list(range(len(self.train_set)))
+            if self.cfg.data.shuffle:
+                random.Random(self.cfg.run.seed * 1_000_003 + epoch).shuffle(order)
+            out.append((k, self.train_set[order[offset]]))
+        share = per_step // self.dp
+        return out[self.dp_rank * share:(self.dp_rank + 1) * share]
+
+    # ---------------------------------------------------------------------------------------- model
+    def _build_model(self) -> None:
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+        from gift_megatron.megatron import FrozenReference, ObjectiveStep, build_model
+
+        cfg, o = self.cfg, self.cfg.optimizer
+        module = build_model(cfg.model, cfg.parallel, cfg.precision)
+        if cfg.init.checkpoint:
+            from gift_megatron.megatron import load_checkpoint
+
+            load_checkpoint(cfg.init.checkpoint, [module], restore_rng=False)
+        distributed = o.use_distributed_optimizer and self.dp > 1
+        self.model = [DistributedDataParallel(
+            config=module.config, module=module,
+            ddp_config=DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=distributed))]
+        self.optimizer = get_megatron_optimizer(OptimizerConfig(
+            optimizer="adam", lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay, adam_beta1=o.adam_beta1,
+            adam_beta2=o.adam_beta2, adam_eps=o.adam_eps, clip_grad=o.clip_grad,
+            bf16=cfg.precision.dtype == "bf16", fp16=cfg.precision.dtype == "fp16",
+            params_dtype=cfg.precision.torch_dtype, use_distributed_optimizer=distributed), self.model)
+        steps = cfg.train.steps * cfg.train.updates_per_step
+        self.scheduler = OptimizerParamScheduler(
+            self.optimizer, init_lr=0.0 if o.warmup_steps else o.lr, max_lr=o.lr, min_lr=o.min_lr,
+            lr_warmup_steps=o.warmup_steps, lr_decay_steps=max(steps, o.warmup_steps + 1),
+            lr_decay_style=o.lr_decay_style, start_wd=o.weight_decay, end_wd=o.weight_decay,
+            wd_incr_steps=max(steps, 1), wd_incr_style="constant")
+        # The frozen reference is the initial policy: built before any resume, so a resumed run compares
+        # against the same weights as the uninterrupted one.
+        self.reference = None
+        if "ref_logp" in self.objective.uses:
+            self.reference = FrozenReference(self.model, lambda i: build_model(cfg.model, cfg.parallel, cfg.precision))
+        self.train_step = ObjectiveStep(self.objective, self.model, self.optimizer, reference=self.reference,
+                                        temperature=self._logprob_temperature(),
+                                        logprob_chunk_size=cfg.train.logprob_chunk_size)
+
+    def _logprob_temperature(self) -> float:
+        t = self.cfg.rollout.temperature
+        return t if t > 0 else 1.0
+
+    # ---------------------------------------------------------------------------------------- resume
+    def _check_resume_target(self) -> None:
+        from gift_megatron.megatron import latest_checkpoint
+
+        r = self.cfg.run.resume
+        if r == "none" and latest_checkpoint(self.ckpt_dir) is not None:
+            raise ValueError(f"run.output_dir {self.run_dir} already holds checkpoints: pass run.resume=auto to "
+                             "continue that run, or choose another run.output_dir")
+
+    def _resume(self) -> None:
+        from gift_megatron.megatron import latest_checkpoint, load_checkpoint
+
+        r = self.cfg.run.resume
+        path = latest_checkpoint(self.ckpt_dir) if r == "auto" else (None if r == "none" else r)
+        self.resumed = path is not None
+        if path is None:
+            return
+        state = load_checkpoint(path, self.model, self.optimizer, self.scheduler)
+        self.step = int(state["step"])
+        self.consumed = int((state.get("data_state") or {}).get("consumed", self.step))
+        if self.rank == 0:
+            print(f"resumed from {path} at step {self.step}", flush=True)
+
+    def save(self) -> None:
+        from gift_megatron.megatron import save_checkpoint
+
+        save_checkpoint(self.ckpt_dir, self.step, self.model, self.optimizer, self.scheduler,
+                        data_state={"consumed": self.consumed}, keep_last=self.cfg.run.keep_last)
+
+    # --------------------------------------------------------------------------------------- rollout
+    def _build_engine(self):
+        from gift_megatron.rollout import build_engine
+
+        return build_engine(self.cfg, self.tokenizer)
+
+    def sync_weights(self) -> None:
+        """Stream the replica's current weights (full HF tensors, gathered over TP and PP) into its engine.
+        Collective over the replica; only the owner receives tensors."""
+        from gift_megatron.checkpoint import iter_hf_weights
+
+        buckets = iter_hf_weights(self.model, self.cfg.model, bucket_bytes=self.cfg.rollout.sync_bucket_mb << 20,
+                                  dst_rank=self.owner_rank)
+        if self.engine is None:
+            for _ in buckets:
+                pass
+            return
+        self.engine.wake()
+        self.engine.update_weights(t for bucket in buckets for t in bucket)
+
+    def _score(self, members: list[Member], examples: dict[int, Any]) -> None:
+        from gift_megatron.rewards import RewardInput, check_rewards
+
+        inputs = [RewardInput(prompt=examples[m.group_id].prompt_text, response=m.response_text,
+                              answer=examples[m.group_id].answer, example=examples[m.group_id]) for m in members]
+        values = check_rewards(self.reward_fn(inputs), inputs)
+        for m, v in zip(members, values):
+            m.reward = float(v)
+
+    def _rollout(self, step: int) -> list[Member]:
+        """The replica's members for ``step`` (owner generates and scores; the replica receives)."""
+        payload: list[Any] = [None]
+        if self.owner:
+            from gift_megatron.rollout import SamplingParams
+
+            r = self.cfg.rollout
+            drawn = self._step_prompts(step)
+            examples = {k: ex for k, ex in drawn}
+            prompts = [self.tokenizer.prompt_ids(ex) for _, ex in drawn]
+            seed = (self.cfg.run.seed * 7919 + step * 104729 + self.dp_rank) % (2 ** 31)
+            rollouts = self.engine.generate(prompts, SamplingParams(n=r.n, temperature=r.temperature, top_p=r.top_p,
+                                                                    max_tokens=r.max_tokens, seed=seed))
+            members = []
+            eos = self.tokenizer.eos_id
+            for j, (k, ex) in enumerate(drawn):  # group order: expert, teachers, rollouts (the loss ignores it)
+                p = prompts[j]
+                demos = [("expert", ex.expert)] * self.n_expert + [("teacher", t) for t in ex.teachers[:self.n_teacher]]
+                for kind, text in demos:
+                    members.append(Member(k, p, self.tokenizer.encode(text) + [eos], kind, response_text=text))
+                for ro in rollouts[j * r.n:(j + 1) * r.n]:
+                    ids = ro.response_ids.tolist()
+                    text = self.tokenizer.decode([t for t in ids if t != eos])
+                    members.append(Member(k, p, ids, "rollout", response_text=text,
+                                          rollout_logprobs=ro.logprobs.tolist(), finished=ro.finished))
+            self._score(members, examples)
+            payload = [members]
+        if self.replica_group is not None:
+            dist.broadcast_object_list(payload, src=self.owner_rank, group=self.replica_group)
+        return payload[0]
+
+    # ------------------------------------------------------------------------------------------ step
+    def _global_sum(self, values: list[float]) -> list[float]:
+        """Sum over data-parallel replicas of per-replica values (every rank of a replica holds the same)."""
+        t = torch.tensor(values, dtype=torch.float64)
+        t = t if self.owner else torch.zeros_like(t)
+        dist.all_reduce(t)
+        return t.tolist()
+
+    def train_one_step(self) -> dict[str, float]:
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        members = self._rollout(self.step)
+        t_rollout = time.perf_counter() - t0
+        if self.engine is not None and cfg.rollout.sleep_during_training:
+            self.engine.sleep()
+
+        batch = pack(members, cfg.model.seq_length, self.tokenizer.pad_id)
+        mbs = micro_batches(batch, cfg.train.micro_batch_size)
+        # Reference and old-policy log-probs once for the whole rollout batch, before any update of it.
+        self.train_step._fill_reference_logprobs(mbs)
+        kl = self._kl_to_reference(mbs, members)
+        per_update = len(mbs) // cfg.train.updates_per_step
+        results = []
+        t1 = time.perf_counter()
+        for u in range(cfg.train.updates_per_step):
+            results.append(self.train_step(mbs[u * per_update:(u + 1) * per_update]))
+            self.scheduler.step(increment=1)
+        t_train = time.perf_counter() - t1
+        t2 = time.perf_counter()
+        self.sync_weights()
+        t_sync = time.perf_counter() - t2
+
+        self.step += 1
+        self.consumed += cfg.train.prompts_per_step
+        rollout = [m for m in members if m.kind == "rollout"]
+        tokens = float(batch["loss_mask"].sum() + sum(len(m.prompt_ids) for m in members))
+        r_sum, r_n, len_sum, fin, tok, kl_sum, kl_n = self._global_sum([
+            sum(m.reward for m in rollout), len(rollout), sum(len(m.response_ids) for m in rollout),
+            sum(m.finished for m in rollout), tokens, kl[0], kl[1]])
+        metrics = dict(results[-1].metrics)
+        metrics.update({
+            "loss": sum(r.loss for r in results) / len(results),
+            "rollout/reward_mean": r_sum / max(r_n, 1),
+            "response/length_mean": len_sum / max(r_n, 1),
+            "response/finished_frac": fin / max(r_n, 1),
+            "optim/lr": self.scheduler.get_lr(self.optimizer.param_groups[0]),
+            "perf/rollout_s": t_rollout, "perf/train_s": t_train, "perf/sync_s": t_sync,
+            "perf/step_s": time.perf_counter() - t0,
+            "perf/tokens_per_s": tok / max(time.perf_counter() - t0, 1e-9),
+        })
+        if results[-1].grad_norm is not None:
+            metrics["optim/grad_norm"] = results[-1].grad_norm
+        if kl_n:
+            metrics["kl/reference"] = kl_sum / kl_n
+        return metrics
+
+    def _kl_to_reference(self, mbs, members) -> tuple[float, int]:
+        """(sum, count) over this replica's rollouts of sum_t (rollout log-prob - reference log-prob): the
+        k1 estimate of KL(pi || pi_ref) per response, from numbers the step has anyway (no extra pass).
+        Counted on the last pipeline stage's TP rank 0 with CP 1 only, where ref_logp is whole."""
+        ps = _ps()
+        if ("ref_logp" not in mbs[0] or mbs[0].get("ref_logp") is None or not ps.is_pipeline_last_stage()
+                or ps.get_tensor_model_parallel_rank() or ps.get_context_parallel_world_size() > 1):
+            return 0.0, 0
+        ref = torch.cat([mb["ref_logp"] for mb in mbs])
+        total, n = 0.0, 0
+        for i, m in enumerate(members):
+            if m.kind != "rollout" or not m.rollout_logprobs:
+                continue
+            start = len(m.prompt_ids) - 1
+            r = ref[i, start:start + len(m.rollout_logprobs)]
+            total += float(torch.tensor(m.rollout_logprobs).sum() - r.sum())
+            n += 1
+        return total, n
+
+    # ------------------------------------------------------------------------------------------ eval
+    def evaluate(self) -> float | None:
+        """Mean reward of greedy responses to the first ``train.eval_prompts`` eval prompts (None without
+        an eval set). Prompts are split over replicas; the result is global."""
+        if not self.eval_set:
+            return None
+        total = min(self.cfg.train.eval_prompts, len(self.eval_set))
+        share = [ex for i, ex in enumerate(self.eval_set[:total]) if i % self.dp == self.dp_rank]
+        s = n = 0.0
+        if self.owner and share:
+            from gift_megatron.rollout import SamplingParams
+
+            outs = self.engine.generate([self.tokenizer.prompt_ids(ex) for ex in share],
+                                        SamplingParams(n=1, temperature=0.0, max_tokens=self.cfg.rollout.max_tokens))
+            members = []
+            for i, (ex, ro) in enumerate(zip(share, outs)):
+                ids = [t for t in ro.response_ids.tolist() if t != self.tokenizer.eos_id]
+                members.append(Member(i, [], ro.response_ids.tolist(), "rollout", response_text=self.tokenizer.decode(ids)))
+            self._score(members, dict(enumerate(share)))
+            s, n = sum(m.reward for m in members), len(members)
+        s, n = self._global_sum([s, n])
+        return s / max(n, 1)
+
+    # ------------------------------------------------------------------------------------------- run
+    def run(self) -> dict[str, Any]:
+        cfg = self.cfg
+        first_eval = self.evaluate()
+        if first_eval is not None and not self.resumed:
+            self.logger.log(self.step, {"eval/reward": first_eval})
+        self.logger.write(f"start: step {self.step}/{cfg.train.steps}, eval reward {first_eval}")
+        history = []
+        while self.step < cfg.train.steps:
+            metrics = self.train_one_step()
+            if cfg.train.eval_interval and self.step % cfg.train.eval_interval == 0 and self.step < cfg.train.steps:
+                metrics["eval/reward"] = self.evaluate()
+            if self.step == cfg.train.steps:
+                metrics["eval/reward"] = self.evaluate()
+            metrics = {k: v for k, v in metrics.items() if v is not None}
+            history.append(metrics)
+            if self.step % cfg.run.log_interval == 0 or self.step == cfg.train.steps:
+                self.logger.log(self.step, metrics)
+            if (cfg.run.save_interval and self.step % cfg.run.save_interval == 0) or self.step == cfg.train.steps:
+                self.save()
+        last_eval = self.evaluate() if not history else history[-1].get("eval/reward")
+        self.logger.write(f"end: step {self.step}, eval reward {first_eval} -> {last_eval}")
+        plots = []
+        if self.rank == 0 and cfg.run.plots:
+            plots = plot_run(self.run_dir)
+            self.logger.write("plots: " + ", ".join(plots))
+        self.logger.close()
+        return {"first_eval": first_eval, "last_eval": last_eval, "history": history, "plots": plots}
+
+    def close(self) -> None:
+        from gift_megatron.parallel import destroy_model_parallel_cpu
+
+        if torch.cuda.is_available():
+            _ps().destroy_model_parallel()
+        else:
+            destroy_model_parallel_cpu()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def train(cfg: TrainConfig) -> dict[str, Any]:
+    """Train with ``cfg`` (under torchrun for several ranks); returns {first_eval, last_eval, history, plots}."""
+    trainer = Trainer(cfg)
+    try:
+        return trainer.run()
+    finally:
+        trainer.close()

@@ -1,0 +1,192 @@
+"""Observability: metrics to JSONL, TensorBoard and (when asked) W&B, a progress bar, and the run's plots.
+
+Only rank 0 writes. ``metrics.jsonl`` holds one JSON object per step (``{"step": k, "reward/mean": ...}``);
+after a resume the lines of steps past the checkpoint are dropped first, so the file always describes one
+consistent history.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any, Iterable
+
+METRICS_FILE = "metrics.jsonl"
+
+# (file name, title, metric keys, y label) of each plot; plots without data are left out.
+PANELS = (
+    ("reward", "reward", ("rollout/reward_mean", "eval/reward"), "reward"),
+    ("loss", "loss", ("loss",), "loss"),
+    ("kl", "KL to the reference", ("kl/reference",), "nats / response"),
+    ("response_length", "response length", ("response/length_mean",), "tokens"),
+    ("gift_beta", "GIFT beta(x) = std(R) / std(u)", ("gift/beta_x_mean", "gift/beta_x_median"), "beta(x)"),
+)
+
+
+def read_metrics(run_dir: str) -> list[dict[str, Any]]:
+    """Every record of ``run_dir/metrics.jsonl`` (a truncated last line from a killed job is skipped)."""
+    path = os.path.join(run_dir, METRICS_FILE)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no metrics (is {run_dir} a gift-megatron run directory?)")
+    records = []
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return records
+
+
+class MetricsLogger:
+    """Writes step metrics on rank 0 (every other rank gets a logger that does nothing).
+
+    Args:
+        run_dir: the run's output directory.
+        enabled: False on every rank but 0.
+        resume_step: drop records of steps > resume_step already in the file (None: start a new file).
+        tensorboard: also write TensorBoard events to ``run_dir/tensorboard``.
+        wandb_project: also log to W&B (needs ``wandb`` installed; an error names the missing package).
+        total_steps, progress: a tqdm bar showing step, reward, loss and throughput.
+    """
+
+    def __init__(self, run_dir: str, *, enabled: bool, resume_step: int | None = None, tensorboard: bool = True,
+                 wandb_project: str | None = None, config: dict | None = None, total_steps: int = 0,
+                 initial_step: int = 0, progress: bool = True) -> None:
+        self.enabled = enabled
+        self.path = os.path.join(run_dir, METRICS_FILE)
+        self._tb = self._wandb = self._bar = None
+        if not enabled:
+            return
+        os.makedirs(run_dir, exist_ok=True)
+        self._truncate(resume_step)
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(os.path.join(run_dir, "tensorboard"), purge_step=initial_step + 1)
+        if wandb_project:
+            try:
+                import wandb
+            except ImportError as exc:
+                raise ImportError("run.wandb_project is set but wandb is not installed (pip install wandb)") from exc
+            self._wandb = wandb.init(project=wandb_project, config=config, dir=run_dir, resume="allow",
+                                     name=os.path.basename(os.path.abspath(run_dir)))
+        if progress:
+            from tqdm.auto import tqdm
+
+            self._bar = tqdm(total=total_steps, initial=initial_step, desc="train", dynamic_ncols=True)
+
+    def _truncate(self, resume_step: int | None) -> None:
+        if not os.path.isfile(self.path):
+            return
+        if resume_step is None:
+            os.replace(self.path, self.path + ".old")
+            return
+        kept = []
+        with open(self.path, encoding="utf-8") as fh:
+            for line in fh:
+                try:
+                    if json.loads(line).get("step", 0) <= resume_step:
+                        kept.append(line if line.endswith("\n") else line + "\n")
+                except json.JSONDecodeError:
+                    continue  # the half-written line of a killed job
+        tmp = self.path + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.writelines(kept)
+        os.replace(tmp, self.path)
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        record = {"step": step, **{k: (float(v) if math.isfinite(float(v)) else None) for k, v in metrics.items()}}
+        with open(self.path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(record) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        if self._tb is not None:
+            for k, v in metrics.items():
+                self._tb.add_scalar(k, v, step)
+            self._tb.flush()
+        if self._wandb is not None:
+            self._wandb.log(metrics, step=step)
+        if self._bar is not None:
+            shown = {"reward": metrics.get("rollout/reward_mean"), "loss": metrics.get("loss"),
+                     "tok/s": metrics.get("perf/tokens_per_s")}
+            self._bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items() if v is not None}, refresh=False)
+            self._bar.n = step
+            self._bar.refresh()
+
+    def write(self, text: str) -> None:
+        """A line of text that does not break the progress bar."""
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.write(text)
+        else:
+            print(text, flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        if self._tb is not None:
+            self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+
+
+def _series(records: Iterable[dict], key: str) -> tuple[list[int], list[float]]:
+    xs, ys = [], []
+    for r in records:
+        if r.get(key) is not None:
+            xs.append(r["step"])
+            ys.append(r[key])
+    return xs, ys
+
+
+def plot_run(run_dir: str, out_dir: str | None = None) -> list[str]:
+    """PNG plots of reward, loss, KL to the reference, response length and GIFT's beta(x) over steps, from
+    ``run_dir/metrics.jsonl``; one file per panel plus ``summary.png``. Returns the files written."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # headless: cluster nodes and CI have no display
+    import matplotlib.pyplot as plt
+
+    records = read_metrics(run_dir)
+    out_dir = out_dir or os.path.join(run_dir, "plots")
+    os.makedirs(out_dir, exist_ok=True)
+    panels = [(f, t, [(k, *_series(records, k)) for k in keys], yl) for f, t, keys, yl in PANELS]
+    panels = [(f, t, [s for s in series if s[1]], yl) for f, t, series, yl in panels]
+    panels = [p for p in panels if p[2]]
+    if not panels:
+        raise ValueError(f"{os.path.join(run_dir, METRICS_FILE)}: no plottable metrics")
+    written = []
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
+    for ax, (file, title, series, ylabel) in zip(axes[0], panels):
+        for key, xs, ys in series:
+            ax.plot(xs, ys, marker="o" if len(xs) < 30 else None, markersize=3, label=key)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        if len(series) > 1:
+            ax.legend(fontsize=8)
+        single, sax = plt.subplots(figsize=(5, 3.5))
+        for key, xs, ys in series:
+            sax.plot(xs, ys, label=key)
+        sax.set_title(title)
+        sax.set_xlabel("step")
+        sax.set_ylabel(ylabel)
+        sax.grid(alpha=0.3)
+        if len(series) > 1:
+            sax.legend(fontsize=8)
+        name = os.path.join(out_dir, file + ".png")
+        single.tight_layout()
+        single.savefig(name, dpi=110)
+        plt.close(single)
+        written.append(name)
+    fig.tight_layout()
+    summary = os.path.join(out_dir, "summary.png")
+    fig.savefig(summary, dpi=110)
+    plt.close(fig)
+    return written + [summary]

@@ -1,0 +1,114 @@
+"""The YAML config loader: typed sections, dotted overrides, errors that name the key, world-size checks."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from gift_megatron.config import ConfigError, check_world_size, config_from_dict, load_config, save_config
+
+BASE = {"model": {"seq_length": 64, "num_layers": 2, "num_attention_heads": 4, "num_query_groups": 2},
+        "data": {"max_prompt_tokens": 16}, "rollout": {"n": 4, "max_tokens": 8},
+        "train": {"prompts_per_step": 8, "micro_batch_size": 4}}
+
+
+def write(tmp_path, data, name="c.yaml"):
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_yaml_and_overrides_typed(tmp_path):
+    cfg = load_config(write(tmp_path, BASE), ["train.steps=7", "optimizer.lr=3e-4", "objective.name=grpo",
+                                              "objective.options.kl_coef=0.1", "data.train_files=a.jsonl,b.jsonl",
+                                              "run.tensorboard=false", "model.tie_embeddings=true"])
+    assert cfg.train.steps == 7 and isinstance(cfg.train.steps, int)
+    assert cfg.optimizer.lr == pytest.approx(3e-4) and isinstance(cfg.optimizer.lr, float)
+    assert cfg.objective.name == "grpo" and cfg.objective.options == {"kl_coef": 0.1}
+    assert cfg.data.train_files == ["a.jsonl", "b.jsonl"]
+    assert cfg.run.tensorboard is False and cfg.model.tie_embeddings is True
+    assert cfg.model.seq_length == 64  # from the file
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = load_config(write(tmp_path, BASE), ["objective.options.beta=0.5"])
+    save_config(cfg, tmp_path / "resolved.yaml")
+    again = load_config(tmp_path / "resolved.yaml")
+    assert again == cfg
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("trian.steps=3", "unknown key trian"),
+    ("train.stpes=3", "unknown key train.stpes"),
+    ("train.steps=three", "train.steps: expected an integer"),
+    ("train.steps=2.5", "train.steps: expected an integer"),
+    ("run.tensorboard=maybe", "run.tensorboard: expected true or false"),
+    ("rollout.engine=sglang", "rollout.engine: must be one of"),
+    ("model.num_layers=0", "model.num_layers must be >= 1"),
+    ("objective.name=ppo", "objective.name: unknown objective 'ppo'"),
+    ("objective.options.betta=1", "unknown option 'betta'"),
+    ("rollout.n=1", "set rollout.n >= 2"),
+    ("rollout.max_tokens=60", "exceeds model.seq_length"),
+    ("train.steps", "expected key=value"),
+    ("precision.fp8=e5m2", "precision.fp8 must be None or one of"),
+])
+def test_bad_keys_and_values_name_the_key(tmp_path, override, expected):
+    path = write(tmp_path, BASE)
+    with pytest.raises(ConfigError) as err:
+        load_config(path, [override])
+    assert expected in str(err.value)
+
+
+def test_group_of_one_is_fine_for_sft_and_gft_counts_experts(tmp_path):
+    cfg = load_config(write(tmp_path, BASE), ["objective.name=sft", "rollout.n=1"])
+    assert cfg.group_composition() == (0, 0, 1)
+    gft = load_config(write(tmp_path, BASE), ["objective.name=gft"])
+    assert gft.group_composition() == (1, 3, 4)  # OBJECTIVES.md GFT defaults: 1 expert, 3 teachers
+    gft1 = load_config(write(tmp_path, BASE), ["objective.name=gft", "rollout.n=1", "groups.n_teacher=0",
+                                                "groups.n_expert=1"])
+    assert gft1.group_composition() == (1, 0, 1)
+
+
+def test_world_size_checks_name_the_numbers(tmp_path):
+    cfg = load_config(write(tmp_path, BASE), ["parallel.tensor_model_parallel_size=2"])
+    assert check_world_size(cfg, 4) == 2
+    with pytest.raises(ConfigError, match=r"world size 3 is not divisible"):
+        check_world_size(cfg, 3)
+    bad_tp = load_config(write(tmp_path, BASE), ["parallel.tensor_model_parallel_size=8"])
+    with pytest.raises(ConfigError, match=r"does not divide model.num_attention_heads"):
+        check_world_size(bad_tp, 8)
+    uneven = load_config(write(tmp_path, BASE), ["train.prompts_per_step=3"])
+    with pytest.raises(ConfigError, match=r"prompts_per_step \(3\) must be a multiple of data-parallel size \(2\)"):
+        check_world_size(uneven, 2)
+    mbs = load_config(write(tmp_path, BASE), ["train.micro_batch_size=3"])
+    with pytest.raises(ConfigError, match=r"not a multiple of train.micro_batch_size \(3\)"):
+        check_world_size(mbs, 2)
+
+
+def test_model_from_hf_config_with_overrides(tmp_path):
+    hf = {"model_type": "qwen2", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 3,
+          "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 100, "rms_norm_eps": 1e-6,
+          "rope_theta": 1e6, "tie_word_embeddings": True, "hidden_act": "silu"}
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(hf))
+    cfg = config_from_dict({**BASE, "model": {"seq_length": 64}, "init": {"hf_config": str(tmp_path / "hf")}})
+    assert (cfg.model.family, cfg.model.num_layers, cfg.model.add_qkv_bias, cfg.model.tie_embeddings) == \
+        ("qwen2", 3, True, True)
+    assert cfg.model.seq_length == 64  # the file's model keys override the HF config
+    with pytest.raises(ConfigError, match="init.hf_config: cannot read"):
+        config_from_dict({**BASE, "init": {"hf_config": str(tmp_path / "missing")}})
+
+
+def test_missing_and_invalid_files(tmp_path):
+    with pytest.raises(ConfigError, match="nope.yaml"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [1, 2\n")
+    with pytest.raises(ConfigError, match="invalid YAML"):
+        load_config(bad)
+    listy = tmp_path / "list.yaml"
+    listy.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="expected a mapping of sections"):
+        load_config(listy)
