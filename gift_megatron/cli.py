@@ -31,7 +31,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    from gift_megatron.config import ConfigError, check_world_size, load_config
+    from gift_megatron.config import ConfigError, check_world_size, layout_plan, load_config
 
     if args.command == "plot":
         from gift_megatron.trainer.metrics import plot_run
@@ -56,6 +56,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.command == "validate":
         print(f"{args.config}: ok")
+        if args.world_size:
+            for k, v in layout_plan(cfg, args.world_size).items():
+                print(f"  {k:40s} {v:.2f}" if isinstance(v, float) else f"  {k:40s} {v}")
         return 0
     from gift_megatron.trainer import train
 

@@ -426,3 +426,34 @@ def check_world_size(cfg: TrainConfig, world_size: int) -> int:
                           f"x {group} members / {dp} ranks / {t.updates_per_step} updates), not a multiple of "
                           f"train.micro_batch_size ({t.micro_batch_size})")
     return dp
+
+
+def layout_plan(cfg: TrainConfig, world_size: int, gpu_memory_gib: float = 80.0) -> dict[str, Any]:
+    """The parallel layout of ``cfg`` on ``world_size`` ranks and a per-GPU memory estimate (GiB) of the
+    model states, the dry run of a recipe. Activations are not included (they depend on micro-batch size,
+    sequence length and recomputation); the rest follows Megatron's mixed-precision layout: bf16/fp16
+    weights, fp32 gradient buffers (grad_reduce_in_fp32), fp32 main weights + two Adam moments (12 bytes a
+    parameter) sharded over data-parallel ranks by the distributed optimizer.
+    """
+    dp = check_world_size(cfg, world_size)
+    p, m = cfg.parallel, cfg.model
+    shard = m.parameter_count() / (p.tensor_model_parallel_size * p.pipeline_model_parallel_size)
+    gib = 1024 ** 3
+    weight_bytes = 4 if cfg.precision.dtype == "fp32" else 2
+    optim_ranks = dp if cfg.optimizer.use_distributed_optimizer else 1
+    plan = {
+        "world_size": world_size, "tp": p.tensor_model_parallel_size, "pp": p.pipeline_model_parallel_size,
+        "cp": p.context_parallel_size, "dp": dp, "parameters_b": m.parameter_count() / 1e9,
+        "weights_gib": shard * weight_bytes / gib,
+        "grads_gib": shard * 4 / gib,
+        "optimizer_gib": shard * 12 / optim_ranks / gib,
+    }
+    from gift_megatron.objectives import build_objective
+
+    if "ref_logp" in build_objective(cfg.objective.name, **cfg.objective.options).uses:
+        plan["reference_gib_offloaded_between_passes"] = shard * weight_bytes / gib
+    plan["train_states_gib"] = plan["weights_gib"] + plan["grads_gib"] + plan["optimizer_gib"]
+    if cfg.rollout.engine in ("auto", "vllm"):
+        plan["rollout_weights_gib"] = m.parameter_count() * 2 / cfg.rollout.tensor_parallel_size / gib
+        plan["rollout_pool_gib_awake"] = cfg.rollout.gpu_memory_utilization * gpu_memory_gib
+    return plan

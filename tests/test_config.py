@@ -112,3 +112,34 @@ def test_missing_and_invalid_files(tmp_path):
     listy.write_text("- 1\n- 2\n")
     with pytest.raises(ConfigError, match="expected a mapping of sections"):
         load_config(listy)
+
+
+RECIPES = [("examples/qwen2.5-7b-gift.yaml", 8), ("examples/qwen2.5-32b-gift.yaml", 32),
+           ("examples/qwen2.5-math-7b-gft.yaml", 8), ("examples/tiny_cpu_gift.yaml", 2)]
+
+
+@pytest.mark.parametrize("path, world", RECIPES)
+def test_recipes_load_validate_and_dry_run_their_layout(path, world):
+    from gift_megatron.config import layout_plan
+
+    cfg = load_config(path)
+    plan = layout_plan(cfg, world)
+    tp, pp, cp = plan["tp"], plan["pp"], plan["cp"]
+    assert tp * pp * cp * plan["dp"] == world
+    if world >= 8:  # the H100 recipes: model states must leave room for activations on an 80 GB GPU
+        assert plan["train_states_gib"] < 40, plan
+
+
+@pytest.mark.parametrize("path", [p for p, _ in RECIPES[:3]])
+def test_recipe_parameter_count_matches_transformers(path):
+    transformers = pytest.importorskip("transformers")
+    import torch
+
+    m = load_config(path).model
+    hf = transformers.Qwen2Config(hidden_size=m.hidden_size, intermediate_size=m.ffn_hidden_size,
+                                  num_hidden_layers=m.num_layers, num_attention_heads=m.num_attention_heads,
+                                  num_key_value_heads=m.num_query_groups, vocab_size=m.vocab_size,
+                                  tie_word_embeddings=m.tie_embeddings)
+    with torch.device("meta"):
+        model = transformers.Qwen2ForCausalLM(hf)
+    assert m.parameter_count() == sum(p.numel() for p in model.parameters())

@@ -91,6 +91,16 @@ class ModelConfig:
         m = self.make_vocab_size_divisible_by * tp
         return -(-self.vocab_size // m) * m
 
+    def parameter_count(self) -> int:
+        """Parameters of the unpadded model (embedding, layers, final norm, untied output layer)."""
+        h, d = self.hidden_size, self.head_dim
+        q, kv = self.num_attention_heads * d, self.num_query_groups * d
+        attn = h * (q + 2 * kv) + q * h + (q + 2 * kv if self.add_qkv_bias else 0) + (2 * d if self.qk_layernorm else 0)
+        mlp = 3 * h * self.ffn_hidden_size
+        layer = attn + mlp + 2 * h
+        emb = self.vocab_size * h
+        return self.num_layers * layer + h + emb * (1 if self.tie_embeddings else 2)
+
     @classmethod
     def from_hf_config(cls, cfg: Any, **overrides: Any) -> "ModelConfig":
         """The ModelConfig of a Hugging Face LlamaConfig / Qwen2Config / Qwen3Config (object or dict)."""
