@@ -261,3 +261,54 @@ def test_tp2_matches_log_softmax_on_gathered_logits():
         (logp0, grad0), (logp1, grad1) = per_rank[0][i], per_rank[1][i]
         torch.testing.assert_close(logp0, logp1, rtol=0, atol=0)  # replicated bit-for-bit
         assert_matches(logp0, torch.cat([grad0, grad1], dim=-1), ref_logp, ref_grad, dtype)
+
+
+# ------------------------------------------------------------------------------ padded vocabulary
+def padded_reference(logits, labels, weights, temperature, vocab_size):
+    """log_softmax over the real ids only (what the unpadded HF model computes); padded columns get 0 grad."""
+    leaf = logits.detach().float().requires_grad_()
+    logp = torch.log_softmax(leaf[..., :vocab_size] / temperature, -1).gather(-1, labels[..., None]).squeeze(-1)
+    (logp * weights).sum().backward()
+    return logp.detach(), leaf.grad
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("chunk_size", [None, 3])
+def test_padded_vocab_rows_are_left_out(dtype, chunk_size):
+    logits, _, weights = make_case(7, (4, 5), 96, dtype)
+    labels = torch.randint(0, 70, (4, 5), generator=torch.Generator().manual_seed(1))
+    leaf = logits.detach().clone().requires_grad_()
+    logp = vocab_parallel_logprobs(leaf, labels, temperature=0.9, chunk_size=chunk_size, vocab_size=70)
+    (logp * weights).sum().backward()
+    ref_logp, ref_grad = padded_reference(logits, labels, weights, 0.9, 70)
+    assert_matches(logp.detach(), leaf.grad, ref_logp, ref_grad, dtype)
+    assert not leaf.grad[..., 70:].any()
+    # Without vocab_size the padded columns take mass: the two answers differ.
+    assert not torch.allclose(vocab_parallel_logprobs(logits, labels, temperature=0.9), ref_logp)
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 70\)"):
+        vocab_parallel_logprobs(logits, torch.full((4, 5), 80), vocab_size=70)
+    with pytest.raises(ValueError, match="vocab_size 100 exceeds"):
+        vocab_parallel_logprobs(logits, labels, vocab_size=100)
+
+
+def _padded_tp_worker(rank: int, world: int, vocab_size: int):
+    import torch.distributed as dist
+
+    logits, _, weights = make_case(11, (3, 4), 64, torch.float32)
+    labels = torch.randint(0, vocab_size, (3, 4), generator=torch.Generator().manual_seed(2))
+    shard = 64 // world
+    leaf = logits[..., rank * shard:(rank + 1) * shard].clone().requires_grad_()
+    logp = vocab_parallel_logprobs(leaf, labels, tp_group=dist.group.WORLD, vocab_size=vocab_size)
+    (logp * weights).sum().backward()
+    return logp.detach(), leaf.grad
+
+
+@pytest.mark.timeout(150)
+@pytest.mark.parametrize("vocab_size", [50, 20])  # 20: the second shard (ids 32..63) is all padding
+def test_tp2_padded_vocab_matches_the_unpadded_softmax(vocab_size):
+    (lp0, g0), (lp1, g1) = run_ranks(_padded_tp_worker, 2, vocab_size, timeout=120)
+    logits, _, weights = make_case(11, (3, 4), 64, torch.float32)
+    labels = torch.randint(0, vocab_size, (3, 4), generator=torch.Generator().manual_seed(2))
+    ref_logp, ref_grad = padded_reference(logits, labels, weights, 1.0, vocab_size)
+    torch.testing.assert_close(lp0, lp1, rtol=0, atol=0)
+    assert_matches(lp0, torch.cat([g0, g1], -1), ref_logp, ref_grad, torch.float32)

@@ -77,14 +77,16 @@ def _unwrap(module):
     return module
 
 
-def model_logprobs(model, mb: dict[str, Any], *, temperature: float = 1.0, chunk_size: int | None = None):
+def model_logprobs(model, mb: dict[str, Any], *, temperature: float = 1.0, chunk_size: int | None = None,
+                   vocab_size: int | None = None):
     """Run ``model`` on a (CP-local) micro-batch; on the last pipeline stage return the fp32 token
     log-probs [b, s] of ``mb["labels"]``, on other stages the hidden states Megatron sends on.
 
     Why a forward hook on the output layer: GPTModel without labels returns its logits as
     ``logits.transpose(0, 1).contiguous()``, a full copy of the largest activation of the step. The hook
     turns the output layer's ``[s, b, V/tp]`` logits into log-probs where they are produced, so the model
-    returns ``[b, s, 1]`` and the copy is of the log-probs only.
+    returns ``[b, s, 1]`` and the copy is of the log-probs only. ``vocab_size``: the unpadded vocabulary
+    (padded ids are left out of the softmax, see :func:`vocab_parallel_logprobs`).
     """
     tokens = mb["tokens"]
     position_ids = mb.get("position_ids")
@@ -103,7 +105,7 @@ def model_logprobs(model, mb: dict[str, Any], *, temperature: float = 1.0, chunk
             raise RuntimeError(f"output layer returned logits of shape {list(logits.shape)}, expected "
                                f"[s, b, V/tp] with [s, b] = {list(labels_sb.shape)}")
         lp = vocab_parallel_logprobs(logits, labels_sb, tp_group=tp_group, temperature=temperature,
-                                     chunk_size=chunk_size)
+                                     chunk_size=chunk_size, vocab_size=vocab_size)
         return lp.unsqueeze(-1), bias
 
     handle = output_layer.register_forward_hook(to_logprobs)
@@ -157,7 +159,8 @@ def loss_func(ctx: LossContext, mb: dict[str, Any], logp: torch.Tensor):
     return out.loss * ctx.scale, count, {"output": report}
 
 
-def make_forward_step(ctx: LossContext, *, temperature: float = 1.0, chunk_size: int | None = None):
+def make_forward_step(ctx: LossContext, *, temperature: float = 1.0, chunk_size: int | None = None,
+                      vocab_size: int | None = None):
     """``forward_step_func(data_iterator, model)`` for ``get_forward_backward_func()``.
 
     The iterator yields micro-batch dicts (see PER_TOKEN_KEYS); each is split for context parallelism here.
@@ -165,7 +168,7 @@ def make_forward_step(ctx: LossContext, *, temperature: float = 1.0, chunk_size:
 
     def forward_step(data_iterator: Iterator[dict[str, Any]], model):
         mb = split_for_context_parallel(next(data_iterator))
-        logp = model_logprobs(model, mb, temperature=temperature, chunk_size=chunk_size)
+        logp = model_logprobs(model, mb, temperature=temperature, chunk_size=chunk_size, vocab_size=vocab_size)
         return logp, partial(loss_func, ctx, mb)
 
     return forward_step
@@ -173,7 +176,8 @@ def make_forward_step(ctx: LossContext, *, temperature: float = 1.0, chunk_size:
 
 # ------------------------------------------------------------------------------------ forward-only
 def forward_logprobs(
-    model, micro_batches: Sequence[dict[str, Any]], *, temperature: float = 1.0, chunk_size: int | None = None
+    model, micro_batches: Sequence[dict[str, Any]], *, temperature: float = 1.0, chunk_size: int | None = None,
+    vocab_size: int | None = None,
 ) -> list[torch.Tensor] | None:
     """No-grad per-token log-probs of every micro-batch: a list of [b, s_local] fp32 tensors (this CP
     rank's zig-zag part) on the last pipeline stage, None on the other stages."""
@@ -186,7 +190,7 @@ def forward_logprobs(
 
     def forward_step(data_iterator, m):
         mb = split_for_context_parallel(next(data_iterator))
-        return model_logprobs(m, mb, temperature=temperature, chunk_size=chunk_size), _collect
+        return model_logprobs(m, mb, temperature=temperature, chunk_size=chunk_size, vocab_size=vocab_size), _collect
 
     models = model if isinstance(model, list) else [model]
     with torch.no_grad():
@@ -312,16 +316,19 @@ class ObjectiveStep:
             GRPO with kl_coef > 0), or None when micro-batches already carry ``ref_logp``.
         temperature: the rollout sampling temperature (log-probs are of logits / temperature).
         logprob_chunk_size: bound on fp32 temporaries of the log-prob computation (tokens per block).
+        vocab_size: the tokenizer's (unpadded) vocabulary: Megatron's padded rows are left out of every
+            softmax, so the trainer's distribution is the rollout engine's. None: the padded vocabulary.
     """
 
     def __init__(self, objective: Objective, model: list, optimizer, *, reference=None, temperature: float = 1.0,
-                 logprob_chunk_size: int | None = None) -> None:
+                 logprob_chunk_size: int | None = None, vocab_size: int | None = None) -> None:
         self.objective = objective
         self.model = model if isinstance(model, list) else [model]
         self.optimizer = optimizer
         self.reference = reference
         self.temperature = temperature
         self.chunk_size = logprob_chunk_size
+        self.vocab_size = vocab_size
         config = self.model[0].config
         if not getattr(config, "calculate_per_token_loss", False):
             raise ValueError("model config: calculate_per_token_loss must be True for ObjectiveStep "
@@ -345,13 +352,15 @@ class ObjectiveStep:
             if hasattr(self.reference, "onload"):
                 self.reference.onload()
             self._attach(micro_batches, "ref_logp", forward_logprobs(self.reference, micro_batches,
-                         temperature=self.temperature, chunk_size=self.chunk_size))
+                         temperature=self.temperature, chunk_size=self.chunk_size,
+                         vocab_size=self.vocab_size))
             if hasattr(self.reference, "offload"):
                 self.reference.offload()
         if "old_logp" in uses and micro_batches[0].get("old_logp") is None:
             # The policy before this step is the rollout policy when each rollout feeds one step.
             self._attach(micro_batches, "old_logp", forward_logprobs(self.model, micro_batches,
-                         temperature=self.temperature, chunk_size=self.chunk_size))
+                         temperature=self.temperature, chunk_size=self.chunk_size,
+                         vocab_size=self.vocab_size))
 
     @staticmethod
     def _attach(micro_batches, key, logps):
@@ -379,7 +388,8 @@ class ObjectiveStep:
             return LossContext(obj, layout, obj.statistics(members, layout), scale), "data"
         if groups_whole_per_micro_batch(micro_batches, layout):
             return LossContext(obj, layout, None, scale, totals=(n_members, n_tokens)), "in_place"
-        logps = forward_logprobs(self.model, micro_batches, temperature=self.temperature, chunk_size=self.chunk_size)
+        logps = forward_logprobs(self.model, micro_batches, temperature=self.temperature, chunk_size=self.chunk_size,
+                                 vocab_size=self.vocab_size)
         stats = None
         if logps is not None:
             parts = [obj.members(token_batch(split_for_context_parallel(mb), lp), layout)
@@ -401,7 +411,8 @@ class ObjectiveStep:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
         store = get_forward_backward_func()(
-            forward_step_func=make_forward_step(ctx, temperature=self.temperature, chunk_size=self.chunk_size),
+            forward_step_func=make_forward_step(ctx, temperature=self.temperature, chunk_size=self.chunk_size,
+                                                vocab_size=self.vocab_size),
             data_iterator=iter(micro_batches),
             model=self.model,
             num_microbatches=len(micro_batches),

@@ -40,6 +40,7 @@ def vocab_parallel_logprobs(
     tp_group: torch.distributed.ProcessGroup | None = None,
     temperature: float = 1.0,
     chunk_size: int | None = None,
+    vocab_size: int | None = None,
 ) -> torch.Tensor:
     """Log-probability of each label under ``softmax(logits / temperature)`` over the full vocabulary.
 
@@ -55,6 +56,11 @@ def vocab_parallel_logprobs(
         chunk_size: at most this many tokens per fp32 work block (None: no limit of its own). Blocks are
             also capped to about 8 MiB of fp32 on CPU (cache-resident blocks are 3-5x faster) and 64 MiB
             on accelerators, so the fp32 temporaries never approach the size of the logits.
+        vocab_size: the tokenizer's vocabulary when the model's is padded (Megatron pads it to a multiple
+            of ``make_vocab_size_divisible_by x tp``): global ids ``>= vocab_size`` are left out of the
+            softmax, as if their logits were ``-inf``, and get no gradient. The padded rows exist only in
+            the trainer; without this the trainer's distribution gives them mass that the rollout engine
+            (and the Hugging Face model, whose vocabulary is unpadded) never does. None: every id counts.
 
     Returns:
         fp32 tensor of ``labels.shape``, replicated on every TP rank. Differentiable w.r.t. ``logits``
@@ -74,10 +80,13 @@ def vocab_parallel_logprobs(
     Individual ``-inf`` logits are fine; a token whose logits are all ``-inf`` on a shard gives NaN.
     """
     _validate(logits, labels, temperature, chunk_size)
+    if vocab_size is not None and (isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 1):
+        raise ValueError(f"vocab_size must be None or a positive int, got {vocab_size!r}")
     if logits.requires_grad and torch.is_grad_enabled():
-        return _VocabParallelLogprobs.apply(logits, labels, tp_group, float(temperature), chunk_size)
+        return _VocabParallelLogprobs.apply(logits, labels, tp_group, float(temperature), chunk_size, vocab_size)
     with torch.no_grad():
-        logp, _ = _forward(logits, labels, tp_group, float(temperature), chunk_size, keep_softmax=False)
+        logp, _ = _forward(logits, labels, tp_group, float(temperature), chunk_size, keep_softmax=False,
+                           vocab_size=vocab_size)
     return logp
 
 
@@ -146,11 +155,16 @@ def _forward(
     temperature: float,
     chunk_size: int | None,
     keep_softmax: bool,
+    vocab_size: int | None = None,
 ) -> tuple[torch.Tensor, tuple[_Forward, list[int]]]:
     """Return (logp shaped like labels, (saved state, permutation used for the token-major layout))."""
     tp, rank = comm.group_size(group), comm.group_rank(group)
     vocab_shard = logits.shape[-1]
-    _check_label_range(labels, vocab_shard * tp)
+    if vocab_size is not None and vocab_size > vocab_shard * tp:
+        raise ValueError(f"vocab_size {vocab_size} exceeds the logits' vocabulary (shard {vocab_shard} x TP {tp})")
+    _check_label_range(labels, vocab_shard * tp if vocab_size is None else vocab_size)
+    # Columns of this shard that are real ids; the rest are padding, masked to -inf before the softmax.
+    valid = vocab_shard if vocab_size is None else max(0, min(vocab_shard, vocab_size - rank * vocab_shard))
 
     perm = _token_major_perm(logits)
     if perm is None:  # no free view exists: fall back to one copy in plain row-major order
@@ -177,9 +191,17 @@ def _forward(
         stop = min(start + rows, n)
         x = work[: stop - start]
         p = probs[: stop - start]
+        if valid == 0:  # a shard of padding only: no mass, no gradient
+            p.zero_()
+            lse_shard[start:stop] = float("-inf")
+            if softmax is not None:
+                softmax[start:stop].zero_()
+            continue
         x.copy_(x2d[start:stop])
         if temperature != 1.0:
             x.div_(temperature)
+        if valid < vocab_shard:
+            x[:, valid:] = float("-inf")
         torch.softmax(x, dim=-1, out=p)  # one fused, numerically stable kernel
         # softmax's largest entry is exactly exp(0) / sum, so the shard's log-sum-exp costs two cheap
         # reductions instead of separate subtract, exp and sum passes.
@@ -202,6 +224,7 @@ def _combine_shards(
     if tp == 1:
         return lse_shard, label_logit
     peak = comm.all_reduce_max(lse_shard, group)
+    # exp(-inf - peak) = 0 for a padding-only shard (peak is finite: some shard holds real ids).
     both = torch.stack([torch.exp(lse_shard - peak), label_logit])
     both = comm.all_reduce_sum(both, group)
     return peak + both[0].log(), both[1]
@@ -251,8 +274,9 @@ class _VocabParallelLogprobs(torch.autograd.Function):
     """Autograd wrapper; backward consumes the saved softmax buffer in place, so it runs at most once."""
 
     @staticmethod
-    def forward(ctx, logits, labels, group, temperature, chunk_size):  # type: ignore[override]
-        logp, (state, perm) = _forward(logits, labels, group, temperature, chunk_size, keep_softmax=True)
+    def forward(ctx, logits, labels, group, temperature, chunk_size, vocab_size):  # type: ignore[override]
+        logp, (state, perm) = _forward(logits, labels, group, temperature, chunk_size, keep_softmax=True,
+                                       vocab_size=vocab_size)
         ctx.save_for_backward(state.softmax, state.label_index, state.in_shard, state.log_scale, state.logp)
         ctx.temperature, ctx.chunk_size, ctx.perm = temperature, chunk_size, perm
         ctx.lead_shape = [logits.shape[d] for d in perm]
@@ -267,4 +291,4 @@ class _VocabParallelLogprobs(torch.autograd.Function):
         state = _Forward(softmax, label_index, in_shard, log_scale, logp)
         grad2d = _backward(state, g, ctx.temperature, ctx.chunk_size)
         grad = grad2d.view(ctx.lead_shape).permute(_inverse(perm))
-        return grad, None, None, None, None
+        return grad, None, None, None, None, None

@@ -222,7 +222,8 @@ class Trainer:
             self.reference = FrozenReference(self.model, lambda i: build_model(cfg.model, cfg.parallel, cfg.precision))
         self.train_step = ObjectiveStep(self.objective, self.model, self.optimizer, reference=self.reference,
                                         temperature=self._logprob_temperature(),
-                                        logprob_chunk_size=cfg.train.logprob_chunk_size)
+                                        logprob_chunk_size=cfg.train.logprob_chunk_size,
+                                        vocab_size=cfg.model.vocab_size)
 
     def _logprob_temperature(self) -> float:
         t = self.cfg.rollout.temperature
