@@ -23,8 +23,12 @@ test-compat:
 	@scripts/ensure_venv.sh $(COMPAT_VENV) 3.11 constraints/compat-py311.txt "-e . pytest pytest-timeout hypothesis"
 	$(COMPAT_VENV)/bin/python -m pytest $(COMPAT_TESTS) $(PYTEST_ARGS)
 
+# The main job: GIFT on the toy arithmetic task, a tiny Megatron GPT on 2 CPU ranks (resumes if re-run).
+DEMO_TASK ?= runs/toy_task
+DEMO_ARGS ?=
 demo: venv
-	@echo "The main job (tiny end-to-end GIFT training on CPU) is not built yet: it arrives with the trainer (issue 5)."
+	@test -f $(DEMO_TASK)/train.jsonl || $(VENV)/bin/python -m gift_megatron.data.toy --out $(DEMO_TASK)
+	$(VENV)/bin/python -m torch.distributed.run --nproc-per-node 2 -m gift_megatron.train examples/tiny_cpu_gift.yaml $(DEMO_ARGS)
 
 bench: venv
 	$(VENV)/bin/python benchmarks/logprobs.py

@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 
 from gift_megatron.config import TrainConfig, check_world_size, save_config
-from gift_megatron.trainer.batch import Member, micro_batches, pack
+from gift_megatron.trainer.batch import Member, micro_batches, pack, rollout_logprob_gap
 from gift_megatron.trainer.metrics import MetricsLogger, plot_run
 
 log = logging.getLogger("gift_megatron.train")
@@ -339,6 +339,7 @@ class Trainer:
         # Reference and old-policy log-probs once for the whole rollout batch, before any update of it.
         self.train_step._fill_reference_logprobs(mbs)
         kl = self._kl_to_reference(mbs, members)
+        gap = self._rollout_gap(mbs, members)
         per_update = len(mbs) // cfg.train.updates_per_step
         results = []
         t1 = time.perf_counter()
@@ -372,7 +373,23 @@ class Trainer:
             metrics["optim/grad_norm"] = results[-1].grad_norm
         if kl_n:
             metrics["kl/reference"] = kl_sum / kl_n
+        if gap is not None:
+            metrics["rollout/logprob_gap_max"] = gap
         return metrics
+
+    def _rollout_gap(self, mbs, members) -> float | None:
+        """Max |trainer old log-prob - engine sampling log-prob| over every rollout token of the step, when
+        the objective has the old-policy pass (GRPO family, GIFT reference=rollout): it measures that the
+        weight sync left the engine on the trainer's exact weights. Global max over replicas."""
+        ps = _ps()
+        have = torch.zeros(2, dtype=torch.float64)
+        if (ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0
+                and ps.get_context_parallel_world_size() == 1 and mbs[0].get("old_logp") is not None):
+            old = torch.cat([mb["old_logp"] for mb in mbs])
+            mask = torch.cat([mb["loss_mask"] for mb in mbs])
+            have[:] = torch.tensor([rollout_logprob_gap(old, members, mask), 1.0])
+        dist.all_reduce(have, op=dist.ReduceOp.MAX)
+        return float(have[0]) if have[1] > 0 else None
 
     def _kl_to_reference(self, mbs, members) -> tuple[float, int]:
         """(sum, count) over this replica's rollouts of sum_t (rollout log-prob - reference log-prob): the
