@@ -1,12 +1,14 @@
-"""The toy verifiable task of the CPU demo: single-digit addition modulo 10.
+"""The toy verifiable task of the CPU demo: single-digit addition.
 
-Prompt ``"a+b="`` with digits a, b; answer ``(a + b) mod 10``, one digit. The vocabulary is characters:
-``0-9 + - = `` and the specials ``<pad> <eos> <bos>``. A tiny model from random weights samples the
-right digit first about 1 time in 16 (any of 16 tokens), which gives group-relative objectives a signal
-from the first step; getting all 100 prompts right needs the model to learn the table.
+Prompt ``"a+b="`` with digits a, b; answer ``a + b`` (0 to 18). The vocabulary is characters:
+``0-9 + - = `` and the specials ``<pad> <eos> <bos>``.
 
-The reward (``toy``) reads the first character of the response: 1.0 if it is the answer digit, else 0.0
-(trailing tokens are ignored, so the signal does not depend on learning to stop first).
+The reward (``toy``, :class:`gift_megatron.rewards.ToyReward`) reads the number the response starts with:
+``max(0, 1 - |number - answer| / 10)``, so 1.0 for the exact sum and partial credit for near misses, 0.0
+without a number. Why partial credit: with an exact-match reward a tiny model from random weights has to
+discover the whole addition table from one bit per sample, which on 2 CPU cores takes far longer than the
+demo's 10 minutes (measured: exact-match reward flat at chance, about 0.1, after 200 GRPO steps); the
+graded reward lets it first learn "larger operands, larger answer" and then sharpen to exact sums.
 
     python -m gift_megatron.data.toy --out runs/toy_task    # train.jsonl, eval.jsonl, tokenizer/
 """
@@ -34,13 +36,13 @@ def build_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>")
 
 
-def toy_rows(n: int, seed: int, modulus: int = 10) -> list[dict]:
+def toy_rows(n: int, seed: int) -> list[dict]:
     rng = random.Random(seed)
     rows = []
     for i in range(n):
         a, b = rng.randrange(10), rng.randrange(10)
-        answer = str((a + b) % modulus)
-        wrong = str((a + b + 1 + rng.randrange(modulus - 1)) % modulus)
+        answer = str(a + b)
+        wrong = str((a + b + 1 + rng.randrange(18)) % 19)
         rows.append({"id": f"toy-{seed}-{i}", "prompt": f"{a}+{b}=", "answer": answer, "expert": answer,
                      "teachers": [answer, wrong, answer]})
     return rows

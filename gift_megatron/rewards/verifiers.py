@@ -68,7 +68,21 @@ class ExactMatch:
 
 
 class ToyReward:
-    """The toy task's reward (gift_megatron.data.toy): 1.0 when the response starts with the answer."""
+    """The toy task's reward (gift_megatron.data.toy): ``max(0, 1 - |n - answer| / scale)`` where n is the
+    number the response starts with (0.0 without one). ``scale`` = 10 by default; exact answers get 1.0."""
+
+    _LEADING = re.compile(r"\s*(-?\d+)")
+
+    def __init__(self, scale: float = 10.0) -> None:
+        if scale <= 0:
+            raise ValueError(f"reward toy: scale must be > 0, got {scale}")
+        self.scale = scale
 
     def __call__(self, samples: Sequence[RewardInput]) -> list[float]:
-        return [1.0 if s.answer is not None and s.response.startswith(s.answer) else 0.0 for s in samples]
+        out = []
+        for s in samples:
+            if s.answer is None:
+                raise ValueError("reward toy needs an 'answer' in every row")
+            m = self._LEADING.match(s.response)
+            out.append(max(0.0, 1.0 - abs(int(m.group(1)) - int(s.answer)) / self.scale) if m else 0.0)
+        return out
