@@ -58,7 +58,8 @@ def losses(run_dir):
 def test_two_rank_run_writes_metrics_checkpoints_plots_and_config(toy_task, tmp_path):
     run = str(tmp_path / "run")
     run_job(data_overrides(toy_task) + [f"run.output_dir={run}", "train.steps=3", "run.save_interval=2",
-                                        "train.eval_interval=0", "train.eval_prompts=8"])
+                                        "train.eval_interval=0", "train.eval_prompts=8",
+                                        "objective.options.reference=frozen"])
     with open(os.path.join(run, "metrics.jsonl")) as fh:
         records = [json.loads(line) for line in fh]
     steps = [r["step"] for r in records]
