@@ -26,6 +26,10 @@ import yaml
 from gift_megatron.megatron.model import ModelConfig, ParallelConfig, PrecisionConfig
 
 
+# Objectives trained on demonstrations only (expert / teacher members), never on their own rollouts.
+SUPERVISED = ("sft", "dft")
+
+
 class ConfigError(ValueError):
     """A configuration that cannot run; the message names the dotted key and, when known, the file."""
 
@@ -179,11 +183,17 @@ class TrainConfig:
     train: LoopConfig = field(default_factory=LoopConfig)
 
     def group_composition(self) -> tuple[int, int, int]:
-        """(n_expert, n_teacher, n_rollout) of every group."""
-        gft = self.objective.name == "gft"
-        n_expert = self.groups.n_expert if self.groups.n_expert is not None else (1 if gft else 0)
-        n_teacher = self.groups.n_teacher if self.groups.n_teacher is not None else (3 if gft else 0)
-        return n_expert, n_teacher, self.rollout.n
+        """(n_expert, n_teacher, n_rollout) trained members of every group.
+
+        GFT defaults to 1 expert and 3 teachers (OBJECTIVES.md). The supervised baselines (sft, dft) train
+        on demonstrations only (1 expert by default): their rollouts are still generated and scored, for
+        the reward metrics, but never trained on (imitating one's own samples is not SFT).
+        """
+        name = self.objective.name
+        demo = name in SUPERVISED
+        n_expert = self.groups.n_expert if self.groups.n_expert is not None else (1 if name == "gft" or demo else 0)
+        n_teacher = self.groups.n_teacher if self.groups.n_teacher is not None else (3 if name == "gft" else 0)
+        return n_expert, n_teacher, 0 if demo else self.rollout.n
 
 
 # --------------------------------------------------------------------------------------------- loading
@@ -391,6 +401,9 @@ def validate(cfg: TrainConfig) -> None:
     if min(n_expert, n_teacher) < 0:
         raise ConfigError("groups.n_expert and groups.n_teacher must be >= 0")
     group = n_expert + n_teacher + n_rollout
+    if group < 1:
+        raise ConfigError(f"objective {objective.name}: a group has no trained member (groups.n_expert={n_expert}, "
+                          f"groups.n_teacher={n_teacher})")
     if getattr(objective, "group_relative", False) and group < 2:
         raise ConfigError(f"objective {objective.name} compares members of a group, but a group has {group} member "
                           f"(rollout.n={n_rollout}, groups.n_expert={n_expert}, groups.n_teacher={n_teacher}): "

@@ -63,7 +63,9 @@ def test_bad_keys_and_values_name_the_key(tmp_path, override, expected):
 
 def test_group_of_one_is_fine_for_sft_and_gft_counts_experts(tmp_path):
     cfg = load_config(write(tmp_path, BASE), ["objective.name=sft", "rollout.n=1"])
-    assert cfg.group_composition() == (0, 0, 1)
+    assert cfg.group_composition() == (1, 0, 0)  # demonstrations only; rollouts feed the metrics
+    with pytest.raises(ConfigError, match="a group has no trained member"):
+        load_config(write(tmp_path, BASE), ["objective.name=dft", "groups.n_expert=0"])
     gft = load_config(write(tmp_path, BASE), ["objective.name=gft"])
     assert gft.group_composition() == (1, 3, 4)  # OBJECTIVES.md GFT defaults: 1 expert, 3 teachers
     gft1 = load_config(write(tmp_path, BASE), ["objective.name=gft", "rollout.n=1", "groups.n_teacher=0",

@@ -329,8 +329,10 @@ class Trainer:
     def train_one_step(self) -> dict[str, float]:
         cfg = self.cfg
         t0 = time.perf_counter()
-        members = self._rollout(self.step)
+        all_members = self._rollout(self.step)
         t_rollout = time.perf_counter() - t0
+        # Supervised baselines generate rollouts for the reward metrics only (config.group_composition).
+        members = [m for m in all_members if m.kind != "rollout" or self.n_rollout]
         if self.engine is not None and cfg.rollout.sleep_during_training:
             self.engine.sleep()
 
@@ -353,7 +355,7 @@ class Trainer:
 
         self.step += 1
         self.consumed += cfg.train.prompts_per_step
-        rollout = [m for m in members if m.kind == "rollout"]
+        rollout = [m for m in all_members if m.kind == "rollout"]
         tokens = float(batch["loss_mask"].sum() + sum(len(m.prompt_ids) for m in members))
         r_sum, r_n, len_sum, fin, tok, kl_sum, kl_n = self._global_sum([
             sum(m.reward for m in rollout), len(rollout), sum(len(m.response_ids) for m in rollout),
