@@ -18,7 +18,7 @@ from typing import Any, Iterator
 import torch
 import torch.distributed as dist
 
-from gift_megatron.checkpoint.mapping import megatron_to_hf
+from gift_megatron.checkpoint.mapping import megatron_tensor_to_hf
 
 
 def _unwrap(module):
@@ -107,7 +107,7 @@ def iter_hf_weights(model: Any, model_cfg: Any, *, bucket_bytes: int = 512 << 20
                 dist.broadcast(full, src=dist.get_global_rank(pp_group, src_stage), group=pp_group)
             if not receive:
                 continue
-            for hf_name, tensor in megatron_to_hf(name, full, model_cfg, tp, layer):
+            for hf_name, tensor in megatron_tensor_to_hf(name, full, model_cfg, tp, layer):
                 tensor = tensor if dtype is None else tensor.to(dtype)
                 bucket.append((hf_name, tensor))
                 size += tensor.numel() * tensor.element_size()

@@ -74,7 +74,7 @@ def fuse_fc1(gate: torch.Tensor, up: torch.Tensor, tp: int):
     return torch.cat([g, u], dim=1).reshape(-1, *gate.shape[1:])
 
 
-def megatron_to_hf(name: str, full: torch.Tensor, model_cfg, tp: int, layer: int | None = None
+def megatron_tensor_to_hf(name: str, full: torch.Tensor, model_cfg, tp: int, layer: int | None = None
                    ) -> list[tuple[str, torch.Tensor]]:
     """The Hugging Face tensors of one full (TP-gathered) Megatron tensor.
 

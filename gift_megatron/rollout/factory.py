@@ -39,7 +39,7 @@ def build_engine(cfg: Any, tokenizer: Any):
             model = model.cuda()
         return HFRolloutEngine(model, eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)
     if kind == "vllm":
-        from gift_megatron.checkpoint.hf_io import write_hf_config
+        from gift_megatron.checkpoint.convert import write_hf_config
         from gift_megatron.rollout.vllm_engine import VLLMRolloutEngine
 
         # vLLM builds its model from a directory: the config (and the tokenizer, for stop handling).

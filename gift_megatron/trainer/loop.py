@@ -197,9 +197,11 @@ class Trainer:
         cfg, o = self.cfg, self.cfg.optimizer
         module = build_model(cfg.model, cfg.parallel, cfg.precision)
         if cfg.init.checkpoint:
+            from gift_megatron.checkpoint.convert import resolve_checkpoint
             from gift_megatron.megatron import load_checkpoint
 
-            load_checkpoint(cfg.init.checkpoint, [module], restore_rng=False)
+            # Weights only, in this run's layout (Megatron reshards); a converted root or a step dir.
+            load_checkpoint(resolve_checkpoint(cfg.init.checkpoint), [module], restore_rng=False)
         distributed = o.use_distributed_optimizer and self.dp > 1
         self.model = [DistributedDataParallel(
             config=module.config, module=module,
