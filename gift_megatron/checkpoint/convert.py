@@ -203,6 +203,10 @@ def model_config_from_info(info: dict):
     return ModelConfig(**info["model_config"])
 
 
+def has_tokenizer(directory: str) -> bool:
+    return any(os.path.isfile(os.path.join(directory, f)) for f in ("tokenizer.json", "tokenizer.model", "vocab.json"))
+
+
 def check_tokenizer_fits(tokenizer_dir: str, vocab_size: int) -> None:
     """A tokenizer whose ids exceed the model's vocabulary is an error naming both sizes."""
     from transformers import AutoTokenizer
@@ -222,7 +226,7 @@ def hf_to_megatron(hf_dir: str, out_dir: str, *, dtype: str | None = None, progr
     from gift_megatron.megatron.checkpoint import save_checkpoint
 
     hf = HFCheckpoint(hf_dir)
-    if any(os.path.isfile(os.path.join(hf_dir, f)) for f in ("tokenizer.json", "tokenizer.model", "vocab.json")):
+    if has_tokenizer(hf_dir):
         check_tokenizer_fits(hf_dir, hf.model_config.vocab_size)
     target = DTYPES[dtype] if dtype else hf.dtype
     os.makedirs(out_dir, exist_ok=True)
@@ -302,7 +306,10 @@ def megatron_to_hf(ckpt: str, out_dir: str, *, tokenizer_dir: str | None = None,
     # --dtype names it (its precision.dtype), else fp32.
     src_dtype = DTYPES.get(info.get("dtype") or dtype or "float32", torch.float32)
     target = DTYPES[dtype] if dtype else src_dtype
-    tokenizer_dir = tokenizer_dir or info.get("hf_source")
+    if tokenizer_dir and not has_tokenizer(tokenizer_dir):
+        raise ConversionError(f"--tokenizer {tokenizer_dir}: no tokenizer files there ({', '.join(TOKENIZER_FILES[:4])})")
+    if tokenizer_dir is None and info.get("hf_source") and has_tokenizer(info["hf_source"]):
+        tokenizer_dir = info["hf_source"]
     if tokenizer_dir:
         check_tokenizer_fits(tokenizer_dir, model_cfg.vocab_size)
     os.makedirs(out_dir, exist_ok=True)
