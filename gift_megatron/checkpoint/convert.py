@@ -184,7 +184,8 @@ def _build(model_cfg, dtype: torch.dtype):
     from gift_megatron.megatron.model import ParallelConfig, PrecisionConfig, build_model
 
     name = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[dtype]
-    return build_model(model_cfg, ParallelConfig(), PrecisionConfig(dtype=name))
+    # No random initialization: every weight is overwritten (from HF or from the checkpoint).
+    return build_model(model_cfg, ParallelConfig(), PrecisionConfig(dtype=name), perform_initialization=False)
 
 
 def read_conversion_info(path: str) -> dict:
