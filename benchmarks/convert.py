@@ -31,7 +31,7 @@ def synthesize(path: str, small: bool) -> int:
         dims = dict(hidden_size=256, intermediate_size=704, num_hidden_layers=4, num_attention_heads=8,
                     num_key_value_heads=4, vocab_size=8192)
     else:  # 0.49 B parameters (Qwen2.5-0.5B-like widths with untied Llama layers)
-        dims = dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=24, num_attention_heads=16,
+        dims = dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=36, num_attention_heads=16,
                     num_key_value_heads=8, vocab_size=32000)
     cfg = transformers.LlamaConfig(**dims, max_position_embeddings=2048, tie_word_embeddings=False)
     cfg.torch_dtype = "bfloat16"
