@@ -17,6 +17,8 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process engin
 
 from gift_megatron.rollout import SamplingParams  # noqa: E402
 from gift_megatron.rollout.vllm_engine import VLLMRolloutEngine  # noqa: E402
+from tests.test_rollout_cpu import greedy_decode as greedy  # noqa: E402
+from tests.test_rollout_cpu import teacher_forced_logprobs as teacher_forced  # noqa: E402
 
 PROMPTS = [[5, 9, 13], [7, 2, 40, 41, 3]]
 
@@ -37,21 +39,6 @@ def setup(tmp_path_factory):
     engine = VLLMRolloutEngine(str(path), dtype="fp32", skip_tokenizer_init=True, max_model_len=128, seed=0)
     engine.update_weights((n, p.detach()) for n, p in model.named_parameters())
     return model, engine
-
-
-def teacher_forced(model, prompt, response, temperature=1.0):
-    ids = torch.tensor([list(prompt) + response.tolist()])
-    with torch.no_grad():
-        logits = model(ids).logits[0, len(prompt) - 1:-1].float() / temperature
-    return torch.log_softmax(logits, -1).gather(-1, response[:, None])[:, 0]
-
-
-def greedy(model, prompt, steps):
-    ids = list(prompt)
-    for _ in range(steps):
-        with torch.no_grad():
-            ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
-    return ids[len(prompt):]
 
 
 @pytest.mark.timeout(300)

@@ -144,6 +144,17 @@ def _series(records: Iterable[dict], key: str) -> tuple[list[int], list[float]]:
     return xs, ys
 
 
+def _draw(ax, title: str, series, ylabel: str) -> None:
+    for key, xs, ys in series:
+        ax.plot(xs, ys, marker="o" if len(xs) < 30 else None, markersize=3, label=key)
+    ax.set_title(title)
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    if len(series) > 1:
+        ax.legend(fontsize=8)
+
+
 def plot_run(run_dir: str, out_dir: str | None = None) -> list[str]:
     """PNG plots of reward, loss, KL to the reference, response length and GIFT's beta(x) over steps, from
     ``run_dir/metrics.jsonl``; one file per panel plus ``summary.png``. Returns the files written."""
@@ -163,23 +174,9 @@ def plot_run(run_dir: str, out_dir: str | None = None) -> list[str]:
     written = []
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
     for ax, (file, title, series, ylabel) in zip(axes[0], panels):
-        for key, xs, ys in series:
-            ax.plot(xs, ys, marker="o" if len(xs) < 30 else None, markersize=3, label=key)
-        ax.set_title(title)
-        ax.set_xlabel("step")
-        ax.set_ylabel(ylabel)
-        ax.grid(alpha=0.3)
-        if len(series) > 1:
-            ax.legend(fontsize=8)
+        _draw(ax, title, series, ylabel)
         single, sax = plt.subplots(figsize=(5, 3.5))
-        for key, xs, ys in series:
-            sax.plot(xs, ys, label=key)
-        sax.set_title(title)
-        sax.set_xlabel("step")
-        sax.set_ylabel(ylabel)
-        sax.grid(alpha=0.3)
-        if len(series) > 1:
-            sax.legend(fontsize=8)
+        _draw(sax, title, series, ylabel)
         name = os.path.join(out_dir, file + ".png")
         single.tight_layout()
         single.savefig(name, dpi=110)
