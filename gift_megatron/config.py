@@ -72,7 +72,8 @@ class InitConfig:
 class DataConfig:
     """train_files / eval_files: JSONL or Parquet prompt files (schema in docs/data.md).
 
-    tokenizer: a Hugging Face tokenizer dir or a sentencepiece ``.model`` file. fields: column renames,
+    tokenizer: a Hugging Face tokenizer dir or a sentencepiece ``.model`` file. chat_template_kwargs: extra
+    variables of the chat template (e.g. Qwen3's ``enable_thinking: false``). fields: column renames,
     e.g. ``{prompt: question}``. max_skipped_fraction: malformed rows allowed before the run stops.
     max_prompt_tokens: longer prompts are an error (they would not fit ``model.seq_length``).
     """
@@ -81,6 +82,7 @@ class DataConfig:
     eval_files: list[str] = field(default_factory=list)
     tokenizer: Optional[str] = None
     use_chat_template: bool = False
+    chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
     fields: dict[str, str] = field(default_factory=dict)
     max_skipped_fraction: float = 0.0
     shuffle: bool = True

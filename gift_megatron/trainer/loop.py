@@ -147,7 +147,8 @@ class Trainer:
             if self.cfg.init.hf_config is None:
                 raise ValueError("data.tokenizer: no tokenizer given (and no init.hf_config dir to take it from)")
             d.tokenizer = self.cfg.init.hf_config
-        self.tokenizer = Tokenizer.load(d.tokenizer, use_chat_template=d.use_chat_template)
+        self.tokenizer = Tokenizer.load(d.tokenizer, use_chat_template=d.use_chat_template,
+                                        chat_template_kwargs=d.chat_template_kwargs)
         check_vocab(self.tokenizer, self.cfg.model.vocab_size)
         self.train_set, report = load_prompts(d.train_files, max_skipped_fraction=d.max_skipped_fraction,
                                               fields=d.fields)
