@@ -30,7 +30,7 @@ setup(
     extras_require={
         # Transformer Engine only on CUDA machines: installing it on CPU breaks `import megatron.core`.
         "te": ["transformer-engine[pytorch]>=2.4"],
-        "vllm": ["vllm>=0.10"],
+        "vllm": ["vllm>=0.10.2,<0.34"],
         # nemo-run 0.11 imports leptonai, whose 0.47+ releases break that import.
         "launch": ["nemo-run>=0.11,<0.12", "leptonai<0.47"],
         "hf": ["transformers>=4.51", "safetensors", "sentencepiece"],

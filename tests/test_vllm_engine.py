@@ -17,7 +17,8 @@ from gift_megatron.rollout import vllm_engine
 from tests.test_rollout_cpu import greedy_decode as greedy
 from tests.test_rollout_cpu import teacher_forced_logprobs as teacher_forced
 
-PROMPTS = [[5, 9, 13], [7, 2, 40, 41, 3]]
+# The third prompt fills a KV block (block_size 32 below): only full blocks enter vLLM's prefix cache.
+PROMPTS = [[5, 9, 13], [7, 2, 40, 41, 3], [(7 * i) % 250 + 2 for i in range(40)]]
 EOS = 1
 
 
@@ -38,6 +39,17 @@ def test_missing_vllm_says_how_to_install_it(monkeypatch):
     monkeypatch.setitem(sys.modules, "vllm", None)  # `import vllm` raises ImportError
     with pytest.raises(ImportError, match=r"needs vLLM, which is not installed: pip install 'vllm>=0\.10\.2,<0\.34'"):
         vllm_engine.import_vllm()
+
+
+def test_weight_payload_round_trips_bit_exactly():
+    """Host-bytes transport (engine core in another process): every dtype the export yields comes back exactly."""
+    torch.manual_seed(0)
+    bucket = [("a", torch.randn(3, 5).to(torch.bfloat16)), ("b", torch.randn(7)), ("c", torch.randn(2, 2).half()),
+              ("d", torch.randn(4, 6)[:, ::2]), ("e", torch.zeros(0, 3))]  # non-contiguous and empty too
+    back = vllm_engine.unpack_bucket(vllm_engine.pack_bucket(bucket, cuda_ipc=False))
+    assert [n for n, _ in back] == [n for n, _ in bucket]
+    for (_, want), (_, got) in zip(bucket, back):
+        assert got.dtype == want.dtype and got.shape == want.shape and torch.equal(got, want)
 
 
 # -- the engine (needs vLLM) -----------------------------------------------------------------------------------
@@ -63,7 +75,7 @@ def setup(tmp_path_factory):
     model = _tiny_llama_dir(path, transformers)
     # Dummy (random) weights at start; the real ones come through update_weights, as in training.
     engine = vllm_engine.VLLMRolloutEngine(str(path), dtype="fp32", skip_tokenizer_init=True, max_model_len=128,
-                                           seed=0)
+                                           seed=0, block_size=32)
     # Generate once with the dummy weights: the prefix cache now holds KV blocks of these prompts, which the
     # weight update must invalidate.
     engine.generate(PROMPTS, SamplingParams(temperature=0.0, max_tokens=4))
@@ -103,7 +115,7 @@ def test_sampling_logprobs_match_teacher_forced(setup, temperature):
     model, engine = setup
     params = SamplingParams(n=3, temperature=temperature, max_tokens=8, seed=1)
     outs = engine.generate(PROMPTS, params)
-    assert [o.prompt_index for o in outs] == [0, 0, 0, 1, 1, 1]
+    assert [o.prompt_index for o in outs] == [0, 0, 0, 1, 1, 1, 2, 2, 2]
     worst = 0.0
     for o in outs:
         assert o.logprobs.dtype == torch.float32 and o.logprobs.shape == o.response_ids.shape
@@ -111,7 +123,7 @@ def test_sampling_logprobs_match_teacher_forced(setup, temperature):
         worst = max(worst, (ref - o.logprobs).abs().max().item())
     print(f"vLLM sampling log-probs vs transformers at T={temperature}: max |diff| = {worst:.2e}")
     assert worst < 1e-3
-    assert len({tuple(o.response_ids.tolist()) for o in outs}) > 2  # it really samples
+    assert len({tuple(o.response_ids.tolist()) for o in outs}) > 3  # it really samples
     again = engine.generate(PROMPTS, params)  # the seed makes it reproducible
     assert [o.response_ids.tolist() for o in again] == [o.response_ids.tolist() for o in outs]
 
@@ -168,6 +180,80 @@ def test_sleep_mode_where_vllm_has_none_is_a_clear_error(setup):
     engine.wake()
 
 
+def _tp2_main(path: str) -> None:
+    """Rollout TP 2 (run in a fresh process: vLLM caches its environment variables once an engine started)."""
+    import transformers
+
+    model = _tiny_llama_dir(path, transformers)
+    engine = vllm_engine.VLLMRolloutEngine(path, tensor_parallel_size=2, dtype="fp32", skip_tokenizer_init=True,
+                                           max_model_len=128, block_size=32, distributed_executor_backend="mp")
+    # Small buckets: several RPCs, with a layer's tensors split across them.
+    engine.update_weights(((n, p.detach()) for n, p in model.named_parameters()), bucket_bytes=100_000)
+    _check_greedy(model, engine)
+    outs = engine.generate(PROMPTS, SamplingParams(n=2, temperature=0.7, max_tokens=8, seed=3))
+    worst = max((teacher_forced(model, PROMPTS[o.prompt_index], o.response_ids, 0.7) - o.logprobs).abs().max().item()
+                for o in outs)
+    assert worst < 1e-3, worst
+    print(f"TP2 OK: sampling log-probs vs transformers at T=0.7: max |diff| = {worst:.2e}", flush=True)
+
+
+@pytest.mark.timeout(300)
+def test_rollout_tp2_shards_the_full_tensors(setup, tmp_path):
+    """Training streams full HF tensors; vLLM's loaders shard them for each rollout TP rank (CPU: 2 workers)."""
+    import os
+    import subprocess
+
+    from vllm.platforms import current_platform
+
+    cores = sorted(os.sched_getaffinity(0))
+    env = dict(os.environ, PYTHONPATH=os.getcwd())
+    if current_platform.is_cpu():
+        if len(cores) < 2:
+            pytest.skip("rollout TP 2 on the CPU backend needs 2 cores")
+        env["VLLM_CPU_OMP_THREADS_BIND"] = f"{cores[0]}|{cores[1]}"  # one core per worker
+    elif torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 GPUs")
+    run = subprocess.run([sys.executable, "-m", "tests.test_vllm_engine", "tp2", str(tmp_path)], env=env,
+                         capture_output=True, text=True, timeout=280)
+    assert run.returncode == 0 and "TP2 OK" in run.stdout, (run.stdout + run.stderr)[-4000:]
+    print(next(line for line in run.stdout.splitlines() if line.startswith("TP2 OK")))
+
+
+def _distributed_main(path: str) -> None:
+    """Under torchrun (2 ranks, gloo): rank 0 owns an engine, as a trainer's replica owner does."""
+    import torch.distributed as dist
+    import transformers
+
+    dist.init_process_group("gloo")
+    if dist.get_rank() == 0:
+        model = _tiny_llama_dir(path, transformers)
+        engine = vllm_engine.VLLMRolloutEngine(path, dtype="fp32", skip_tokenizer_init=True, max_model_len=128,
+                                               block_size=32)
+        assert engine.separate_process, "inside a torch.distributed world the engine core runs in its own process"
+        engine.generate(PROMPTS, SamplingParams(temperature=0.0, max_tokens=4))  # fills the prefix cache
+        engine.update_weights(((n, p.detach()) for n, p in model.named_parameters()), bucket_bytes=100_000)
+        _check_greedy(model, engine)
+        with pytest.raises(ValueError, match="has shape"):
+            engine.update_weights([("model.norm.weight", torch.zeros(3))])
+        print("DIST OK", flush=True)
+    dist.barrier()  # the other rank was not drawn into vLLM's process groups
+    dist.destroy_process_group()
+
+
+@pytest.mark.timeout(300)
+def test_engine_inside_a_torch_distributed_job(setup, tmp_path):
+    """An in-process engine would build its process groups on the trainer's world and hang; the engine core
+    runs in its own process there, and the weights travel as plain data."""
+    import os
+    import subprocess
+
+    env = dict(os.environ, PYTHONPATH=os.getcwd())
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "tests.test_vllm_engine", "distributed", str(tmp_path)]
+    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=280)
+    assert run.returncode == 0 and "DIST OK" in run.stdout, (run.stdout + run.stderr)[-4000:]
+
+
 @pytest.mark.gpu
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("tp", [1, 2])
@@ -190,3 +276,7 @@ def test_gpu_sleep_wake_keeps_the_weights(tmp_path, tp):
         engine.generate(PROMPTS, SamplingParams(temperature=0.0, max_tokens=2))
     engine.wake()
     _check_greedy(model, engine)
+
+
+if __name__ == "__main__":  # python -m tests.test_vllm_engine distributed|tp2 DIR (the subprocess tests)
+    {"distributed": _distributed_main, "tp2": _tp2_main}[sys.argv[1]](sys.argv[2])

