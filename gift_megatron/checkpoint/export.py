@@ -19,12 +19,7 @@ import torch
 import torch.distributed as dist
 
 from gift_megatron.checkpoint.mapping import megatron_tensor_to_hf
-
-
-def _unwrap(module):
-    while hasattr(module, "module"):
-        module = module.module
-    return module
+from gift_megatron.megatron.step import _unwrap
 
 
 def _local_tensors(chunk, tied: bool) -> list[tuple[str, int | None, torch.Tensor]]:

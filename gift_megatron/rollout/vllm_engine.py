@@ -189,20 +189,19 @@ EXTENSION = f"{WeightSyncWorkerExtension.__module__}.{WeightSyncWorkerExtension.
 
 @contextlib.contextmanager
 def _environ(**values: str | None):
+    def apply(pairs):
+        for k, v in pairs.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
     saved = {k: os.environ.get(k) for k in values}
     try:
-        for k, v in values.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        apply(values)
         yield
     finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        apply(saved)
 
 
 def _physical_cuda_device(index: int) -> str:

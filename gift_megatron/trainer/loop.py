@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 
 from gift_megatron.config import TrainConfig, check_world_size, save_config
+from gift_megatron.megatron.step import _ps
 from gift_megatron.trainer.batch import Member, micro_batches, pack, rollout_logprob_gap
 from gift_megatron.trainer.metrics import MetricsLogger, plot_run
 
@@ -65,12 +66,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _ps():
-    from megatron.core import parallel_state
-
-    return parallel_state
 
 
 def replica_groups() -> tuple[Any, int]:
@@ -176,16 +171,21 @@ class Trainer:
         """This replica's (global prompt index within the step, example) pairs for ``step``: a seeded
         permutation per epoch, so a resumed run draws exactly what the uninterrupted run would have."""
         per_step = self.cfg.train.prompts_per_step
+        share = per_step // self.dp
         out = []
-        for k in range(per_step):
-            position = step * per_step + k
-            epoch, offset = divmod(position, len(self.train_set))
+        for k in range(self.dp_rank * share, (self.dp_rank + 1) * share):
+            epoch, offset = divmod(step * per_step + k, len(self.train_set))
+            out.append((k, self.train_set[self._epoch_order(epoch)[offset]]))
+        return out
+
+    def _epoch_order(self, epoch: int) -> list[int]:
+        """The dataset order of ``epoch``, built once per epoch (not once per drawn prompt)."""
+        if getattr(self, "_order_epoch", None) != epoch:
             order = list(range(len(self.train_set)))
             if self.cfg.data.shuffle:
                 random.Random(self.cfg.run.seed * 1_000_003 + epoch).shuffle(order)
-            out.append((k, self.train_set[order[offset]]))
-        share = per_step // self.dp
-        return out[self.dp_rank * share:(self.dp_rank + 1) * share]
+            self._order_epoch, self._order = epoch, order
+        return self._order
 
     # ---------------------------------------------------------------------------------------- model
     def _build_model(self) -> None:
