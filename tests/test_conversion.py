@@ -1,11 +1,22 @@
-"""HF <-> Megatron conversion against transformers' own models (random tiny ones, no downloads):
-logits equal at TP=1 and TP=2, HF -> Megatron -> HF bit-exact, the streaming export at TP=2 and PP=2 equal
-to the HF tensors in bounded buckets, the CPU rollout engine fed by the export decoding exactly like the
-Megatron model, and bad input."""
+"""HF <-> Megatron conversion against transformers' own models (random tiny ones, built here: no downloads).
+
+- HF -> Megatron -> HF is bit-exact (every tensor, dtype included) for Llama (Llama-3 RoPE scaling),
+  Qwen2 (QKV biases) and Qwen3 (QK-norm, head_dim 24 != hidden / heads), tied and untied, fp32 and bf16;
+- the converted checkpoint gives transformers' logits at TP=1 (this process) and TP=2 (2 gloo ranks);
+- the streaming export at TP=2 and PP=2, to every rank or to one, equals the HF tensors exactly, in
+  buckets of at most bucket_bytes; loading HF tensors from memory at TP=2 / PP=2 equals the checkpoint;
+- a CPU rollout engine fed by the export at TP=2 decodes greedily like the Megatron model and reports its
+  log-probs;
+- the three tools (in this process; verify spawns its TP=2 ranks itself) and bad input.
+
+The tiny models have 2 layers, hidden 64, 4 heads in 2 query groups and a vocabulary of 100 (so Megatron
+pads it: 128 rows at TP=1, 256 at TP=2).
+"""
 
 from __future__ import annotations
 
 import glob
+import importlib.util
 import json
 import os
 import subprocess
@@ -20,204 +31,456 @@ from safetensors.torch import load_file  # noqa: E402
 from tests.multiproc import run_ranks  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+VOCAB = 100
+BUCKET = 20_000  # bytes: between the sizes of the tiny models' tensors, so buckets hold 1 to a few
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 8192}
 
-# family -> (config class, model class, extra config): heads 4, KV groups 2, head_dim 16.
-FAMILIES = {
-    "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM,
-              {"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                                "original_max_position_embeddings": 8192}, "max_position_embeddings": 16384}),
-    "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM, {}),
-    "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM, {"head_dim": 24}),
+# case -> (family, tied embeddings, dtype, save the HF model in shards)
+CASES = {
+    "llama-untied-fp32": ("llama", False, torch.float32, True),
+    "qwen2-tied-fp32": ("qwen2", True, torch.float32, False),
+    "qwen3-untied-fp32": ("qwen3", False, torch.float32, True),
+    "qwen2-untied-bf16": ("qwen2", False, torch.bfloat16, False),
+    "llama-tied-bf16": ("llama", True, torch.bfloat16, True),
 }
+FP32 = [c for c, (_, _, dtype, _) in CASES.items() if dtype == torch.float32]
 
 
-def make_hf(path, family, *, tie=False, dtype=torch.float32, seed=0, vocab=100):
-    config_cls, model_cls, extra = FAMILIES[family]
+def make_hf(path, family, *, tie=False, dtype=torch.float32, seed=0, vocab=VOCAB, shard=None):
+    """A random transformers model of ``family`` saved into ``path``; returns it. Norm weights and biases
+    are randomized too (they start at ones / zeros, which would hide a mix-up)."""
+    config_cls, model_cls = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+                             "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+                             "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM)}[family]
+    extra = {"llama": {"rope_scaling": LLAMA3_ROPE, "max_position_embeddings": 16384},
+             "qwen3": {"head_dim": 24}}.get(family, {})
     torch.manual_seed(seed)
     cfg = config_cls(vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                      num_attention_heads=4, num_key_value_heads=2, rope_theta=10000.0, tie_word_embeddings=tie,
-                     rms_norm_eps=1e-6, **{"max_position_embeddings": 64, **extra})
-    model = model_cls(cfg).to(dtype)
-    with torch.no_grad():  # norms are ones at init: make them informative so a mix-up would show
+                     rms_norm_eps=1e-6, initializer_range=0.1, **{"max_position_embeddings": 64, **extra})
+    model = model_cls(cfg)
+    with torch.no_grad():
         for n, p in model.named_parameters():
             if "norm" in n or n.endswith("bias"):
                 p.add_(torch.randn_like(p) * 0.1)
-    model.save_pretrained(str(path))
+    model = model.to(dtype)
+    model.save_pretrained(str(path), **({"max_shard_size": shard} if shard else {}))
     return model
 
 
-def hf_tensors(path):
+def hf_tensors(path) -> dict[str, torch.Tensor]:
     out = {}
-    for f in sorted(glob.glob(os.path.join(path, "*.safetensors"))):
+    for f in sorted(glob.glob(os.path.join(str(path), "*.safetensors"))):
         out.update(load_file(f))
     return out
 
 
-def tool(name, *args, check=True):
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", name), *args, "--no-progress"] if name !=
-                          "verify_conversion.py" else [sys.executable, os.path.join(ROOT, "tools", name), *args],
-                          capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
-    if check and proc.returncode:
-        raise AssertionError(proc.stdout[-2000:] + proc.stderr[-4000:])
-    return proc
+def save_tokenizer(path, n_tokens=17):
+    """A word-level Hugging Face fast tokenizer with ``n_tokens`` tokens, saved into ``path``."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"<pad>": 0, "<eos>": 1, **{f"w{i}": i for i in range(2, n_tokens)}}
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<pad>"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="<eos>")
+    assert len(tok) == n_tokens
+    tok.save_pretrained(str(path))
 
 
-def _layout_worker(rank, world, ckpt, tp, pp, tokens, bucket_bytes):
-    """Load the converted checkpoint at (tp, pp); TP-gathered logits (pp == 1) and the export on rank 0."""
-    from gift_megatron.checkpoint import iter_hf_weights, resolve_checkpoint
-    from gift_megatron.checkpoint.convert import model_config_from_info, read_conversion_info
+def load_tool(name):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "tools", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# ------------------------------------------------------------------------------- conversions (this process)
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    """case -> {hf, meg, back: paths; model: the transformers model (fp32 copy)}; converted in this process."""
+    from gift_megatron.checkpoint import hf_to_megatron, megatron_to_hf
+
+    out = {}
+    for case, (family, tie, dtype, sharded) in CASES.items():
+        root = tmp_path_factory.mktemp(case)
+        model = make_hf(root / "hf", family, tie=tie, dtype=dtype, shard="60KB" if sharded else None)
+        hf_to_megatron(root / "hf", root / "meg", progress=False)
+        megatron_to_hf(root / "meg", root / "back", max_shard_bytes=100_000, progress=False)
+        out[case] = {"hf": str(root / "hf"), "meg": str(root / "meg"), "back": str(root / "back"),
+                     "model": model.float().eval(), "dtype": dtype, "tie": tie}
+    return out
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_hf_megatron_hf_is_bit_exact(converted, case):
+    c = converted[case]
+    if CASES[case][3]:
+        assert os.path.isfile(os.path.join(c["hf"], "model.safetensors.index.json"))  # the sharded input path
+    original, again = hf_tensors(c["hf"]), hf_tensors(c["back"])
+    assert sorted(again) == sorted(original)
+    for name, t in original.items():
+        assert again[name].dtype == t.dtype == c["dtype"] and torch.equal(again[name], t), name
+    # Shards of at most 100 kB (a larger tensor alone) and an index naming every tensor's shard.
+    shards = sorted(glob.glob(os.path.join(c["back"], "model-*-of-*.safetensors")))
+    assert len(shards) > 1
+    for f in shards:
+        sizes = [t.numel() * t.element_size() for t in load_file(f).values()]
+        assert sum(sizes) <= 100_000 or len(sizes) == 1, (f, sizes)
+    index = json.load(open(os.path.join(c["back"], "model.safetensors.index.json")))
+    assert {os.path.basename(f) for f in shards} == set(index["weight_map"].values())
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in original.values())
+    # config.json: the original one, so transformers builds the same model from the folder.
+    written, source = (json.load(open(os.path.join(c[k], "config.json"))) for k in ("back", "hf"))
+    assert written == source
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(c["back"], dtype=c["dtype"])
+    assert reloaded.config.tie_word_embeddings == c["tie"]
+
+
+def test_dtype_flag_casts_both_ways(converted, tmp_path):
+    from gift_megatron.checkpoint import checkpoint_dtype, hf_to_megatron, megatron_to_hf, resolve_checkpoint
+    from gift_megatron.checkpoint.convert import single_process_megatron
+
+    c = converted["qwen3-untied-fp32"]
+    hf_to_megatron(c["hf"], tmp_path / "meg16", dtype="bf16", progress=False)
+    with single_process_megatron():
+        assert checkpoint_dtype(resolve_checkpoint(tmp_path / "meg16")) == torch.bfloat16
+    megatron_to_hf(tmp_path / "meg16", tmp_path / "back32", dtype="fp32", progress=False)
+    original, again = hf_tensors(c["hf"]), hf_tensors(tmp_path / "back32")
+    for name, t in original.items():  # fp32 -> bf16 -> fp32: exactly the bf16 rounding
+        assert again[name].dtype == torch.float32 and torch.equal(again[name], t.to(torch.bfloat16).float()), name
+    assert json.load(open(tmp_path / "back32" / "config.json"))["dtype"] == "float32"
+
+
+@pytest.mark.parametrize("case", FP32)
+def test_logits_equal_transformers_at_tp1(converted, case):
+    from gift_megatron.checkpoint.verify import compare_logits
+
+    r = compare_logits(converted[case]["hf"], converted[case]["meg"], tp=1, batch=2, seq_length=12, seed=1)
+    print(f"{case} TP=1: max |logit diff| vs transformers = {r.max_abs_diff:.2e} (logits up to {r.logit_scale:.2f})")
+    assert r.max_abs_diff < 1e-5
+
+
+# ------------------------------------------------------------------------------ 2 gloo ranks, all cases
+def _megatron_greedy(model, cfg, prompt, steps):
+    """The Megatron model's own greedy decode (full recompute per token; TP-gathered logits) and the
+    log-softmax of each chosen token."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    def logits_of(ids):
+        t = torch.tensor([ids])
+        local = model(t, torch.arange(len(ids))[None], None)[0].float()  # [s, V_padded / tp]
+        parts = [torch.empty_like(local) for _ in range(ps.get_tensor_model_parallel_world_size())]
+        dist.all_gather(parts, local.contiguous(), group=ps.get_tensor_model_parallel_group())
+        return torch.cat(parts, -1)[:, :cfg.vocab_size]
+
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(steps):
+            ids.append(int(logits_of(ids)[-1].argmax()))
+        lp = torch.log_softmax(logits_of(ids[:-1]), -1)
+    new = ids[len(prompt):]
+    return new, lp[len(prompt) - 1:].gather(-1, torch.tensor(new)[:, None])[:, 0]
+
+
+def _exports(model, cfg, dst_ranks):
+    """dst_rank -> this rank's buckets (cloned), for each dst_rank in ``dst_ranks``."""
+    from gift_megatron.checkpoint import iter_hf_weights
+
+    return {dst: [[(n, t.clone()) for n, t in b]
+                  for b in iter_hf_weights(model, cfg, bucket_bytes=BUCKET, dst_rank=dst)]
+            for dst in dst_ranks}
+
+
+def _ranks_worker(rank, world, cases):
+    """For every case: TP=2 (logits, exports, in-memory loading, rollout engine), then PP=2 (exports,
+    in-memory loading). Returns case -> results of this rank."""
+    from gift_megatron.checkpoint import (
+        hf_config_dict,
+        load_hf_weights_into_model,
+        model_config_from_info,
+        read_conversion_info,
+        resolve_checkpoint,
+    )
     from gift_megatron.megatron.checkpoint import load_checkpoint
     from gift_megatron.megatron.model import ParallelConfig, PrecisionConfig, build_model
     from gift_megatron.parallel import destroy_model_parallel_cpu, initialize_model_parallel_cpu
 
+    results = {case: {} for case in cases}
+    for tp, pp in ((2, 1), (1, 2)):
+        initialize_model_parallel_cpu(tp, pp)
+        for case, c in cases.items():
+            r = results[case]
+            info = read_conversion_info(c["meg"])
+            cfg = model_config_from_info(info)
+            precision = PrecisionConfig(dtype={"float32": "fp32", "bfloat16": "bf16"}[info["dtype"]])
+            parallel = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+            model = build_model(cfg, parallel, precision).eval()  # the trainer's builder
+            load_checkpoint(resolve_checkpoint(c["meg"]), [model], restore_rng=False)
+            # The same model filled from the HF tensors in memory at this layout.
+            again = build_model(cfg, parallel, precision)
+            load_hf_weights_into_model(again, cfg, hf_tensors(c["hf"]))
+            r[f"loader_equal_{tp}x{pp}"] = all(torch.equal(a, b) for a, b in
+                                               zip(model.state_dict().values(), again.state_dict().values())
+                                               if isinstance(a, torch.Tensor))
+            exported = model
+            if precision.dtype == "bf16":  # the wrapper a bf16 trainer holds (DDP adds another .module)
+                from megatron.core.transformer.module import Float16Module
+
+                exported = Float16Module(model.config, model)
+            r[f"export_{tp}x{pp}"] = _exports(exported, cfg, (None, 0, 1))
+            if tp == 2 and info["dtype"] == "float32":
+                tokens = c["tokens"]
+                r["logits_tp2"] = _megatron_greedy_logits(model, cfg, tokens)
+                # Rollout engine on rank 0, a fresh random transformers model fed by the export.
+                engine = None
+                if rank == 0:
+                    from gift_megatron.rollout import HFRolloutEngine
+
+                    torch.manual_seed(123)
+                    fresh = transformers.AutoModelForCausalLM.from_config(
+                        transformers.AutoConfig.for_model(**hf_config_dict(cfg, torch.float32)), dtype=torch.float32)
+                    engine = HFRolloutEngine(fresh, eos_token_id=None, pad_token_id=0)
+                from gift_megatron.checkpoint import iter_hf_tensors
+
+                stream = iter_hf_tensors(model, cfg, bucket_bytes=1 << 14, dst_rank=0)
+                if engine is not None:
+                    engine.update_weights(stream)
+                else:
+                    for _ in stream:
+                        pass
+                ours = [_megatron_greedy(model, cfg, p, 6) for p in c["prompts"]]
+                if engine is not None:
+                    from gift_megatron.rollout import SamplingParams
+
+                    outs = engine.generate(c["prompts"], SamplingParams(n=1, temperature=0.0, max_tokens=6))
+                    r["engine"] = [(o.response_ids.tolist(), o.logprobs.clone()) for o in outs]
+                    r["megatron_greedy"] = ours
+        destroy_model_parallel_cpu()
+    return results
+
+
+def _megatron_greedy_logits(model, cfg, tokens):
     import torch.distributed as dist
+    from megatron.core import parallel_state as ps
 
-    initialize_model_parallel_cpu(tp, pp)
-    info = read_conversion_info(ckpt)
-    cfg = model_config_from_info(info)
-    dtype = {"float32": "fp32", "bfloat16": "bf16"}[info["dtype"]]
-    model = build_model(cfg, ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp),
-                        PrecisionConfig(dtype=dtype))
-    load_checkpoint(resolve_checkpoint(ckpt), [model], restore_rng=False)
-    logits = None
-    if pp == 1:
-        with torch.no_grad():
-            local = model(tokens, torch.arange(tokens.shape[1])[None].expand_as(tokens), None).float()
-            parts = [torch.empty_like(local) for _ in range(tp)]
-            dist.all_gather(parts, local.contiguous())
-            logits = torch.cat(parts, -1)[..., :cfg.vocab_size]
-    buckets = [[(n, t.clone()) for n, t in b] for b in iter_hf_weights(model, cfg, bucket_bytes=bucket_bytes,
-                                                                        dst_rank=0)]
-    destroy_model_parallel_cpu()
-    return logits, buckets
-
-
-@pytest.mark.timeout(600)
-@pytest.mark.parametrize("family, tie, dtype", [("llama", False, torch.float32), ("qwen2", True, torch.float32),
-                                                ("qwen3", False, torch.float32), ("qwen2", False, torch.bfloat16)])
-def test_hf_megatron_hf_round_trip_logits_and_export(tmp_path, family, tie, dtype):
-    hf_dir, meg, back = tmp_path / "hf", tmp_path / "meg", tmp_path / "back"
-    model = make_hf(hf_dir, family, tie=tie, dtype=dtype)
-    tool("convert_hf_to_megatron.py", "--hf", str(hf_dir), "--out", str(meg))
-    tool("convert_megatron_to_hf.py", "--megatron", str(meg), "--out", str(back), "--max-shard-size", "100KB")
-    original, again = hf_tensors(hf_dir), hf_tensors(back)
-    assert sorted(again) == sorted(original)
-    for name, t in original.items():  # bit-exact, dtype included
-        assert again[name].dtype == t.dtype and torch.equal(again[name], t), name
-    assert len(glob.glob(str(back / "*.safetensors"))) > 1 and (back / "model.safetensors.index.json").is_file()
-    assert transformers.AutoConfig.from_pretrained(back).to_dict()["tie_word_embeddings"] == tie
-
-    tokens = torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        ref = model.float()(tokens).logits if dtype == torch.float32 else None
-    bucket = 20_000
-    for tp, pp in ((1, 1), (2, 1), (1, 2)):
-        if dtype != torch.float32 and (tp, pp) != (2, 1):
-            continue
-        results = run_ranks(_layout_worker, tp * pp, str(meg), tp, pp, tokens, bucket, timeout=240)
-        logits, buckets = results[0]
-        if ref is not None and logits is not None:
-            diff = (logits - ref).abs().max().item()
-            print(f"{family} tie={tie} TP={tp}: max |logit diff| vs transformers = {diff:.2e}")
-            assert diff < 1e-5
-        exported = {n: t for b in buckets for n, t in b}
-        assert sorted(exported) == sorted(original), (tp, pp)
-        for name, t in original.items():
-            assert torch.equal(exported[name], t), (tp, pp, name)
-        for b in buckets[:-1]:
-            # A bucket closes once it reaches bucket_bytes, after the HF parts (at most 3: q, k, v) of the
-            # Megatron tensor that crossed the line: bounded by bucket_bytes + one fused tensor.
-            sizes = [t.numel() * t.element_size() for _, t in b]
-            assert sum(sizes[:-3]) < bucket <= sum(sizes)
-        if tp * pp > 1:
-            assert all(not b for b in results[1][1]), "non-destination ranks received tensors"
+        local = model(tokens, torch.arange(tokens.shape[1])[None].expand_as(tokens), None).float()
+        parts = [torch.empty_like(local) for _ in range(ps.get_tensor_model_parallel_world_size())]
+        dist.all_gather(parts, local.contiguous(), group=ps.get_tensor_model_parallel_group())
+    return torch.cat(parts, -1)[..., :cfg.vocab_size]
 
 
-def test_engine_fed_by_the_export_decodes_like_the_megatron_model(tmp_path):
-    from gift_megatron.checkpoint import hf_config_dict, hf_to_megatron, iter_hf_weights, resolve_checkpoint
-    from gift_megatron.checkpoint.convert import single_process_megatron
-    from gift_megatron.megatron.checkpoint import load_checkpoint
-    from gift_megatron.megatron.model import ModelConfig, ParallelConfig, PrecisionConfig, build_model
-    from gift_megatron.rollout import HFRolloutEngine, SamplingParams
-
-    make_hf(tmp_path / "hf", "qwen2", seed=3)
-    hf_to_megatron(str(tmp_path / "hf"), str(tmp_path / "meg"), progress=False)
-    cfg = ModelConfig.from_hf_config(json.load(open(tmp_path / "hf" / "config.json")))
-    prompts = [[5, 9, 13], [7, 2, 40, 41]]
-    with single_process_megatron():
-        model = build_model(cfg, ParallelConfig(), PrecisionConfig(dtype="fp32")).eval()
-        load_checkpoint(resolve_checkpoint(str(tmp_path / "meg")), [model], restore_rng=False)
-        torch.manual_seed(123)  # a different random model: every weight must come from the stream
-        fresh = transformers.AutoModelForCausalLM.from_config(
-            transformers.AutoConfig.for_model(**hf_config_dict(cfg, torch.float32)), dtype=torch.float32)
-        engine = HFRolloutEngine(fresh, eos_token_id=None, pad_token_id=0)
-        engine.update_weights(t for b in iter_hf_weights(model, cfg, bucket_bytes=1 << 16) for t in b)
-        outs = engine.generate(prompts, SamplingParams(n=1, temperature=0.0, max_tokens=6))
-        worst = 0.0
-        for prompt, out in zip(prompts, outs):
-            ids = list(prompt)
-            for _ in range(6):  # the Megatron model's own greedy decode, full recompute each step
-                with torch.no_grad():
-                    t = torch.tensor([ids])
-                    logits = model(t, torch.arange(len(ids))[None], None)[0, -1, :cfg.vocab_size].float()
-                ids.append(int(logits.argmax()))
-            assert out.response_ids.tolist() == ids[len(prompt):]
-            with torch.no_grad():
-                t = torch.tensor([ids[:-1]])
-                lp = torch.log_softmax(model(t, torch.arange(t.shape[1])[None], None)[0, :, :cfg.vocab_size].float(), -1)
-            ours = lp[len(prompt) - 1:].gather(-1, torch.tensor(ids[len(prompt):])[:, None])[:, 0]
-            worst = max(worst, (ours - out.logprobs).abs().max().item())
-        print(f"engine vs Megatron greedy log-probs: max |diff| = {worst:.2e}")
-        assert worst < 1e-5
+@pytest.fixture(scope="module")
+def two_ranks(converted):
+    tokens = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(1))
+    cases = {case: {"hf": c["hf"], "meg": c["meg"], "tokens": tokens, "prompts": [[5, 9, 13], [7, 2, 40, 41]]}
+             for case, c in converted.items()}
+    return tokens, run_ranks(_ranks_worker, 2, cases, timeout=300)
 
 
-def test_bad_inputs_name_the_problem(tmp_path):
-    from gift_megatron.checkpoint import ConversionError, HFCheckpoint
+@pytest.mark.parametrize("case", FP32)
+def test_logits_equal_transformers_at_tp2(converted, two_ranks, case):
+    tokens, results = two_ranks
+    with torch.no_grad():
+        ref = converted[case]["model"](tokens).logits
+    for rank in (0, 1):
+        diff = (results[rank][case]["logits_tp2"] - ref).abs().max().item()
+        print(f"{case} TP=2 rank {rank}: max |logit diff| vs transformers = {diff:.2e}")
+        assert diff < 1e-5
 
-    # Unsupported architecture: the error lists the supported ones.
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_streaming_export_at_tp2_and_pp2(converted, two_ranks, case):
+    original = hf_tensors(converted[case]["hf"])
+    _, results = two_ranks
+    for layout in ("2x1", "1x2"):
+        for rank in (0, 1):
+            r = results[rank][case]
+            assert r[f"loader_equal_{layout}"], f"in-memory HF loading differs from the checkpoint at {layout}"
+            for dst, buckets in r[f"export_{layout}"].items():
+                where = (layout, f"dst_rank={dst}", f"rank {rank}")
+                if dst is not None and dst != rank:
+                    assert buckets == [], where  # took part in the collectives, received nothing
+                    continue
+                exported = {n: t for b in buckets for n, t in b}
+                assert sum(len(b) for b in buckets) == len(exported), where  # each tensor once
+                assert sorted(exported) == sorted(original), where
+                for name, t in original.items():
+                    assert exported[name].dtype == t.dtype and torch.equal(exported[name], t), (*where, name)
+                sizes = [[t.numel() * t.element_size() for _, t in b] for b in buckets]
+                for s in sizes:  # bounded: at most bucket_bytes, or one larger tensor alone
+                    assert sum(s) <= BUCKET or len(s) == 1, (where, s)
+                for s, nxt in zip(sizes, sizes[1:]):  # and full: the next tensor would not have fitted
+                    assert sum(s) + nxt[0] > BUCKET, (where, s, nxt)
+
+
+@pytest.mark.parametrize("case", FP32)
+def test_rollout_engine_fed_by_the_tp2_export_decodes_like_megatron(two_ranks, case):
+    _, results = two_ranks
+    r = results[0][case]
+    worst = 0.0
+    for (engine_ids, engine_lp), (megatron_ids, megatron_lp) in zip(r["engine"], r["megatron_greedy"]):
+        assert engine_ids == megatron_ids
+        worst = max(worst, (engine_lp - megatron_lp).abs().max().item())
+    print(f"{case}: engine vs Megatron (TP=2) greedy log-probs, max |diff| = {worst:.2e}")
+    assert worst < 1e-5
+
+
+# ----------------------------------------------------------------------------------------------- tools
+def test_tools_round_trip_and_verify_at_tp2(converted, tmp_path, capsys):
+    c = converted["qwen3-untied-fp32"]
+    to_hf, verify = load_tool("convert_megatron_to_hf"), load_tool("verify_conversion")
+    # One real command line (Megatron's checkpoint writer starts a spawned helper that imports __main__).
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "convert_hf_to_megatron.py"), "--hf", c["hf"],
+                           "--out", str(tmp_path / "meg")], capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0 and "wrote " in proc.stdout, proc.stderr[-3000:]
+    assert "HF -> Megatron: 100%" in proc.stderr  # the progress bar
+    assert to_hf.main(["--megatron", str(tmp_path / "meg" / "step_00000000"), "--out", str(tmp_path / "back"),
+                       "--max-shard-size", "50KB", "--no-progress"]) == 0
+    original, again = hf_tensors(c["hf"]), hf_tensors(tmp_path / "back")
+    assert sorted(again) == sorted(original) and all(torch.equal(again[n], t) for n, t in original.items())
+    assert len(glob.glob(str(tmp_path / "back" / "model-*.safetensors"))) > 1
+    capsys.readouterr()
+    assert verify.main(["--hf", c["hf"], "--megatron", str(tmp_path / "meg"), "--tp", "2",
+                        "--prompt-ids", "5,9,13,2;7,2,40,41", "--timeout", "240"]) == 0
+    out = capsys.readouterr().out
+    print(out)
+    assert "max |logit difference|" in out and "over 2x4 tokens, TP=2" in out
+    # Another model's weights under the same architecture: verification fails with exit 1.
+    make_hf(tmp_path / "other", "qwen3", seed=7, shard="60KB")
+    assert verify.main(["--hf", str(tmp_path / "other"), "--megatron", str(tmp_path / "meg")]) == 1
+
+
+def test_training_checkpoint_needs_the_architecture(converted, tmp_path, capsys):
+    """A checkpoint without the conversion record (a training run's): --hf-config gives the architecture."""
+    import shutil
+
+    c = converted["qwen2-tied-fp32"]
+    shutil.copytree(os.path.join(c["meg"], "step_00000000"), tmp_path / "run" / "step_00000007")
+    to_hf = load_tool("convert_megatron_to_hf")
+    assert to_hf.main(["--megatron", str(tmp_path / "run" / "step_00000007"), "--out", str(tmp_path / "a"),
+                       "--no-progress"]) == 2
+    assert "pass the architecture with --hf-config" in capsys.readouterr().err
+    assert to_hf.main(["--megatron", str(tmp_path / "run" / "step_00000007"), "--out", str(tmp_path / "b"),
+                       "--hf-config", os.path.join(c["hf"], "config.json"), "--no-progress"]) == 0
+    original, again = hf_tensors(c["hf"]), hf_tensors(tmp_path / "b")
+    assert all(torch.equal(again[n], t) for n, t in original.items())
+    transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "b")  # config.json from hf_config_dict
+
+
+# ------------------------------------------------------------------------------------------- bad input
+def test_unsupported_architecture_lists_the_supported_ones(tmp_path, capsys):
     torch.manual_seed(0)
     gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50))
     gpt2.save_pretrained(tmp_path / "gpt2")
-    proc = tool("convert_hf_to_megatron.py", "--hf", str(tmp_path / "gpt2"), "--out", str(tmp_path / "o1"), check=False)
-    assert proc.returncode == 2 and "unsupported architecture 'GPT2LMHeadModel'" in proc.stderr
-    assert "LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM" in proc.stderr
+    to_meg = load_tool("convert_hf_to_megatron")
+    assert to_meg.main(["--hf", str(tmp_path / "gpt2"), "--out", str(tmp_path / "o"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "unsupported architecture 'GPT2LMHeadModel'" in err
+    assert "supported: LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM" in err
+    assert not (tmp_path / "o").exists()  # refused before writing anything
 
-    # A sharded checkpoint whose index names a missing shard; a truncated shard.
-    model = make_hf(tmp_path / "sharded", "llama")
-    model.save_pretrained(tmp_path / "sharded", max_shard_size="60KB")
+
+def test_missing_truncated_and_inconsistent_shards(tmp_path):
+    from gift_megatron.checkpoint import ConversionError, HFCheckpoint
+
+    make_hf(tmp_path / "sharded", "llama", shard="60KB")
     shards = sorted(glob.glob(str(tmp_path / "sharded" / "model-*.safetensors")))
-    assert len(shards) > 1
+    assert len(shards) > 2
+    HFCheckpoint(tmp_path / "sharded")  # fine as saved
     os.remove(shards[1])
-    with pytest.raises(ConversionError, match=rf"names shard {os.path.basename(shards[1])}, which does not exist"):
-        HFCheckpoint(str(tmp_path / "sharded"))
-    make_hf(tmp_path / "trunc", "llama")
+    with pytest.raises(ConversionError, match=rf"model.safetensors.index.json: names shard "
+                                              rf"{os.path.basename(shards[1])}, which does not exist"):
+        HFCheckpoint(tmp_path / "sharded")
+
+    make_hf(tmp_path / "trunc", "qwen2")
     f = tmp_path / "trunc" / "model.safetensors"
-    f.write_bytes(f.read_bytes()[:5000])
-    with pytest.raises(ConversionError, match="model.safetensors: unreadable safetensors file"):
-        HFCheckpoint(str(tmp_path / "trunc"))
+    f.write_bytes(f.read_bytes()[:-100])  # the last tensor loses its tail
+    with pytest.raises(ConversionError, match=r"trunc/model.safetensors: truncated safetensors file: tensor '.+' "
+                                              r"ends at byte"):
+        HFCheckpoint(tmp_path / "trunc")
+    f.write_bytes(b"\x10\x00")
+    with pytest.raises(ConversionError, match=r"model.safetensors: truncated safetensors file \(2 bytes, no header\)"):
+        HFCheckpoint(tmp_path / "trunc")
 
-    # A tokenizer with more tokens than the model's vocabulary.
-    from gift_megatron.data.toy import build_tokenizer
+    # Tensors the config does not imply (Llama's attention_bias also biases o_proj: Megatron cannot).
+    model = make_hf(tmp_path / "bias", "llama")
+    cfg = json.load(open(tmp_path / "bias" / "config.json"))
+    cfg["attention_bias"] = True
+    json.dump(cfg, open(tmp_path / "bias" / "config.json", "w"))
+    with pytest.raises(ConversionError, match="attention_bias=true puts a bias on o_proj"):
+        HFCheckpoint(tmp_path / "bias")
+    # A tensor missing from the weights, and one with the wrong shape (config says otherwise).
+    tensors = hf_tensors(tmp_path / "bias")
+    del tensors["model.layers.1.mlp.up_proj.weight"]
+    tensors["model.norm.weight"] = torch.ones(65)
+    from safetensors.torch import save_file
 
+    save_file(tensors, str(tmp_path / "bias" / "model.safetensors"))
+    model.config.save_pretrained(tmp_path / "bias")
+    with pytest.raises(ConversionError, match=r"missing tensors \[model.layers.1.mlp.up_proj.weight\]; shapes that "
+                                              r"do not match config.json: \[model.norm.weight: \[65\]"):
+        HFCheckpoint(tmp_path / "bias")
+
+
+def test_tokenizer_larger_than_the_model_vocabulary(converted, tmp_path, capsys):
     make_hf(tmp_path / "small", "llama", vocab=10)
-    build_tokenizer().save_pretrained(tmp_path / "small")  # 17 tokens
-    proc = tool("convert_hf_to_megatron.py", "--hf", str(tmp_path / "small"), "--out", str(tmp_path / "o2"), check=False)
-    assert proc.returncode == 2 and "the tokenizer has 17 tokens but the model's vocab_size is 10" in proc.stderr
+    save_tokenizer(tmp_path / "small", 17)
+    to_meg = load_tool("convert_hf_to_megatron")
+    assert to_meg.main(["--hf", str(tmp_path / "small"), "--out", str(tmp_path / "o"), "--no-progress"]) == 2
+    assert "the tokenizer has 17 tokens but the model's vocab_size is 10" in capsys.readouterr().err
+    # The same check on the way back for --tokenizer.
+    save_tokenizer(tmp_path / "tok", 17)
+    make_hf(tmp_path / "small2", "qwen2", vocab=12)
+    from gift_megatron.checkpoint import hf_to_megatron
 
-    # A TP size that does not divide the KV heads (verify refuses it before loading anything).
-    make_hf(tmp_path / "ok", "qwen2")
-    proc = tool("verify_conversion.py", "--hf", str(tmp_path / "ok"), "--megatron", str(tmp_path / "none"), "--tp", "4",
-                check=False)
-    assert proc.returncode == 2 and "does not divide model.num_query_groups (2 KV heads)" in proc.stderr
+    hf_to_megatron(tmp_path / "small2", tmp_path / "meg", progress=False)
+    to_hf = load_tool("convert_megatron_to_hf")
+    assert to_hf.main(["--megatron", str(tmp_path / "meg"), "--out", str(tmp_path / "back"), "--tokenizer",
+                       str(tmp_path / "tok"), "--no-progress"]) == 2
+    assert "--tokenizer" in (err := capsys.readouterr().err) and "17 tokens" in err and "vocab_size is 12" in err
+    # A fitting tokenizer is copied from the conversion record when --tokenizer is not given.
+    make_hf(tmp_path / "fits", "qwen2", vocab=20)
+    save_tokenizer(tmp_path / "fits", 17)
+    hf_to_megatron(tmp_path / "fits", tmp_path / "meg2", progress=False)
+    assert to_hf.main(["--megatron", str(tmp_path / "meg2"), "--out", str(tmp_path / "back2"), "--no-progress"]) == 0
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        assert (tmp_path / "back2" / f).read_bytes() == (tmp_path / "fits" / f).read_bytes(), f
 
 
-@pytest.mark.timeout(300)
-def test_verify_tool_at_tp2_and_its_failure_exit(tmp_path):
-    make_hf(tmp_path / "hf", "qwen3")
-    tool("convert_hf_to_megatron.py", "--hf", str(tmp_path / "hf"), "--out", str(tmp_path / "meg"))
-    proc = tool("verify_conversion.py", "--hf", str(tmp_path / "hf"), "--megatron", str(tmp_path / "meg"), "--tp", "2")
-    assert "max |logit difference|" in proc.stdout and "TP=2" in proc.stdout
-    # Another model's weights under the same architecture: verification must fail.
-    make_hf(tmp_path / "other", "qwen3", seed=7)
-    proc = tool("verify_conversion.py", "--hf", str(tmp_path / "other"), "--megatron", str(tmp_path / "meg"), check=False)
-    assert proc.returncode == 1, proc.stdout + proc.stderr
+def test_impossible_tp_and_bad_flags(converted, capsys):
+    c = converted["qwen2-tied-fp32"]
+    verify = load_tool("verify_conversion")
+    assert verify.main(["--hf", c["hf"], "--megatron", c["meg"], "--tp", "4"]) == 2
+    assert "--tp 4: parallel.tensor_model_parallel_size (4) does not divide model.num_query_groups (2 KV heads)" in \
+        capsys.readouterr().err
+    assert verify.main(["--hf", c["hf"], "--megatron", c["meg"], "--prompt-ids", "1,2,300"]) == 2
+    assert "token ids must lie in [0, 100)" in capsys.readouterr().err
+    to_hf = load_tool("convert_megatron_to_hf")
+    assert to_hf.main(["--megatron", c["meg"], "--out", "/nonexistent/x", "--max-shard-size", "5 parsecs"]) == 2
+    assert "--max-shard-size '5 parsecs': expected a size such as 5GB" in capsys.readouterr().err
+
+
+def test_in_memory_loader_errors_name_the_tensor(converted):
+    from gift_megatron.checkpoint import ConversionError, build_cpu_model, load_hf_weights_into_model
+    from gift_megatron.checkpoint.convert import single_process_megatron
+    from gift_megatron.megatron.model import ModelConfig
+
+    c = converted["qwen3-untied-fp32"]
+    cfg = ModelConfig.from_hf_config(json.load(open(os.path.join(c["hf"], "config.json"))))
+    tensors = hf_tensors(c["hf"])
+    with single_process_megatron():
+        model = build_cpu_model(cfg, torch.float32)
+        bad = dict(tensors, **{"model.layers.0.self_attn.q_norm.weight": torch.ones(16)})
+        with pytest.raises(ConversionError, match=r"'model.layers.0.self_attn.q_norm.weight' has shape \[16\], the "
+                                                  r"config implies \[24\]"):
+            load_hf_weights_into_model(model, cfg, bad)
+        with pytest.raises(ConversionError, match=r"'model.layers.9.mlp.up_proj.weight' is not part of"):
+            load_hf_weights_into_model(model, cfg, {**tensors, "model.layers.9.mlp.up_proj.weight": torch.ones(1)})
+        partial = {n: t for n, t in tensors.items() if "k_proj" not in n}
+        with pytest.raises(ConversionError, match=r"2 parameters were not set: the HF source has no "
+                                                  r"\['model.layers.0.self_attn.k_proj.weight'"):
+            load_hf_weights_into_model(model, cfg, partial)

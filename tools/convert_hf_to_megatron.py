@@ -1,10 +1,12 @@
-"""Convert a Hugging Face checkpoint (Llama-2/3, Qwen2/2.5, Qwen3 dense) to a Megatron distributed checkpoint
+"""Convert a Hugging Face checkpoint (Llama-2/3, Qwen2/2.5, Qwen3 dense) into a Megatron distributed checkpoint
 that loads at any TP/PP.
 
-    python tools/convert_hf_to_megatron.py --hf /models/Qwen2.5-7B-Instruct --out /ckpt/qwen2.5-7b-megatron
-    python tools/verify_conversion.py --hf /models/Qwen2.5-7B-Instruct --megatron /ckpt/qwen2.5-7b-megatron --tp 2
+    python tools/convert_hf_to_megatron.py --hf /models/Qwen2.5-7B-Instruct --out /ckpt/qwen2.5-7b
+    python tools/verify_conversion.py --hf /models/Qwen2.5-7B-Instruct --megatron /ckpt/qwen2.5-7b --tp 2
 
-Host memory: about the model's size in its dtype (e.g. 15 GB for 7B in bf16) plus one layer's tensors.
+Writes OUT/step_00000000 (the checkpoint, weights only), OUT/latest, OUT/gift_conversion.json (architecture,
+dtype, source) and OUT/hf_files/ (the source's config.json and tokenizer files). Runs on the CPU in one
+process; host memory: about 1.5 x the model's bytes in its dtype (2 bytes per parameter in bf16).
 """
 
 import argparse
@@ -15,11 +17,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--hf", required=True, help="Hugging Face model folder (config.json + safetensors)")
-    p.add_argument("--out", required=True, help="output directory (the Megatron checkpoint root)")
-    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None, help="cast (default: the HF dtype)")
-    p.add_argument("--no-progress", action="store_true")
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("--hf", required=True, help="Hugging Face model folder (config.json + safetensors [+ index])")
+    p.add_argument("--out", required=True, help="output directory: the Megatron checkpoint root")
+    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None,
+                   help="cast the weights (default: keep the checkpoint's dtype)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     a = p.parse_args(argv)
     from gift_megatron.checkpoint import ConversionError, hf_to_megatron
 

@@ -1,26 +1,60 @@
-"""Layer 4: Hugging Face <-> Megatron weights: per-family mappings and the streaming export."""
+"""Layer 4: Hugging Face <-> Megatron weights for Llama-2/3, Qwen2/2.5 and Qwen3 dense.
+
+- ``mapping``: one table per family (Megatron name -> HF names and layout rule), QKV / fc1 fusing,
+  ``hf_config_dict`` (config.json of a ModelConfig);
+- ``hf_io``: HF folders (validated reading, streaming shard by shard; sharded safetensors writing with the
+  index; tokenizer files);
+- ``load``: ``load_hf_weights_into_model`` (fill a TP/PP-sharded model from HF tensors in memory or a folder);
+- ``export``: ``iter_hf_weights`` (stream a TP/PP-sharded model as HF-named full tensors, no disk);
+- ``convert``: whole-checkpoint conversion both ways (``tools/convert_*.py``);
+- ``verify``: the logits of a converted checkpoint next to transformers' (``tools/verify_conversion.py``).
+
+Importing this package imports neither Megatron-Core nor transformers.
+"""
 
 from gift_megatron.checkpoint.convert import (
+    CONVERSION_FILE,
+    build_cpu_model,
+    checkpoint_dtype,
+    hf_to_megatron,
+    megatron_to_hf,
+    model_config_from_info,
+    read_conversion_info,
+    resolve_checkpoint,
+    single_process_megatron,
+)
+from gift_megatron.checkpoint.export import iter_hf_tensors, iter_hf_weights
+from gift_megatron.checkpoint.hf_io import (
     ConversionError,
     HFCheckpoint,
-    hf_to_megatron,
-    load_hf_weights_into_model,
-    megatron_to_hf,
-    resolve_checkpoint,
+    SafetensorsShardWriter,
+    check_tokenizer_fits,
+    parse_size,
+    write_hf_config,
     write_safetensors_shards,
 )
-from gift_megatron.checkpoint.export import iter_hf_weights
+from gift_megatron.checkpoint.load import load_hf_weights_into_model
 from gift_megatron.checkpoint.mapping import (
     FAMILY_TABLES,
     HF_ARCHITECTURES,
+    SUPPORTED_ARCHITECTURES,
+    expected_hf_shapes,
     fuse_fc1,
     fuse_qkv,
     hf_config_dict,
+    megatron_tensor_from_hf,
     megatron_tensor_to_hf,
     split_fc1,
     split_qkv,
 )
 
-__all__ = ["ConversionError", "HFCheckpoint", "hf_to_megatron", "load_hf_weights_into_model", "megatron_to_hf",
-           "resolve_checkpoint", "write_safetensors_shards", "iter_hf_weights", "FAMILY_TABLES", "HF_ARCHITECTURES", "fuse_fc1", "fuse_qkv", "hf_config_dict",
-           "megatron_tensor_to_hf", "split_fc1", "split_qkv"]
+__all__ = [
+    "CONVERSION_FILE", "build_cpu_model", "checkpoint_dtype", "hf_to_megatron", "megatron_to_hf",
+    "model_config_from_info", "read_conversion_info", "resolve_checkpoint", "single_process_megatron",
+    "iter_hf_tensors", "iter_hf_weights",
+    "ConversionError", "HFCheckpoint", "SafetensorsShardWriter", "check_tokenizer_fits", "parse_size",
+    "write_hf_config", "write_safetensors_shards",
+    "load_hf_weights_into_model",
+    "FAMILY_TABLES", "HF_ARCHITECTURES", "SUPPORTED_ARCHITECTURES", "expected_hf_shapes", "fuse_fc1", "fuse_qkv",
+    "hf_config_dict", "megatron_tensor_from_hf", "megatron_tensor_to_hf", "split_fc1", "split_qkv",
+]

@@ -390,6 +390,7 @@ def load_checkpoint(
             scheduler state, or an optimizer format that cannot be loaded in this layout.
     """
     from megatron.core import dist_checkpointing
+    from megatron.core.utils import unwrap_model
 
     path = os.fspath(path)
     chunks = _as_chunks(model_chunks)
@@ -435,7 +436,7 @@ def load_checkpoint(
         raise CheckpointError(f"reading checkpoint {path} failed: {type(exc).__name__}: {exc}") from exc
 
     for name, chunk in zip(_model_entry_names(len(chunks)), chunks):
-        _unwrap(chunk).load_state_dict(loaded[name], strict=strict)
+        unwrap_model(chunk).load_state_dict(loaded[name], strict=strict)
     if optimizer is not None:
         # Under no_grad: with fp32 params the distributed optimizer's main params are views of the model
         # params (leaves that require grad), which copy_() refuses outside it.
@@ -592,21 +593,15 @@ def _as_chunks(model_chunks: Any) -> list[Any]:
     return list(model_chunks) if isinstance(model_chunks, (list, tuple)) else [model_chunks]
 
 
-def _unwrap(module: Any) -> Any:
-    """The model inside Megatron's wrappers (DDP, Float16Module): their own sharded_state_dict would add
-    a ``module.`` level that load_state_dict of the wrapper does not expect."""
-    while hasattr(module, "module"):
-        module = module.module
-    return module
-
-
 def _model_entry_names(num_chunks: int) -> list[str]:
     """Megatron-LM's names: ``model`` for one chunk, ``model0``, ``model1``, ... for virtual pipeline chunks."""
     return ["model"] if num_chunks == 1 else [f"model{i}" for i in range(num_chunks)]
 
 
 def _model_state(chunks: Sequence[Any], metadata: dict[str, Any]) -> dict[str, Any]:
-    return {name: _unwrap(chunk).sharded_state_dict(metadata=metadata)
+    from megatron.core.utils import unwrap_model
+
+    return {name: unwrap_model(chunk).sharded_state_dict(metadata=metadata)
             for name, chunk in zip(_model_entry_names(len(chunks)), chunks)}
 
 

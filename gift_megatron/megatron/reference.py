@@ -13,13 +13,6 @@ from typing import Callable
 import torch
 
 
-def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
-    """The model inside Megatron's DistributedDataParallel (or Float16Module) wrappers."""
-    while hasattr(module, "module"):
-        module = module.module
-    return module
-
-
 class FrozenReference(list):
     """A list of frozen model chunks (usable wherever Megatron expects ``model: list[Module]``).
 
@@ -30,10 +23,12 @@ class FrozenReference(list):
     """
 
     def __init__(self, policy: list[torch.nn.Module], build_chunk: Callable[[int], torch.nn.Module]) -> None:
+        from megatron.core.utils import unwrap_model
+
         chunks = []
         for i, src in enumerate(policy):
             chunk = build_chunk(i)
-            missing = chunk.load_state_dict(_unwrap(src).state_dict(), strict=True)
+            missing = chunk.load_state_dict(unwrap_model(src).state_dict(), strict=True)
             del missing
             chunk.requires_grad_(False)
             chunk.eval()

@@ -71,12 +71,6 @@ def split_for_context_parallel(mb: dict[str, Any]) -> dict[str, Any]:
             for k, v in mb.items()}
 
 
-def _unwrap(module):
-    while hasattr(module, "module"):
-        module = module.module
-    return module
-
-
 def model_logprobs(model, mb: dict[str, Any], *, temperature: float = 1.0, chunk_size: int | None = None,
                    vocab_size: int | None = None):
     """Run ``model`` on a (CP-local) micro-batch; on the last pipeline stage return the fp32 token
@@ -92,7 +86,9 @@ def model_logprobs(model, mb: dict[str, Any], *, temperature: float = 1.0, chunk
     position_ids = mb.get("position_ids")
     if position_ids is None:
         position_ids = torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0).expand_as(tokens)
-    inner = _unwrap(model)
+    from megatron.core.utils import unwrap_model
+
+    inner = unwrap_model(model)
     output_layer = getattr(inner, "output_layer", None) if getattr(inner, "post_process", False) else None
     if output_layer is None:
         return model(tokens, position_ids, None)
