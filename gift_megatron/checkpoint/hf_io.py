@@ -5,12 +5,15 @@
 index, every shard's header and size, the tensor names and shapes the model needs) and then streams the
 tensors shard by shard in file order, each one a zero-copy view of the memory-mapped file.
 
-:class:`SafetensorsShardWriter` writes (name, tensor) pairs into shards of bounded size without building a
-shard in memory (each tensor's bytes go straight from the tensor to the file), then the index.
+:class:`SafetensorsShardWriter` writes (name, tensor) pairs into shards of bounded size with safetensors'
+``save_file`` (0.8 writes straight from the tensors' memory; releases before it copied a whole shard into
+memory first, safetensors issue #458), fsyncs each finished shard in the background, then writes the index.
 
-The safetensors format (https://github.com/huggingface/safetensors): an 8-byte little-endian header length
-N, N bytes of JSON ``{name: {"dtype": "BF16", "shape": [...], "data_offsets": [begin, end]}, "__metadata__":
-{...}}`` (padded with spaces to a multiple of 8), then the tensors' bytes, contiguous, in offset order.
+Why the reading side is written here and not with ``safetensors.safe_open``: its ``get_tensor`` copies each
+tensor out of the file (measured on a 0.5 GB bf16 shard: 1.2 s and +0.5 GB resident, against 0.17 s to
+read every byte of the zero-copy views below). The format is small and fixed
+(https://github.com/huggingface/safetensors): an 8-byte little-endian header length N, N bytes of JSON
+``{name: {"dtype": "BF16", "shape": [...], "data_offsets": [begin, end]}, "__metadata__": {...}}`` (padded with spaces to a multiple of 8), then the tensors' bytes, contiguous, in offset order.
 """
 
 from __future__ import annotations
@@ -361,29 +364,18 @@ class SafetensorsShardWriter:
 
 def write_safetensors(path: str, tensors: list[tuple[str, torch.Tensor]], metadata: dict[str, str] | None = None,
                       *, fsync: bool = True) -> None:
-    """One safetensors file with ``tensors`` in the given order (names must be unique), fsync'ed unless
-    ``fsync=False``. Tensors may share storage (views of one fused tensor): each is written as its own bytes."""
-    header: dict[str, Any] = {"__metadata__": {"format": "pt", **(metadata or {})}}
-    offset = 0
+    """One safetensors file with ``tensors`` (names must be unique), fsync'ed unless ``fsync=False``.
+    Tensors may be views of one fused tensor (q/k/v, gate/up): each is written as its own bytes."""
+    from safetensors.torch import save_file
+
+    named: dict[str, torch.Tensor] = {}
     for name, t in tensors:
-        if name in header:
+        if name in named:
             raise ValueError(f"write_safetensors: duplicate tensor name {name!r}")
-        if t.dtype not in _ST_NAMES:
-            raise ValueError(f"write_safetensors: {name!r} has dtype {t.dtype}, which safetensors cannot store")
-        nbytes = t.numel() * t.element_size()
-        header[name] = {"dtype": _ST_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)  # the data section starts 8-byte aligned, as safetensors writes it
-    with open(path, "wb") as fh:
-        fh.write(struct.pack("<Q", len(blob)))
-        fh.write(blob)
-        for _, t in tensors:
-            if t.numel():
-                fh.write(_bytes_of(t))
-        if fsync:
-            fh.flush()
-            os.fsync(fh.fileno())
+        named[name] = t.detach().to("cpu").contiguous()
+    save_file(named, path, metadata={"format": "pt", **(metadata or {})})
+    if fsync:
+        _fsync_file(path)
 
 
 def _fsync_file(path: str) -> None:
@@ -392,12 +384,6 @@ def _fsync_file(path: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _bytes_of(t: torch.Tensor) -> memoryview:
-    """The tensor's bytes in row-major order without a copy when it is a contiguous CPU tensor."""
-    t = t.detach().to("cpu").contiguous()
-    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
 
 
 def write_safetensors_shards(named: Iterable[tuple[str, torch.Tensor]], out_dir: str, max_shard_bytes: int,
