@@ -71,7 +71,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {type(exc).__name__}: {exc}\n(GIFT_MEGATRON_TRACEBACK=1 shows the traceback)", file=sys.stderr)
         return 2
     if int(os.environ.get("RANK", "0")) == 0:
-        print(f"reward (greedy eval): start {result['first_eval']} -> end {result['last_eval']}", flush=True)
+        first, last = result["first_eval"], result["last_eval"]
+        if first is not None and last is not None:
+            print(f"reward (greedy eval): start {first:.3f} -> end {last:.3f}", flush=True)
     return 0
 
 

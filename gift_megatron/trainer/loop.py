@@ -68,6 +68,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _fmt(value: float | None) -> str:
+    return "none (no eval set)" if value is None else f"{value:.3f}"
+
+
 def replica_groups() -> tuple[Any, int]:
     """(process group of this rank's data-parallel replica, global rank of its rollout owner).
 
@@ -444,7 +448,7 @@ class Trainer:
         first_eval = self.evaluate()
         if first_eval is not None and not self.resumed:
             self.logger.log(self.step, {"eval/reward": first_eval})
-        self.logger.write(f"start: step {self.step}/{cfg.train.steps}, eval reward {first_eval}")
+        self.logger.write(f"start: step {self.step}/{cfg.train.steps}, eval reward {_fmt(first_eval)}")
         history = []
         while self.step < cfg.train.steps:
             metrics = self.train_one_step()
@@ -459,7 +463,7 @@ class Trainer:
             if (cfg.run.save_interval and self.step % cfg.run.save_interval == 0) or self.step == cfg.train.steps:
                 self.save()
         last_eval = self.evaluate() if not history else history[-1].get("eval/reward")
-        self.logger.write(f"end: step {self.step}, eval reward {first_eval} -> {last_eval}")
+        self.logger.write(f"end: step {self.step}, eval reward {_fmt(first_eval)} -> {_fmt(last_eval)}")
         plots = []
         if self.rank == 0 and cfg.run.plots:
             plots = plot_run(self.run_dir)
