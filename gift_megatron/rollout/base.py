@@ -20,6 +20,9 @@ class SamplingParams:
     Reported log-probs are log softmax(logits / temperature) of the chosen token (log softmax(logits) when
     greedy), before top-p truncation: the same quantity the trainer computes with
     ``vocab_parallel_logprobs(..., temperature=...)``, so old and new policies are compared on equal terms.
+
+    seed: makes one ``generate`` call reproducible; every response of the call is drawn independently
+    (no two prompts share a random stream, so repeated prompts get different samples).
     """
 
     n: int = 1

@@ -353,12 +353,18 @@ class VLLMRolloutEngine:
 
         # vLLM refuses n > 1 with greedy sampling: repeat the prompt instead (every copy is identical).
         copies = params.n if greedy else 1
-        sp = VSamplingParams(n=params.n // copies, temperature=params.temperature,
-                             top_p=1.0 if greedy else params.top_p, max_tokens=params.max_tokens,
-                             seed=params.seed, logprobs=0, detokenize=False,
-                             stop_token_ids=list(self.eos_token_ids) or None)
+        # One seed per prompt: vLLM gives the k-th response of a request seed + k, so a seed shared by all
+        # prompts would draw every prompt's k-th response from the same random stream (identical responses
+        # for repeated prompts, correlated ones for all). Prompt i gets seeds seed + i*n ... seed + i*n + n-1.
+        def sampling(i: int):
+            seed = None if params.seed is None else params.seed + i * params.n
+            return VSamplingParams(n=params.n // copies, temperature=params.temperature,
+                                   top_p=1.0 if greedy else params.top_p, max_tokens=params.max_tokens,
+                                   seed=seed, logprobs=0, detokenize=False,
+                                   stop_token_ids=list(self.eos_token_ids) or None)
+
         inputs = [{"prompt_token_ids": [int(t) for t in p]} for p in prompts for _ in range(copies)]
-        outs = self.llm.generate(inputs, sp, use_tqdm=False)
+        outs = self.llm.generate(inputs, [sampling(k // copies) for k in range(len(inputs))], use_tqdm=False)
         rollouts = []
         for k, out in enumerate(outs):
             index = k // copies
