@@ -48,12 +48,6 @@ def build_engine(cfg: Any, tokenizer: Any):
         model_dir = tempfile.mkdtemp(prefix="gift_megatron_vllm_", dir=cfg.run.output_dir)
         write_hf_config(model_dir, hf_cfg)
         r = cfg.rollout
-        if r.sleep_during_training:
-            from vllm.platforms import current_platform
-
-            if not current_platform.is_sleep_mode_available():
-                raise ValueError(f"rollout.sleep_during_training: vLLM has no sleep mode on this platform "
-                                 f"({current_platform.device_type}; it needs CUDA or ROCm): set it to false")
         return VLLMRolloutEngine(model_dir, tensor_parallel_size=r.tensor_parallel_size,
                                  gpu_memory_utilization=r.gpu_memory_utilization,
                                  enable_sleep_mode=r.sleep_during_training, seed=cfg.run.seed,

@@ -254,8 +254,9 @@ class VLLMRolloutEngine:
         self.eos_token_ids = self._eos_ids(model_dir)
         on_cpu = current_platform.is_cpu()
         if enable_sleep_mode and not current_platform.is_sleep_mode_available():
-            raise ValueError(f"enable_sleep_mode: vLLM {self.version} has no sleep mode on this platform "
-                             f"({current_platform.device_type}); it needs CUDA or ROCm")
+            raise ValueError(f"enable_sleep_mode (rollout.sleep_during_training in a training config): vLLM "
+                             f"{self.version} has no sleep mode on this platform ({current_platform.device_type}); "
+                             "it needs CUDA or ROCm, so set it to false")
         if on_cpu and _version(self.version) < _version(LAYERWISE_RELOAD_SINCE):
             raise VLLMVersionError(f"vLLM {self.version} on CPU: weight updates need vLLM's layerwise reload "
                                    f"(>= {LAYERWISE_RELOAD_SINCE}), because the CPU backend repacks weights after "
