@@ -83,3 +83,15 @@ def test_bad_input():
     for bad in (dict(n=0), dict(temperature=-1), dict(top_p=0), dict(top_p=1.5), dict(max_tokens=0)):
         with pytest.raises(ValueError, match="sampling\\."):
             SamplingParams(**bad)
+
+
+def test_seeded_generation_leaves_the_callers_random_stream_alone():
+    engine = HFRolloutEngine(tiny_llama(5))
+    params = SamplingParams(n=2, temperature=1.0, max_tokens=4, seed=11)
+    torch.manual_seed(123)
+    expected = torch.rand(4)
+    torch.manual_seed(123)
+    first = engine.generate(PROMPTS, params)
+    torch.testing.assert_close(torch.rand(4), expected, rtol=0, atol=0)
+    again = engine.generate(PROMPTS, params)  # the seed alone fixes the samples
+    assert [r.response_ids.tolist() for r in first] == [r.response_ids.tolist() for r in again]

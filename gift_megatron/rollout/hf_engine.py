@@ -32,9 +32,16 @@ class HFRolloutEngine:
         if not prompts:
             raise ValueError("prompts: empty list")
         device = next(self.model.parameters()).device
+        # transformers samples from the global generator; fork it so that a seeded rollout does not reset
+        # the training process's own random stream (dropout, shuffles) to a function of the rollout seed.
+        cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda, enabled=params.seed is not None):
+            if params.seed is not None:
+                torch.manual_seed(params.seed)
+            return self._generate(prompts, params, device)
+
+    def _generate(self, prompts, params: SamplingParams, device: torch.device) -> list[Rollout]:
         out: list[Rollout] = []
-        if params.seed is not None:
-            torch.manual_seed(params.seed)
         for index, prompt in enumerate(prompts):  # one prompt at a time: no padding, exact positions
             if len(prompt) == 0:
                 raise ValueError(f"prompts[{index}] is empty")
