@@ -484,3 +484,39 @@ def test_in_memory_loader_errors_name_the_tensor(converted):
         with pytest.raises(ConversionError, match=r"2 parameters were not set: the HF source has no "
                                                   r"\['model.layers.0.self_attn.k_proj.weight'"):
             load_hf_weights_into_model(model, cfg, partial)
+
+
+def test_transformer_engine_norm_names_load_and_export(converted):
+    """With the Transformer Engine spec the layer norms live inside the next linear layer
+    (``linear_qkv.layer_norm_weight``, ``linear_fc1.layer_norm_weight``). TE does not run on CPU, so the
+    local-spec model is re-spelled that way: its norms are moved into those attributes, and loading and
+    exporting must go by the model's own names."""
+    from gift_megatron.checkpoint import build_cpu_model, iter_hf_tensors, load_hf_weights_into_model
+    from gift_megatron.checkpoint.convert import single_process_megatron
+    from gift_megatron.megatron.model import ModelConfig
+
+    c = converted["qwen2-untied-bf16"]
+    cfg = ModelConfig.from_hf_config(json.load(open(os.path.join(c["hf"], "config.json"))))
+    tensors = hf_tensors(c["hf"])
+    with single_process_megatron():
+        model = build_cpu_model(cfg, torch.bfloat16)
+        for layer in model.decoder.layers:
+            layer.self_attention.linear_qkv.register_parameter("layer_norm_weight", layer.input_layernorm.weight)
+            layer.mlp.linear_fc1.register_parameter("layer_norm_weight", layer.pre_mlp_layernorm.weight)
+            layer.input_layernorm, layer.pre_mlp_layernorm = torch.nn.Identity(), torch.nn.Identity()
+        names = {n for n, _ in model.named_parameters()}
+        assert "decoder.layers.0.self_attention.linear_qkv.layer_norm_weight" in names
+        assert not any("input_layernorm" in n or "pre_mlp_layernorm" in n for n in names)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.zero_()
+        load_hf_weights_into_model(model, cfg, tensors)
+        for i, layer in enumerate(model.decoder.layers):
+            assert torch.equal(layer.self_attention.linear_qkv.layer_norm_weight,
+                               tensors[f"model.layers.{i}.input_layernorm.weight"])
+            assert torch.equal(layer.mlp.linear_fc1.layer_norm_weight,
+                               tensors[f"model.layers.{i}.post_attention_layernorm.weight"])
+        exported = dict(iter_hf_tensors(model, cfg))
+    assert sorted(exported) == sorted(tensors)
+    for name, t in tensors.items():
+        assert torch.equal(exported[name], t), name
