@@ -7,6 +7,7 @@ version check and the installation hint need no vLLM and run everywhere.
 
 from __future__ import annotations
 
+import os
 import sys
 
 import pytest
@@ -41,15 +42,28 @@ def test_missing_vllm_says_how_to_install_it(monkeypatch):
         vllm_engine.import_vllm()
 
 
-def test_weight_payload_round_trips_bit_exactly():
-    """Host-bytes transport (engine core in another process): every dtype the export yields comes back exactly."""
+@pytest.mark.parametrize("where", ["segment", "bytes", "no-such-dir"])
+def test_weight_payload_round_trips_bit_exactly(where, tmp_path):
+    """Host transport (engine core in another process), through a mapped segment file or as bytes in the
+    message: every dtype the export yields comes back exactly, also after the sender deleted the file."""
     torch.manual_seed(0)
     bucket = [("a", torch.randn(3, 5).to(torch.bfloat16)), ("b", torch.randn(7)), ("c", torch.randn(2, 2).half()),
-              ("d", torch.randn(4, 6)[:, ::2]), ("e", torch.zeros(0, 3))]  # non-contiguous and empty too
-    back = vllm_engine.unpack_bucket(vllm_engine.pack_bucket(bucket, cuda_ipc=False))
+              ("d", torch.randn(4, 6)[:, ::2]), ("e", torch.zeros(0, 3)), ("f", torch.tensor([True, False, True])),
+              ("a", torch.arange(5, dtype=torch.int64))]  # non-contiguous, empty, odd sizes, a repeated name
+    segment_dir = {"segment": str(tmp_path), "bytes": None, "no-such-dir": str(tmp_path / "missing")}[where]
+    payload, path = vllm_engine.pack_bucket(bucket, cuda_ipc=False, segment_dir=segment_dir)
+    assert [item[1] for item in payload] == ["shm" if where == "segment" else "host"] * len(bucket)
+    assert (path is not None) == (where == "segment")
+    back = vllm_engine.unpack_bucket(payload)
+    if path:
+        assert os.path.dirname(path) == str(tmp_path)
+        os.unlink(path)  # what the sender does once the RPC returned; the worker's views stay valid
     assert [n for n, _ in back] == [n for n, _ in bucket]
     for (_, want), (_, got) in zip(bucket, back):
         assert got.dtype == want.dtype and got.shape == want.shape and torch.equal(got, want)
+    if path:
+        with pytest.raises(FileNotFoundError, match="weight segment .* for 'a' is gone"):
+            vllm_engine.unpack_bucket(payload)
 
 
 # -- the engine (needs vLLM) -----------------------------------------------------------------------------------
@@ -241,7 +255,18 @@ def _distributed_main(path: str) -> None:
                                                block_size=32)
         assert engine.separate_process, "inside a torch.distributed world the engine core runs in its own process"
         engine.generate(PROMPTS, SamplingParams(temperature=0.0, max_tokens=4))  # fills the prefix cache
+        sent, pack = [], vllm_engine.pack_bucket
+
+        def recording_pack(*args, **kwargs):
+            payload, path = pack(*args, **kwargs)
+            sent.append(([item[1] for item in payload], path))
+            return payload, path
+
+        vllm_engine.pack_bucket = recording_pack
         engine.update_weights(((n, p.detach()) for n, p in model.named_parameters()), bucket_bytes=100_000)
+        vllm_engine.pack_bucket = pack
+        assert len(sent) > 1 and all(kinds == ["shm"] * len(kinds) for kinds, _ in sent), sent
+        assert not any(os.path.exists(path) for _, path in sent), "the sender deletes each bucket's file"
         _check_greedy(model, engine)
         with pytest.raises(ValueError, match="has shape"):
             engine.update_weights([("model.norm.weight", torch.zeros(3))])
@@ -253,8 +278,7 @@ def _distributed_main(path: str) -> None:
 @pytest.mark.timeout(300)
 def test_engine_inside_a_torch_distributed_job(setup, tmp_path):
     """An in-process engine would build its process groups on the trainer's world and hang; the engine core
-    runs in its own process there, and the weights travel as plain data."""
-    import os
+    runs in its own process there, and the weights travel through /dev/shm files."""
     import subprocess
 
     env = dict(os.environ, PYTHONPATH=os.getcwd())
@@ -290,3 +314,19 @@ def test_gpu_sleep_wake_keeps_the_weights(tmp_path, tp):
 
 if __name__ == "__main__":  # python -m tests.test_vllm_engine distributed|tp2 DIR (the subprocess tests)
     {"distributed": _distributed_main, "tp2": _tp2_main}[sys.argv[1]](sys.argv[2])
+
+
+@pytest.mark.timeout(300)
+def test_weight_sync_benchmark_runs(setup):
+    """benchmarks/weight_sync.py is the GPU measurement; on the CPU build it runs at a tiny shape, so the
+    script cannot rot unnoticed between GPU runs."""
+    import re
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    run = subprocess.run([sys.executable, os.path.join(root, "benchmarks", "weight_sync.py"), "--model-dims", "tiny",
+                          "--separate-process", "--bucket-mb", "1"], capture_output=True, text=True, timeout=280)
+    assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]
+    line = next(x for x in run.stdout.splitlines() if x.startswith("tiny-shaped"))
+    assert "separate engine process" in line and "/dev/shm" in line, line
+    assert float(re.search(r"weight sync ([0-9.]+) s", line).group(1)) > 0
