@@ -330,3 +330,20 @@ def test_weight_sync_benchmark_runs(setup):
     line = next(x for x in run.stdout.splitlines() if x.startswith("tiny-shaped"))
     assert "separate engine process" in line and "/dev/shm" in line, line
     assert float(re.search(r"weight sync ([0-9.]+) s", line).group(1)) > 0
+
+
+def test_bucket_files_of_dead_processes_are_removed(tmp_path):
+    """A trainer killed during an update leaves its bucket file in tmpfs; the next engine deletes it."""
+    import subprocess
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    bucket = [("w", torch.ones(4))]
+    _, mine = vllm_engine.pack_bucket(bucket, cuda_ipc=False, segment_dir=str(tmp_path))
+    stale = tmp_path / os.path.basename(mine).replace(f"_{os.getpid()}_", f"_{dead.pid}_")
+    os.rename(mine, stale)
+    _, mine = vllm_engine.pack_bucket(bucket, cuda_ipc=False, segment_dir=str(tmp_path))
+    other = tmp_path / "unrelated_file"
+    other.write_text("x")
+    assert vllm_engine.remove_stale_segments(str(tmp_path)) == [str(stale)]
+    assert sorted(os.listdir(tmp_path)) == sorted([os.path.basename(mine), "unrelated_file"])

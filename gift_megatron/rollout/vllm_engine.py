@@ -106,6 +106,36 @@ _warned_no_room: list[bool] = []
 log = logging.getLogger("gift_megatron.rollout")
 
 
+_SEGMENT_PREFIX = "gift_megatron_weights_"
+
+
+def remove_stale_segments(directory: str | None = None) -> list[str]:
+    """Delete bucket files left in ``directory`` (default :data:`SEGMENT_DIR`) by processes that no longer
+    exist (a trainer killed during a weight update): tmpfs holds their memory until someone deletes them.
+    The file name carries the writer's pid. Returns the deleted paths."""
+    directory = SEGMENT_DIR if directory is None else directory
+    removed: list[str] = []
+    if not directory or not os.path.isdir(directory):
+        return removed
+    for entry in os.listdir(directory):
+        pid = entry[len(_SEGMENT_PREFIX):].split("_", 1)[0]
+        if not entry.startswith(_SEGMENT_PREFIX) or not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+            continue  # alive (or another user's process: not ours to judge)
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue
+        try:
+            os.unlink(os.path.join(directory, entry))
+            removed.append(os.path.join(directory, entry))
+        except FileNotFoundError:
+            pass
+    return removed
+
+
 def _segment_room(directory: str | None, nbytes: int) -> bool:
     if not directory or not os.path.isdir(directory) or not os.access(directory, os.W_OK):
         return False
@@ -138,7 +168,7 @@ def pack_bucket(bucket: Sequence[tuple[str, torch.Tensor]], cuda_ipc: bool,
     path = None
     if total and segment_dir:
         if _segment_room(segment_dir, total):
-            fd, path = tempfile.mkstemp(prefix="gift_megatron_weights_", dir=segment_dir)
+            fd, path = tempfile.mkstemp(prefix=f"{_SEGMENT_PREFIX}{os.getpid()}_", dir=segment_dir)
             try:
                 os.ftruncate(fd, total)
             finally:
@@ -370,6 +400,9 @@ class VLLMRolloutEngine:
         # they are packed as plain data (CUDA IPC handles only where the one worker shares the GPU).
         self._pack = self.separate_process or tensor_parallel_size > 1
         self._cuda_ipc = self.separate_process and tensor_parallel_size == 1 and not on_cpu
+        if self._pack:
+            for path in remove_stale_segments():
+                log.warning("removed %s, a weight bucket left by a process that no longer runs", path)
         self.sleep_mode = enable_sleep_mode
         self.asleep = False
 
