@@ -16,8 +16,14 @@ COMPAT_TESTS := tests/test_objectives.py tests/test_layout_invariance.py tests/t
 venv:
 	@scripts/ensure_venv.sh $(VENV) 3.12 constraints/dev-py312.txt "-e .[dev]"
 
+# On a GPU host the CPU tests and the gpu-marked tests run in two pytest processes (the CPU runtime patches
+# Megatron-Core for the rest of its process); on a CPU-only machine the gpu tests are reported as skipped.
 test: venv
 	$(VENV)/bin/python -m pytest tests $(PYTEST_ARGS)
+	@if $(VENV)/bin/python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then \
+	  echo "== gpu-marked tests on CUDA =="; \
+	  GIFT_MEGATRON_DEVICE=cuda $(VENV)/bin/python -m pytest tests -m gpu $(PYTEST_ARGS); \
+	fi
 
 test-compat:
 	@scripts/ensure_venv.sh $(COMPAT_VENV) 3.11 constraints/compat-py311.txt "-e . pytest pytest-timeout hypothesis transformers safetensors"

@@ -22,6 +22,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+# CUDA or CPU for the whole process (GIFT_MEGATRON_DEVICE=auto|cpu|cuda), and whether TE is installed.
+from gift_megatron.device import has_transformer_engine, use_cuda
+
 
 def init_distributed(tp: int, pp: int) -> None:
     """What the existing script already does: process group + Megatron parallel state."""
@@ -29,7 +32,7 @@ def init_distributed(tp: int, pp: int) -> None:
     os.environ.setdefault("MASTER_PORT", "29533")
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
-    if torch.cuda.is_available():
+    if use_cuda():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         dist.init_process_group("nccl")
         from megatron.core import parallel_state, tensor_parallel
@@ -45,12 +48,13 @@ def init_distributed(tp: int, pp: int) -> None:
 
 
 def build_gpt(tp: int, pp: int, vocab: int, seq: int):
-    """A small Llama-style GPTModel, as the existing script builds it (local spec; TE spec on GPU)."""
+    """A small Llama-style GPTModel, as the existing script builds it (TE spec where Transformer Engine is
+    installed, the local spec otherwise)."""
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
     from megatron.core.transformer import TransformerConfig
 
-    cuda = torch.cuda.is_available()
+    cuda = use_cuda()
     config = TransformerConfig(
         num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=128,
         tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, pipeline_dtype=torch.float32,
@@ -60,7 +64,7 @@ def build_gpt(tp: int, pp: int, vocab: int, seq: int):
         persist_layer_norm=False, gradient_accumulation_fusion=False, apply_rope_fusion=False,
         calculate_per_token_loss=True,  # gift_megatron's step normalizes globally through it
     )
-    if cuda:
+    if has_transformer_engine():
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
         spec = get_gpt_layer_with_transformer_engine_spec()
@@ -121,6 +125,7 @@ def main() -> None:
     # --------------------------------------------------------------------------------------------------
 
     for step in range(args.steps):
+        # Host tensors: ObjectiveStep moves each micro-batch to the model's device once.
         batch = synthetic_groups(step, n_groups=4, group_size=4, seq=seq, vocab=vocab)
         micro_batches = split_global_batch(batch, micro_batch_size=args.micro_batch_size,
                                            dp_rank=parallel_state.get_data_parallel_rank(),

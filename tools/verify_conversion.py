@@ -14,6 +14,8 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# Conversion runs on the CPU even on a GPU node (it holds the model in host memory; see checkpoint/convert.py).
+os.environ.setdefault("GIFT_MEGATRON_DEVICE", "cpu")
 
 
 def parse_prompt_ids(text: str):

@@ -67,8 +67,14 @@ def single_process_megatron(tp: int = 1, pp: int = 1) -> Iterator[None]:
     when no process group exists yet); for conversion and checks outside a distributed job."""
     import torch.distributed as dist
 
+    from gift_megatron.device import ENV, use_cuda
     from gift_megatron.parallel import destroy_model_parallel_cpu, initialize_model_parallel_cpu
 
+    if use_cuda():
+        # Conversion holds the whole model in host memory and runs Megatron on the CPU runtime, which a
+        # process that uses CUDA does not install (the two cannot share one process's Megatron modules).
+        raise RuntimeError(f"checkpoint conversion and verification run on the CPU: set {ENV}=cpu for this "
+                           "process (the tools/ scripts do)")
     owned = not dist.is_initialized()
     tmp = tempfile.mkdtemp(prefix="gift_convert_")
     if owned:

@@ -16,7 +16,7 @@ What moves (nothing touches the disk):
 
 - ``dst_rank=None``: every rank receives every tensor. Each tensor is all-gathered over the TP group on the
   stage that holds it, then broadcast from that stage over the pipeline group.
-- ``dst_rank=r``: only rank r receives. On each stage the TP shards are gathered (``dist.gather``) onto
+- ``dst_rank=r``: only rank r receives. On each stage the TP shards are gathered (``comm.gather_tensors``) onto
   the stage's rank with r's TP rank, which sends the full tensor point-to-point to r (r's own stage needs
   no send). Ranks of other model replicas (another DP or CP rank) do nothing and return at once; the
   other ranks of r's replica take part in the collectives and yield nothing.
@@ -37,8 +37,10 @@ from typing import Any, Iterator
 import torch
 import torch.distributed as dist
 
+from gift_megatron import comm
 from gift_megatron.checkpoint.layout import LocalParam, as_chunks, local_params
 from gift_megatron.checkpoint.mapping import megatron_tensor_to_hf
+from gift_megatron.device import compute_device
 
 Bucket = list[tuple[str, torch.Tensor]]
 
@@ -73,7 +75,7 @@ def iter_hf_weights(model: Any, model_cfg: Any, *, bucket_bytes: int = 512 << 20
     tp, pp = ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()
     tp_group, pp_group = ps.get_tensor_model_parallel_group(), ps.get_pipeline_model_parallel_group()
     stage, tp_rank, me = ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank(), dist.get_rank()
-    device = local[0].param.device if local else _default_device()
+    device = local[0].param.device if local else compute_device()
 
     plan = _Plan(tp, pp, stage, tp_rank, me, dst_rank, ps)
     if not plan.in_replica:
@@ -119,8 +121,7 @@ class _Plan:
         if dst_rank not in mp_ranks:
             self.in_replica = False
             return
-        coords: list[Any] = [None] * len(mp_ranks)
-        dist.all_gather_object(coords, (me, stage, tp_rank), group=mp_group)
+        coords = comm.all_gather_objects((me, stage, tp_rank), mp_group)
         where = {r: (s, t) for r, s, t in coords}
         self.dst_stage, self.dst_tp = where[dst_rank]
         # The rank of each stage that collects that stage's full tensors: the one with dst's TP rank.
@@ -137,22 +138,18 @@ class _Plan:
         mine = [(lp.name, lp.layer, _full_shape(lp, self.tp), lp.param.dtype) for lp in local]
         if self.pp == 1 or self.stage == src_stage and self.everyone:
             if self.pp > 1:
-                dist.broadcast_object_list([mine], src=_global(pp_group, src_stage), group=pp_group)
+                comm.broadcast_objects([mine], src=_global(pp_group, src_stage), group=pp_group)
             return mine
         if self.everyone:
-            box: list[Any] = [None]
-            dist.broadcast_object_list(box, src=_global(pp_group, src_stage), group=pp_group)
-            return box[0]
+            return comm.broadcast_objects([None], src=_global(pp_group, src_stage), group=pp_group)[0]
         if src_stage == self.dst_stage:  # the destination's own stage: nothing to announce
             return mine if self.stage == src_stage else []
         if self.stage == src_stage:
             if self.me == self.collector[src_stage]:
-                dist.send_object_list([mine], dst=self.dst, group=pp_group)
+                comm.send_objects([mine], dst=self.dst, group=pp_group)
             return mine
         if self.me == self.dst:
-            box = [None]
-            dist.recv_object_list(box, src=self.collector[src_stage], group=pp_group)
-            return box[0]
+            return comm.recv_objects(1, src=self.collector[src_stage], group=pp_group)[0]
         return []  # neither sends nor receives this stage's tensors
 
     def move(self, src_stage: int, lp: LocalParam | None, shape, dtype, device, tp_group, pp_group
@@ -162,18 +159,17 @@ class _Plan:
             full = _all_gather_tp(lp, self.tp, tp_group) if lp is not None else torch.empty(shape, dtype=dtype,
                                                                                                 device=device)
             if self.pp > 1:
-                dist.broadcast(full, src=_global(pp_group, src_stage), group=pp_group)
+                full = comm.broadcast_tensor(full, src=_global(pp_group, src_stage), group=pp_group)
             return full
         collector = self.collector[src_stage]
         full = None
         if lp is not None:  # on the source stage: gather the shards onto the collector
             full = _gather_tp(lp, self.tp, tp_group, collector, self.me == collector)
             if src_stage != self.dst_stage and self.me == collector:
-                dist.send(full.contiguous(), dst=self.dst, group=pp_group)
+                comm.send_tensor(full, dst=self.dst, group=pp_group)
                 return None
         elif self.me == self.dst:
-            full = torch.empty(shape, dtype=dtype, device=device)
-            dist.recv(full, src=collector, group=pp_group)
+            full = comm.recv_tensor(shape, dtype, src=collector, group=pp_group, device=device)
         return full if self.me == self.dst else None
 
 
@@ -188,23 +184,17 @@ def _all_gather_tp(lp: LocalParam, tp: int, group) -> torch.Tensor:
     p = lp.param.detach()
     if tp == 1 or not lp.tp_split:
         return p
-    parts = [torch.empty_like(p) for _ in range(tp)]
-    dist.all_gather(parts, p.contiguous(), group=group)
-    return torch.cat(parts, dim=lp.partition_dim)
+    return torch.cat(comm.all_gather_tensors(p, group), dim=lp.partition_dim)
 
 
 def _gather_tp(lp: LocalParam, tp: int, group, collector: int, am_collector: bool) -> torch.Tensor | None:
     p = lp.param.detach()
     if tp == 1 or not lp.tp_split:
         return p if am_collector else None
-    parts = [torch.empty_like(p) for _ in range(tp)] if am_collector else None
-    dist.gather(p.contiguous(), parts, dst=collector, group=group)
+    parts = comm.gather_tensors(p, dst=collector, group=group)
     return torch.cat(parts, dim=lp.partition_dim) if am_collector else None
 
 
 def _global(group, group_rank: int) -> int:
     return dist.get_global_rank(group, group_rank)
 
-
-def _default_device() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")

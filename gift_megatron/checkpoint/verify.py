@@ -106,8 +106,9 @@ def megatron_logits(path: str, model_cfg: Any, tokens: torch.Tensor, *, tp: int 
 
 
 def _forward(path: str, model_cfg: Any, tokens: torch.Tensor) -> torch.Tensor:
-    import torch.distributed as dist
     from megatron.core import parallel_state as ps
+
+    from gift_megatron.comm import all_gather_tensors
 
     from gift_megatron.checkpoint.convert import build_cpu_model, checkpoint_dtype
     from gift_megatron.megatron.checkpoint import load_checkpoint
@@ -116,13 +117,11 @@ def _forward(path: str, model_cfg: Any, tokens: torch.Tensor) -> torch.Tensor:
     load_checkpoint(path, [model], restore_rng=False)
     model.eval()
     with torch.no_grad():
-        positions = torch.arange(tokens.shape[1])[None].expand_as(tokens)
+        positions = torch.arange(tokens.shape[1], device=tokens.device)[None].expand_as(tokens)
         local = model(tokens, positions, None).float()  # [b, s, padded_vocab / tp]
         tp = ps.get_tensor_model_parallel_world_size()
         if tp > 1:
-            parts = [torch.empty_like(local) for _ in range(tp)]
-            dist.all_gather(parts, local.contiguous(), group=ps.get_tensor_model_parallel_group())
-            local = torch.cat(parts, -1)
+            local = torch.cat(all_gather_tensors(local, ps.get_tensor_model_parallel_group()), -1)
     return local[..., :model_cfg.vocab_size]
 
 

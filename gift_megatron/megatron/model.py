@@ -6,8 +6,9 @@ Three small dataclasses, in the spirit of Megatron's TransformerConfig:
 - :class:`ParallelConfig`: TP / PP / CP sizes and ``validate(world_size, model)``;
 - :class:`PrecisionConfig`: bf16 / fp16 / fp32 and the FP8 options of Transformer Engine.
 
-:func:`build_model` picks the layer spec: Transformer Engine's on a CUDA machine (imported there and only
-there: installing TE on a CPU machine breaks ``import megatron.core``), the local spec on CPU.
+:func:`build_model` picks the layer spec (:func:`select_backend`): Transformer Engine's on a CUDA machine
+that has TE (imported there and only there: installing TE on a CPU machine breaks ``import megatron.core``),
+the local spec otherwise (CPU, or a GPU host without the optional TE install, with TE-only fusions off).
 
 FP8 scope: the transformer layers' linear layers run in FP8 inside Megatron's FP8 context; the output
 layer is Megatron's plain ``tensor_parallel.ColumnParallelLinear`` in both supported megatron-core lines
@@ -195,7 +196,8 @@ class PrecisionConfig:
 
     fp8: None | "e4m3" | "hybrid" (e4m3 forward, e5m2 gradients); fp8_recipe: "delayed" | "tensorwise" |
     "blockwise" | "mxfp8"; fp8_margin, fp8_amax_history_len, fp8_amax_compute_algo: delayed-scaling
-    options; fp8_param: keep the FP8 weights as parameters (saves memory, needs TE);
+    options; fp8_param: FP8 weights as parameters -- refused for now (not wired through the
+    parameter gather, optimizer and export);
     first_last_layers_bf16 with num_layers_at_start_in_bf16 / num_layers_at_end_in_bf16: keep those layers
     out of FP8 (a common stabilizer for post-training).
     """
@@ -223,6 +225,13 @@ class PrecisionConfig:
                              f"got {self.fp8_amax_compute_algo!r}")
         if self.fp8 is not None and self.dtype == "fp32":
             raise ValueError("precision.fp8 needs dtype bf16 or fp16 for the non-FP8 parts, got fp32")
+        if self.fp8_param:
+            # Refused rather than half-wired: FP8 parameters need DDP's fp8_param_gather, an optimizer that
+            # keeps fp32 main weights of FP8 tensors, and an export that dequantizes them for the rollout
+            # engine and the HF writer. None of that exists here yet; FP8 compute (precision.fp8) does.
+            raise ValueError("precision.fp8_param=true is not supported: FP8 weights are not wired through the "
+                             "parameter all-gather, the optimizer or the weight export. Use precision.fp8 "
+                             "(FP8 compute with bf16 weights) and leave fp8_param false")
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -237,7 +246,7 @@ def check_fp8_support(precision: PrecisionConfig, capability: Optional[tuple[int
     if precision.fp8 is None:
         return
     if capability is None:
-        if not torch.cuda.is_available():
+        if not _cuda():
             raise RuntimeError(f"precision.fp8={precision.fp8!r} needs a CUDA GPU with Transformer Engine; "
                                "none is available on this machine")
         capability = torch.cuda.get_device_capability()
@@ -252,7 +261,44 @@ def check_fp8_support(precision: PrecisionConfig, capability: Optional[tuple[int
 
 
 def _cuda() -> bool:
-    return torch.cuda.is_available()
+    from gift_megatron.device import use_cuda
+
+    return use_cuda()
+
+
+def _te() -> bool:
+    from gift_megatron.device import has_transformer_engine
+
+    return has_transformer_engine()
+
+
+def select_backend(parallel: ParallelConfig, precision: PrecisionConfig, *, cuda: Optional[bool] = None,
+                   transformer_engine: Optional[bool] = None) -> str:
+    """"transformer_engine" (TE layer spec and fusions) or "local" (Megatron's torch modules), for this
+    process; raises before anything is built when the layout or precision needs TE and TE is absent.
+
+    TE's spec is used only on CUDA with TE importable. Without it (a CPU machine, or a GPU host without the
+    optional TE install) FP8, sequence parallelism and model-level context parallelism are refused with an
+    error naming Transformer Engine: the local spec's norms reject sequence parallelism, its attention
+    rejects context parallelism, and FP8 GEMMs exist only in TE. ``cuda`` / ``transformer_engine``
+    override the detection (tests).
+    """
+    cuda = _cuda() if cuda is None else cuda
+    te = (cuda and _te()) if transformer_engine is None else transformer_engine
+    if te:
+        return "transformer_engine"
+    where = "on this CPU machine" if not cuda else "on this GPU host (transformer-engine is not installed)"
+    needs = []
+    if precision.fp8 is not None:
+        needs.append(f"precision.fp8={precision.fp8!r}")
+    if parallel.sequence_parallel:
+        needs.append("parallel.sequence_parallel=true")
+    if parallel.context_parallel_size > 1:
+        needs.append(f"parallel.context_parallel_size={parallel.context_parallel_size}")
+    if needs:
+        raise RuntimeError(f"{', '.join(needs)} need(s) Transformer Engine, which is not available {where}; "
+                           "install transformer-engine on the GPU nodes or turn these options off")
+    return "local"
 
 
 def transformer_config(model: ModelConfig, parallel: ParallelConfig, precision: PrecisionConfig,
@@ -265,6 +311,7 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig, precision: 
     from megatron.core.transformer import TransformerConfig
 
     cuda = _cuda()
+    te = select_backend(parallel, precision, cuda=cuda) == "transformer_engine"
     kwargs: dict[str, Any] = dict(
         num_layers=model.num_layers,
         hidden_size=model.hidden_size,
@@ -297,8 +344,14 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig, precision: 
         kwargs.update(bias_activation_fusion=False, bias_dropout_fusion=False, masked_softmax_fusion=False,
                       persist_layer_norm=False, gradient_accumulation_fusion=False, apply_rope_fusion=False,
                       cross_entropy_loss_fusion=False)
-    else:
+    elif te:
         kwargs.update(bias_activation_fusion=True, masked_softmax_fusion=True, apply_rope_fusion=True)
+    else:
+        # CUDA without TE: Megatron's own jit fusions (SwiGLU, bias-dropout-add) run; the fused RoPE,
+        # fused softmax and gradient-accumulation kernels come from TE/Apex, so they stay off
+        # (megatron-core raises "apply_rope_fusion is not available" otherwise).
+        kwargs.update(bias_activation_fusion=True, bias_dropout_fusion=True, masked_softmax_fusion=False,
+                      persist_layer_norm=False, gradient_accumulation_fusion=False, apply_rope_fusion=False)
     if precision.fp8 is not None:
         check_fp8_support(precision)
         kwargs.update(fp8=precision.fp8, fp8_recipe=precision.fp8_recipe, fp8_margin=precision.fp8_margin,
@@ -318,11 +371,14 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig, precision: 
     return TransformerConfig(**kwargs)
 
 
-def layer_spec(model: ModelConfig):
-    """Transformer Engine's layer spec on CUDA machines (imported lazily), the local spec otherwise."""
+def layer_spec(model: ModelConfig, backend: Optional[str] = None):
+    """Transformer Engine's layer spec on CUDA with TE (imported lazily), the local spec otherwise.
+    ``backend``: "transformer_engine" | "local" (default: what this process has)."""
     from megatron.core.models.gpt import gpt_layer_specs
 
-    if _cuda():
+    if backend is None:
+        backend = "transformer_engine" if _cuda() and _te() else "local"
+    if backend == "transformer_engine":
         return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=model.qk_layernorm)
     return gpt_layer_specs.get_gpt_layer_local_spec(qk_layernorm=model.qk_layernorm, normalization="RMSNorm")
 
@@ -343,10 +399,11 @@ def build_model(model: ModelConfig, parallel: ParallelConfig, precision: Precisi
         raise ValueError(f"parallel.tensor_model_parallel_size={parallel.tensor_model_parallel_size} but Megatron's "
                          f"parallel state was initialized with TP={tp}")
     parallel.validate(torch.distributed.get_world_size(), model)
+    backend = select_backend(parallel, precision)  # before anything is built: a clear error naming TE
     config = transformer_config(model, parallel, precision, **config_overrides)
     gpt = GPTModel(
         config=config,
-        transformer_layer_spec=layer_spec(model),
+        transformer_layer_spec=layer_spec(model, backend),
         vocab_size=model.padded_vocab_size(tp),
         max_sequence_length=model.max_position_embeddings,
         pre_process=parallel_state.is_pipeline_first_stage() if pre_process is None else pre_process,

@@ -33,9 +33,9 @@ from functools import partial
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
-import torch.distributed as dist
 
-from gift_megatron.comm import all_gather_rows
+from gift_megatron.comm import all_gather_rows, broadcast_objects, group_rank
+from gift_megatron.device import move_to, to_host_floats
 from gift_megatron.objectives import BatchLayout, BatchStats, LossOutput, Members, Objective, TokenBatch
 from gift_megatron.objectives.base import count_totals
 from gift_megatron.parallel.context import zigzag_split
@@ -51,6 +51,14 @@ def _ps():
     from megatron.core import parallel_state
 
     return parallel_state
+
+
+def model_device(model) -> torch.device:
+    """The device of the parameters of ``model`` (a chunk or a list of chunks, DDP-wrapped or not)."""
+    from megatron.core.utils import unwrap_model
+
+    first = model[0] if isinstance(model, (list, tuple)) else model
+    return next(unwrap_model(first).parameters()).device
 
 
 def batch_layout() -> BatchLayout:
@@ -163,7 +171,8 @@ def make_forward_step(ctx: LossContext, *, temperature: float = 1.0, chunk_size:
     """
 
     def forward_step(data_iterator: Iterator[dict[str, Any]], model):
-        mb = split_for_context_parallel(next(data_iterator))
+        # A no-op for micro-batches ObjectiveStep.prepare already moved; a user's own loop may pass host ones.
+        mb = split_for_context_parallel(move_to(next(data_iterator), model_device(model)))
         logp = model_logprobs(model, mb, temperature=temperature, chunk_size=chunk_size, vocab_size=vocab_size)
         return logp, partial(loss_func, ctx, mb)
 
@@ -180,15 +189,18 @@ def forward_logprobs(
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     ps = _ps()
+    models = model if isinstance(model, list) else [model]
+    device = model_device(models)
+    micro_batches = [move_to(mb, device) for mb in micro_batches]
 
     def _collect(lp):
-        return lp.sum() * 0.0, torch.tensor(1, dtype=torch.int), {"logp": lp.detach()}
+        # The count joins Megatron's token counter, which lives on the model's device.
+        return lp.sum() * 0.0, torch.ones((), dtype=torch.int, device=lp.device), {"logp": lp.detach()}
 
     def forward_step(data_iterator, m):
         mb = split_for_context_parallel(next(data_iterator))
         return model_logprobs(m, mb, temperature=temperature, chunk_size=chunk_size, vocab_size=vocab_size), _collect
 
-    models = model if isinstance(model, list) else [model]
     with torch.no_grad():
         store = get_forward_backward_func()(
             forward_step_func=forward_step,
@@ -220,7 +232,7 @@ def data_members(objective: Objective, micro_batches: Sequence[dict[str, Any]]) 
 
 def groups_whole_per_micro_batch(micro_batches: Sequence[dict[str, Any]], layout: BatchLayout) -> bool:
     """True when every group of the step lies in a single micro-batch of a single DP rank (all ranks agree)."""
-    dp_rank = dist.get_rank(layout.dp_group) if layout.dp_group is not None else 0
+    dp_rank = group_rank(layout.dp_group)
     rows = [torch.stack([mb["group_ids"].to(torch.float64),
                          torch.full_like(mb["group_ids"], dp_rank, dtype=torch.float64),
                          torch.full_like(mb["group_ids"], i, dtype=torch.float64)], dim=1)
@@ -338,6 +350,25 @@ class ObjectiveStep:
         if getattr(config, "grad_scale_func", None) is None and hasattr(optimizer, "scale_loss"):
             config.grad_scale_func = optimizer.scale_loss
 
+    @property
+    def device(self) -> torch.device:
+        """The device of the policy's parameters: where every micro-batch tensor goes."""
+        return model_device(self.model)
+
+    def prepare(self, micro_batches: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The step's micro-batches ready to train on, each tensor moved to the model's device once.
+
+        Validates them (clear errors before any compute), then adds the ``ref_logp`` / ``old_logp`` the
+        objective needs and the micro-batches lack (forward-only passes of the reference model / the
+        current policy). Preparing a rollout batch once and training several updates on slices of it runs
+        each pass once; calling the step on prepared micro-batches moves and recomputes nothing.
+        """
+        ps = _ps()
+        micro_batches = [move_to(mb, self.device) for mb in micro_batches]
+        validate_micro_batches(self.objective, micro_batches, ps.get_context_parallel_world_size())
+        self._fill_reference_logprobs(micro_batches)
+        return micro_batches
+
     def _fill_reference_logprobs(self, micro_batches: list[dict[str, Any]]) -> None:
         """Add ref_logp / old_logp the objective needs and the micro-batches lack (forward-only passes)."""
         uses = self.objective.uses
@@ -396,11 +427,8 @@ class ObjectiveStep:
     def __call__(self, micro_batches: list[dict[str, Any]]) -> StepResult:
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
-        ps = _ps()
-        micro_batches = [dict(mb) for mb in micro_batches]
-        validate_micro_batches(self.objective, micro_batches, ps.get_context_parallel_world_size())
+        micro_batches = self.prepare(micro_batches)
         layout = batch_layout()
-        self._fill_reference_logprobs(micro_batches)
         ctx, source = self.statistics(micro_batches, layout)
 
         for chunk in self.model:
@@ -416,7 +444,7 @@ class ObjectiveStep:
             micro_batch_size=micro_batches[0]["tokens"].shape[0],
             forward_only=False,
         )
-        ok, grad_norm, _ = self.optimizer.step()
+        ok, grad_norm, _ = self.optimizer.step()  # Megatron returns grad_norm as a host float
         if not ok:
             raise RuntimeError("Megatron optimizer skipped the update (non-finite gradients)")
         metrics = self._metrics(store, ctx, layout)
@@ -434,8 +462,8 @@ class ObjectiveStep:
             if ctx.stats is None:  # in place: the global statistics' metrics from the members seen
                 metrics = dict(self.objective.statistics(Members.cat(ctx.members), layout).metrics)
             total.metrics = metrics
-            payload = [{k: float(v) for k, v in total.finalize(layout).items()}]
+            payload = [to_host_floats(total.finalize(layout))]  # one device-to-host copy for all metrics
         if ps.get_pipeline_model_parallel_world_size() > 1:
-            dist.broadcast_object_list(payload, src=ps.get_pipeline_model_parallel_last_rank(),
-                                       group=ps.get_pipeline_model_parallel_group())
+            broadcast_objects(payload, src=ps.get_pipeline_model_parallel_last_rank(),
+                              group=ps.get_pipeline_model_parallel_group())
         return payload[0]

@@ -232,7 +232,12 @@ def count_totals(members: Members, layout: BatchLayout) -> tuple[torch.Tensor, t
 
 
 def check_batch(batch: TokenBatch, uses: frozenset[str], objective: str) -> None:
-    """Raise ValueError naming the offending field for any malformed input."""
+    """Raise ValueError naming the offending field for any malformed input.
+
+    Shapes and dtypes are checked on the host; the value checks (mask in {0, 1}, finite log-probs and
+    rewards) are computed on the batch's device and read back in ONE host copy, since each separate
+    ``bool(tensor)`` would stall a GPU stream once per check per micro-batch.
+    """
     lp = batch.logp
     if not isinstance(lp, torch.Tensor) or lp.dim() != 2 or not lp.dtype.is_floating_point:
         raise ValueError(f"{objective}: logp must be a float tensor [B, S], got {_desc(lp)}")
@@ -240,9 +245,10 @@ def check_batch(batch: TokenBatch, uses: frozenset[str], objective: str) -> None
     if not isinstance(batch.mask, torch.Tensor) or tuple(batch.mask.shape) != (B, S):
         raise ValueError(f"{objective}: mask must have the shape of logp {[B, S]}, got {_desc(batch.mask)}")
     m = batch.mask
-    if m.dtype != torch.bool and not bool(((m == 0) | (m == 1)).all()):
-        raise ValueError(f"{objective}: mask must hold only 0 and 1")
     counted = batch.counted
+    checks: list[tuple[torch.Tensor, str]] = []
+    if m.dtype != torch.bool:
+        checks.append((((m == 0) | (m == 1)).all(), f"{objective}: mask must hold only 0 and 1"))
     for name in ("ref_logp", "old_logp"):
         x = getattr(batch, name)
         if name in uses and x is None:
@@ -250,21 +256,27 @@ def check_batch(batch: TokenBatch, uses: frozenset[str], objective: str) -> None
         if x is not None:
             if not isinstance(x, torch.Tensor) or tuple(x.shape) != (B, S) or not x.dtype.is_floating_point:
                 raise ValueError(f"{objective}: {name} must be a float tensor of shape {[B, S]}, got {_desc(x)}")
-            if not bool(torch.isfinite(x[counted]).all()):
-                raise ValueError(f"{objective}: {name} has non-finite values on counted tokens")
-    if not bool(torch.isfinite(lp.detach()[counted]).all()):
-        raise ValueError(f"{objective}: logp has non-finite values on counted tokens")
+            checks.append(((torch.isfinite(x) | ~counted).all(),
+                           f"{objective}: {name} has non-finite values on counted tokens"))
+    checks.append(((torch.isfinite(lp.detach()) | ~counted).all(),
+                   f"{objective}: logp has non-finite values on counted tokens"))
+    r = batch.rewards
     if "rewards" in uses:
-        r = batch.rewards
         if not isinstance(r, torch.Tensor) or r.dim() != 1 or r.shape[0] != B:
             raise ValueError(f"{objective}: rewards must be a tensor of shape [{B}], got {_desc(r)}")
-        if not bool(torch.isfinite(r).all()):
-            bad = torch.nonzero(~torch.isfinite(r)).flatten()[:5].tolist()
-            raise ValueError(f"{objective}: rewards are not finite for members {bad}")
+        checks.append((torch.isfinite(r).all(), "rewards"))
     if "group_ids" in uses:
         if batch.group_ids is None:
             raise ValueError(f"{objective}: group_ids are required by this objective but were not given")
         _check_group_ids(batch.group_ids, B)
+    flags = torch.stack([ok.to(lp.device) for ok, _ in checks]).tolist()  # the one host sync
+    for ok, (_, message) in zip(flags, checks):
+        if ok:
+            continue
+        if message == "rewards":
+            bad = torch.nonzero(~torch.isfinite(r)).flatten()[:5].tolist()
+            raise ValueError(f"{objective}: rewards are not finite for members {bad}")
+        raise ValueError(message)
 
 
 def _desc(x) -> str:

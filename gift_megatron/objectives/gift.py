@@ -60,10 +60,10 @@ def reward_metrics(rewards: torch.Tensor, stats: GroupStats, advantages: torch.T
     degenerate = (stats.count < 2) | (stats.std == 0)
     return {
         "reward/mean": rewards.mean(),
-        "reward/std": rewards.std() if rewards.numel() > 1 else torch.zeros(()),
+        "reward/std": rewards.std() if rewards.numel() > 1 else rewards.new_zeros(()),
         "advantage/abs_mean": advantages.abs().mean(),
         "groups/degenerate_frac": degenerate.float().mean(),
-        "groups/count": torch.tensor(float(stats.ids.numel())),
+        "groups/count": torch.tensor(float(stats.ids.numel()), device=rewards.device),
     }
 
 
@@ -138,8 +138,8 @@ class GIFT(Objective):
             G = r_stats.ids.numel()
             g = -2.0 * self.beta * residual / n_members
             dev = u - u_mean[inverse]
-            S = torch.zeros(G).index_add(0, inverse, g)
-            T = torch.zeros(G).index_add(0, inverse, g * dev)
+            S = torch.zeros(G, dtype=g.dtype, device=g.device).index_add(0, inverse, g)
+            T = torch.zeros_like(S).index_add(0, inverse, g * dev)
             denom = (count - 1) if self.unbiased else count
             a = -S / (count * (u_std_eff + self.eps))
             # std moves with u only where it is a real (not clamped, not conventional) std above 0.
@@ -157,11 +157,11 @@ class GIFT(Objective):
         metrics.update(
             {
                 "gift/implicit_reward_mean": u.mean(),
-                "gift/implicit_reward_std": u.std() if u.numel() > 1 else torch.zeros(()),
+                "gift/implicit_reward_std": u.std() if u.numel() > 1 else u.new_zeros(()),
                 "gift/corr_advantage_z": _pearson(A, z),
                 "gift/abs_residual_mean": residual.abs().mean(),
-                "gift/beta_x_mean": beta_x.mean() if beta_x.numel() else torch.tensor(float("nan")),
-                "gift/beta_x_median": beta_x.median() if beta_x.numel() else torch.tensor(float("nan")),
+                "gift/beta_x_mean": beta_x.mean() if beta_x.numel() else u.new_full((), float("nan")),
+                "gift/beta_x_median": beta_x.median() if beta_x.numel() else u.new_full((), float("nan")),
                 "gift/small_implicit_std_frac": (multi & (u_std < SMALL_IMPLICIT_STD)).float().sum()
                 / multi.float().sum().clamp(min=1),
             }

@@ -21,7 +21,9 @@ How: each module listed in ``_CPU_TORCH_MODULES`` gets its own view of ``torch``
 The RNG state helpers are replaced by CPU ones. Only the two ``Tensor`` methods need a global patch (a
 method lives on the tensor class), confined to the duration of the few Megatron calls that use them.
 
-With a GPU (``torch.cuda.is_available()``) nothing is patched and Megatron-Core runs unchanged.
+When the process trains on CUDA (``gift_megatron.device.use_cuda()``) nothing is patched and Megatron-Core
+runs unchanged. With ``GIFT_MEGATRON_DEVICE=cpu`` on a GPU host the patched modules also see
+``torch.cuda.is_available()`` as False, so they take the same paths as on a CPU machine.
 """
 
 from __future__ import annotations
@@ -118,9 +120,15 @@ _NULL_STREAM = _NullStream()
 class _CpuCuda:
     """``torch.cuda`` as seen by a patched Megatron module: device, sync, stream and RNG calls act on the CPU.
 
-    Anything not defined here (is_available, nvtx, amp, ...) is the real ``torch.cuda`` attribute, so a
-    CUDA call that is not redirected still fails loudly instead of silently doing something else.
+    Anything not defined here (nvtx, amp, ...) is the real ``torch.cuda`` attribute, so a CUDA call that is
+    not redirected still fails loudly instead of silently doing something else.
     """
+
+    @staticmethod
+    def is_available() -> bool:
+        # The CPU runtime is on: a GPU host running a CPU process (GIFT_MEGATRON_DEVICE=cpu) must not send
+        # these modules down their CUDA branches.
+        return False
 
     @staticmethod
     def current_device() -> torch.device:
@@ -272,7 +280,9 @@ def enable_cpu_runtime() -> None:
     building models, optimizers or DDP wrappers (they create their buffers on ``current_device()``).
     """
     global _enabled
-    if _enabled or torch.cuda.is_available():
+    from gift_megatron.device import use_cuda
+
+    if _enabled or use_cuda():
         return
     _patch_module_torch()
     _patch_rng_tracker()

@@ -44,7 +44,9 @@ class RewardModel:
             raise ValueError(f"reward {self.spec}: dtype {dtype!r} is not a torch dtype (e.g. float32, bfloat16)")
         if batch_size < 1:
             raise ValueError(f"reward {self.spec}: batch_size must be >= 1, got {batch_size}")
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        from gift_megatron.device import compute_device
+
+        self.device = torch.device(device) if device else compute_device()
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(path)
             self.model = AutoModelForSequenceClassification.from_pretrained(path, dtype=getattr(torch, dtype))

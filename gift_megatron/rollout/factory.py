@@ -12,11 +12,13 @@ from typing import Any
 
 import torch
 
+from gift_megatron.device import compute_device, use_cuda
+
 
 def resolve_engine(name: str) -> str:
     """``auto`` -> ``vllm`` with CUDA, ``hf`` without."""
     if name == "auto":
-        return "vllm" if torch.cuda.is_available() else "hf"
+        return "vllm" if use_cuda() else "hf"
     return name
 
 
@@ -34,9 +36,7 @@ def build_engine(cfg: Any, tokenizer: Any):
         from gift_megatron.rollout.hf_engine import HFRolloutEngine
 
         config = transformers.AutoConfig.for_model(**hf_cfg)
-        model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
-        if torch.cuda.is_available():
-            model = model.cuda()
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype).to(compute_device())
         return HFRolloutEngine(model, eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)
     if kind == "vllm":
         from gift_megatron.checkpoint.convert import write_hf_config

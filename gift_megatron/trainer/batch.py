@@ -45,8 +45,10 @@ def pack(members: Sequence[Member], seq_length: int, pad_id: int) -> dict[str, t
     (the last label needs no input position).
     """
     n = len(members)
-    tokens = torch.full((n, seq_length + 1), pad_id, dtype=torch.long)
-    mask = torch.zeros(n, seq_length, dtype=torch.float32)
+    # Built on the host; ObjectiveStep.prepare moves each micro-batch to the model's device once.
+    host = torch.device("cpu")
+    tokens = torch.full((n, seq_length + 1), pad_id, dtype=torch.long, device=host)
+    mask = torch.zeros(n, seq_length, dtype=torch.float32, device=host)
     for i, m in enumerate(members):
         p, r = len(m.prompt_ids), len(m.response_ids)
         if p + r > seq_length + 1:
@@ -55,14 +57,14 @@ def pack(members: Sequence[Member], seq_length: int, pad_id: int) -> dict[str, t
                              "rollout.max_tokens / data.max_prompt_tokens")
         if r == 0:
             raise ValueError(f"group {m.group_id} {m.kind} member: empty response")
-        tokens[i, :p + r] = torch.tensor(list(m.prompt_ids) + list(m.response_ids), dtype=torch.long)
+        tokens[i, :p + r] = torch.tensor(list(m.prompt_ids) + list(m.response_ids), dtype=torch.long, device=host)
         mask[i, p - 1:p - 1 + r] = 1.0
     return {
         "tokens": tokens[:, :-1].contiguous(),
         "labels": tokens[:, 1:].contiguous(),
         "loss_mask": mask,
-        "rewards": torch.tensor([float(m.reward) for m in members], dtype=torch.float32),
-        "group_ids": torch.tensor([m.group_id for m in members], dtype=torch.long),
+        "rewards": torch.tensor([float(m.reward) for m in members], dtype=torch.float32, device=host),
+        "group_ids": torch.tensor([m.group_id for m in members], dtype=torch.long, device=host),
     }
 
 
@@ -74,15 +76,43 @@ def micro_batches(batch: dict[str, torch.Tensor], micro_batch_size: int) -> list
     return [{k: v[i:i + micro_batch_size] for k, v in batch.items()} for i in range(0, n, micro_batch_size)]
 
 
-def rollout_logprob_gap(batch_logp: torch.Tensor, members: Sequence[Member], mask: torch.Tensor) -> float:
-    """Max |trainer log-prob - engine log-prob| over rollout tokens: how far the rollout engine drifted from
-    the trainer's weights (0 up to kernel round-off when the weight sync is exact). batch_logp [N, S] fp32."""
-    gap = 0.0
+def engine_logprobs(members: Sequence[Member], seq_length: int) -> torch.Tensor:
+    """The rollout engine's sampling log-probs laid out like :func:`pack`'s labels: [N, seq_length] fp32 on
+    the host, NaN wherever there is none (prompt, padding, expert and teacher members).
+
+    Built once per step on the host, so the comparisons below run on the trainer's device without a
+    host round trip per member.
+    """
+    out = torch.full((len(members), seq_length), float("nan"), dtype=torch.float32, device="cpu")
     for i, m in enumerate(members):
-        if m.kind != "rollout" or not m.rollout_logprobs:
-            continue
-        idx = mask[i].nonzero()[:, 0]
-        ours = batch_logp[i, idx].float()
-        theirs = torch.tensor(m.rollout_logprobs[:len(idx)], dtype=torch.float32)
-        gap = max(gap, float((ours[:len(theirs)] - theirs).abs().max()))
-    return gap
+        if m.kind == "rollout" and m.rollout_logprobs:
+            start = len(m.prompt_ids) - 1
+            lp = m.rollout_logprobs[:seq_length - start]
+            out[i, start:start + len(lp)] = torch.tensor(lp, dtype=torch.float32, device="cpu")
+    return out
+
+
+def rollout_logprob_gap(trainer_logp: torch.Tensor, engine_logp: torch.Tensor, mask: torch.Tensor
+                        ) -> torch.Tensor:
+    """[max |trainer log-prob - engine log-prob| over counted rollout tokens, 1 if there was any such token
+    else 0]: fp32 [2] on ``trainer_logp``'s device, no host sync.
+
+    How far the rollout engine drifted from the trainer's weights: 0 up to kernel round-off when the weight
+    sync is exact. trainer_logp, mask [N, S] (device); engine_logp [N, S] from :func:`engine_logprobs`.
+    """
+    engine = engine_logp.to(trainer_logp.device, non_blocking=True)
+    valid = (mask > 0) & torch.isfinite(engine)
+    diff = torch.where(valid, (trainer_logp.float() - torch.nan_to_num(engine)).abs(), trainer_logp.new_zeros(()))
+    return torch.stack([diff.max() if diff.numel() else diff.sum(), valid.any().float()]).float()
+
+
+def rollout_kl_to_reference(ref_logp: torch.Tensor, engine_logp: torch.Tensor, mask: torch.Tensor
+                            ) -> torch.Tensor:
+    """[sum over rollout responses of sum_t (engine log-prob - reference log-prob), number of rollout
+    responses]: fp32 [2] on ``ref_logp``'s device, no host sync. The k1 estimate of KL(pi || pi_ref) per
+    response, from numbers the step has anyway (no extra pass). ref_logp, mask [N, S]; engine_logp as above.
+    """
+    engine = engine_logp.to(ref_logp.device, non_blocking=True)
+    valid = (mask > 0) & torch.isfinite(engine)
+    per_token = torch.where(valid, torch.nan_to_num(engine) - ref_logp.float(), ref_logp.new_zeros((), dtype=torch.float32))
+    return torch.stack([per_token.sum(), valid.any(dim=1).float().sum()])

@@ -26,9 +26,18 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from gift_megatron import comm
 from gift_megatron.config import TrainConfig, check_world_size, save_config
+from gift_megatron.device import default_backend, use_cuda
 from gift_megatron.megatron.step import _ps
-from gift_megatron.trainer.batch import Member, micro_batches, pack, rollout_logprob_gap
+from gift_megatron.trainer.batch import (
+    Member,
+    engine_logprobs,
+    micro_batches,
+    pack,
+    rollout_kl_to_reference,
+    rollout_logprob_gap,
+)
 from gift_megatron.trainer.metrics import MetricsLogger, plot_run
 
 log = logging.getLogger("gift_megatron.train")
@@ -38,14 +47,14 @@ log = logging.getLogger("gift_megatron.train")
 def init_distributed(cfg: TrainConfig) -> None:
     """The default process group (torchrun's environment, or a single process) and Megatron's parallel
     state with the configured layout; NCCL on CUDA, gloo with the CPU runtime otherwise."""
-    cuda = torch.cuda.is_available()
+    cuda = use_cuda()
     if not dist.is_initialized():
         if "RANK" not in os.environ:  # plain `python -m gift_megatron.train`: a world of one
             os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
             os.environ.setdefault("MASTER_PORT", str(_free_port()))
         if cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(minutes=30))
+        dist.init_process_group(default_backend(), timeout=datetime.timedelta(minutes=30))
     p = cfg.parallel
     if cuda:
         from megatron.core import parallel_state, tensor_parallel
@@ -79,12 +88,11 @@ def replica_groups() -> tuple[Any, int]:
     all-gather of data-parallel ranks because Megatron has no group spanning exactly TP x PP x CP.
     """
     ps = _ps()
-    dp_ranks: list[int] = [0] * dist.get_world_size()
-    dist.all_gather_object(dp_ranks, ps.get_data_parallel_rank())
+    dp_ranks = comm.all_gather_objects(ps.get_data_parallel_rank())
     mine = None
     for d in sorted(set(dp_ranks)):
         ranks = [r for r, x in enumerate(dp_ranks) if x == d]
-        group = dist.new_group(ranks) if len(ranks) > 1 else None  # every rank must create every group
+        group = comm.new_group(ranks) if len(ranks) > 1 else None  # every rank must create every group
         if d == ps.get_data_parallel_rank():
             mine = (group, ranks[0])
     return mine
@@ -321,17 +329,13 @@ class Trainer:
                                           rollout_logprobs=ro.logprobs.tolist(), finished=ro.finished))
             self._score(members, examples)
             payload = [members]
-        if self.replica_group is not None:
-            dist.broadcast_object_list(payload, src=self.owner_rank, group=self.replica_group)
+        comm.broadcast_objects(payload, src=self.owner_rank, group=self.replica_group)
         return payload[0]
 
     # ------------------------------------------------------------------------------------------ step
     def _global_sum(self, values: list[float]) -> list[float]:
         """Sum over data-parallel replicas of per-replica values (every rank of a replica holds the same)."""
-        t = torch.tensor(values, dtype=torch.float64)
-        t = t if self.owner else torch.zeros_like(t)
-        dist.all_reduce(t)
-        return t.tolist()
+        return comm.all_reduce_host(values if self.owner else [0.0] * len(values), "sum")
 
     def train_one_step(self) -> dict[str, float]:
         cfg = self.cfg
@@ -344,11 +348,12 @@ class Trainer:
             self.engine.sleep()
 
         batch = pack(members, cfg.model.seq_length, self.tokenizer.pad_id)
-        mbs = micro_batches(batch, cfg.train.micro_batch_size)
-        # Reference and old-policy log-probs once for the whole rollout batch, before any update of it.
-        self.train_step._fill_reference_logprobs(mbs)
-        kl = self._kl_to_reference(mbs, members)
-        gap = self._rollout_gap(mbs, members)
+        # Moved to the model's device once, with reference and old-policy log-probs computed once for the
+        # whole rollout batch, before any update of it; the updates below train on slices of it.
+        mbs = self.train_step.prepare(micro_batches(batch, cfg.train.micro_batch_size))
+        engine = engine_logprobs(members, cfg.model.seq_length)
+        kl = self._kl_to_reference(mbs, engine)
+        gap = self._rollout_gap(mbs, engine)
         per_update = len(mbs) // cfg.train.updates_per_step
         results = []
         t1 = time.perf_counter()
@@ -364,9 +369,12 @@ class Trainer:
         self.consumed += cfg.train.prompts_per_step
         rollout = [m for m in all_members if m.kind == "rollout"]
         tokens = float(batch["loss_mask"].sum() + sum(len(m.prompt_ids) for m in members))
-        r_sum, r_n, len_sum, fin, tok, kl_sum, kl_n = self._global_sum([
-            sum(m.reward for m in rollout), len(rollout), sum(len(m.response_ids) for m in rollout),
-            sum(m.finished for m in rollout), tokens, kl[0], kl[1]])
+        # The owner's per-replica values, plus the KL from the one rank per replica that computed it (the
+        # last pipeline stage, which is not the owner when PP > 1): one reduction, one host copy.
+        per_replica = [sum(m.reward for m in rollout), len(rollout), sum(len(m.response_ids) for m in rollout),
+                       sum(m.finished for m in rollout), tokens]
+        r_sum, r_n, len_sum, fin, tok, kl_sum, kl_n = comm.all_reduce_host(
+            (per_replica if self.owner else [0.0] * len(per_replica)) + list(kl), "sum")
         metrics = dict(results[-1].metrics)
         metrics.update({
             "loss": sum(r.loss for r in results) / len(results),
@@ -386,37 +394,30 @@ class Trainer:
             metrics["rollout/logprob_gap_max"] = gap
         return metrics
 
-    def _rollout_gap(self, mbs, members) -> float | None:
+    def _rollout_gap(self, mbs, engine: torch.Tensor) -> float | None:
         """Max |trainer old log-prob - engine sampling log-prob| over every rollout token of the step, when
         the objective has the old-policy pass (GRPO family, GIFT reference=rollout): it measures that the
-        weight sync left the engine on the trainer's exact weights. Global max over replicas."""
+        weight sync left the engine on the trainer's exact weights. Global max over replicas; computed on
+        the device, one host copy."""
         ps = _ps()
-        have = torch.zeros(2, dtype=torch.float64)
+        have = torch.zeros(2, dtype=torch.float32, device=self.train_step.device)
         if (ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0
                 and ps.get_context_parallel_world_size() == 1 and mbs[0].get("old_logp") is not None):
-            old = torch.cat([mb["old_logp"] for mb in mbs])
-            mask = torch.cat([mb["loss_mask"] for mb in mbs])
-            have[:] = torch.tensor([rollout_logprob_gap(old, members, mask), 1.0])
-        dist.all_reduce(have, op=dist.ReduceOp.MAX)
-        return float(have[0]) if have[1] > 0 else None
+            have = rollout_logprob_gap(torch.cat([mb["old_logp"] for mb in mbs]), engine,
+                                       torch.cat([mb["loss_mask"] for mb in mbs]))
+        gap, seen = comm.all_reduce_tensor(have, "max").tolist()
+        return gap if seen > 0 else None
 
-    def _kl_to_reference(self, mbs, members) -> tuple[float, int]:
+    def _kl_to_reference(self, mbs, engine: torch.Tensor) -> tuple[float, float]:
         """(sum, count) over this replica's rollouts of sum_t (rollout log-prob - reference log-prob): the
-        k1 estimate of KL(pi || pi_ref) per response, from numbers the step has anyway (no extra pass).
-        Counted on the last pipeline stage's TP rank 0 with CP 1 only, where ref_logp is whole."""
+        k1 estimate of KL(pi || pi_ref) per response. Counted on the last pipeline stage's TP rank 0 with
+        CP 1 only, where ref_logp is whole; (0, 0) elsewhere."""
         ps = _ps()
-        if ("ref_logp" not in mbs[0] or mbs[0].get("ref_logp") is None or not ps.is_pipeline_last_stage()
+        if (mbs[0].get("ref_logp") is None or not ps.is_pipeline_last_stage()
                 or ps.get_tensor_model_parallel_rank() or ps.get_context_parallel_world_size() > 1):
-            return 0.0, 0
-        ref = torch.cat([mb["ref_logp"] for mb in mbs])
-        total, n = 0.0, 0
-        for i, m in enumerate(members):
-            if m.kind != "rollout" or not m.rollout_logprobs:
-                continue
-            start = len(m.prompt_ids) - 1
-            r = ref[i, start:start + len(m.rollout_logprobs)]
-            total += float(torch.tensor(m.rollout_logprobs).sum() - r.sum())
-            n += 1
+            return 0.0, 0.0
+        total, n = rollout_kl_to_reference(torch.cat([mb["ref_logp"] for mb in mbs]), engine,
+                                           torch.cat([mb["loss_mask"] for mb in mbs])).tolist()
         return total, n
 
     # ------------------------------------------------------------------------------------------ eval
@@ -474,7 +475,7 @@ class Trainer:
     def close(self) -> None:
         from gift_megatron.parallel import destroy_model_parallel_cpu
 
-        if torch.cuda.is_available():
+        if use_cuda():
             _ps().destroy_model_parallel()
         else:
             destroy_model_parallel_cpu()
