@@ -80,7 +80,7 @@ def split_for_context_parallel(mb: dict[str, Any]) -> dict[str, Any]:
 
 
 def model_logprobs(model, mb: dict[str, Any], *, temperature: float = 1.0, chunk_size: int | None = None,
-                   vocab_size: int | None = None):
+                   vocab_size: int | None = None, check_labels: bool = True):
     """Run ``model`` on a (CP-local) micro-batch; on the last pipeline stage return the fp32 token
     log-probs [b, s] of ``mb["labels"]``, on other stages the hidden states Megatron sends on.
 
@@ -109,7 +109,7 @@ def model_logprobs(model, mb: dict[str, Any], *, temperature: float = 1.0, chunk
             raise RuntimeError(f"output layer returned logits of shape {list(logits.shape)}, expected "
                                f"[s, b, V/tp] with [s, b] = {list(labels_sb.shape)}")
         lp = vocab_parallel_logprobs(logits, labels_sb, tp_group=tp_group, temperature=temperature,
-                                     chunk_size=chunk_size, vocab_size=vocab_size)
+                                     chunk_size=chunk_size, vocab_size=vocab_size, check_labels=check_labels)
         return lp.unsqueeze(-1), bias
 
     handle = output_layer.register_forward_hook(to_logprobs)
@@ -164,16 +164,19 @@ def loss_func(ctx: LossContext, mb: dict[str, Any], logp: torch.Tensor):
 
 
 def make_forward_step(ctx: LossContext, *, temperature: float = 1.0, chunk_size: int | None = None,
-                      vocab_size: int | None = None):
+                      vocab_size: int | None = None, check_labels: bool = True):
     """``forward_step_func(data_iterator, model)`` for ``get_forward_backward_func()``.
 
-    The iterator yields micro-batch dicts (see PER_TOKEN_KEYS); each is split for context parallelism here.
+    The iterator yields micro-batch dicts (see PER_TOKEN_KEYS); each is moved to the model's device (a
+    no-op when it is there) and split for context parallelism here. ``check_labels=False`` skips the label
+    range check on the device (one host sync per micro-batch) when the caller checked them on the host.
     """
 
     def forward_step(data_iterator: Iterator[dict[str, Any]], model):
         # A no-op for micro-batches ObjectiveStep.prepare already moved; a user's own loop may pass host ones.
         mb = split_for_context_parallel(move_to(next(data_iterator), model_device(model)))
-        logp = model_logprobs(model, mb, temperature=temperature, chunk_size=chunk_size, vocab_size=vocab_size)
+        logp = model_logprobs(model, mb, temperature=temperature, chunk_size=chunk_size, vocab_size=vocab_size,
+                              check_labels=check_labels)
         return logp, partial(loss_func, ctx, mb)
 
     return forward_step
@@ -182,7 +185,7 @@ def make_forward_step(ctx: LossContext, *, temperature: float = 1.0, chunk_size:
 # ------------------------------------------------------------------------------------ forward-only
 def forward_logprobs(
     model, micro_batches: Sequence[dict[str, Any]], *, temperature: float = 1.0, chunk_size: int | None = None,
-    vocab_size: int | None = None,
+    vocab_size: int | None = None, check_labels: bool = True,
 ) -> list[torch.Tensor] | None:
     """No-grad per-token log-probs of every micro-batch: a list of [b, s_local] fp32 tensors (this CP
     rank's zig-zag part) on the last pipeline stage, None on the other stages."""
@@ -199,7 +202,8 @@ def forward_logprobs(
 
     def forward_step(data_iterator, m):
         mb = split_for_context_parallel(next(data_iterator))
-        return model_logprobs(m, mb, temperature=temperature, chunk_size=chunk_size, vocab_size=vocab_size), _collect
+        return model_logprobs(m, mb, temperature=temperature, chunk_size=chunk_size, vocab_size=vocab_size,
+                              check_labels=check_labels), _collect
 
     with torch.no_grad():
         store = get_forward_backward_func()(
@@ -272,11 +276,13 @@ def split_global_batch(batch: dict[str, torch.Tensor], *, micro_batch_size: int,
             for i in range(0, per_rank, micro_batch_size)]
 
 
-def validate_micro_batches(objective: Objective, micro_batches: Sequence[dict[str, Any]], cp_size: int = 1) -> None:
+def validate_micro_batches(objective: Objective, micro_batches: Sequence[dict[str, Any]], cp_size: int = 1,
+                           vocab_size: int | None = None) -> None:
     """Clear errors for micro-batches the step cannot run, before any compute.
 
     Megatron's pipeline schedules need every micro-batch to have the same [b, s] shape; context parallelism
-    needs s divisible by 2 x cp; the objective needs its inputs (rewards, group ids).
+    needs s divisible by 2 x cp; the objective needs its inputs (rewards, group ids). With ``vocab_size``,
+    every label must lie in [0, vocab_size) (checked here, on the host tensors, once per step).
     """
     if not micro_batches:
         raise ValueError("micro_batches: empty list")
@@ -297,6 +303,13 @@ def validate_micro_batches(objective: Objective, micro_batches: Sequence[dict[st
                     raise ValueError(f"micro-batch {i}: objective {objective.name} needs {key!r}")
                 if tuple(mb[key].shape) != shape[:1]:
                     raise ValueError(f"micro-batch {i}: {key!r} has shape {list(mb[key].shape)}, expected [{shape[0]}]")
+    if vocab_size is not None:
+        for i, mb in enumerate(micro_batches):
+            labels = mb["labels"]
+            bad = (labels < 0) | (labels >= vocab_size)
+            if bool(bad.any()):
+                raise ValueError(f"micro-batch {i}: labels must lie in [0, {vocab_size}) (the model's vocabulary), "
+                                 f"got range [{int(labels.min())}, {int(labels.max())}]")
     if cp_size > 1 and shape[1] % (2 * cp_size):
         raise ValueError(f"sequence length {shape[1]} is not divisible by 2 x context_parallel_size ({2 * cp_size})")
 
@@ -364,10 +377,20 @@ class ObjectiveStep:
         each pass once; calling the step on prepared micro-batches moves and recomputes nothing.
         """
         ps = _ps()
+        # Validated before the move, on host tensors when the caller built them there (the trainer does):
+        # the label range is then checked without a device sync, and the forward passes skip it.
+        validate_micro_batches(self.objective, micro_batches, ps.get_context_parallel_world_size(),
+                               vocab_size=self._label_bound())
         micro_batches = [move_to(mb, self.device) for mb in micro_batches]
-        validate_micro_batches(self.objective, micro_batches, ps.get_context_parallel_world_size())
         self._fill_reference_logprobs(micro_batches)
         return micro_batches
+
+    def _label_bound(self) -> int:
+        """Labels must be real rows of the output layer: the padded vocabulary of the model (TP x shard)."""
+        from megatron.core.utils import unwrap_model
+
+        padded = getattr(unwrap_model(self.model[0]), "vocab_size", None)
+        return padded if padded is not None else (self.vocab_size or 2 ** 62)
 
     def _fill_reference_logprobs(self, micro_batches: list[dict[str, Any]]) -> None:
         """Add ref_logp / old_logp the objective needs and the micro-batches lack (forward-only passes)."""
@@ -380,14 +403,14 @@ class ObjectiveStep:
                 self.reference.onload()
             self._attach(micro_batches, "ref_logp", forward_logprobs(self.reference, micro_batches,
                          temperature=self.temperature, chunk_size=self.chunk_size,
-                         vocab_size=self.vocab_size))
+                         vocab_size=self.vocab_size, check_labels=False))
             if hasattr(self.reference, "offload"):
                 self.reference.offload()
         if "old_logp" in uses and micro_batches[0].get("old_logp") is None:
             # The policy before this step is the rollout policy when each rollout feeds one step.
             self._attach(micro_batches, "old_logp", forward_logprobs(self.model, micro_batches,
                          temperature=self.temperature, chunk_size=self.chunk_size,
-                         vocab_size=self.vocab_size))
+                         vocab_size=self.vocab_size, check_labels=False))
 
     @staticmethod
     def _attach(micro_batches, key, logps):
@@ -416,7 +439,7 @@ class ObjectiveStep:
         if groups_whole_per_micro_batch(micro_batches, layout):
             return LossContext(obj, layout, None, scale, totals=(n_members, n_tokens)), "in_place"
         logps = forward_logprobs(self.model, micro_batches, temperature=self.temperature, chunk_size=self.chunk_size,
-                                 vocab_size=self.vocab_size)
+                                 vocab_size=self.vocab_size, check_labels=False)
         stats = None
         if logps is not None:
             parts = [obj.members(token_batch(split_for_context_parallel(mb), lp), layout)
@@ -424,10 +447,14 @@ class ObjectiveStep:
             stats = obj.statistics(Members.cat(parts), layout)
         return LossContext(obj, layout, stats, scale), "policy_pass"
 
-    def __call__(self, micro_batches: list[dict[str, Any]]) -> StepResult:
+    def __call__(self, micro_batches: list[dict[str, Any]], *, prepared: bool = False) -> StepResult:
+        """One optimizer step on this rank's ``micro_batches`` (host or device tensors). ``prepared=True``:
+        they come from :meth:`prepare` (or slices of its result), so validation, the move and the
+        reference / old-policy passes are not repeated."""
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
-        micro_batches = self.prepare(micro_batches)
+        if not prepared:
+            micro_batches = self.prepare(micro_batches)
         layout = batch_layout()
         ctx, source = self.statistics(micro_batches, layout)
 
@@ -436,7 +463,7 @@ class ObjectiveStep:
         self.optimizer.zero_grad()
         store = get_forward_backward_func()(
             forward_step_func=make_forward_step(ctx, temperature=self.temperature, chunk_size=self.chunk_size,
-                                                vocab_size=self.vocab_size),
+                                                vocab_size=self.vocab_size, check_labels=False),
             data_iterator=iter(micro_batches),
             model=self.model,
             num_microbatches=len(micro_batches),

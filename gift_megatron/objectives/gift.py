@@ -171,7 +171,7 @@ class GIFT(Objective):
     def loss(self, batch: TokenBatch, stats: BatchStats, layout: BatchLayout = SINGLE_PROCESS) -> LossOutput:
         u = self.implicit_rewards(batch, layout)
         pos = stats.rewards.index(batch.group_ids)
-        A = stats.rewards.zscore(batch.rewards, batch.group_ids, self.eps)
+        A = stats.rewards.zscore(batch.rewards, batch.group_ids, self.eps, pos=pos)
         mean, std = stats.implicit.mean[pos], stats.implicit.std[pos]
         z = (u - mean) / (std + self.eps)
         # u is replicated on every CP rank after its all-reduce; each rank carries 1/cp of the member's term.

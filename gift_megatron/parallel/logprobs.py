@@ -41,6 +41,7 @@ def vocab_parallel_logprobs(
     temperature: float = 1.0,
     chunk_size: int | None = None,
     vocab_size: int | None = None,
+    check_labels: bool = True,
 ) -> torch.Tensor:
     """Log-probability of each label under ``softmax(logits / temperature)`` over the full vocabulary.
 
@@ -62,6 +63,10 @@ def vocab_parallel_logprobs(
             the trainer; without this the trainer's distribution gives them mass that the rollout engine
             (and the Hugging Face model, whose vocabulary is unpadded) never does. None: every id counts.
 
+        check_labels: raise ValueError for a label outside ``[0, vocab)``. It reads a flag back from the
+            device (one host sync per call); ObjectiveStep checks its labels once on the host instead and
+            passes False.
+
     Returns:
         fp32 tensor of ``labels.shape``, replicated on every TP rank. Differentiable w.r.t. ``logits``
         (the gradient has the logits' dtype); every TP rank must run backward, as in any TP layer.
@@ -82,6 +87,8 @@ def vocab_parallel_logprobs(
     _validate(logits, labels, temperature, chunk_size)
     if vocab_size is not None and (isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 1):
         raise ValueError(f"vocab_size must be None or a positive int, got {vocab_size!r}")
+    if check_labels:  # the one check that waits for the device; callers that validated on the host skip it
+        _check_label_range(labels, logits.shape[-1] * comm.group_size(tp_group) if vocab_size is None else vocab_size)
     if logits.requires_grad and torch.is_grad_enabled():
         return _VocabParallelLogprobs.apply(logits, labels, tp_group, float(temperature), chunk_size, vocab_size)
     with torch.no_grad():
@@ -91,7 +98,7 @@ def vocab_parallel_logprobs(
 
 
 def _validate(logits: torch.Tensor, labels: torch.Tensor, temperature: float, chunk_size: int | None) -> None:
-    """Raise ValueError naming the offending argument; the only check that syncs a GPU is the label range."""
+    """Raise ValueError naming the offending argument (host-side checks only, no device sync)."""
     if not isinstance(logits, torch.Tensor) or not logits.is_floating_point():
         raise ValueError(f"logits must be a floating-point tensor, got {getattr(logits, 'dtype', type(logits))}")
     if logits.dim() < 1 or logits.shape[-1] < 1:
@@ -162,7 +169,6 @@ def _forward(
     vocab_shard = logits.shape[-1]
     if vocab_size is not None and vocab_size > vocab_shard * tp:
         raise ValueError(f"vocab_size {vocab_size} exceeds the logits' vocabulary (shard {vocab_shard} x TP {tp})")
-    _check_label_range(labels, vocab_shard * tp if vocab_size is None else vocab_size)
     # Columns of this shard that are real ids; the rest are padding, masked to -inf before the softmax.
     valid = vocab_shard if vocab_size is None else max(0, min(vocab_shard, vocab_size - rank * vocab_shard))
 

@@ -58,13 +58,15 @@ class HFRolloutEngine:
             if not greedy:
                 logits = logits / params.temperature
             lp = torch.log_softmax(logits, -1).gather(-1, new[..., None])[..., 0]
+            # One copy to the host per prompt; the per-response slicing below then never waits on a device.
+            new, lp, prompt_ids = new.cpu(), lp.cpu(), ids[0].cpu()
             for row in range(params.n):
                 length, finished = new.shape[1], False
                 if self.eos_token_id is not None:
                     hits = (new[row] == self.eos_token_id).nonzero()
                     if hits.numel():
                         length, finished = int(hits[0]) + 1, True
-                out.append(Rollout(index, ids[row].cpu(), new[row, :length].cpu(), lp[row, :length].cpu(), finished))
+                out.append(Rollout(index, prompt_ids.clone(), new[row, :length], lp[row, :length], finished))
         return out
 
     @torch.no_grad()

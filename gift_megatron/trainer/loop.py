@@ -358,7 +358,7 @@ class Trainer:
         results = []
         t1 = time.perf_counter()
         for u in range(cfg.train.updates_per_step):
-            results.append(self.train_step(mbs[u * per_update:(u + 1) * per_update]))
+            results.append(self.train_step(mbs[u * per_update:(u + 1) * per_update], prepared=True))
             self.scheduler.step(increment=1)
         t_train = time.perf_counter() - t1
         t2 = time.perf_counter()
