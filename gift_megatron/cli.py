@@ -30,8 +30,16 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    from gift_megatron.config import ConfigError, check_world_size, layout_plan, load_config
+    parser = _parser()
+    # Overrides may come after options too (`validate X --world-size 2 optimizer.lr=3e-4`): argparse stops
+    # collecting a positional list at the first option, so key=value words it left over join the overrides.
+    args, extra = parser.parse_known_args(argv)
+    stray = [w for w in extra if w.startswith("-") or "=" not in w]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        args.overrides = list(getattr(args, "overrides", [])) + extra
+    from gift_megatron.config import ConfigError, check_inputs, check_world_size, layout_plan, load_config
 
     if args.command == "plot":
         from gift_megatron.trainer.metrics import plot_run
@@ -51,6 +59,8 @@ def main(argv: list[str] | None = None) -> int:
         world = getattr(args, "world_size", None) or int(os.environ.get("WORLD_SIZE", "0") or 0)
         if world:
             check_world_size(cfg, world)
+        if args.command == "validate":
+            check_inputs(cfg)
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2

@@ -335,6 +335,61 @@ def _hf_model_section(path: str, key: str = "init.hf_config") -> dict:
         raise ConfigError(f"{key}: {file}: {exc}") from exc
 
 
+# ModelConfig fields a run may choose freely; every other field is the checkpoint's architecture.
+RUN_MODEL_FIELDS = ("seq_length",)
+
+
+def _conversion_record(checkpoint: str) -> tuple[str, dict] | None:
+    """(record file, ModelConfig fields) of the conversion record beside a converted checkpoint (its root,
+    or the root above a ``step_*`` directory); None for checkpoints without one (written by a run)."""
+    import json
+
+    from gift_megatron.checkpoint.convert import CONVERSION_FILE
+
+    path = os.path.abspath(os.path.expanduser(checkpoint))
+    if not os.path.exists(path):
+        raise ConfigError(f"init.checkpoint: {checkpoint} does not exist")
+    for root in (path, os.path.dirname(path)):
+        file = os.path.join(root, CONVERSION_FILE)
+        if os.path.isfile(file):
+            try:
+                with open(file, encoding="utf-8") as fh:
+                    return file, dict(json.load(fh)["model_config"])
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                raise ConfigError(f"init.checkpoint: conversion record {file} is unreadable ({exc})") from exc
+    return None
+
+
+def _model_from_checkpoint(data: dict) -> None:
+    """With ``init.checkpoint`` set, the model section comes from the checkpoint's conversion record; keys
+    the config gives must agree with it (except the run's own ``seq_length``): a wrong rotary base or norm
+    epsilon would otherwise train silently on a different model."""
+    init = data.get("init") if isinstance(data.get("init"), dict) else {}
+    checkpoint = init.get("checkpoint")
+    if not checkpoint or not isinstance(checkpoint, str):
+        return
+    found = _conversion_record(checkpoint)
+    if found is None:
+        return
+    file, record = found
+    given = data.get("model") or {}
+    if not isinstance(given, dict):
+        return  # _build reports the malformed section
+    differ = []
+    for key, value in given.items():
+        if key in RUN_MODEL_FIELDS or key not in record:
+            continue
+        same = value == record[key] or (isinstance(value, (int, float)) and isinstance(record[key], (int, float))
+                                         and not isinstance(value, bool) and float(value) == float(record[key]))
+        if not same:
+            differ.append(f"model.{key}={value!r} (checkpoint: {record[key]!r})")
+    if differ:
+        raise ConfigError(f"the model section contradicts the architecture of init.checkpoint ({file}): "
+                          f"{'; '.join(differ)}. Remove these keys to use the checkpoint's, or convert the right "
+                          "model")
+    data["model"] = {**record, **given}
+
+
 def config_from_dict(data: dict, *, source: str = "") -> TrainConfig:
     """A validated TrainConfig from a mapping (the YAML document after overrides)."""
     data = dict(data or {})
@@ -342,6 +397,7 @@ def config_from_dict(data: dict, *, source: str = "") -> TrainConfig:
     if hf:
         data["model"] = {**_hf_model_section(hf), **(data.get("model") or {})}
     try:
+        _model_from_checkpoint(data)
         cfg = _build(TrainConfig, data, "")
         validate(cfg)
     except ConfigError as exc:
@@ -398,7 +454,13 @@ def validate(cfg: TrainConfig) -> None:
     try:
         objective = build_objective(cfg.objective.name, **cfg.objective.options)
     except (ValueError, TypeError) as exc:
-        raise ConfigError(f"objective.options: {exc}") from exc
+        hint = ""
+        if "unknown option" in str(exc):
+            # The usual cause: objective.name switched on the command line, the file's options kept.
+            hint = (f" (if objective.name was switched to {cfg.objective.name!r} on the command line, the file's "
+                    "options belong to the previous objective: reset them with objective.options={} or give "
+                    f"{cfg.objective.name}'s own)")
+        raise ConfigError(f"objective.options: {exc}{hint}") from exc
     n_expert, n_teacher, n_rollout = cfg.group_composition()
     if min(n_expert, n_teacher) < 0:
         raise ConfigError("groups.n_expert and groups.n_teacher must be >= 0")
@@ -417,9 +479,44 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"data.max_skipped_fraction must be in [0, 1], got {cfg.data.max_skipped_fraction}")
     if not 0 < r.top_p <= 1 or r.temperature < 0:
         raise ConfigError("rollout.top_p must be in (0, 1] and rollout.temperature >= 0")
+    if cfg.model.seq_length > cfg.model.max_position_embeddings:
+        raise ConfigError(f"model.seq_length ({cfg.model.seq_length}) exceeds model.max_position_embeddings "
+                          f"({cfg.model.max_position_embeddings}), the positions the model was trained for")
     if cfg.data.max_prompt_tokens + r.max_tokens > cfg.model.seq_length:
         raise ConfigError(f"data.max_prompt_tokens ({cfg.data.max_prompt_tokens}) + rollout.max_tokens "
                           f"({r.max_tokens}) exceeds model.seq_length ({cfg.model.seq_length})")
+
+
+def check_inputs(cfg: TrainConfig) -> None:
+    """What a job would otherwise find missing only once it starts on the cluster: the checkpoint, data and
+    tokenizer paths, the reward (name, options, reward-model folder, user function). ConfigError naming the
+    key. Run by ``gift-megatron validate`` and by the launchers before anything is submitted; reads no
+    weights and loads no model.
+    """
+    from gift_megatron.rewards import check_reward
+
+    if cfg.init.checkpoint:
+        from gift_megatron.checkpoint.convert import ConversionError, resolve_checkpoint
+
+        try:
+            resolve_checkpoint(os.path.expanduser(cfg.init.checkpoint))
+        except ConversionError as exc:
+            raise ConfigError(f"init.checkpoint: {exc}") from None
+    for key, files in (("data.train_files", cfg.data.train_files), ("data.eval_files", cfg.data.eval_files)):
+        for f in files:
+            if not os.path.isfile(os.path.expanduser(f)):
+                raise ConfigError(f"{key}: {f} does not exist")
+    if not cfg.data.train_files:
+        raise ConfigError("data.train_files: no prompt file given")
+    tokenizer = cfg.data.tokenizer or cfg.init.hf_config
+    if tokenizer is None:
+        raise ConfigError("data.tokenizer: no tokenizer given (and no init.hf_config dir to take it from)")
+    if not os.path.exists(os.path.expanduser(tokenizer)):
+        raise ConfigError(f"data.tokenizer: {tokenizer} does not exist")
+    try:
+        check_reward(cfg.reward.name, **cfg.reward.options)
+    except ValueError as exc:
+        raise ConfigError(f"reward.name / reward.options: {exc}") from None
 
 
 def check_world_size(cfg: TrainConfig, world_size: int) -> int:

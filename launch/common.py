@@ -187,6 +187,13 @@ def check_training_config(config: str, overrides: Iterable[str], world_size: int
     except ConfigError as exc:
         where = "" if config in str(exc) else f" {config}"
         raise LaunchError(f"training config{where} does not validate: {exc}") from exc
+    from gift_megatron.config import check_inputs
+
+    try:  # what would otherwise fail only once the job starts: paths, reward name and options
+        check_inputs(cfg)
+    except ConfigError as exc:
+        raise LaunchError(f"training config {config}: {exc} (paths are checked from this machine; --no-validate "
+                          "skips the check when the job sees another filesystem)") from exc
     try:
         try:  # the full check (whole micro-batches per data-parallel rank) when the config module has it
             from gift_megatron.config import check_world_size

@@ -13,7 +13,10 @@ import torch
 
 from tests.multiproc import run_ranks
 
-pytestmark = pytest.mark.gpu
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs"),
+]
 
 
 def cp_worker(rank, world, cp, objective):

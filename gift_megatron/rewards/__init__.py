@@ -13,8 +13,8 @@ what one returned (count, numbers, finiteness) and shows the offending sample.
 """
 
 from gift_megatron.rewards.base import RewardError, RewardFunction, RewardInput, check_rewards, show_sample
-from gift_megatron.rewards.registry import BUILTIN, UserFunction, build_reward
+from gift_megatron.rewards.registry import BUILTIN, UserFunction, build_reward, check_reward
 from gift_megatron.rewards.verifiers import ExactMatch, MathVerify, ToyReward, first_number
 
-__all__ = ["RewardError", "RewardFunction", "RewardInput", "check_rewards", "show_sample", "build_reward",
+__all__ = ["RewardError", "RewardFunction", "RewardInput", "check_rewards", "show_sample", "build_reward", "check_reward",
            "BUILTIN", "UserFunction", "ExactMatch", "MathVerify", "ToyReward", "first_number"]

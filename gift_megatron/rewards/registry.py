@@ -130,12 +130,34 @@ def build_reward(spec: str | Mapping[str, Any] | Callable, **options: Any) -> Re
     raise ValueError(f"reward: unknown reward {name!r}; choose one of {CHOICES}")
 
 
-def _construct(cls: type, name: str, options: dict[str, Any], *args: Any) -> Any:
-    # Check the options against the signature first, so a typo is reported as such rather than as whatever
-    # TypeError the constructor's body might raise.
+def check_reward(spec: str | Mapping[str, Any], **options: Any) -> None:
+    """Raise ValueError (as :func:`build_reward` would) for an unknown reward, bad options, a missing reward
+    model folder or a user function that does not import, without loading any model: the pre-launch
+    check of ``gift-megatron validate`` and the launchers."""
+    name, options = _split_spec(spec, options)
+    if isinstance(name, str) and name.startswith("reward_model:"):
+        from gift_megatron.rewards.reward_model import RewardModel
+
+        path = name.split(":", 1)[1]
+        if not path:
+            raise ValueError("reward reward_model:PATH: the path is empty")
+        _check_options(RewardModel, name, options, path)
+        if not os.path.isfile(os.path.join(os.path.expanduser(path), "config.json")):
+            raise ValueError(f"reward {name}: {path} is not a model folder (no config.json)")
+        return
+    build_reward(name, **options)  # built-ins and user functions are cheap to build
+
+
+def _check_options(cls: type, name: str, options: dict[str, Any], *args: Any) -> None:
     try:
         inspect.signature(cls).bind(*args, **options)
     except TypeError as exc:
         accepted = [p for p in inspect.signature(cls).parameters if p != "path"]
         raise ValueError(f"reward {name}: bad options {options}: {exc}; accepted: {accepted}") from None
+
+
+def _construct(cls: type, name: str, options: dict[str, Any], *args: Any) -> Any:
+    # Check the options against the signature first, so a typo is reported as such rather than as whatever
+    # TypeError the constructor's body might raise.
+    _check_options(cls, name, options, *args)
     return cls(*args, **options)
