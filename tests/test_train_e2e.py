@@ -75,6 +75,24 @@ def test_two_rank_run_writes_metrics_checkpoints_plots_and_config(toy_task, tmp_
         assert os.path.isfile(os.path.join(run, "plots", name)), name
 
 
+@pytest.mark.timeout(400)
+def test_pipeline_parallel_run_completes_with_exact_weight_sync(toy_task, tmp_path):
+    """PP=2 on 2 ranks, GRPO with a KL term (reference and old-policy passes on both stages). It used to hang
+    at step 1: the first stage, which never receives ref_logp, ran the reference pass a second time alone.
+    The engine's sampling log-probs must equal the trainer's old-policy pass (weights gathered over PP), and
+    the KL, computed on the last stage (not the rollout owner), must reach the metrics."""
+    run = tmp_path / "pp2"
+    run_job(data_overrides(toy_task) + [
+        f"run.output_dir={run}", "parallel.pipeline_model_parallel_size=2", "train.steps=2", "run.save_interval=0",
+        "train.eval_interval=0", "train.eval_prompts=4", "objective.name=grpo", "objective.options={kl_coef: 0.05}",
+        "optimizer.use_distributed_optimizer=false", "run.plots=false"], timeout=380)
+    records = [json.loads(line) for line in open(run / "metrics.jsonl")]
+    assert [r["step"] for r in records] == [0, 1, 2]
+    for r in records[1:]:
+        assert r["rollout/logprob_gap_max"] < 1e-4, r["rollout/logprob_gap_max"]
+        assert "kl/reference" in r and abs(r["kl/reference"]) < 1e3
+
+
 @pytest.mark.timeout(600)
 def test_sigkill_mid_step_then_resume_auto_gives_the_same_losses(toy_task, tmp_path):
     common = data_overrides(toy_task) + ["train.steps=5", "run.save_interval=2", "train.eval_interval=0",

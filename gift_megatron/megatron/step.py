@@ -41,6 +41,11 @@ from gift_megatron.objectives.base import count_totals
 from gift_megatron.parallel.context import zigzag_split
 from gift_megatron.parallel.logprobs import vocab_parallel_logprobs
 
+# Which forward-only passes already ran on a micro-batch (a set under this key). Only the last pipeline
+# stage receives ref_logp / old_logp; the other stages must still know the pass ran, or they would run it
+# again alone and wait forever for the stages that did not.
+DONE_PASSES = "gift_megatron_done_passes"
+
 # Keys of a micro-batch dict. tokens/labels/loss_mask are [b, s] over the whole (unsplit) sequence, labels
 # already shifted (labels[:, t] is the token after tokens[:, t]); rewards [b] float; group_ids [b] int;
 # ref_logp / old_logp optional [b, s] fp32, aligned with labels.
@@ -220,6 +225,11 @@ def forward_logprobs(
     return [r["logp"] for r in store]
 
 
+def _has(mb: dict[str, Any], key: str) -> bool:
+    """Whether ``mb`` carries ``key`` (ref_logp / old_logp) or its pass already ran (other PP stages)."""
+    return mb.get(key) is not None or key in mb.get(DONE_PASSES, ())
+
+
 # ------------------------------------------------------------------------------------- statistics
 def data_members(objective: Objective, micro_batches: Sequence[dict[str, Any]]) -> Members:
     """Members of this rank's micro-batches from the data alone (rewards, group ids, counted tokens)."""
@@ -395,7 +405,7 @@ class ObjectiveStep:
     def _fill_reference_logprobs(self, micro_batches: list[dict[str, Any]]) -> None:
         """Add ref_logp / old_logp the objective needs and the micro-batches lack (forward-only passes)."""
         uses = self.objective.uses
-        if "ref_logp" in uses and micro_batches[0].get("ref_logp") is None:
+        if "ref_logp" in uses and not _has(micro_batches[0], "ref_logp"):
             if self.reference is None:
                 raise ValueError(f"objective {self.objective.name} needs ref_logp: give micro-batches a "
                                  "'ref_logp' or ObjectiveStep a reference model")
@@ -406,7 +416,7 @@ class ObjectiveStep:
                          vocab_size=self.vocab_size, check_labels=False))
             if hasattr(self.reference, "offload"):
                 self.reference.offload()
-        if "old_logp" in uses and micro_batches[0].get("old_logp") is None:
+        if "old_logp" in uses and not _has(micro_batches[0], "old_logp"):
             # The policy before this step is the rollout policy when each rollout feeds one step.
             self._attach(micro_batches, "old_logp", forward_logprobs(self.model, micro_batches,
                          temperature=self.temperature, chunk_size=self.chunk_size,
@@ -416,6 +426,8 @@ class ObjectiveStep:
     def _attach(micro_batches, key, logps):
         """Store CP-local log-probs back at full-sequence positions (the step splits every tensor again)."""
         ps = _ps()
+        for mb in micro_batches:
+            mb[DONE_PASSES] = set(mb.get(DONE_PASSES, ())) | {key}
         if logps is None:  # not the last pipeline stage: nothing reads it there
             return
         cp, rank = ps.get_context_parallel_world_size(), ps.get_context_parallel_rank()
