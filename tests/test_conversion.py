@@ -520,3 +520,53 @@ def test_transformer_engine_norm_names_load_and_export(converted):
     assert sorted(exported) == sorted(tensors)
     for name, t in tensors.items():
         assert torch.equal(exported[name], t), name
+
+
+# ------------------------------------------------------------------------------------- --out and --force
+def _tree_bytes(root) -> dict[str, bytes]:
+    return {os.path.relpath(os.path.join(d, f), root): open(os.path.join(d, f), "rb").read()
+            for d, _, files in os.walk(root) for f in files}
+
+
+def test_non_empty_out_is_refused_without_force_and_replaced_safely_with_it(converted, tmp_path, capsys, monkeypatch):
+    """A non-empty --out is refused (naming --force); with --force a failed conversion leaves the old
+    output as it was, a successful one replaces it, and no staging directory is left behind."""
+    import gift_megatron.checkpoint.convert as convert
+
+    qwen, llama = converted["qwen2-tied-fp32"], converted["llama-untied-fp32"]
+    to_meg, to_hf = load_tool("convert_hf_to_megatron"), load_tool("convert_megatron_to_hf")
+    out = tmp_path / "ckpt"
+    assert to_meg.main(["--hf", qwen["hf"], "--out", str(out), "--no-progress"]) == 0
+    before = _tree_bytes(out)
+    assert to_meg.main(["--hf", llama["hf"], "--out", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert f"--out {out}: directory is not empty" in err and "--force" in err
+    assert json.loads((out / "gift_conversion.json").read_text())["hf_source"] == os.path.abspath(qwen["hf"])
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("disk full (simulated)")
+
+    # Fails after the new weights are written (the tokenizer copy comes next): written in place, they
+    # would already have replaced the old checkpoint's.
+    monkeypatch.setattr(convert, "copy_tokenizer_files", broken)
+    with pytest.raises(RuntimeError, match="simulated"):
+        to_meg.main(["--hf", llama["hf"], "--out", str(out), "--no-progress", "--force"])
+    assert _tree_bytes(out) == before  # the old checkpoint is untouched
+    monkeypatch.undo()
+    assert to_meg.main(["--hf", llama["hf"], "--out", str(out), "--no-progress", "--force"]) == 0
+    assert json.loads((out / "gift_conversion.json").read_text())["hf_source"] == os.path.abspath(llama["hf"])
+    assert sorted(os.listdir(tmp_path)) == ["ckpt"]  # no .ckpt.partial-* / .ckpt.old-* left
+
+    back = tmp_path / "back"
+    back.mkdir()
+    (back / "notes.txt").write_text("keep me")
+    assert to_hf.main(["--megatron", str(out), "--out", str(back), "--no-progress"]) == 2
+    assert "--force" in capsys.readouterr().err and (back / "notes.txt").read_text() == "keep me"
+    assert to_hf.main(["--megatron", str(out), "--out", str(back), "--no-progress", "--force"]) == 0
+    assert not (back / "notes.txt").exists()
+    original, again = hf_tensors(llama["hf"]), hf_tensors(back)
+    assert sorted(again) == sorted(original) and all(torch.equal(again[n], t) for n, t in original.items())
+    assert sorted(p for p in os.listdir(tmp_path) if p.startswith(".")) == []
+    # An empty directory is fine without --force (e.g. one made by a job script).
+    (tmp_path / "empty").mkdir()
+    assert to_hf.main(["--megatron", str(out), "--out", str(tmp_path / "empty"), "--no-progress"]) == 0
