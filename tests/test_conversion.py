@@ -570,3 +570,44 @@ def test_non_empty_out_is_refused_without_force_and_replaced_safely_with_it(conv
     # An empty directory is fine without --force (e.g. one made by a job script).
     (tmp_path / "empty").mkdir()
     assert to_hf.main(["--megatron", str(out), "--out", str(tmp_path / "empty"), "--no-progress"]) == 0
+
+
+def _scaled_bf16_model(path, seed, head_scale):
+    """A bf16 Qwen2 model whose logits are ``head_scale`` times the usual tiny model's (lm_head scaled)."""
+    model = make_hf(path, "qwen2", dtype=torch.float32, seed=seed)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(head_scale)
+    model.to(torch.bfloat16).save_pretrained(str(path))
+
+
+def _verify(verify, capsys, hf, meg) -> tuple[int, float, float]:
+    """(exit code, max |diff|, largest |logit|) of tools/verify_conversion.py at TP=1 (in this process)."""
+    import re
+
+    code = verify.main(["--hf", str(hf), "--megatron", str(meg), "--prompt-ids", "5,9,13,2,77,31;7,2,40,41,99,0"])
+    out = capsys.readouterr().out
+    diff = float(re.search(r"max \|logit difference\| = (\S+) ", out).group(1))
+    scale = float(re.search(r"largest \|logit\| (\S+);", out).group(1))
+    return code, diff, scale
+
+
+def test_bf16_verify_tolerance_is_relative_to_the_logits_scale(tmp_path, capsys):
+    """Large logits: a correct bf16 conversion differs by more than the old absolute 0.5 and passes; small
+    logits: another model's weights differ by less than 0.5 and fail."""
+    from gift_megatron.checkpoint import hf_to_megatron
+
+    verify = load_tool("verify_conversion")
+    _scaled_bf16_model(tmp_path / "big", 0, 40.0)
+    hf_to_megatron(tmp_path / "big", tmp_path / "big-meg", progress=False)
+    code, diff, scale = _verify(verify, capsys, tmp_path / "big", tmp_path / "big-meg")
+    print(f"correct, large logits: max |diff| {diff:.3g}, scale {scale:.3g}, relative {diff / scale:.3g}")
+    assert code == 0 and diff > 0.5
+    _scaled_bf16_model(tmp_path / "small", 0, 0.1)
+    _scaled_bf16_model(tmp_path / "small-other", 3, 0.1)
+    hf_to_megatron(tmp_path / "small", tmp_path / "small-meg", progress=False)
+    code, diff, scale = _verify(verify, capsys, tmp_path / "small-other", tmp_path / "small-meg")
+    print(f"another model, small logits: max |diff| {diff:.3g}, scale {scale:.3g}, relative {diff / scale:.3g}")
+    assert code == 1 and diff < 0.5
+    assert verify.main(["--hf", str(tmp_path / "small"), "--megatron", str(tmp_path / "small-meg"),
+                        "--tolerance", "0"]) == 2
+    assert "--tolerance 0.0: must be > 0" in capsys.readouterr().err
