@@ -233,7 +233,7 @@ def test_dcr_weights_are_inverse_p_above_tau_and_one_at_or_below():
 # ---------------------------------------------------------------- GIFT theorem on a tabular bandit
 @pytest.mark.parametrize("beta,detach", [(1.0, True), (1.0, False), (0.5, False)])
 def test_gift_drives_bandit_policy_to_tilted_reference(beta, detach):
-    """OBJECTIVES.md GIFT item 8: at the optimum log pi/pi_ref = c R + d with c > 0.
+    """docs/objectives.md, GIFT "What the optimum looks like": at the optimum log pi/pi_ref = c R + d with c > 0.
 
     One prompt, K responses each a single token; the group is the K responses enumerated once each (the
     exact expectation over a uniform proposal), so no sampling noise enters.

@@ -1,4 +1,4 @@
-"""Group statistics shared by every group-relative objective (OBJECTIVES.md, "Group statistics").
+"""Group statistics shared by every group-relative objective (docs/objectives.md, "Group statistics").
 
 A group is the set of responses ("members") to one prompt, identified by an integer id. Its members may
 sit on different data-parallel ranks and in different micro-batches, so statistics are always computed on
@@ -7,11 +7,11 @@ all-gather over the data-parallel group, and every rank then runs the same arith
 vectors. That makes the statistics identical on every rank and equal (to fp32 round-off) to a
 single-process computation, whatever the layout.
 
-Conventions (OBJECTIVES.md):
+Conventions (docs/objectives.md, "Group statistics"):
 - std is unbiased (N-1) by default, biased on request; ``eps`` is added to the std, not under the root.
-- A group of one member has std 1. OBJECTIVES.md also says its mean is 0, but then its z-score would be
-  the value itself, not the 0 the same sentence requires ("carries no signal"). We keep the natural mean
-  (the member's own value), so the z-score is exactly 0, which is the stated intent.
+- A group of one member has std 1 and its own value as mean, so its z-score is exactly 0: it carries no
+  signal. (verl-style GRPO code uses mean 0 there, which makes a singleton's advantage its raw reward.)
+- A group whose values are all equal has z exactly 0 (see :func:`segment_mean_std`).
 """
 
 from __future__ import annotations

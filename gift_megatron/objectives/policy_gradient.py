@@ -1,4 +1,4 @@
-"""GRPO, DAPO and GSPO baselines (OBJECTIVES.md, "Baselines"), on the same group statistics as GIFT/GFT.
+"""GRPO, DAPO and GSPO baselines (docs/objectives.md, "GRPO, DAPO and GSPO"), on the same group statistics as GIFT/GFT.
 
 GRPO (token-level PPO clip), with r = exp(lp - olp) and A_i = Z_g(R)_i:
     l[i,t] = -min(r A_i, clip(r, 1 - eps_low, 1 + eps_high) A_i) + kl_coef * k3[i,t]
