@@ -390,7 +390,7 @@ class Trainer:
 
     def _post_update_metrics(self, mbs, step: int) -> dict[str, float]:
         """GIFT ``reference: rollout``: beta(x) and the implicit-reward spread of the updated policy against
-        the rollout policy, on steps that get logged (one forward-only pass; see trainer/implicit_metrics.py).
+        the rollout policy, on steps that get logged (one forward-only pass; see gift_megatron/trainer/implicit_metrics.py).
         At the step's first update u is 0, so the values the update itself reports are null."""
         from gift_megatron.trainer.implicit_metrics import post_update_implicit_metrics, wants_post_update_metrics
 
