@@ -115,7 +115,10 @@ def default_text(f: dataclasses.Field) -> str:
         return "required"
     if isinstance(value, float) and value != 0 and (abs(value) < 1e-3 or abs(value) >= 1e6):
         return f"`{value:.1e}`"
-    return f"`{json.dumps(value)}`"
+    try:
+        return f"`{json.dumps(value)}`"
+    except TypeError:  # a value YAML would spell some other way (an enum, a tuple of objects ...)
+        return f"`{value!r}`"
 
 
 # ------------------------------------------------------------------------------------------ document
@@ -127,8 +130,9 @@ def sections() -> list[tuple[str, type]]:
     return [(f.name, hints[f.name]) for f in dataclasses.fields(TrainConfig) if dataclasses.is_dataclass(hints[f.name])]
 
 
-def rows(cls: type) -> tuple[str, list[tuple[str, str, str, str]]]:
-    """(section description, [(key, type, default, meaning)]); meaning '' where none is written."""
+def rows(cls: type, prefix: str = "") -> tuple[str, list[tuple[str, str, str, str]]]:
+    """(section description, [(key, type, default, meaning)]); meaning '' where none is written. A field
+    that is itself a dataclass (a sub-section) is expanded into its own keys, ``sub.key``."""
     intro, entries = docstring_entries(cls)
     entries.update(attribute_docstrings(cls))
     hints = typing.get_type_hints(cls)
@@ -136,7 +140,10 @@ def rows(cls: type) -> tuple[str, list[tuple[str, str, str, str]]]:
     for f in dataclasses.fields(cls):
         if not f.init:
             continue
-        out.append((f.name, type_text(hints[f.name]), default_text(f), entries.get(f.name, "")))
+        if dataclasses.is_dataclass(hints[f.name]):
+            out += rows(hints[f.name], f"{prefix}{f.name}.")[1]
+            continue
+        out.append((prefix + f.name, type_text(hints[f.name]), default_text(f), entries.get(f.name, "")))
     return intro, out
 
 

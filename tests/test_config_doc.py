@@ -20,6 +20,13 @@ def test_every_config_key_has_a_meaning():
                          + ", ".join(missing))
 
 
+@dataclasses.dataclass
+class Inner:
+    """theta: a key of a nested section."""
+
+    theta: int = 7
+
+
 def test_generator_reads_entries_types_and_defaults_of_a_new_section(tmp_path, capsys):
     @dataclasses.dataclass
     class NewSection:
@@ -37,6 +44,7 @@ def test_generator_reads_entries_types_and_defaults_of_a_new_section(tmp_path, c
         zeta: float = 3e-4
         """an attribute docstring: ``literal`` text."""
         eta: str = "x"
+        sub: Inner = dataclasses.field(default_factory=lambda: Inner())
 
     intro, rows = config_doc.rows(NewSection)
     assert intro == "What the section is for."
@@ -48,6 +56,7 @@ def test_generator_reads_entries_types_and_defaults_of_a_new_section(tmp_path, c
     assert table["epsilon"][2] == "a pair (0: off)."
     assert table["zeta"] == ("float", "`3.0e-04`", "an attribute docstring: `literal` text.")
     assert table["eta"][2] == ""  # no entry: reported by undocumented() / --check
+    assert table["sub.theta"] == ("int", "`7`", "a key of a nested section.")
 
 
 def test_check_mode_fails_on_a_stale_file(tmp_path, capsys):
