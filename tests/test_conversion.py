@@ -567,6 +567,9 @@ def test_non_empty_out_is_refused_without_force_and_replaced_safely_with_it(conv
     original, again = hf_tensors(llama["hf"]), hf_tensors(back)
     assert sorted(again) == sorted(original) and all(torch.equal(again[n], t) for n, t in original.items())
     assert sorted(p for p in os.listdir(tmp_path) if p.startswith(".")) == []
+    # An output that holds the input is refused even with --force (replacing it would delete the input).
+    assert to_hf.main(["--megatron", str(out / "step_00000000"), "--out", str(out), "--no-progress", "--force"]) == 2
+    assert "holds the input" in capsys.readouterr().err and (out / "latest").exists()
     # An empty directory is fine without --force (e.g. one made by a job script).
     (tmp_path / "empty").mkdir()
     assert to_hf.main(["--megatron", str(out), "--out", str(tmp_path / "empty"), "--no-progress"]) == 0

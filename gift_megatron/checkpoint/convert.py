@@ -61,12 +61,17 @@ __all__ = ["CONVERSION_FILE", "ConversionError", "build_cpu_model", "checkpoint_
 
 
 # ----------------------------------------------------------------------------------- output directory
-def check_output_dir(out_dir: str, overwrite: bool) -> None:
-    """Refuse an existing non-empty ``out_dir`` unless ``overwrite`` (the tools' ``--force``).
+def check_output_dir(out_dir: str, overwrite: bool, source: str | None = None) -> None:
+    """Refuse an existing non-empty ``out_dir`` unless ``overwrite`` (the tools' ``--force``), and an
+    ``out_dir`` that holds ``source`` (replacing it would delete the input).
 
     Without this a conversion into the wrong directory silently replaced whatever checkpoint was there
     (a Qwen2 checkpoint became a Llama one). Called before any work, so a refusal costs nothing.
     """
+    if source is not None:
+        out_real, src_real = os.path.realpath(out_dir), os.path.realpath(source)
+        if os.path.commonpath([out_real, src_real]) == out_real:
+            raise ConversionError(f"--out {out_dir}: holds the input {source}; write the output elsewhere")
     if os.path.lexists(out_dir) and not os.path.isdir(out_dir):
         raise ConversionError(f"--out {out_dir}: exists and is not a directory")
     if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:
@@ -86,9 +91,11 @@ def staged_output(out_dir: str, overwrite: bool) -> Iterator[str]:
     On failure the staging directory is removed; a process killed outright leaves ``.NAME.partial-*``.
     """
     check_output_dir(out_dir, overwrite)
-    parent = os.path.dirname(os.path.abspath(out_dir))
+    # A symlinked --out is replaced where it points (the link stays), not by a directory in the link's place.
+    out_dir = os.path.realpath(out_dir)
+    parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
-    name = os.path.basename(os.path.abspath(out_dir))
+    name = os.path.basename(out_dir)
     stage = tempfile.mkdtemp(prefix=f".{name}.partial-", dir=parent)
     try:
         yield stage
@@ -190,7 +197,7 @@ def hf_to_megatron(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, *, dty
     from gift_megatron.megatron.checkpoint import save_checkpoint
 
     hf_dir, out_dir = os.fspath(hf_dir), os.fspath(out_dir)
-    check_output_dir(out_dir, overwrite)
+    check_output_dir(out_dir, overwrite, source=hf_dir)
     hf = HFCheckpoint(hf_dir)
     cfg = hf.model_config
     if has_tokenizer(hf_dir):
@@ -239,7 +246,7 @@ def megatron_to_hf(ckpt: str | os.PathLike, out_dir: str | os.PathLike, *, token
     from gift_megatron.megatron.checkpoint import load_checkpoint
 
     ckpt, out_dir = os.fspath(ckpt), os.fspath(out_dir)
-    check_output_dir(out_dir, overwrite)
+    check_output_dir(out_dir, overwrite, source=ckpt)
     path = resolve_checkpoint(ckpt)
     root = _conversion_root(ckpt, path)
     info = read_conversion_info(root) if root else {}
