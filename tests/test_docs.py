@@ -3,7 +3,8 @@
 Checked: relative markdown links ``[text](path#anchor)`` in README.md, docs/, tools/README.md,
 launch/README.md and examples/README.md (the file, and the heading for an anchor into a markdown file), and
 every mention of a path under a top-level folder of the repository (``docs/<name>.md``, a module under
-``gift_megatron/``, a recipe under ``examples/`` ...) in those files and in the docstrings and comments of every Python file.
+``gift_megatron/``, a recipe under ``examples/`` ...) in those files, in the docstrings and comments of
+every Python file and in the comments of the YAML configs under examples/ and launch/.
 """
 
 from __future__ import annotations
@@ -107,6 +108,17 @@ def test_paths_in_docstrings_and_comments_resolve():
             source = fh.read()
         for line, text in docstrings_and_comments(source):
             bad += broken_paths(f"{py}:{line}", text)
+    assert not bad, "\n".join(bad)
+
+
+def test_paths_in_yaml_comments_resolve():
+    bad = []
+    for d in ("examples", "launch"):
+        for path in sorted(glob.glob(os.path.join(ROOT, d, "*.yaml"))):
+            with open(path, encoding="utf-8") as fh:
+                for n, line in enumerate(fh, 1):
+                    if "#" in line:
+                        bad += broken_paths(f"{os.path.relpath(path, ROOT)}:{n}", line[line.index("#"):])
     assert not bad, "\n".join(bad)
 
 
