@@ -117,7 +117,7 @@ def main() -> None:
     from gift_megatron.objectives import build_objective
 
     # Options are the objective's dataclass fields. GIFT's std_floor bounds the step-0 gradient: with a
-    # frozen reference every implicit reward starts at 0, so the group std is 0 (OBJECTIVES.md, GIFT 6).
+    # frozen reference every implicit reward starts at 0, so the group std is 0 (docs/objectives.md, "Zero implicit rewards and std_floor").
     options = {"std_floor": 0.05} if args.objective == "gift" else {}
     objective = build_objective(args.objective, **options)
     reference = FrozenReference([ddp], lambda i: build_gpt(args.tp, args.pp, vocab, seq))

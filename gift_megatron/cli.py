@@ -3,6 +3,7 @@
     gift-megatron train CONFIG.yaml [key=value ...]     train (under torchrun for several ranks)
     gift-megatron validate CONFIG.yaml [key=value ...] [--world-size N]   check a config, run nothing
     gift-megatron plot RUN_DIR                           PNG plots of a run's metrics
+    gift-megatron plot RUN_A RUN_B ... --out DIR         the runs overlaid (legend: name and objective)
 """
 
 from __future__ import annotations
@@ -23,9 +24,10 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("config")
     v.add_argument("overrides", nargs="*")
     v.add_argument("--world-size", type=int, default=None, help="also check the parallel layout for this many ranks")
-    pl = sub.add_parser("plot", help="write PNG plots of RUN_DIR/metrics.jsonl to RUN_DIR/plots")
-    pl.add_argument("run_dir")
-    pl.add_argument("--out", default=None, help="output directory (default RUN_DIR/plots)")
+    pl = sub.add_parser("plot", help="write PNG plots of RUN_DIR/metrics.jsonl to RUN_DIR/plots; several runs: "
+                                     "overlaid, to --out")
+    pl.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    pl.add_argument("--out", default=None, help="output directory (one run: default RUN_DIR/plots; several: required)")
     return p
 
 
@@ -42,10 +44,14 @@ def main(argv: list[str] | None = None) -> int:
     from gift_megatron.config import ConfigError, check_inputs, check_world_size, layout_plan, load_config
 
     if args.command == "plot":
-        from gift_megatron.trainer.metrics import plot_run
+        from gift_megatron.trainer.metrics import plot_run, plot_runs
 
+        if len(args.run_dirs) > 1 and not args.out:
+            print("error: plot: --out DIR is required with several run directories (where the overlay goes)",
+                  file=sys.stderr)
+            return 2
         try:
-            files = plot_run(args.run_dir, args.out)
+            files = plot_run(args.run_dirs[0], args.out) if len(args.run_dirs) == 1 else plot_runs(args.run_dirs, args.out)
         except (FileNotFoundError, ValueError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2

@@ -41,6 +41,11 @@ class RunConfig:
     resume: ``none`` (start fresh; refuses a non-empty checkpoint directory), ``auto`` (continue from the
     newest complete checkpoint if there is one) or a checkpoint path.
     save_interval: steps between checkpoints (0: only at the end). keep_last: checkpoints kept (None: all).
+    seed: seeds the model initialization, the data order and the rollout sampling.
+    log_interval: steps between metric records (the last step is always recorded).
+    tensorboard: also write TensorBoard events. wandb_project: also log to this W&B project (needs
+    ``wandb``). plots: write PNG plots of the metrics at the end of the run. progress: a progress bar on
+    rank 0.
     """
 
     output_dir: str = "runs/default"
@@ -76,6 +81,8 @@ class DataConfig:
     variables of the chat template (e.g. Qwen3's ``enable_thinking: false``). fields: column renames,
     e.g. ``{prompt: question}``. max_skipped_fraction: malformed rows allowed before the run stops.
     max_prompt_tokens: longer prompts are an error (they would not fit ``model.seq_length``).
+    use_chat_template: wrap each prompt in the tokenizer's chat template (chat / instruct models).
+    shuffle: visit the training prompts in a new seeded order every epoch (false: file order).
     """
 
     train_files: list[str] = field(default_factory=list)
@@ -94,6 +101,9 @@ class RolloutConfig:
     """engine: ``hf`` (transformers generate, CPU default), ``vllm`` (GPU default) or ``auto``.
     n: on-policy responses per prompt (GFT's n_rollout). tensor_parallel_size, gpu_memory_utilization,
     sleep_during_training: vLLM only (colocated engine sleeps while the trainer trains).
+    temperature: sampling temperature (0: greedy); the trainer's log-probs use the same temperature.
+    top_p: nucleus sampling, in (0, 1]. max_tokens: most new tokens per response.
+    sync_bucket_mb: size of the buckets in which updated weights are streamed to the rollout engine (MiB).
     """
 
     engine: Literal["auto", "hf", "vllm"] = "auto"
@@ -109,9 +119,13 @@ class RolloutConfig:
 
 @dataclass
 class GroupsConfig:
-    """GFT hybrid groups (OBJECTIVES.md, GFT 1): dataset expert demonstrations and teacher responses added
+    """GFT hybrid groups (docs/objectives.md, GFT): dataset expert demonstrations and teacher responses added
     to every group next to the ``rollout.n`` on-policy members. None: the objective's default (GFT: 1 expert,
-    3 teachers; every other objective: 0)."""
+    3 teachers; every other objective: 0).
+
+    n_expert: expert demonstrations per group (the dataset's ``expert`` field; sft and dft default to 1).
+    n_teacher: teacher responses per group (from the dataset's ``teachers`` list).
+    """
 
     n_expert: Optional[int] = None
     n_teacher: Optional[int] = None
@@ -129,7 +143,7 @@ class RewardConfig:
 @dataclass
 class ObjectiveConfig:
     """name: a registered objective (gift, gft, grpo, dapo, gspo, sft, dft); options: its options
-    (OBJECTIVES.md), validated by ``gift_megatron.objectives.build_objective``."""
+    (docs/objectives.md), validated by ``gift_megatron.objectives.build_objective``."""
 
     name: str = "gift"
     options: dict[str, Any] = field(default_factory=dict)
@@ -137,7 +151,15 @@ class ObjectiveConfig:
 
 @dataclass
 class OptimizerConfig:
-    """Adam(W) through Megatron's optimizer (distributed optimizer optional), with Megatron's scheduler."""
+    """Adam(W) through Megatron's optimizer (distributed optimizer optional), with Megatron's scheduler.
+
+    lr: peak learning rate. min_lr: the floor of the decay. weight_decay: decoupled (AdamW) weight decay.
+    adam_beta1: decay of Adam's first moment. adam_beta2: of its second moment. adam_eps: Adam's epsilon
+    (added to the root of the second moment). clip_grad: global gradient
+    norm clipping (0: off). warmup_steps: optimizer steps of linear warm-up from 0. lr_decay_style: the
+    schedule after warm-up, over train.steps x train.updates_per_step optimizer steps.
+    use_distributed_optimizer: shard the fp32 main weights and Adam moments over data-parallel ranks.
+    """
 
     lr: float = 1e-6
     min_lr: float = 0.0
@@ -156,7 +178,9 @@ class LoopConfig:
     """steps: optimizer rounds (one rollout batch each). prompts_per_step: prompts per rollout batch, over
     all data-parallel ranks. updates_per_step: optimizer steps per rollout batch (mini-batches of whole
     groups). micro_batch_size: members per micro-batch. eval_interval: steps between greedy evaluations on
-    ``data.eval_files`` (0: only at the start and the end); eval_prompts: how many eval prompts."""
+    ``data.eval_files`` (0: only at the start and the end); eval_prompts: how many eval prompts.
+    logprob_chunk_size: most tokens per block of the fp32 log-prob computation, to bound its memory at
+    large vocabularies (None: no bound of its own)."""
 
     steps: int = 100
     prompts_per_step: int = 32
@@ -187,7 +211,7 @@ class TrainConfig:
     def group_composition(self) -> tuple[int, int, int]:
         """(n_expert, n_teacher, n_rollout) trained members of every group.
 
-        GFT defaults to 1 expert and 3 teachers (OBJECTIVES.md). The supervised baselines (sft, dft) train
+        GFT defaults to 1 expert and 3 teachers (docs/objectives.md, GFT). The supervised baselines (sft, dft) train
         on demonstrations only (1 expert by default): their rollouts are still generated and scored, for
         the reward metrics, but never trained on (imitating one's own samples is not SFT).
         """

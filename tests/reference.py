@@ -1,4 +1,4 @@
-"""Naive reference implementations written straight from OBJECTIVES.md, for tests only.
+"""Naive reference implementations written straight from docs/objectives.md, for tests only.
 
 They loop over groups with torch.mean / torch.std on whole tensors, keep every gradient path autograd gives
 (so detach_stats=False is the true derivative), and share no code with gift_megatron.objectives.

@@ -67,7 +67,7 @@ def test_group_of_one_is_fine_for_sft_and_gft_counts_experts(tmp_path):
     with pytest.raises(ConfigError, match="a group has no trained member"):
         load_config(write(tmp_path, BASE), ["objective.name=dft", "groups.n_expert=0"])
     gft = load_config(write(tmp_path, BASE), ["objective.name=gft"])
-    assert gft.group_composition() == (1, 3, 4)  # OBJECTIVES.md GFT defaults: 1 expert, 3 teachers
+    assert gft.group_composition() == (1, 3, 4)  # docs/objectives.md GFT defaults: 1 expert, 3 teachers
     gft1 = load_config(write(tmp_path, BASE), ["objective.name=gft", "rollout.n=1", "groups.n_teacher=0",
                                                 "groups.n_expert=1"])
     assert gft1.group_composition() == (1, 0, 1)

@@ -520,3 +520,97 @@ def test_transformer_engine_norm_names_load_and_export(converted):
     assert sorted(exported) == sorted(tensors)
     for name, t in tensors.items():
         assert torch.equal(exported[name], t), name
+
+
+# ------------------------------------------------------------------------------------- --out and --force
+def _tree_bytes(root) -> dict[str, bytes]:
+    return {os.path.relpath(os.path.join(d, f), root): open(os.path.join(d, f), "rb").read()
+            for d, _, files in os.walk(root) for f in files}
+
+
+def test_non_empty_out_is_refused_without_force_and_replaced_safely_with_it(converted, tmp_path, capsys, monkeypatch):
+    """A non-empty --out is refused (naming --force); with --force a failed conversion leaves the old
+    output as it was, a successful one replaces it, and no staging directory is left behind."""
+    import gift_megatron.checkpoint.convert as convert
+
+    qwen, llama = converted["qwen2-tied-fp32"], converted["llama-untied-fp32"]
+    to_meg, to_hf = load_tool("convert_hf_to_megatron"), load_tool("convert_megatron_to_hf")
+    out = tmp_path / "ckpt"
+    assert to_meg.main(["--hf", qwen["hf"], "--out", str(out), "--no-progress"]) == 0
+    before = _tree_bytes(out)
+    assert to_meg.main(["--hf", llama["hf"], "--out", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert f"--out {out}: directory is not empty" in err and "--force" in err
+    assert json.loads((out / "gift_conversion.json").read_text())["hf_source"] == os.path.abspath(qwen["hf"])
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("disk full (simulated)")
+
+    # Fails after the new weights are written (the tokenizer copy comes next): written in place, they
+    # would already have replaced the old checkpoint's.
+    monkeypatch.setattr(convert, "copy_tokenizer_files", broken)
+    with pytest.raises(RuntimeError, match="simulated"):
+        to_meg.main(["--hf", llama["hf"], "--out", str(out), "--no-progress", "--force"])
+    assert _tree_bytes(out) == before  # the old checkpoint is untouched
+    monkeypatch.undo()
+    assert to_meg.main(["--hf", llama["hf"], "--out", str(out), "--no-progress", "--force"]) == 0
+    assert json.loads((out / "gift_conversion.json").read_text())["hf_source"] == os.path.abspath(llama["hf"])
+    assert sorted(os.listdir(tmp_path)) == ["ckpt"]  # no .ckpt.partial-* / .ckpt.old-* left
+
+    back = tmp_path / "back"
+    back.mkdir()
+    (back / "notes.txt").write_text("keep me")
+    assert to_hf.main(["--megatron", str(out), "--out", str(back), "--no-progress"]) == 2
+    assert "--force" in capsys.readouterr().err and (back / "notes.txt").read_text() == "keep me"
+    assert to_hf.main(["--megatron", str(out), "--out", str(back), "--no-progress", "--force"]) == 0
+    assert not (back / "notes.txt").exists()
+    original, again = hf_tensors(llama["hf"]), hf_tensors(back)
+    assert sorted(again) == sorted(original) and all(torch.equal(again[n], t) for n, t in original.items())
+    assert sorted(p for p in os.listdir(tmp_path) if p.startswith(".")) == []
+    # An output that holds the input is refused even with --force (replacing it would delete the input).
+    assert to_hf.main(["--megatron", str(out / "step_00000000"), "--out", str(out), "--no-progress", "--force"]) == 2
+    assert "holds the input" in capsys.readouterr().err and (out / "latest").exists()
+    # An empty directory is fine without --force (e.g. one made by a job script).
+    (tmp_path / "empty").mkdir()
+    assert to_hf.main(["--megatron", str(out), "--out", str(tmp_path / "empty"), "--no-progress"]) == 0
+
+
+def _scaled_bf16_model(path, seed, head_scale):
+    """A bf16 Qwen2 model whose logits are ``head_scale`` times the usual tiny model's (lm_head scaled)."""
+    model = make_hf(path, "qwen2", dtype=torch.float32, seed=seed)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(head_scale)
+    model.to(torch.bfloat16).save_pretrained(str(path))
+
+
+def _verify(verify, capsys, hf, meg) -> tuple[int, float, float]:
+    """(exit code, max |diff|, largest |logit|) of tools/verify_conversion.py at TP=1 (in this process)."""
+    import re
+
+    code = verify.main(["--hf", str(hf), "--megatron", str(meg), "--prompt-ids", "5,9,13,2,77,31;7,2,40,41,99,0"])
+    out = capsys.readouterr().out
+    diff = float(re.search(r"max \|logit difference\| = (\S+) ", out).group(1))
+    scale = float(re.search(r"largest \|logit\| (\S+);", out).group(1))
+    return code, diff, scale
+
+
+def test_bf16_verify_tolerance_is_relative_to_the_logits_scale(tmp_path, capsys):
+    """Large logits: a correct bf16 conversion differs by more than the old absolute 0.5 and passes; small
+    logits: another model's weights differ by less than 0.5 and fail."""
+    from gift_megatron.checkpoint import hf_to_megatron
+
+    verify = load_tool("verify_conversion")
+    _scaled_bf16_model(tmp_path / "big", 0, 40.0)
+    hf_to_megatron(tmp_path / "big", tmp_path / "big-meg", progress=False)
+    code, diff, scale = _verify(verify, capsys, tmp_path / "big", tmp_path / "big-meg")
+    print(f"correct, large logits: max |diff| {diff:.3g}, scale {scale:.3g}, relative {diff / scale:.3g}")
+    assert code == 0 and diff > 0.5
+    _scaled_bf16_model(tmp_path / "small", 0, 0.1)
+    _scaled_bf16_model(tmp_path / "small-other", 3, 0.1)
+    hf_to_megatron(tmp_path / "small", tmp_path / "small-meg", progress=False)
+    code, diff, scale = _verify(verify, capsys, tmp_path / "small-other", tmp_path / "small-meg")
+    print(f"another model, small logits: max |diff| {diff:.3g}, scale {scale:.3g}, relative {diff / scale:.3g}")
+    assert code == 1 and diff < 0.5
+    assert verify.main(["--hf", str(tmp_path / "small"), "--megatron", str(tmp_path / "small-meg"),
+                        "--tolerance", "0"]) == 2
+    assert "--tolerance 0.0: must be > 0" in capsys.readouterr().err

@@ -233,7 +233,7 @@ def test_dcr_weights_are_inverse_p_above_tau_and_one_at_or_below():
 # ---------------------------------------------------------------- GIFT theorem on a tabular bandit
 @pytest.mark.parametrize("beta,detach", [(1.0, True), (1.0, False), (0.5, False)])
 def test_gift_drives_bandit_policy_to_tilted_reference(beta, detach):
-    """OBJECTIVES.md GIFT item 8: at the optimum log pi/pi_ref = c R + d with c > 0.
+    """docs/objectives.md, GIFT "What the optimum looks like": at the optimum log pi/pi_ref = c R + d with c > 0.
 
     One prompt, K responses each a single token; the group is the K responses enumerated once each (the
     exact expectation over a uniform proposal), so no sampling noise enters.
@@ -333,3 +333,124 @@ def test_gift_metrics_against_direct_computation():
     torch.testing.assert_close(metrics["gift/beta_x_mean"], torch.stack(ratios).mean(), rtol=1e-5, atol=1e-6)
     # 5 groups: one singleton, one with all rewards equal
     torch.testing.assert_close(metrics["groups/degenerate_frac"], torch.tensor(2 / 5))
+
+
+# ---------------------------------------------------------------- all-equal groups give exactly 0
+# Non-dyadic constants: their fp32 sums round, so a plain sum/n mean lands an ulp off and the z-score of a
+# group that carries no signal came out 0.03 (7 x 0.37) to 0.9 (7 x 1000.1) before the shifted statistics.
+EQUAL_VALUES = (0.37, 0.1, 1000.1, 1e-3, 3.3, 123.456)
+EQUAL_SIZES = (7, 5, 8, 3, 16, 6)
+GROUP_OBJECTIVES = [
+    ("gift", dict()), ("gift", dict(reference="rollout", detach_stats=False)), ("gift", dict(implicit_reward="mean")),
+    ("gft", dict()), ("grpo", dict()), ("dapo", dict()), ("gspo", dict()),
+]
+
+
+def equal_reward_batch(S=6, seed=11):
+    """Groups whose rewards are all one non-dyadic constant, and whose rows are identical within a group
+    (so GIFT's implicit rewards are all equal too), with per-group non-dyadic log-prob offsets."""
+    g = torch.Generator().manual_seed(seed)
+    gid = torch.cat([torch.full((n,), 5 * k + 1) for k, n in enumerate(EQUAL_SIZES)])
+    R = torch.cat([torch.full((n,), v) for v, n in zip(EQUAL_VALUES, EQUAL_SIZES)])
+    row_lp = -torch.rand(len(EQUAL_SIZES), S, generator=g) * 3.0 - 0.1
+    lp = row_lp[torch.repeat_interleave(torch.arange(len(EQUAL_SIZES)), torch.tensor(EQUAL_SIZES))]
+    offsets = torch.tensor(EQUAL_VALUES)[torch.repeat_interleave(torch.arange(len(EQUAL_SIZES)), torch.tensor(EQUAL_SIZES))]
+    m = torch.ones_like(lp)
+    return dict(lp=lp, rlp=lp - 0.1 * offsets[:, None] / 1000.1, olp=lp + 0.37, m=m, R=R, gid=gid)
+
+
+def _equal_group_check(obj, batches, layout):
+    """(max |A| over members, max |grad| of the loss) for ``batches`` (micro-batches of this rank)."""
+    lps = [b.logp.clone().requires_grad_(True) for b in batches]
+    parts = [O.TokenBatch(lp, b.mask, b.rewards, b.group_ids, ref_logp=b.ref_logp, old_logp=b.old_logp)
+             for lp, b in zip(lps, batches)]
+    stats = obj.statistics(O.Members.cat([obj.members(p, layout) for p in parts]), layout)
+    adv = max(float(stats.rewards.zscore(p.rewards, p.group_ids, obj.eps).abs().max()) for p in parts)
+    if stats.implicit is not None:
+        for p in parts:
+            u = obj.implicit_rewards(p, layout)
+            adv = max(adv, float(stats.implicit.zscore(u.detach(), p.group_ids, obj.eps).abs().max()))
+    sum(obj.loss(p, stats, layout).loss for p in parts).backward()
+    return adv, max(float(lp.grad.abs().max()) for lp in lps), float(stats.metrics["advantage/abs_mean"])
+
+
+def _token_batch(b, rows=None):
+    rows = torch.arange(b["lp"].shape[0]) if rows is None else rows
+    return O.TokenBatch(b["lp"][rows], b["m"][rows], b["R"][rows], b["gid"][rows], ref_logp=b["rlp"][rows],
+                        old_logp=b["olp"][rows])
+
+
+@pytest.mark.parametrize("name,opts", GROUP_OBJECTIVES, ids=lambda x: x if isinstance(x, str) else str(x))
+def test_all_equal_group_gives_exactly_zero_advantage(name, opts):
+    obj = O.build_objective(name, **opts)
+    b = equal_reward_batch()
+    adv, grad, abs_mean = _equal_group_check(obj, [_token_batch(b)], O.SINGLE_PROCESS)
+    assert adv == 0.0 and grad == 0.0 and abs_mean == 0.0, (adv, grad, abs_mean)
+    # and through the functional group_zscore (with and without a gradient path)
+    assert float(O.group_zscore(b["R"], b["gid"]).abs().max()) == 0.0
+
+
+def equal_groups_dp_worker(rank, world):
+    import torch.distributed as dist
+
+    b = equal_reward_batch()
+    B = b["lp"].shape[0]
+    mine = torch.arange(rank, B, world)  # every group split over both ranks and two micro-batches
+    layout = O.BatchLayout(dp_group=dist.group.WORLD)
+    out = {}
+    for name, opts in GROUP_OBJECTIVES:
+        obj = O.build_objective(name, **opts)
+        out[f"{name}{opts}"] = _equal_group_check(obj, [_token_batch(b, mine[0::2]), _token_batch(b, mine[1::2])], layout)
+    stats = O.group_statistics(b["R"][mine], b["gid"][mine], dp_group=dist.group.WORLD)
+    out["group_statistics_std"] = (float(stats.std.abs().max()), 0.0, 0.0)
+    return out
+
+
+@pytest.mark.timeout(120)
+def test_all_equal_group_gives_exactly_zero_advantage_across_dp_ranks():
+    from tests.multiproc import run_ranks
+
+    for res in run_ranks(equal_groups_dp_worker, 2, timeout=100):
+        for key, values in res.items():
+            assert values == (0.0, 0.0, 0.0), (key, values)
+
+
+# ---------------------------------------------------------------- PPO dual-clip (GRPO / DAPO)
+def _dual_clip_reference(lp, olp, m, R, gid, eps_low, eps_high, c, token_mean):
+    """Closed form, case by case: A >= 0: -A min(r, 1+eps_high); A < 0: |A| min(max(r, 1-eps_low), c)."""
+    A = ref.zscore(R, gid).detach()[:, None]
+    r = (lp - olp).exp()
+    pos = -A * torch.minimum(r, torch.full_like(r, 1 + eps_high))
+    neg = A.abs() * torch.minimum(torch.maximum(r, torch.full_like(r, 1 - eps_low)), torch.full_like(r, c))
+    l = torch.where(A >= 0, pos, neg)
+    frac = (((A < 0) & (r > c)).float() * m).sum() / m.sum()
+    loss = (l * m).sum() / m.sum() if token_mean else ((l * m).sum(1) / m.sum(1)).mean()
+    return loss, frac
+
+
+@pytest.mark.parametrize("name", ["grpo", "dapo"])
+def test_dual_clip_matches_closed_form(name):
+    b = make_batch(12)
+    g = torch.Generator().manual_seed(5)
+    lp = _clean(b["lp"], b["m"])
+    olp = lp - (torch.rand(lp.shape, generator=g) * 3.2 - 1.6)  # ratios from 0.2 to 5: beyond c = 3 often
+    c = 3.0
+    fn = O.dapo_loss if name == "dapo" else O.grpo_loss
+    eps_high = 0.28 if name == "dapo" else 0.2
+    ours = _grad(lambda x: fn(x, olp, b["m"], b["R"], b["gid"], clip_ratio_c=c)[0], lp)
+    theirs = _grad(lambda x: _dual_clip_reference(x, olp, b["m"], b["R"], b["gid"], 0.2, eps_high, c, name == "dapo")[0], lp)
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-7)
+    frac = fn(lp, olp, b["m"], b["R"], b["gid"], clip_ratio_c=c)[1]["clip_frac_dual"]
+    expected = _dual_clip_reference(lp, olp, b["m"], b["R"], b["gid"], 0.2, eps_high, c, name == "dapo")[1]
+    assert float(expected) > 0.05  # the cap binds on a fair share of tokens: the comparison means something
+    torch.testing.assert_close(frac, expected)
+    # off by default: the plain clipped objective, and no dual metric
+    plain = fn(lp, olp, b["m"], b["R"], b["gid"])
+    assert "clip_frac_dual" not in plain[1]
+    assert float((plain[0] - ours[0]).abs()) > 1e-3
+
+
+def test_dual_clip_option_is_validated():
+    for bad in (1.0, 0.5, -3.0, float("nan")):
+        _bad(lambda: O.build_objective("grpo", clip_ratio_c=bad), "clip_ratio_c")
+    assert O.build_objective("dapo", clip_ratio_c=3).clip_ratio_c == 3

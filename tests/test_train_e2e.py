@@ -101,6 +101,13 @@ def test_sigkill_mid_step_then_resume_auto_gives_the_same_losses(toy_task, tmp_p
     run_job(common + [f"run.output_dir={straight}"])
     expected = losses(straight)
     assert sorted(expected) == [1, 2, 3, 4, 5]
+    # The tiny config's GIFT has reference: rollout and one update a step, so u = 0 at that update and its
+    # beta(x) is undefined: the trainer reports it from the updated policy (trainer/implicit_metrics.py).
+    with open(os.path.join(straight, "metrics.jsonl")) as fh:
+        records = [json.loads(line) for line in fh if '"loss"' in line]
+    for r in records:
+        for key in ("gift/beta_x_mean", "gift/beta_x_median", "gift/implicit_reward_std"):
+            assert r.get(key) is not None and r[key] > 0, (r["step"], key, r.get(key))
 
     crashed = str(tmp_path / "crashed")
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")

@@ -12,8 +12,8 @@ Megatron -> HF (:func:`megatron_to_hf`): build the model at TP=1 / PP=1 on the C
 dtype, load the checkpoint, stream :func:`~.export.iter_hf_weights` into safetensors shards of bounded
 size (:class:`~.hf_io.SafetensorsShardWriter`), then write config.json and copy the tokenizer files.
 
-Host memory, both ways: about 1.5 x the model's bytes in its dtype (bf16: 2 bytes per parameter, so about
-23 GB for 7B and 100 GB for 32B): the TP=1 model (Megatron-Core builds whole modules) plus the copies
+Host memory, both ways: about 1.5 x the model's bytes in its dtype (bf16: 2 bytes per parameter; Qwen2.5-7B's
+7.6 B parameters are 15 GB, peak about 23 GB; Qwen2.5-32B's 32.8 B are 66 GB, peak about 100 GB): the TP=1 model (Megatron-Core builds whole modules) plus the copies
 Megatron's checkpoint writer makes of the fused fc1's gate / up halves before writing (its reader
 concatenates them likewise), plus the few HF tensors in flight. The HF shards are memory-mapped: read
 once, in file order, as page cache. Measured peak with benchmarks/convert.py: 1.5 x the model's bytes
@@ -58,6 +58,58 @@ _PRECISION = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp3
 __all__ = ["CONVERSION_FILE", "ConversionError", "build_cpu_model", "checkpoint_dtype", "hf_to_megatron",
            "megatron_to_hf", "model_config_from_info", "read_conversion_info", "resolve_checkpoint",
            "single_process_megatron", "write_hf_config"]
+
+
+# ----------------------------------------------------------------------------------- output directory
+def check_output_dir(out_dir: str, overwrite: bool, source: str | None = None) -> None:
+    """Refuse an existing non-empty ``out_dir`` unless ``overwrite`` (the tools' ``--force``), and an
+    ``out_dir`` that holds ``source`` (replacing it would delete the input).
+
+    Without this a conversion into the wrong directory silently replaced whatever checkpoint was there
+    (a Qwen2 checkpoint became a Llama one). Called before any work, so a refusal costs nothing.
+    """
+    if source is not None:
+        out_real, src_real = os.path.realpath(out_dir), os.path.realpath(source)
+        if os.path.commonpath([out_real, src_real]) == out_real:
+            raise ConversionError(f"--out {out_dir}: holds the input {source}; write the output elsewhere")
+    if os.path.lexists(out_dir) and not os.path.isdir(out_dir):
+        raise ConversionError(f"--out {out_dir}: exists and is not a directory")
+    if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:
+        entries = sorted(os.listdir(out_dir))
+        shown = ", ".join(entries[:4]) + (", ..." if len(entries) > 4 else "")
+        raise ConversionError(f"--out {out_dir}: directory is not empty ({shown}); pass --force to replace it "
+                              "(overwrite=True from Python)")
+
+
+@contextmanager
+def staged_output(out_dir: str, overwrite: bool) -> Iterator[str]:
+    """Yield a fresh sibling directory to write into; on success it becomes ``out_dir``.
+
+    The old ``out_dir`` (with ``overwrite``) is moved aside only once the new one is complete, then
+    deleted: a conversion that fails half-way (bad shard, full disk, killed) leaves the old one as it was.
+    A sibling, not a system temp dir, so that the final renames stay on one file system (atomic, no copy).
+    On failure the staging directory is removed; a process killed outright leaves ``.NAME.partial-*``.
+    """
+    check_output_dir(out_dir, overwrite)
+    # A symlinked --out is replaced where it points (the link stays), not by a directory in the link's place.
+    out_dir = os.path.realpath(out_dir)
+    parent = os.path.dirname(out_dir)
+    os.makedirs(parent, exist_ok=True)
+    name = os.path.basename(out_dir)
+    stage = tempfile.mkdtemp(prefix=f".{name}.partial-", dir=parent)
+    try:
+        yield stage
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    old = None
+    if os.path.isdir(out_dir):
+        old = tempfile.mkdtemp(prefix=f".{name}.old-", dir=parent)
+        os.rmdir(old)  # only the unique name is wanted: rename needs a free target
+        os.rename(out_dir, old)
+    os.rename(stage, out_dir)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------------- process set-up
@@ -133,12 +185,13 @@ def build_cpu_model(model_cfg: Any, dtype: torch.dtype, *, tp: int | None = None
 
 # ---------------------------------------------------------------------------------- HF -> Megatron
 def hf_to_megatron(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, *, dtype: str | torch.dtype | None = None,
-                   progress: bool = True) -> str:
+                   progress: bool = True, overwrite: bool = False) -> str:
     """Convert a Hugging Face folder into a Megatron checkpoint root ``out_dir`` (loadable at any TP/PP).
 
     Args:
         hf_dir: config.json + model.safetensors, or shards + model.safetensors.index.json (+ tokenizer).
-        out_dir: the checkpoint root to write (created; an earlier conversion there is replaced).
+        out_dir: the checkpoint root to write. It must be absent or empty unless ``overwrite``; the
+            conversion is written next to it and replaces it only once complete (see :func:`staged_output`).
         dtype: cast the weights (bf16 / fp16 / fp32 or a torch dtype); None keeps the checkpoint's.
         progress: tqdm bar over the bytes read.
 
@@ -150,6 +203,7 @@ def hf_to_megatron(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, *, dty
     from gift_megatron.megatron.checkpoint import save_checkpoint
 
     hf_dir, out_dir = os.fspath(hf_dir), os.fspath(out_dir)
+    check_output_dir(out_dir, overwrite, source=hf_dir)
     hf = HFCheckpoint(hf_dir)
     cfg = hf.model_config
     if has_tokenizer(hf_dir):
@@ -159,25 +213,24 @@ def hf_to_megatron(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, *, dty
         raise ConversionError(f"{hf_dir}: weights in {hf.dtype}; pass --dtype bf16, fp16 or fp32")
     info = {"model_config": dataclasses.asdict(cfg), "dtype": dtype_name(target),
             "hf_source": os.path.abspath(hf_dir), "hf_config": hf.hf_config}
-    os.makedirs(out_dir, exist_ok=True)
-    with single_process_megatron():
-        model = build_cpu_model(cfg, target)
-        load_hf_weights_into_model(model, cfg, hf, progress=progress)
-        path = save_checkpoint(out_dir, 0, [model], extra={"conversion": info})
-        del model
-    hf_files = os.path.join(out_dir, HF_FILES_DIR)
-    shutil.rmtree(hf_files, ignore_errors=True)
-    copy_tokenizer_files(hf_dir, hf_files)
-    shutil.copyfile(os.path.join(hf_dir, "config.json"), os.path.join(hf_files, "config.json"))
-    with open(os.path.join(out_dir, CONVERSION_FILE), "w", encoding="utf-8") as fh:
-        json.dump(info, fh, indent=2)
-    return path
+    with staged_output(out_dir, overwrite) as stage:
+        with single_process_megatron():
+            model = build_cpu_model(cfg, target)
+            load_hf_weights_into_model(model, cfg, hf, progress=progress)
+            path = save_checkpoint(stage, 0, [model], extra={"conversion": info})
+            del model
+        hf_files = os.path.join(stage, HF_FILES_DIR)
+        copy_tokenizer_files(hf_dir, hf_files)
+        shutil.copyfile(os.path.join(hf_dir, "config.json"), os.path.join(hf_files, "config.json"))
+        with open(os.path.join(stage, CONVERSION_FILE), "w", encoding="utf-8") as fh:
+            json.dump(info, fh, indent=2)
+    return os.path.join(out_dir, os.path.basename(path))
 
 
 # ---------------------------------------------------------------------------------- Megatron -> HF
 def megatron_to_hf(ckpt: str | os.PathLike, out_dir: str | os.PathLike, *, tokenizer_dir: str | None = None,
                    dtype: str | torch.dtype | None = None, max_shard_bytes: int = 5 * 10**9,
-                   model_config: Any = None, progress: bool = True) -> str:
+                   model_config: Any = None, progress: bool = True, overwrite: bool = False) -> str:
     """Convert a Megatron checkpoint (a root with ``latest`` or a ``step_*`` directory, from
     :func:`hf_to_megatron` or a training run) into the Hugging Face folder ``out_dir``; returns it.
 
@@ -188,6 +241,8 @@ def megatron_to_hf(ckpt: str | os.PathLike, out_dir: str | os.PathLike, *, token
         max_shard_bytes: the most tensor bytes per safetensors shard (one larger tensor gets its own).
         model_config: the architecture (a ModelConfig); needed when the checkpoint has no conversion
             record (a training run's: its ``init.hf_config`` / ``model`` section).
+        overwrite: replace a non-empty ``out_dir`` (the tool's ``--force``); it is replaced only once the
+            new folder is complete (see :func:`staged_output`).
 
     Writes config.json (the recorded original when the architecture is unchanged, dtype updated),
     model.safetensors or ``model-*-of-*.safetensors`` + model.safetensors.index.json, and the tokenizer
@@ -197,6 +252,7 @@ def megatron_to_hf(ckpt: str | os.PathLike, out_dir: str | os.PathLike, *, token
     from gift_megatron.megatron.checkpoint import load_checkpoint
 
     ckpt, out_dir = os.fspath(ckpt), os.fspath(out_dir)
+    check_output_dir(out_dir, overwrite, source=ckpt)
     path = resolve_checkpoint(ckpt)
     root = _conversion_root(ckpt, path)
     info = read_conversion_info(root) if root else {}
@@ -209,33 +265,33 @@ def megatron_to_hf(ckpt: str | os.PathLike, out_dir: str | os.PathLike, *, token
     if tokenizer_dir:
         check_tokenizer_fits(tokenizer_dir, model_config.vocab_size, what="--tokenizer")
     target = parse_dtype(dtype)
-    os.makedirs(out_dir, exist_ok=True)
-    with single_process_megatron():
-        src = checkpoint_dtype(path)
-        model = build_cpu_model(model_config, src)
-        load_checkpoint(path, [model], restore_rng=False)
-        target = target or src
-        writer = SafetensorsShardWriter(out_dir, max_shard_bytes)
-        bar = None
-        if progress:
-            from tqdm.auto import tqdm
+    with staged_output(out_dir, overwrite) as stage:
+        with single_process_megatron():
+            src = checkpoint_dtype(path)
+            model = build_cpu_model(model_config, src)
+            load_checkpoint(path, [model], restore_rng=False)
+            target = target or src
+            writer = SafetensorsShardWriter(stage, max_shard_bytes)
+            bar = None
+            if progress:
+                from tqdm.auto import tqdm
 
-            bar = tqdm(total=model_config.parameter_count() * target.itemsize, desc="Megatron -> HF", unit="B",
-                       unit_scale=True)
-        for bucket in iter_hf_weights(model, model_config, bucket_bytes=256 << 20, dtype=target):
-            for name, tensor in bucket:
-                writer.add(name, tensor)
-                if bar is not None:
-                    bar.update(tensor.numel() * tensor.element_size())
-        if bar is not None:
-            bar.close()
-        writer.close()
-        del model
-    write_hf_config(out_dir, _output_config(model_config, target, info.get("hf_config")))
-    if tokenizer_dir:
-        copy_tokenizer_files(tokenizer_dir, out_dir)
-    else:
-        logger.warning("%s: no tokenizer files (pass --tokenizer DIR to add them)", out_dir)
+                bar = tqdm(total=model_config.parameter_count() * target.itemsize, desc="Megatron -> HF", unit="B",
+                           unit_scale=True)
+            for bucket in iter_hf_weights(model, model_config, bucket_bytes=256 << 20, dtype=target):
+                for name, tensor in bucket:
+                    writer.add(name, tensor)
+                    if bar is not None:
+                        bar.update(tensor.numel() * tensor.element_size())
+            if bar is not None:
+                bar.close()
+            writer.close()
+            del model
+        write_hf_config(stage, _output_config(model_config, target, info.get("hf_config")))
+        if tokenizer_dir:
+            copy_tokenizer_files(tokenizer_dir, stage)
+        else:
+            logger.warning("%s: no tokenizer files (pass --tokenizer DIR to add them)", out_dir)
     return out_dir
 
 

@@ -34,6 +34,12 @@ class LogitComparison:
     tp: int
     dtype: torch.dtype
 
+    @property
+    def relative_diff(self) -> float:
+        """max_abs_diff / logit_scale: what tools/verify_conversion.py's --tolerance bounds (bf16 round-off
+        scales with the logits, so an absolute bound cannot fit every model)."""
+        return self.max_abs_diff / self.logit_scale if self.logit_scale > 0 else float("inf")
+
 
 def compare_logits(hf_dir: str, ckpt: str, *, tp: int = 1, tokens: torch.Tensor | None = None, batch: int = 2,
                    seq_length: int = 32, seed: int = 0, timeout: float = 1800.0) -> LogitComparison:

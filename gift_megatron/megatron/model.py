@@ -39,11 +39,13 @@ _RECIPE_CAPABILITY = {"delayed": ((8, 9), None), "tensorwise": ((8, 9), None), "
 class ModelConfig:
     """A dense decoder-only transformer.
 
-    num_layers, hidden_size, ffn_hidden_size: depth, model width, SwiGLU inner width.
-    num_attention_heads, num_query_groups: query heads and KV heads (GQA; = heads for MHA).
+    family: ``llama``, ``qwen2`` or ``qwen3``: the Hugging Face layout the weights map to and from.
+    num_layers: transformer layers. hidden_size: model width. ffn_hidden_size: SwiGLU inner width.
+    num_attention_heads: query heads. num_query_groups: KV heads (GQA; = num_attention_heads for MHA).
     kv_channels: head dimension (None: hidden_size // heads; Qwen3 sets it explicitly).
     vocab_size: the tokenizer's vocabulary; the model's is padded to a multiple of
         make_vocab_size_divisible_by x TP (as Megatron-LM does), see :meth:`padded_vocab_size`.
+    make_vocab_size_divisible_by: the padding multiple of the embedding rows (times TP).
     max_position_embeddings: RoPE table length; seq_length: the training sequence length.
     rotary_base: RoPE theta. rope_scaling_factor: Llama-3.1 style RoPE scaling factor (None: off).
     norm_epsilon: RMSNorm epsilon. add_qkv_bias: Qwen2's biases on Q, K, V. qk_layernorm: Qwen3's RMSNorm
@@ -149,9 +151,13 @@ class ModelConfig:
 
 @dataclass
 class ParallelConfig:
-    """tensor/pipeline/context parallel sizes; data parallel is world_size / (tp x pp x cp).
+    """The model-parallel layout; data parallel is world_size / (tp x pp x cp).
 
-    sequence_parallel needs tp > 1 and Transformer Engine's norms (the local spec's torch norms reject it).
+    tensor_model_parallel_size: tp, ranks that split every layer's weights (keep it within a node).
+    pipeline_model_parallel_size: pp, ranks that split the layers into stages.
+    context_parallel_size: cp, ranks that split every sequence (Megatron's zig-zag split; for long sequences).
+    sequence_parallel: shard activations along the sequence between TP regions; needs tp > 1 and Transformer
+    Engine's norms (the local spec's torch norms reject it).
     """
 
     tensor_model_parallel_size: int = 1

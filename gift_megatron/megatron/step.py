@@ -16,7 +16,7 @@ objectives divide by every counted token of the step, GIFT by every member), so 
 ``share * D`` with ``count`` = the micro-batch's members, D being their global sum (members x cp): Megatron's
 division then gives back exactly the share, whatever the micro-batch size and the DP/CP layout.
 
-Group statistics (OBJECTIVES.md, "Group statistics"), chosen per step and reported as ``stats_source``:
+Group statistics (docs/objectives.md, "Group statistics"), chosen per step and reported as ``stats_source``:
 - ``data``: the objective's statistics need only rewards and counts (GFT, GRPO, DAPO, GSPO, SFT, DFT), so
   they are computed from the batch before any forward pass;
 - ``in_place``: GIFT, and every micro-batch of every DP rank holds whole groups: each micro-batch computes

@@ -1,4 +1,4 @@
-"""Layer 1: the math of every objective on plain tensors (no Megatron import). See OBJECTIVES.md.
+"""Layer 1: the math of every objective on plain tensors (no Megatron import). The math: docs/objectives.md.
 
 Functional API (single process, or one call per rank with a ``BatchLayout``)::
 

@@ -1,4 +1,4 @@
-"""GFT: Group Fine-Tuning (arXiv 2604.14258), OBJECTIVES.md "GFT".
+"""GFT: Group Fine-Tuning (arXiv 2604.14258); the math in docs/objectives.md, "GFT".
 
     A_i    = Z_g(R)_i                                    GRPO z-score over the hybrid group, no leave-one-out
     l[i,t] = -A_i * sg(c(p[i,t])) * lp[i,t],  p = exp(lp),  c(p) = p if p <= tau else 1

@@ -1,4 +1,4 @@
-"""GIFT: Group-relative Implicit Fine-Tuning (arXiv 2510.23868), OBJECTIVES.md "GIFT".
+"""GIFT: Group-relative Implicit Fine-Tuning (arXiv 2510.23868); the math in docs/objectives.md, "GIFT".
 
     u_i = sum_t m[i,t] (lp[i,t] - rlp[i,t])              implicit reward (option: mean over tokens)
     A_i = Z_g(R)_i                                        explicit advantage, no gradient
@@ -76,7 +76,7 @@ def _pearson(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 @register
 @dataclass(frozen=True)
 class GIFT(Objective):
-    """GIFT with the options of OBJECTIVES.md. ``reference`` picks where rlp comes from: ``frozen`` (the
+    """GIFT with the options of docs/objectives.md ("GIFT"). ``reference`` picks where rlp comes from: ``frozen`` (the
     initial policy, TokenBatch.ref_logp) or ``rollout`` (the rollout policy, TokenBatch.old_logp, as the
     authors' released code does)."""
 

@@ -1,4 +1,4 @@
-"""Group statistics shared by every group-relative objective (OBJECTIVES.md, "Group statistics").
+"""Group statistics shared by every group-relative objective (docs/objectives.md, "Group statistics").
 
 A group is the set of responses ("members") to one prompt, identified by an integer id. Its members may
 sit on different data-parallel ranks and in different micro-batches, so statistics are always computed on
@@ -7,11 +7,11 @@ all-gather over the data-parallel group, and every rank then runs the same arith
 vectors. That makes the statistics identical on every rank and equal (to fp32 round-off) to a
 single-process computation, whatever the layout.
 
-Conventions (OBJECTIVES.md):
+Conventions (docs/objectives.md, "Group statistics"):
 - std is unbiased (N-1) by default, biased on request; ``eps`` is added to the std, not under the root.
-- A group of one member has std 1. OBJECTIVES.md also says its mean is 0, but then its z-score would be
-  the value itself, not the 0 the same sentence requires ("carries no signal"). We keep the natural mean
-  (the member's own value), so the z-score is exactly 0, which is the stated intent.
+- A group of one member has std 1 and its own value as mean, so its z-score is exactly 0: it carries no
+  signal. (verl-style GRPO code uses mean 0 there, which makes a singleton's advantage its raw reward.)
+- A group whose values are all equal has z exactly 0 (see :func:`segment_mean_std`).
 """
 
 from __future__ import annotations
@@ -59,13 +59,26 @@ def segment_mean_std(
 
     Differentiable w.r.t. ``values``. Returns three fp32 tensors of shape [num_groups]. Two passes (mean,
     then squared deviations) rather than sum of squares, to avoid cancellation when |mean| >> std.
+
+    Both passes run on values shifted by one member of their group (the first one): mean = x_ref +
+    sum(x - x_ref) / n. A group whose values are all equal then has shifts of exactly 0, so its mean is
+    exactly its value, every deviation is exactly 0 and so are its std and every z-score. Summing the raw
+    values instead rounds: 7 x 0.37 in fp32 gives a mean one ulp off and a std of 3e-8, i.e. z-scores of
+    0.03 (0.9 for 7 x 1000.1) in a group that carries no signal. The shift is detached: it cancels in the
+    value, so the gradient is that of the plain mean.
     """
     values = values.float()
     count = torch.zeros(num_groups, dtype=torch.float32, device=values.device)
     count = count.index_add(0, inverse, torch.ones_like(values))
-    total = torch.zeros_like(count).index_add(0, inverse, values)
-    mean = total / count
-    dev = values - mean[inverse]
+    # One member of each group (the first in order) as its reference value; scatter order does not matter
+    # for correctness, only that every member of a group sees the same reference.
+    first = torch.full((num_groups,), values.shape[0], dtype=torch.int64, device=values.device)
+    first = first.scatter_reduce(0, inverse, torch.arange(values.shape[0], device=values.device), reduce="amin")
+    ref = values.detach()[first.clamp(max=max(values.shape[0] - 1, 0))]
+    shifted = values - ref[inverse]
+    total = torch.zeros_like(count).index_add(0, inverse, shifted)
+    mean = ref + total / count
+    dev = shifted - (total / count)[inverse]
     sq = torch.zeros_like(count).index_add(0, inverse, dev * dev)
     single = count < 2
     denom = (count - 1) if unbiased else count

@@ -1,10 +1,15 @@
-"""GRPO, DAPO and GSPO baselines (OBJECTIVES.md, "Baselines"), on the same group statistics as GIFT/GFT.
+"""GRPO, DAPO and GSPO baselines (docs/objectives.md, "GRPO, DAPO and GSPO"), on the same group statistics as GIFT/GFT.
 
 GRPO (token-level PPO clip), with r = exp(lp - olp) and A_i = Z_g(R)_i:
     l[i,t] = -min(r A_i, clip(r, 1 - eps_low, 1 + eps_high) A_i) + kl_coef * k3[i,t]
     k3     = exp(rlp - lp) - (rlp - lp) - 1                       (unbiased KL estimator, >= 0)
     aggregation "seq_mean_token_mean" (GRPO): mean over members of each member's token mean;
     aggregation "token_mean" (DAPO): sum over all counted tokens / counted tokens of the global batch.
+Dual-clip (option ``clip_ratio_c`` = c > 1, off by default; verl's name and formula): where A_i < 0 the
+clipped token loss is further capped, l[i,t] = min(-min(r A_i, clip(r) A_i), -c A_i). With A < 0 the PPO
+clip leaves the loss unbounded in r (r A grows without limit as r grows), so one token whose probability
+rose far since the rollout could dominate the step; the cap makes that token's loss the constant -c A, with
+no gradient. Metric ``clip_frac_dual``: the fraction of counted tokens where the cap binds.
 DAPO = GRPO with eps_high 0.28 and token_mean; its dynamic sampling and overlong shaping are data-side and
 not part of the loss. GSPO: sequence ratio s_i = exp(mean_t(lp - olp)), loss_i = -min(s_i A_i,
 clip(s_i, 1 - eps_low, 1 + eps_high) A_i), mean over members; default eps from the GSPO paper (3e-4, 4e-4).
@@ -49,6 +54,7 @@ class GRPO(Objective):
     aggregation: str = "seq_mean_token_mean"
     eps: float = 1e-6
     unbiased: bool = True
+    clip_ratio_c: float | None = None
 
     name: ClassVar[str] = "grpo"
     group_relative: ClassVar[bool] = True
@@ -66,6 +72,10 @@ class GRPO(Objective):
             raise ValueError(f"{self.name}: need 0 <= eps_low < 1 and eps_high >= 0, got {self.eps_low}, {self.eps_high}")
         if not self.kl_coef >= 0:
             raise ValueError(f"{self.name}: kl_coef must be >= 0, got {self.kl_coef}")
+        # c <= 1 would cap the loss below its value at r = 1 (where it is -A): every negative-advantage
+        # token would be capped at the rollout policy itself and carry no gradient at all.
+        if self.clip_ratio_c is not None and not self.clip_ratio_c > 1:
+            raise ValueError(f"{self.name}: clip_ratio_c (dual-clip) must be > 1 or null (off), got {self.clip_ratio_c}")
 
     def statistics(self, members: Members, layout: BatchLayout = SINGLE_PROCESS) -> BatchStats:
         return group_reward_statistics(self, members, layout)
@@ -77,6 +87,11 @@ class GRPO(Objective):
         ratio = torch.exp(lp - olp)
         token_loss, clipped = _clipped_surrogate(ratio, A[:, None], self.eps_low, self.eps_high)
         shares = {}
+        if self.clip_ratio_c is not None:
+            cap = -self.clip_ratio_c * A[:, None]
+            dual = (A[:, None] < 0) & (token_loss > cap)
+            token_loss = torch.where(dual, cap, token_loss)
+            shares["clip_frac_dual"] = (dual & counted).float().sum() / stats.n_tokens
         if batch.ref_logp is not None:
             delta = batch.masked("ref_logp") - lp
             k3 = torch.exp(delta) - delta - 1.0
@@ -138,17 +153,20 @@ class GSPO(Objective):
 
 
 def grpo_loss(logp, old_logp, mask, rewards, group_ids, *, ref_logp=None, eps_low=0.2, eps_high=0.2,
-              kl_coef=0.0, aggregation="seq_mean_token_mean", eps=1e-6, unbiased=True, layout=SINGLE_PROCESS):
+              kl_coef=0.0, aggregation="seq_mean_token_mean", eps=1e-6, unbiased=True, clip_ratio_c=None,
+              layout=SINGLE_PROCESS):
     """GRPO loss: (loss fp32 scalar, metrics). logp/old_logp/ref_logp/mask [B, S]; rewards [B]; group_ids [B] int."""
-    obj = GRPO(eps_low=eps_low, eps_high=eps_high, kl_coef=kl_coef, aggregation=aggregation, eps=eps, unbiased=unbiased)
+    obj = GRPO(eps_low=eps_low, eps_high=eps_high, kl_coef=kl_coef, aggregation=aggregation, eps=eps, unbiased=unbiased,
+               clip_ratio_c=clip_ratio_c)
     out = obj(TokenBatch(logp, mask, rewards, group_ids, ref_logp=ref_logp, old_logp=old_logp), layout)
     return out.loss, out.finalize(layout)
 
 
 def dapo_loss(logp, old_logp, mask, rewards, group_ids, *, ref_logp=None, eps_low=0.2, eps_high=0.28,
-              kl_coef=0.0, eps=1e-6, unbiased=True, layout=SINGLE_PROCESS):
+              kl_coef=0.0, eps=1e-6, unbiased=True, clip_ratio_c=None, layout=SINGLE_PROCESS):
     """DAPO loss (GRPO clip with eps_high 0.28 and global token mean): (loss, metrics)."""
-    obj = DAPO(eps_low=eps_low, eps_high=eps_high, kl_coef=kl_coef, eps=eps, unbiased=unbiased)
+    obj = DAPO(eps_low=eps_low, eps_high=eps_high, kl_coef=kl_coef, eps=eps, unbiased=unbiased,
+               clip_ratio_c=clip_ratio_c)
     out = obj(TokenBatch(logp, mask, rewards, group_ids, ref_logp=ref_logp, old_logp=old_logp), layout)
     return out.loss, out.finalize(layout)
 

@@ -1,7 +1,7 @@
 """Groups of responses -> the padded micro-batches ``ObjectiveStep`` trains on.
 
 A group is one prompt with its members: ``n_expert`` expert demonstrations, ``n_teacher`` teacher responses
-(GFT's hybrid groups, OBJECTIVES.md GFT 1) and the on-policy rollouts. Every member is scored by the same
+(GFT's hybrid groups, docs/objectives.md, GFT) and the on-policy rollouts. Every member is scored by the same
 reward function and becomes one row of the batch.
 """
 

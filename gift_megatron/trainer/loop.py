@@ -361,6 +361,7 @@ class Trainer:
             results.append(self.train_step(mbs[u * per_update:(u + 1) * per_update], prepared=True))
             self.scheduler.step(increment=1)
         t_train = time.perf_counter() - t1
+        after = self._post_update_metrics(mbs, self.step + 1)  # before the engine wakes for the sync
         t2 = time.perf_counter()
         self.sync_weights()
         t_sync = time.perf_counter() - t2
@@ -386,6 +387,7 @@ class Trainer:
             "perf/step_s": time.perf_counter() - t0,
             "perf/tokens_per_s": tok / max(time.perf_counter() - t0, 1e-9),
         })
+        metrics.update(after)
         if results[-1].grad_norm is not None:
             metrics["optim/grad_norm"] = results[-1].grad_norm
         if kl_n:
@@ -393,6 +395,20 @@ class Trainer:
         if gap is not None:
             metrics["rollout/logprob_gap_max"] = gap
         return metrics
+
+    def _post_update_metrics(self, mbs, step: int) -> dict[str, float]:
+        """GIFT ``reference: rollout``: beta(x) and the implicit-reward spread of the updated policy against
+        the rollout policy, on steps that get logged (one forward-only pass; see gift_megatron/trainer/implicit_metrics.py).
+        At the step's first update u is 0, so the values the update itself reports are null."""
+        from gift_megatron.trainer.implicit_metrics import post_update_implicit_metrics, wants_post_update_metrics
+
+        cfg = self.cfg
+        if not wants_post_update_metrics(self.objective):
+            return {}
+        if step % cfg.run.log_interval and step != cfg.train.steps:
+            return {}
+        return post_update_implicit_metrics(self.objective, self.model, mbs, temperature=self._logprob_temperature(),
+                                            chunk_size=cfg.train.logprob_chunk_size, vocab_size=cfg.model.vocab_size)
 
     def _rollout_gap(self, mbs, engine: torch.Tensor) -> float | None:
         """Max |trainer old log-prob - engine sampling log-prob| over every rollout token of the step, when

@@ -144,39 +144,89 @@ def _series(records: Iterable[dict], key: str) -> tuple[list[int], list[float]]:
     return xs, ys
 
 
-def _draw(ax, title: str, series, ylabel: str) -> None:
-    for key, xs, ys in series:
-        ax.plot(xs, ys, marker="o" if len(xs) < 30 else None, markersize=3, label=key)
+def _draw(ax, title: str, series, ylabel: str, legend: bool = False) -> None:
+    """series: (label, xs, ys) or (label, xs, ys, style kwargs for ax.plot)."""
+    for label, xs, ys, *style in series:
+        ax.plot(xs, ys, marker="o" if len(xs) < 30 else None, markersize=3, label=label, **(style[0] if style else {}))
     ax.set_title(title)
     ax.set_xlabel("step")
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
-    if len(series) > 1:
-        ax.legend(fontsize=8)
+    if len(series) > 1 or legend:
+        ax.legend(fontsize=7)
 
 
 def plot_run(run_dir: str, out_dir: str | None = None) -> list[str]:
     """PNG plots of reward, loss, KL to the reference, response length and GIFT's beta(x) over steps, from
     ``run_dir/metrics.jsonl``; one file per panel plus ``summary.png``. Returns the files written."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # headless: cluster nodes and CI have no display
-    import matplotlib.pyplot as plt
-
     records = read_metrics(run_dir)
-    out_dir = out_dir or os.path.join(run_dir, "plots")
-    os.makedirs(out_dir, exist_ok=True)
     panels = [(f, t, [(k, *_series(records, k)) for k in keys], yl) for f, t, keys, yl in PANELS]
     panels = [(f, t, [s for s in series if s[1]], yl) for f, t, series, yl in panels]
     panels = [p for p in panels if p[2]]
     if not panels:
         raise ValueError(f"{os.path.join(run_dir, METRICS_FILE)}: no plottable metrics")
+    return _write_panels(panels, out_dir or os.path.join(run_dir, "plots"))
+
+
+def run_label(run_dir: str, name: str | None = None) -> str:
+    """``NAME (OBJECTIVE)`` for a legend: the run directory's name and the objective of its resolved
+    ``config.yaml`` (with GIFT's reference, which changes its behaviour the most)."""
+    import yaml
+
+    name = name or os.path.basename(os.path.normpath(run_dir))
+    path = os.path.join(run_dir, "config.yaml")
+    try:
+        with open(path, encoding="utf-8") as fh:
+            objective = (yaml.safe_load(fh) or {}).get("objective") or {}
+    except (OSError, yaml.YAMLError):
+        return f"{name} (objective unknown: no readable config.yaml)"
+    label = str(objective.get("name", "?"))
+    reference = (objective.get("options") or {}).get("reference")
+    if label == "gift" and reference:
+        label += f", reference {reference}"
+    return f"{name} ({label})"
+
+
+def plot_runs(run_dirs: list[str], out_dir: str) -> list[str]:
+    """The panels of :func:`plot_run` with several runs overlaid: one colour per run (legend: its name and
+    objective, see :func:`run_label`), one line style per metric of a panel. Runs lacking a metric are
+    left out of that panel. Returns the files written to ``out_dir``."""
+    if not run_dirs:
+        raise ValueError("plot_runs needs at least one run directory")
+    names = [os.path.basename(os.path.normpath(d)) for d in run_dirs]
+    # Two runs with the same directory name (runs/a/x, runs/b/x) get their paths as names instead.
+    names = [d if names.count(n) > 1 else n for d, n in zip(run_dirs, names)]
+    runs = [(run_label(d, n), read_metrics(d)) for d, n in zip(run_dirs, names)]
+    styles = ("-", "--", ":", "-.")
+    panels = []
+    for file, title, keys, ylabel in PANELS:
+        series = []
+        for i, (label, records) in enumerate(runs):
+            for j, key in enumerate(keys):
+                xs, ys = _series(records, key)
+                if xs:
+                    text = label if len(keys) == 1 else f"{label} {key}"
+                    series.append((text, xs, ys, {"color": f"C{i % 10}", "linestyle": styles[j % len(styles)]}))
+        if series:
+            panels.append((file, title, series, ylabel))
+    if not panels:
+        raise ValueError(f"no plottable metrics in any of {', '.join(run_dirs)}")
+    return _write_panels(panels, out_dir, legend=True)
+
+
+def _write_panels(panels, out_dir: str, legend: bool = False) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")  # headless: cluster nodes and CI have no display
+    import matplotlib.pyplot as plt
+
+    os.makedirs(out_dir, exist_ok=True)
     written = []
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
     for ax, (file, title, series, ylabel) in zip(axes[0], panels):
-        _draw(ax, title, series, ylabel)
+        _draw(ax, title, series, ylabel, legend)
         single, sax = plt.subplots(figsize=(5, 3.5))
-        _draw(sax, title, series, ylabel)
+        _draw(sax, title, series, ylabel, legend)
         name = os.path.join(out_dir, file + ".png")
         single.tight_layout()
         single.savefig(name, dpi=110)
