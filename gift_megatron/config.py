@@ -372,7 +372,9 @@ def _conversion_record(checkpoint: str) -> tuple[str, dict] | None:
 
     path = os.path.abspath(os.path.expanduser(checkpoint))
     if not os.path.exists(path):
-        raise ConfigError(f"init.checkpoint: {checkpoint} does not exist")
+        # Not an error here: a recipe may name a cluster path that this machine does not see. check_inputs
+        # (validate, the launchers) and the trainer's checkpoint load report a missing checkpoint.
+        return None
     for root in (path, os.path.dirname(path)):
         file = os.path.join(root, CONVERSION_FILE)
         if os.path.isfile(file):

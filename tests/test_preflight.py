@@ -68,8 +68,12 @@ def test_model_section_contradicting_the_record_names_every_field(tmp_path):
 
 
 def test_missing_checkpoint_and_seq_length_beyond_positions(tmp_path):
-    with pytest.raises(ConfigError, match="init.checkpoint: .* does not exist"):
-        load_config(write(tmp_path, {**BASE, "init": {"checkpoint": str(tmp_path / "nope")}}))
+    # A path this machine does not see loads (a recipe names cluster paths); check_inputs reports it.
+    cfg = load_config(write(tmp_path, {**BASE, "init": {"checkpoint": str(tmp_path / "nope")},
+                                       "data": {"max_prompt_tokens": 16, "train_files": [str(tmp_path / "c.yaml")],
+                                                "tokenizer": str(tmp_path)}}))
+    with pytest.raises(ConfigError, match="init.checkpoint: .*no complete Megatron checkpoint"):
+        check_inputs(cfg)
     root = converted_root(tmp_path)
     with pytest.raises(ConfigError, match=r"model.seq_length \(512\) exceeds model.max_position_embeddings \(256\)"):
         load_config(write(tmp_path, {**BASE, "init": {"checkpoint": str(root)}}))
