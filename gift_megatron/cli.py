@@ -34,7 +34,14 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    # Overrides may also follow an option (`train CONFIG --nproc-per-node 2 train.steps=5`): argparse stops
+    # filling a positional list at the first option, so the rest arrive as extras.
+    args, extra = parser.parse_known_args(argv)
+    if extra and (args.command == "plot" or any(x.startswith("-") for x in extra)):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
     from gift_megatron import console
 
     if args.command == "train":

@@ -28,7 +28,9 @@ TRACEBACK_ENV = "GIFT_MEGATRON_TRACEBACK"
 THIRD_PARTY_LOGGERS = ("megatron", "torch", "transformers", "datasets", "huggingface_hub", "urllib3", "filelock",
                        "matplotlib", "PIL", "sentencepiece", "vllm", "nemo_run", "tensorboard")
 
-_saved: tuple[list, dict[str, int]] | None = None
+_QUIET_ENV = {"TRANSFORMERS_VERBOSITY": "error", "TORCH_CPP_LOG_LEVEL": "ERROR"}
+
+_saved: tuple[list, dict[str, int], list[str]] | None = None
 
 
 def env_flag(name: str) -> bool:
@@ -41,23 +43,24 @@ def quiet_third_party() -> None:
     global _saved
     if _saved is not None:
         return
+    filters = list(warnings.filters)
+    warnings.filterwarnings("ignore")
+    # Our own warnings stay (filterwarnings puts this one first, so it wins for gift_megatron modules).
+    warnings.filterwarnings("default", category=UserWarning, module=r"gift_megatron(\.|$)")
+    # Read once by libraries at start-up, so they go into the environment (inherited by torchrun's workers
+    # too): transformers resets its logger level from this variable when it configures itself, and c10's
+    # C++ logging (TORCH_CPP_LOG_LEVEL, read when torch loads) never reaches Python.
+    env = {k: v for k, v in _QUIET_ENV.items() if k not in os.environ}
+    os.environ.update(env)
     # torch resets the level of its own loggers when it is imported (torch._logging), so it is imported
-    # first; `train` needs it anyway.
+    # before the levels are set; `train` needs it anyway.
     try:
         import torch  # noqa: F401
     except ImportError:
         pass
-    _saved = (list(warnings.filters), {n: logging.getLogger(n).level for n in THIRD_PARTY_LOGGERS})
-    warnings.filterwarnings("ignore")
-    # Our own warnings stay (filterwarnings puts this one first, so it wins for gift_megatron modules).
-    warnings.filterwarnings("default", category=UserWarning, module=r"gift_megatron(\.|$)")
+    _saved = (filters, {n: logging.getLogger(n).level for n in THIRD_PARTY_LOGGERS}, list(env))
     for name in THIRD_PARTY_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
-    # Read once by libraries at start-up, so they go into the environment (inherited by torchrun's workers
-    # too): transformers resets its logger level from this variable when it configures itself, and c10's
-    # C++ logging (TORCH_CPP_LOG_LEVEL) never reaches Python.
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
 
 
 def show_third_party() -> None:
@@ -65,7 +68,9 @@ def show_third_party() -> None:
     global _saved
     if _saved is None:
         return
-    filters, levels = _saved
+    filters, levels, env = _saved
+    for name in env:
+        os.environ.pop(name, None)
     warnings.filters[:] = filters
     warnings._filters_mutated()  # noqa: SLF001 (the documented functions all add; this restores)
     for name, level in levels.items():
@@ -112,8 +117,8 @@ def launch(nproc_per_node: int, worker_args: list[str], module: str = "gift_mega
         failed_rank, failure = exc.get_first_failure()
         how = (f"was killed by {failure.signal_name()}" if failure.exitcode < 0
                else f"exited with code {failure.exitcode}")
-        others = len(exc.failures) - 1
-        print(f"error: training failed: rank {failed_rank} {how}" + (f" ({others} other rank(s) stopped)" if others
-                                                                      else ""), file=sys.stderr, flush=True)
+        where = " (its error is above)" if failure.exitcode == 2 else ""  # 2: a start-up error, printed once
+        print(f"error: training stopped: {len(exc.failures)} of {nproc_per_node} rank(s) failed, first rank "
+              f"{failed_rank}, which {how}{where}", file=sys.stderr, flush=True)
         return failure.exitcode if failure.exitcode > 0 else 1
     return 0
