@@ -85,6 +85,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     console.configure(cfg.run.show_warnings)
     if args.nproc_per_node and "LOCAL_RANK" not in os.environ:  # the launcher, not one of its workers
+        from gift_megatron.trainer.run_dir import RunDirLock, RunDirLocked
+
+        try:  # a run directory in use: say so now, not after N workers have imported Megatron
+            RunDirLock.check_free(cfg.run.output_dir)
+        except RunDirLocked as exc:
+            console.print_error(exc)
+            return 2
         if cfg.run.show_warnings:  # the workers show what they print before they read the config, too
             os.environ[console.SHOW_WARNINGS_ENV] = "1"
         return console.launch(args.nproc_per_node, [args.config, *overrides])

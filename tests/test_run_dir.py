@@ -68,6 +68,32 @@ def test_second_holder_fails_naming_the_first_and_a_dead_holders_lock_is_taken_o
     RunDirLock(run).acquire().release()  # a released lock is free at once
 
 
+def _lock_on_every_rank(rank, world, run):
+    from gift_megatron.trainer.run_dir import lock_run_dir
+
+    try:
+        lock_run_dir(run, rank)
+    except RunDirLocked as exc:
+        return str(exc)
+    return None
+
+
+@pytest.mark.timeout(120)
+def test_every_rank_stops_when_rank_0_cannot_take_the_lock(tmp_path):
+    """Rank 0 takes the lock and tells the others: no rank goes on to write (ranks != 0 never touch the
+    lock file themselves, so without the broadcast they would carry on)."""
+    from tests.multiproc import run_ranks
+
+    run = str(tmp_path / "run")
+    holder = _holder(run)
+    try:
+        errors = run_ranks(_lock_on_every_rank, 2, run, timeout=90)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert errors[0] and errors[0] == errors[1] and f"pid {holder.pid}" in errors[0], errors
+
+
 def _foreign_record(run: str, **extra) -> None:
     os.makedirs(run, exist_ok=True)
     record = {"host": "node-elsewhere", "pid": 4242, "started": "earlier", "slurm_job_id": "777", "released": False}

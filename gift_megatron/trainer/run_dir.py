@@ -78,6 +78,11 @@ def describe(record: dict[str, Any] | None) -> str:
     return text
 
 
+def _in_use(run_dir: str, record: dict[str, Any] | None, path: str) -> str:
+    return (f"run.output_dir {run_dir} is in use by another job ({describe(record)}); wait for it to finish or "
+            f"stop it, or choose another run.output_dir (lock file {path})")
+
+
 def _pid_running(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -115,6 +120,24 @@ class RunDirLock:
         self.enforced = False  # False where the filesystem refused flock
 
     # --------------------------------------------------------------------------------------------- acquire
+    @staticmethod
+    def check_free(run_dir: str) -> None:
+        """RunDirLocked when a live job holds ``run_dir`` (flock only, no heartbeat wait; nothing created).
+        For a launcher, so that a second job stops before it starts any worker."""
+        path = os.path.join(run_dir, LOCK_FILE)
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            return  # no lock file: no run has held this directory
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RunDirLocked(_in_use(run_dir, RunDirLock._read(fd), path)) from None
+        except OSError:
+            pass  # unsupported here: the run's own acquire warns about it
+        finally:
+            os.close(fd)
+
     def acquire(self) -> "RunDirLock":
         os.makedirs(self.run_dir, exist_ok=True)
         # O_RDWR without O_TRUNC: a second job must be able to read the holder's record before failing.
@@ -125,9 +148,7 @@ class RunDirLock:
         except BlockingIOError:
             record = self._read(fd)
             os.close(fd)
-            raise RunDirLocked(f"run.output_dir {self.run_dir} is in use by another job ({describe(record)}); "
-                               f"wait for it to finish or stop it, or choose another run.output_dir "
-                               f"(lock file {self.path})") from None
+            raise RunDirLocked(_in_use(self.run_dir, record, self.path)) from None
         except OSError as exc:
             if exc.errno not in _UNSUPPORTED:
                 os.close(fd)
