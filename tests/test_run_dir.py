@@ -46,8 +46,11 @@ def test_second_holder_fails_naming_the_first_and_a_dead_holders_lock_is_taken_o
     run = str(tmp_path / "run")
     holder = _holder(run)
     try:
+        t0 = time.monotonic()
         with pytest.raises(RunDirLocked) as info:
             RunDirLock(run).acquire()
+        # At once, by the file lock (the heartbeat check, which would also catch it, watches for 30 s).
+        assert time.monotonic() - t0 < 3.0
         message = str(info.value)
         assert f"host {socket.gethostname()}, pid {holder.pid}" in message, message
         assert run in message and "in use by another job" in message
