@@ -486,6 +486,7 @@ class Trainer:
         from the run's real start (step 0, read back from metrics.jsonl after a resume) to its end."""
         from gift_megatron.megatron import latest_checkpoint
 
+        ckpt = latest_checkpoint(self.ckpt_dir)
         begin = first_eval_record(self.run_dir) or (start_step, first_eval)
         resumed = f", resumed at step {start_step}" if start_step else ""
         elapsed = datetime.timedelta(seconds=round(time.monotonic() - self.started))
@@ -495,7 +496,7 @@ class Trainer:
             f"done: step {self.step}/{self.cfg.train.steps} ({self.step - start_step} steps this job{resumed}) "
             f"in {elapsed}",
             f"  output dir:      {os.path.abspath(self.run_dir)}",
-            f"  last checkpoint: {latest_checkpoint(self.ckpt_dir) or 'none'}",
+            f"  last checkpoint: {os.path.abspath(ckpt) if ckpt else 'none'}",
             f"  eval reward:     {eval_line}"])
 
     def close(self) -> None:
