@@ -143,7 +143,8 @@ class MetricsLogger:
     def line(self, step: int, metrics: dict[str, float]) -> str:
         """``step 4/12 | rollout reward 0.266 | loss 0.82 | tok/s 2905 | 0.71 s/step | eta 0:00:06``."""
         parts = [f"step {step}/{self.total_steps}"]
-        parts += [f"{k} {v:.4g}" if k in ("loss", "tok/s") else f"{k} {v:.3f}" for k, v in self.shown(metrics).items()]
+        fmt = {"loss": "{:.4g}", "tok/s": "{:.0f}"}
+        parts += [f"{k} " + fmt.get(k, "{:.3f}").format(v) for k, v in self.shown(metrics).items()]
         done = step - self._step0
         if done > 0:
             per_step = (time.monotonic() - self._t0) / done
