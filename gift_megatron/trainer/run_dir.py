@@ -83,6 +83,16 @@ def _in_use(run_dir: str, record: dict[str, Any] | None, path: str) -> str:
             f"stop it, or choose another run.output_dir (lock file {path})")
 
 
+def _mtime(path: str) -> int:
+    """Modification time through a fresh open: NFS clients revalidate attributes on open (close-to-open
+    consistency), where a plain stat may answer from an attribute cache up to a minute old."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return os.fstat(fd).st_mtime_ns
+    finally:
+        os.close(fd)
+
+
 def _pid_running(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -154,12 +164,12 @@ class RunDirLock:
                 os.close(fd)
                 raise
             self._warn(f"warning: the filesystem of {self.run_dir} does not support file locks ({exc.strerror}): "
-                       "nothing stops a second job from writing into this run directory at the same time "
+                       "only the lock file's heartbeat stops a second job from writing into this run directory "
                        "(docs/cluster.md, 'One writer per run directory')")
         try:
             self.previous = self._read(fd)
-            if self.enforced:
-                self._check_foreign_holder(fd, self.previous)
+            # Also without flock: then the heartbeat is the only guard left.
+            self._check_foreign_holder(self.previous)
             self._write(fd, holder_record())
         except BaseException:
             os.close(fd)  # also drops the flock
@@ -169,7 +179,7 @@ class RunDirLock:
         self._beat.start()
         return self
 
-    def _check_foreign_holder(self, fd: int, record: dict[str, Any] | None) -> None:
+    def _check_foreign_holder(self, record: dict[str, Any] | None) -> None:
         """The lock was granted: the previous holder is gone, unless flock is local to each node. Decide
         which from what can be known (see the module doc)."""
         if not record or record.get("released"):
@@ -177,27 +187,27 @@ class RunDirLock:
         me = holder_record()
         if record.get("host") == me["host"]:
             if isinstance(record.get("pid"), int) and record["pid"] != me["pid"] and _pid_running(record["pid"]) \
-                    and self._beating(fd):
+                    and self._beating():
                 raise RunDirLocked(f"run.output_dir {self.run_dir} is in use by another job ({describe(record)}), "
                                    "which is running and refreshing its lock file although the file lock was "
                                    "granted: this filesystem's locks do not work; stop that job first")
             return  # same host, flock is reliable there: the holder is dead
         if me["slurm_job_id"] and record.get("slurm_job_id") == me["slurm_job_id"]:
             return  # a requeue of the same SLURM job: its previous instance has ended
-        if self._beating(fd):
+        if self._beating():
             raise RunDirLocked(f"run.output_dir {self.run_dir} is in use by another job ({describe(record)}): its "
                                f"lock file is still being refreshed, although the file lock was granted here, so "
                                f"this filesystem's locks are local to each node (Lustre localflock, BeeGFS "
                                f"without global locks); stop that job first")
 
-    def _beating(self, fd: int) -> bool:
+    def _beating(self) -> bool:
         """Whether the lock file's modification time moves within ``stale_after_s`` (mtime differences only:
         clocks of different hosts need not agree)."""
-        first = os.fstat(fd).st_mtime_ns
+        first = _mtime(self.path)
         deadline = time.monotonic() + self.stale_after_s
         while time.monotonic() < deadline:
             time.sleep(min(0.5, self.stale_after_s / 4))
-            if os.stat(self.path).st_mtime_ns != first:
+            if _mtime(self.path) != first:
                 return True
         return False
 
