@@ -276,8 +276,12 @@ def test_second_job_fails_at_once_and_sigkill_of_torchrun_stops_its_workers_then
     with open(os.path.join(run, "checkpoints", "latest")) as fh:
         ckpt = int(fh.read().strip().rsplit("_", 1)[-1])
     assert max(before) >= ckpt >= 2
-    # Two steps past the checkpoint (train.steps may change on resume; the LR is constant here).
-    resumed = subprocess.run(torchrun(common + [f"train.steps={ckpt + 2}"]), cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=240,
+    # Two steps past the checkpoint (train.steps may change on resume; the LR is constant here). The resumed
+    # job also scores every response 0, so that its groups are all degenerate: the run warns after 2 steps.
+    zero = tmp_path / "zero_reward.py"
+    zero.write_text("def zero(samples):\n    return [0.0] * len(samples)\n")
+    resumed = subprocess.run(torchrun(common + [f"train.steps={ckpt + 2}", f"reward.name={zero}:zero",
+                                                "run.warn_degenerate_steps=2"]), cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=240,
                              start_new_session=True)
     assert resumed.returncode == 0, (resumed.stdout[-3000:], resumed.stderr[-3000:])
     assert "ended without releasing it" in resumed.stdout and f"pid {holder['pid']}" in resumed.stdout
@@ -288,4 +292,6 @@ def test_second_job_fails_at_once_and_sigkill_of_torchrun_stops_its_workers_then
     with open(os.path.join(run, "metrics.jsonl")) as fh:
         step0 = json.loads(fh.readline())
     assert f"eval reward:     {step0['eval/reward']:.3f} at step 0 ->" in resumed.stdout, resumed.stdout
-    assert "steps this job, resumed at step" in resumed.stdout
+    assert f"(2 steps this job, resumed at step {ckpt})" in resumed.stdout, resumed.stdout
+    warned = [line for line in resumed.stdout.splitlines() if line.startswith("warning: nothing is learning")]
+    assert len(warned) == 1 and f"last 2 steps ({ckpt + 1}-{ckpt + 2})" in warned[0], resumed.stdout
