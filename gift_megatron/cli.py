@@ -1,7 +1,7 @@
 """``gift-megatron``: the command line.
 
     gift-megatron train CONFIG.yaml [key=value ...] [--nproc-per-node N]
-                                                         train (N > 1: launches torchrun itself)
+                                                         train (--nproc-per-node: starts torchrun itself)
     gift-megatron validate CONFIG.yaml [key=value ...] [--world-size N]   check a config, run nothing
     gift-megatron plot RUN_DIR                           PNG plots of a run's metrics
 """
