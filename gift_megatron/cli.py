@@ -1,6 +1,7 @@
 """``gift-megatron``: the command line.
 
-    gift-megatron train CONFIG.yaml [key=value ...]     train (under torchrun for several ranks)
+    gift-megatron train CONFIG.yaml [key=value ...] [--nproc-per-node N]
+                                                         train (--nproc-per-node: starts torchrun itself)
     gift-megatron validate CONFIG.yaml [key=value ...] [--world-size N]   check a config, run nothing
     gift-megatron plot RUN_DIR                           PNG plots of a run's metrics
     gift-megatron plot RUN_A RUN_B ... --out DIR         the runs overlaid (legend: name and objective)
@@ -20,6 +21,9 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("config", help="YAML config file (see examples/)")
     t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=10 objective.name=grpo")
     t.add_argument("--resume", choices=["auto", "none"], help="shorthand for run.resume=auto|none")
+    t.add_argument("--nproc-per-node", type=int, default=None,
+                   help="start N ranks on this machine (torchrun --standalone, run inside this process): a "
+                        "failure is one line instead of torchrun's error table")
     v = sub.add_parser("validate", help="load and validate a config without training")
     v.add_argument("config")
     v.add_argument("overrides", nargs="*")
@@ -33,14 +37,23 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
-    # Overrides may come after options too (`validate X --world-size 2 optimizer.lr=3e-4`): argparse stops
-    # collecting a positional list at the first option, so key=value words it left over join the overrides.
+    # Overrides may also follow an option (`train CONFIG --nproc-per-node 2 train.steps=5`): argparse stops
+    # filling a positional list at the first option, so the rest arrive as extras.
     args, extra = parser.parse_known_args(argv)
-    stray = [w for w in extra if w.startswith("-") or "=" not in w]
-    if stray:
-        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra and (args.command == "plot" or any(x.startswith("-") or "=" not in x for x in extra)):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if extra:
-        args.overrides = list(getattr(args, "overrides", [])) + extra
+        args.overrides = [*args.overrides, *extra]
+    from gift_megatron import console
+
+    if args.command == "train":
+        # Before any library is imported (Megatron-Core and torch warn at import); the config may show
+        # them again below. Only `train` runs the libraries: validate and plot keep Python's defaults.
+        console.configure()
+        if "LOCAL_RANK" in os.environ:  # a torchrun worker: stop with the launcher, even while importing
+            from gift_megatron.trainer.run_dir import watch_launcher
+
+            watch_launcher()
     from gift_megatron.config import ConfigError, check_inputs, check_world_size, layout_plan, load_config
 
     if args.command == "plot":
@@ -62,13 +75,15 @@ def main(argv: list[str] | None = None) -> int:
         overrides.append(f"run.resume={args.resume}")
     try:
         cfg = load_config(args.config, overrides)
-        world = getattr(args, "world_size", None) or int(os.environ.get("WORLD_SIZE", "0") or 0)
+        world = (getattr(args, "world_size", None) or getattr(args, "nproc_per_node", None)
+                 or int(os.environ.get("WORLD_SIZE", "0") or 0))
         if world:
             check_world_size(cfg, world)
         if args.command == "validate":
             check_inputs(cfg)
     except ConfigError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
+        if console.rank() == 0:  # under torchrun every rank reads the same config: say it once
+            print(f"config error: {exc}", file=sys.stderr)
         return 2
     if args.command == "validate":
         print(f"{args.config}: ok")
@@ -76,20 +91,30 @@ def main(argv: list[str] | None = None) -> int:
             for k, v in layout_plan(cfg, args.world_size).items():
                 print(f"  {k:40s} {v:.2f}" if isinstance(v, float) else f"  {k:40s} {v}")
         return 0
+    console.configure(cfg.run.show_warnings)
+    if args.nproc_per_node and "LOCAL_RANK" not in os.environ:  # the launcher, not one of its workers
+        from gift_megatron.trainer.run_dir import RunDirLock, RunDirLocked
+
+        try:  # a run directory in use: say so now, not after N workers have imported Megatron
+            RunDirLock.check_free(cfg.run.output_dir)
+        except RunDirLocked as exc:
+            console.print_error(exc)
+            return 2
+        if cfg.run.show_warnings:  # the workers show what they print before they read the config, too
+            os.environ[console.SHOW_WARNINGS_ENV] = "1"
+        return console.launch(args.nproc_per_node, [args.config, *overrides])
     from gift_megatron.trainer import train
+    from gift_megatron.trainer.run_dir import RunDirLocked
 
     try:
-        result = train(cfg)
-    except (ValueError, FileNotFoundError) as exc:
-        # Start-up errors (dataset, tokenizer, checkpoint, layout) are the user's to fix: no traceback wall.
-        if os.environ.get("GIFT_MEGATRON_TRACEBACK"):
+        train(cfg)  # the run prints its own summary (output dir, checkpoint, steps, time, eval reward)
+    except (ValueError, FileNotFoundError, RunDirLocked) as exc:
+        # Start-up errors (dataset, tokenizer, checkpoint, layout, a run directory in use) are the user's
+        # to fix: one line, no traceback wall.
+        if console.env_flag(console.TRACEBACK_ENV):
             raise
-        print(f"error: {type(exc).__name__}: {exc}\n(GIFT_MEGATRON_TRACEBACK=1 shows the traceback)", file=sys.stderr)
+        console.print_error(exc)
         return 2
-    if int(os.environ.get("RANK", "0")) == 0:
-        first, last = result["first_eval"], result["last_eval"]
-        if first is not None and last is not None:
-            print(f"reward (greedy eval): start {first:.3f} -> end {last:.3f}", flush=True)
     return 0
 
 

@@ -42,10 +42,17 @@ class RunConfig:
     newest complete checkpoint if there is one) or a checkpoint path.
     save_interval: steps between checkpoints (0: only at the end). keep_last: checkpoints kept (None: all).
     seed: seeds the model initialization, the data order and the rollout sampling.
-    log_interval: steps between metric records (the last step is always recorded).
+    log_interval: steps between metrics records and console lines. progress: a tqdm bar on rank 0 when
+    stderr is a terminal; otherwise (a SLURM log file) and with ``progress: false`` one plain line every
+    ``log_interval`` steps.
+    show_warnings: show third-party Python warnings and library WARNING logs (Megatron-Core, torch,
+    transformers), quiet by default; ``GIFT_MEGATRON_SHOW_WARNINGS=1`` also shows those printed before the
+    config is read.
+    warn_degenerate_steps: warn when every group has had equal rewards for this many steps in a row (no
+    learning signal for group-relative objectives); 0: never.
+    The run holds ``output_dir/run.lock`` while it runs: a second job on the same directory stops at once.
     tensorboard: also write TensorBoard events. wandb_project: also log to this W&B project (needs
-    ``wandb``). plots: write PNG plots of the metrics at the end of the run. progress: a progress bar on
-    rank 0.
+    ``wandb``). plots: write PNG plots of the metrics at the end of the run.
     """
 
     output_dir: str = "runs/default"
@@ -58,6 +65,8 @@ class RunConfig:
     wandb_project: Optional[str] = None
     plots: bool = True
     progress: bool = True
+    show_warnings: bool = False
+    warn_degenerate_steps: int = 5
 
 
 @dataclass
@@ -472,6 +481,8 @@ def validate(cfg: TrainConfig) -> None:
             raise ConfigError(f"{key} must be >= 1, got {value}")
     if cfg.run.save_interval < 0 or cfg.run.log_interval < 1:
         raise ConfigError("run.save_interval must be >= 0 and run.log_interval >= 1")
+    if cfg.run.warn_degenerate_steps < 0:
+        raise ConfigError(f"run.warn_degenerate_steps must be >= 0, got {cfg.run.warn_degenerate_steps}")
     if cfg.run.resume not in ("none", "auto") and not os.path.exists(cfg.run.resume):
         raise ConfigError(f"run.resume: expected none, auto or an existing checkpoint path, got {cfg.run.resume!r}")
     if cfg.objective.name not in OBJECTIVES:

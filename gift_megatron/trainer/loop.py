@@ -38,7 +38,8 @@ from gift_megatron.trainer.batch import (
     rollout_kl_to_reference,
     rollout_logprob_gap,
 )
-from gift_megatron.trainer.metrics import MetricsLogger, plot_run
+from gift_megatron.trainer.metrics import DegenerateGroupsWatch, MetricsLogger, first_eval_record, plot_run
+from gift_megatron.trainer.run_dir import lock_run_dir, watch_launcher
 
 log = logging.getLogger("gift_megatron.train")
 
@@ -110,9 +111,13 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig) -> None:
         self.cfg = cfg
+        self.started = time.monotonic()
+        watch_launcher()  # under torchrun: exit when it dies (run_dir.py; no-op when the CLI started it)
         init_distributed(cfg)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.dp = check_world_size(cfg, self.world)  # before anything heavy: a clear error
+        # One writer per run directory, taken before anything is written there (run_dir.py).
+        self.run_lock = lock_run_dir(cfg.run.output_dir, self.rank)
         ps = _ps()
         self.dp_rank = ps.get_data_parallel_rank()
         self.replica_group, self.owner_rank = replica_groups()
@@ -140,7 +145,7 @@ class Trainer:
             self.run_dir, enabled=self.rank == 0, resume_step=self.step if self.resumed else None,
             tensorboard=cfg.run.tensorboard, wandb_project=cfg.run.wandb_project,
             config=dataclasses.asdict(cfg), total_steps=cfg.train.steps, initial_step=self.step,
-            progress=cfg.run.progress)
+            progress=cfg.run.progress, demo_members=self.n_expert + self.n_teacher > 0)
 
     # ----------------------------------------------------------------------------------------- data
     def _load_data(self) -> None:
@@ -466,7 +471,8 @@ class Trainer:
         if first_eval is not None and not self.resumed:
             self.logger.log(self.step, {"eval/reward": first_eval})
         self.logger.write(f"start: step {self.step}/{cfg.train.steps}, eval reward {_fmt(first_eval)}")
-        history = []
+        start_step, history = self.step, []
+        degenerate = DegenerateGroupsWatch(cfg.run.warn_degenerate_steps)
         while self.step < cfg.train.steps:
             metrics = self.train_one_step()
             if cfg.train.eval_interval and self.step % cfg.train.eval_interval == 0 and self.step < cfg.train.steps:
@@ -477,19 +483,44 @@ class Trainer:
             history.append(metrics)
             if self.step % cfg.run.log_interval == 0 or self.step == cfg.train.steps:
                 self.logger.log(self.step, metrics)
+            warning = degenerate.update(self.step, metrics)  # every step, not only logged ones
+            if warning:
+                self.logger.write(warning)
             if (cfg.run.save_interval and self.step % cfg.run.save_interval == 0) or self.step == cfg.train.steps:
                 self.save()
         last_eval = self.evaluate() if not history else history[-1].get("eval/reward")
-        self.logger.write(f"end: step {self.step}, eval reward {_fmt(first_eval)} -> {_fmt(last_eval)}")
         plots = []
         if self.rank == 0 and cfg.run.plots:
             plots = plot_run(self.run_dir)
             self.logger.write("plots: " + ", ".join(plots))
+        if self.rank == 0:
+            self.logger.write(self._summary(start_step, first_eval, last_eval))
         self.logger.close()
         return {"first_eval": first_eval, "last_eval": last_eval, "history": history, "plots": plots}
 
+    def _summary(self, start_step: int, first_eval: float | None, last_eval: float | None) -> str:
+        """Where the run is and what it did: output dir, last checkpoint, steps, time, and the eval reward
+        from the run's real start (step 0, read back from metrics.jsonl after a resume) to its end."""
+        from gift_megatron.megatron import latest_checkpoint
+
+        ckpt = latest_checkpoint(self.ckpt_dir)
+        begin = first_eval_record(self.run_dir) or (start_step, first_eval)
+        resumed = f", resumed at step {start_step}" if start_step else ""
+        elapsed = datetime.timedelta(seconds=round(time.monotonic() - self.started))
+        eval_line = (f"{_fmt(begin[1])} at step {begin[0]} -> {_fmt(last_eval)} at step {self.step}"
+                     if last_eval is not None else _fmt(None))
+        return "\n".join([
+            f"done: step {self.step}/{self.cfg.train.steps} ({self.step - start_step} steps this job{resumed}) "
+            f"in {elapsed}",
+            f"  output dir:      {os.path.abspath(self.run_dir)}",
+            f"  last checkpoint: {os.path.abspath(ckpt) if ckpt else 'none'}",
+            f"  eval reward:     {eval_line}"])
+
     def close(self) -> None:
         from gift_megatron.parallel import destroy_model_parallel_cpu
+
+        if getattr(self, "run_lock", None) is not None:
+            self.run_lock.release()
 
         if use_cuda():
             _ps().destroy_model_parallel()

@@ -7,9 +7,12 @@ consistent history.
 
 from __future__ import annotations
 
+import datetime
 import json
 import math
 import os
+import sys
+import time
 from typing import Any, Iterable
 
 METRICS_FILE = "metrics.jsonl"
@@ -48,15 +51,23 @@ class MetricsLogger:
         resume_step: drop records of steps > resume_step already in the file (None: start a new file).
         tensorboard: also write TensorBoard events to ``run_dir/tensorboard``.
         wandb_project: also log to W&B (needs ``wandb`` installed; an error names the missing package).
-        total_steps, progress: a tqdm bar showing step, reward, loss and throughput.
+        total_steps, progress: a tqdm bar showing step, reward, loss and throughput, when stderr is a
+            terminal. Otherwise (a SLURM log file, ``progress=False``) each logged training step is one plain
+            line on stdout: carriage-return bars in a file are one endless line.
+        demo_members: the trained members include demonstrations (GFT's experts and teachers, SFT's
+            expert), so the line shows the trained-member reward (``reward/mean``) next to the rollout
+            reward (``rollout/reward_mean``): the two differ, and one number labelled "reward" misleads.
     """
 
     def __init__(self, run_dir: str, *, enabled: bool, resume_step: int | None = None, tensorboard: bool = True,
                  wandb_project: str | None = None, config: dict | None = None, total_steps: int = 0,
-                 initial_step: int = 0, progress: bool = True) -> None:
+                 initial_step: int = 0, progress: bool = True, demo_members: bool = False,
+                 interactive: bool | None = None) -> None:
         self.enabled = enabled
         self.path = os.path.join(run_dir, METRICS_FILE)
         self._tb = self._wandb = self._bar = None
+        self.total_steps, self.demo_members = total_steps, demo_members
+        self._t0, self._step0 = time.monotonic(), initial_step
         if not enabled:
             return
         os.makedirs(run_dir, exist_ok=True)
@@ -72,7 +83,9 @@ class MetricsLogger:
                 raise ImportError("run.wandb_project is set but wandb is not installed (pip install wandb)") from exc
             self._wandb = wandb.init(project=wandb_project, config=config, dir=run_dir, resume="allow",
                                      name=os.path.basename(os.path.abspath(run_dir)))
-        if progress:
+        if interactive is None:
+            interactive = sys.stderr.isatty()
+        if progress and interactive:
             from tqdm.auto import tqdm
 
             self._bar = tqdm(total=total_steps, initial=initial_step, desc="train", dynamic_ncols=True)
@@ -111,11 +124,33 @@ class MetricsLogger:
         if self._wandb is not None:
             self._wandb.log(metrics, step=step)
         if self._bar is not None:
-            shown = {"reward": metrics.get("rollout/reward_mean"), "loss": metrics.get("loss"),
-                     "tok/s": metrics.get("perf/tokens_per_s")}
-            self._bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items() if v is not None}, refresh=False)
+            shown = {k: f"{v:.4g}" for k, v in self.shown(metrics).items()}
+            self._bar.set_postfix(shown, refresh=False)
             self._bar.n = step
             self._bar.refresh()
+        elif "loss" in metrics:  # a training step (not step 0's evaluation): one plain line
+            print(self.line(step, metrics), flush=True)
+
+    def shown(self, metrics: dict[str, float]) -> dict[str, float]:
+        """The numbers of a progress line, labelled by whose they are."""
+        out = {"rollout reward": metrics.get("rollout/reward_mean")}
+        if self.demo_members:
+            out["trained-member reward"] = metrics.get("reward/mean")
+        out.update({"eval reward": metrics.get("eval/reward"), "loss": metrics.get("loss"),
+                    "tok/s": metrics.get("perf/tokens_per_s")})
+        return {k: v for k, v in out.items() if v is not None}
+
+    def line(self, step: int, metrics: dict[str, float]) -> str:
+        """``step 4/12 | rollout reward 0.266 | loss 0.82 | tok/s 2905 | 0.71 s/step | eta 0:00:06``."""
+        parts = [f"step {step}/{self.total_steps}"]
+        fmt = {"loss": "{:.4g}", "tok/s": "{:.0f}"}
+        parts += [f"{k} " + fmt.get(k, "{:.3f}").format(v) for k, v in self.shown(metrics).items()]
+        done = step - self._step0
+        if done > 0:
+            per_step = (time.monotonic() - self._t0) / done
+            parts.append(f"{per_step:.2f} s/step")
+            parts.append(f"eta {_hms(per_step * max(self.total_steps - step, 0))}")
+        return " | ".join(parts)
 
     def write(self, text: str) -> None:
         """A line of text that does not break the progress bar."""
@@ -133,6 +168,55 @@ class MetricsLogger:
             self._tb.close()
         if self._wandb is not None:
             self._wandb.finish()
+
+
+def _hms(seconds: float) -> str:
+    return str(datetime.timedelta(seconds=round(seconds)))
+
+
+def first_eval_record(run_dir: str) -> tuple[int, float] | None:
+    """(step, eval/reward) of the earliest evaluation in ``run_dir/metrics.jsonl``: the run's real start,
+    also after a resume (the file keeps the records up to the checkpoint)."""
+    try:
+        records = read_metrics(run_dir)
+    except FileNotFoundError:
+        return None
+    evals = [(r["step"], r["eval/reward"]) for r in records if r.get("eval/reward") is not None and "step" in r]
+    return min(evals) if evals else None
+
+
+class DegenerateGroupsWatch:
+    """Warns when every group of ``patience`` steps in a row had equal rewards for all its members
+    (``groups/degenerate_frac == 1``): group-relative objectives then have no learning signal at all, the
+    run only spends compute. One warning per streak.
+
+        watch = DegenerateGroupsWatch(5)
+        text = watch.update(step, metrics)   # None, or the warning once the streak reaches 5 steps
+    """
+
+    def __init__(self, patience: int) -> None:
+        self.patience = patience
+        self.streak: list[int] = []
+        self.warned = False
+
+    def update(self, step: int, metrics: dict[str, float]) -> str | None:
+        frac = metrics.get("groups/degenerate_frac")
+        if frac is None or self.patience <= 0:
+            return None
+        if frac < 1.0:
+            self.streak, self.warned = [], False
+            return None
+        self.streak.append(step)
+        if len(self.streak) < self.patience or self.warned:
+            return None
+        self.warned = True
+        reward = metrics.get("reward/mean")
+        same = f" (mean reward {reward:.3f})" if reward is not None else ""
+        return (f"warning: nothing is learning: in each of the last {len(self.streak)} steps "
+                f"({self.streak[0]}-{self.streak[-1]}) every group's rewards were all equal{same} "
+                "(groups/degenerate_frac = 1), so group-relative advantages are zero. The task may be too hard "
+                "or too easy for the policy, or the reward constant: check the reward function and the data, "
+                "or raise rollout.n / rollout.temperature")
 
 
 def _series(records: Iterable[dict], key: str) -> tuple[list[int], list[float]]:
