@@ -74,10 +74,21 @@ def optimizer_tensors(optimizer: Any) -> Iterator[torch.Tensor]:
                     yield value
 
 
+def _ddp_buffers(chunk: torch.nn.Module) -> list:
+    """Megatron DDP's param-and-grad buffers of a chunk ([] for a module that is not DDP-wrapped: there
+    ``buffers`` is nn.Module's method)."""
+    out = []
+    for name in ("buffers", "expert_parallel_buffers"):
+        value = getattr(chunk, name, None)
+        if isinstance(value, (list, tuple)):
+            out += list(value)
+    return out
+
+
 def grad_buffers(model_chunks: Iterable[torch.nn.Module]) -> Iterator[torch.Tensor]:
     """The ``grad_data`` tensors of Megatron DDP's param-and-grad buffers (dense and expert-parallel)."""
     for chunk in model_chunks:
-        for buffer in list(getattr(chunk, "buffers", []) or []) + list(getattr(chunk, "expert_parallel_buffers", []) or []):
+        for buffer in _ddp_buffers(chunk):
             if getattr(buffer, "grad_data", None) is not None:
                 yield buffer.grad_data
 
@@ -86,7 +97,7 @@ def weight_tensors(model_chunks: Iterable[torch.nn.Module]) -> Iterator[torch.Te
     """The model's weights and Megatron DDP's param buffers: these never move (the weight sync reads them)."""
     for chunk in model_chunks:
         yield from chunk.parameters()
-        for buffer in list(getattr(chunk, "buffers", []) or []) + list(getattr(chunk, "expert_parallel_buffers", []) or []):
+        for buffer in _ddp_buffers(chunk):
             if getattr(buffer, "param_data", None) is not None:
                 yield buffer.param_data
 
@@ -172,7 +183,7 @@ class TrainingStateOffloader:
             moved.append((storage, n, host))
         for key in [k for k in self._host if k not in live]:  # storages that no longer exist or stay put
             del self._host[key]
-        if self.device.type == "cuda":
+        if moved and self.device.type == "cuda":
             torch.cuda.synchronize(self.device)  # the copies are complete before the memory is released
         for storage, _, _ in moved:
             storage.resize_(0)
