@@ -133,3 +133,30 @@ def test_training_with_offload_is_bit_identical(distributed, bf16):
         n_params = sum(w.numel() for w in r["weights_a"])
         shard = n_params // 2 if distributed else n_params
         assert min(r["released"][1:]) >= 4 * n_params + 2 * 4 * shard, (r["released"], n_params)
+
+
+@pytest.mark.timeout(900)
+def test_trainer_with_offload_gives_the_same_losses_and_a_complete_checkpoint(tmp_path):
+    """The trainer's own wiring on 2 CPU ranks (TP 2, the CPU engine): offload before every weight sync, onload
+    after the engine sleeps, the checkpoint saved from inside ``onloaded()``. Losses equal the run without
+    offload exactly, and a run resumed from the checkpoint written while the states were offloaded continues
+    with the same loss."""
+    import os
+
+    from gift_megatron.data.toy import write_toy_task
+    from tests.test_train_e2e import data_overrides, losses, run_job
+
+    task = str(tmp_path / "toy")
+    write_toy_task(task, num_train=200, num_eval=20, seed=0)
+    common = data_overrides(task) + ["train.steps=3", "run.save_interval=2", "train.eval_interval=0",
+                                     "train.eval_prompts=4", "run.plots=false"]
+    plain, offloaded, resumed = (str(tmp_path / n) for n in ("plain", "offloaded", "resumed"))
+    run_job(common + [f"run.output_dir={plain}", "rollout.offload_training_states=false"], timeout=400)
+    run_job(common + [f"run.output_dir={offloaded}", "rollout.offload_training_states=true"], timeout=400)
+    expected = losses(plain)
+    assert sorted(expected) == [1, 2, 3]
+    assert losses(offloaded) == expected  # exactly
+    step2 = os.path.join(offloaded, "checkpoints", "step_00000002")
+    run_job(common + [f"run.output_dir={resumed}", f"run.resume={step2}", "rollout.offload_training_states=true"],
+            timeout=400)
+    assert losses(resumed)[3] == expected[3]
