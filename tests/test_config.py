@@ -233,3 +233,23 @@ def test_validate_cli_prints_the_plan_and_fails_on_a_bad_budget(capsys):
     assert "leaves the trainer too little memory" in capsys.readouterr().err
     assert main(["validate", SEVEN_B, "rollout.tensor_parallel_size=4", "--world-size", "8"]) == 2
     assert "rollout.tensor_parallel_size=4 does not fit" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("path, world", [(SEVEN_B, 8), ("examples/qwen2.5-32b-gift.yaml", 32)])
+def test_cluster_doc_shows_the_numbers_validate_prints(path, world):
+    """docs/cluster.md quotes the memory plan of both recipes: it must stay what `validate` computes."""
+    import os
+
+    from gift_megatron.config import layout_plan
+
+    plan = layout_plan(load_config(path), world)
+    doc = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "cluster.md"),
+               encoding="utf-8").read()
+    row = (f"**{plan['train_states_gib']:.1f} GiB** | ", f"**{plan['train_peak_gib']:.1f} GiB** | ",
+           f"**{plan['generation_peak_gib_with_offload']:.1f} / {plan['generation_peak_gib_without_offload']:.1f} GiB**")
+    for text in row:
+        assert text in doc, text
+    engine = (f"{plan['rollout_weights_gib']:.1f} GiB of weights, ~{plan['rollout_activations_gib']:.1f} GiB of "
+              f"activations")
+    assert engine in doc and f"{plan['rollout_kv_cache_gib']:.1f} GiB of KV cache" in doc, engine
+    assert f"({plan['rollout_engine_gib']:.1f} GiB)" in doc
