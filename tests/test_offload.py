@@ -31,13 +31,16 @@ def _main_param_setup():
 
 def test_offload_releases_the_memory_and_onload_refills_it_from_the_host_copy():
     model, opt = _main_param_setup()
-    before = [t.clone() for t in optimizer_tensors(opt)]
+    before = [t.clone() for t in optimizer_tensors(opt, with_grads=False)]
+    grads = [p.grad for p in opt.param_groups[0]["params"]]
     weights = [p.detach().clone() for p in model.parameters()]
     off = TrainingStateOffloader([model], opt, device="cpu")
     released = off.offload()
-    tensors = list(optimizer_tensors(opt))
-    # main weights (2), their grads (2), exp_avg, exp_avg_sq and step (6): each storage released
-    assert released == sum(t.numel() * t.element_size() for t in before)
+    tensors = list(optimizer_tensors(opt, with_grads=False))
+    # main weights (2), exp_avg, exp_avg_sq and step (6) copied; their grads (2) released, not copied
+    assert released == sum(t.numel() * t.element_size() for t in before + grads)
+    assert sum(h.numel() for h in off._host.values()) == sum(t.numel() * t.element_size() for t in before)
+    assert all(g.untyped_storage().nbytes() == 0 for g in grads)
     assert all(t.untyped_storage().nbytes() == 0 for t in tensors)
     assert all(p.untyped_storage().nbytes() > 0 for p in model.parameters())  # weights stay: the sync reads them
     assert off.offload() == 0 and off.offloaded  # idempotent
@@ -45,13 +48,14 @@ def test_offload_releases_the_memory_and_onload_refills_it_from_the_host_copy():
     assert not off.offloaded
     assert all(torch.equal(a, b) for a, b in zip(before, tensors))
     assert all(torch.equal(a, p) for a, p in zip(weights, model.parameters()))
+    assert all(torch.count_nonzero(g) == 0 for g in grads)  # gradients come back zeroed
 
     # The restored bytes come from the host buffer, not from memory that happened to keep them.
     off.offload()
     for host in off._host.values():
         host.fill_(0)
     off.onload()
-    assert all(torch.count_nonzero(t) == 0 for t in optimizer_tensors(opt))
+    assert all(torch.count_nonzero(t) == 0 for t in optimizer_tensors(opt, with_grads=False))
 
 
 def test_disabled_offloader_moves_nothing():
@@ -93,6 +97,8 @@ def _train_worker(rank, world, distributed, bf16, steps):
             out["b"].append(b.step(mbs))
             off.before_engine_wakes()
             out["released"].append(off.offloaded_bytes)
+            out["copied"] = sum(h.numel() for h in off._host.values())
+            out["grad_bytes"] = sum(t.numel() * t.element_size() for t in grad_buffers([b.model]))
             out["freed_all"] &= all(t.untyped_storage().nbytes() == 0 for t in grad_buffers([b.model]))
             out["freed_all"] &= all(t.untyped_storage().nbytes() == 0 for t in optimizer_tensors(b.optimizer)
                                     if t.device.type == "cpu" and t.numel() > 1
@@ -101,14 +107,14 @@ def _train_worker(rank, world, distributed, bf16, steps):
             out["weights_kept"] &= all(p.untyped_storage().nbytes() > 0 for p in b.model.parameters())
             if step == 1:
                 with off.onloaded():
-                    out["state_b"] = [t.clone() for t in optimizer_tensors(b.optimizer)]
-                out["state_a"] = [t.clone() for t in optimizer_tensors(a.optimizer)]
+                    out["state_b"] = [t.clone() for t in optimizer_tensors(b.optimizer, with_grads=False)]
+                out["state_a"] = [t.clone() for t in optimizer_tensors(a.optimizer, with_grads=False)]
                 assert off.offloaded  # offloaded again after the block
         off.after_engine_sleeps()
         out["weights_a"] = [p.detach().clone() for p in a.model.parameters()]
         out["weights_b"] = [p.detach().clone() for p in b.model.parameters()]
-        out["state_a_end"] = [t.clone() for t in optimizer_tensors(a.optimizer)]
-        out["state_b_end"] = [t.clone() for t in optimizer_tensors(b.optimizer)]
+        out["state_a_end"] = [t.clone() for t in optimizer_tensors(a.optimizer, with_grads=False)]
+        out["state_b_end"] = [t.clone() for t in optimizer_tensors(b.optimizer, with_grads=False)]
         return out
     finally:
         teardown_parallel()
@@ -133,6 +139,8 @@ def test_training_with_offload_is_bit_identical(distributed, bf16):
         n_params = sum(w.numel() for w in r["weights_a"])
         shard = n_params // 2 if distributed else n_params
         assert min(r["released"][1:]) >= 4 * n_params + 2 * 4 * shard, (r["released"], n_params)
+        # gradients are released, not copied to the host (they are dead between steps)
+        assert r["copied"] <= r["released"][-1] - r["grad_bytes"], (r["copied"], r["released"], r["grad_bytes"])
 
 
 @pytest.mark.timeout(900)

@@ -22,8 +22,9 @@ What moves:
   zero-filled on onload. They hold nothing between steps: ``ObjectiveStep`` zeroes them before every
   forward/backward (``copy_grads=True`` keeps their content instead).
 * Every tensor the optimizer holds: its parameters (Megatron's fp32 main weights, in the inner
-  ``torch.optim`` param groups), their ``.grad`` and the optimizer state (Adam ``exp_avg``, ``exp_avg_sq``...),
-  for plain and distributed optimizers and ``ChainedOptimizer``. Storages shared with the model's own weights
+  ``torch.optim`` param groups) and the optimizer state (Adam ``exp_avg``, ``exp_avg_sq``...), copied, for
+  plain and distributed optimizers and ``ChainedOptimizer``; the parameters' ``.grad`` (views of the grad
+  buffer, or copies Megatron refills before every step) released like the grad buffers. Storages shared with the model's own weights
   (fp32 training, where the main weights *are* the model weights) stay: the weight sync reads them.
 * Only storages on ``device`` (default: CUDA when present) move; host tensors such as Adam's step counter stay.
 
@@ -56,22 +57,30 @@ def _byte_view(storage: torch.UntypedStorage) -> torch.Tensor:
     return torch.empty(0, dtype=torch.uint8, device=storage.device).set_(storage, 0, (storage.nbytes(),), (1,))
 
 
-def optimizer_tensors(optimizer: Any) -> Iterator[torch.Tensor]:
+def optimizer_tensors(optimizer: Any, with_grads: bool = True) -> Iterator[torch.Tensor]:
     """Every tensor a Megatron optimizer (plain, distributed, ``ChainedOptimizer``) or a ``torch.optim``
-    optimizer holds: parameters of its inner param groups (Megatron's fp32 main weights), their grads, state."""
+    optimizer holds: parameters of its inner param groups (Megatron's fp32 main weights), their grads
+    (``with_grads``), state."""
+    for p, is_grad in _optimizer_tensors(optimizer):
+        if with_grads or not is_grad:
+            yield p
+
+
+def _optimizer_tensors(optimizer: Any) -> Iterator[tuple[torch.Tensor, bool]]:
+    """(tensor, is a gradient) pairs of :func:`optimizer_tensors`."""
     for opt in getattr(optimizer, "chained_optimizers", None) or [optimizer]:
         inner = getattr(opt, "optimizer", opt)  # MegatronOptimizer wraps a torch.optim optimizer
         if inner is None or not hasattr(inner, "param_groups"):
             continue  # a stub optimizer of a rank without parameters
         for group in inner.param_groups:
             for p in group["params"]:
-                yield p
+                yield p, False
                 if p.grad is not None:
-                    yield p.grad
+                    yield p.grad, True
         for state in inner.state.values():
             for value in state.values():
                 if torch.is_tensor(value):
-                    yield value
+                    yield value, False
 
 
 def _ddp_buffers(chunk: torch.nn.Module) -> list:
@@ -148,8 +157,10 @@ class TrainingStateOffloader:
         """(storage, keep its content) of everything to move, each storage once; weights excluded."""
         keep_out = {t.untyped_storage()._cdata for t in weight_tensors(self.model_chunks)}
         seen: dict[int, tuple[torch.UntypedStorage, bool]] = {}
+        # Gradients are dead between steps: Megatron refills the main weights' .grad (views of the grad buffer,
+        # or copies of it) from the grad buffer before every optimizer step, and the buffer is zeroed first.
         tensors = [(t, self.copy_grads) for t in grad_buffers(self.model_chunks)]
-        tensors += [(t, True) for t in optimizer_tensors(self.optimizer)]
+        tensors += [(t, self.copy_grads or not is_grad) for t, is_grad in _optimizer_tensors(self.optimizer)]
         for t, keep in tensors:
             if not self._on_device(t):
                 continue
@@ -157,7 +168,7 @@ class TrainingStateOffloader:
             key = storage._cdata
             if key in keep_out or storage.nbytes() == 0:
                 continue
-            # A storage both in a grad buffer and held by the optimizer (main weights' .grad views): keep it.
+            # A storage reached twice keeps its content if either holder needs it.
             previous = seen.get(key)
             seen[key] = (storage, keep or (previous[1] if previous else False))
         return list(seen.values())
