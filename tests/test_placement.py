@@ -126,3 +126,29 @@ def test_config_validation_refuses_it_where_the_layout_is_known(tmp_path):
     hf = load_config(path, ["parallel.tensor_model_parallel_size=2", "rollout.tensor_parallel_size=4",
                             "rollout.engine=hf"])
     assert check_world_size(hf, 8, gpus_per_node=8) == 4  # the CPU engine places nothing on GPUs
+
+
+def test_factory_places_the_trainers_engine_on_its_replica(monkeypatch):
+    """build_engine's placement inside a (simulated) 8-rank CUDA job: rank 2 owns replica 1 of TP 2 x DP 4,
+    its engine gets GPUs 2 and 3 of the inherited UUID list; rollout TP 4 is refused before vLLM starts."""
+    import torch
+
+    from gift_megatron.config import TrainConfig
+    from gift_megatron.rollout.factory import engine_cuda_devices
+
+    cfg = TrainConfig()
+    cfg.parallel.tensor_model_parallel_size, cfg.rollout.tensor_parallel_size = 2, 2
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda: 2)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda: 8)
+    monkeypatch.setenv("LOCAL_RANK", "2")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", ",".join(UUIDS + [u.replace("GPU-", "GPU-f") for u in UUIDS]))
+    assert engine_cuda_devices(cfg) == UUIDS[2:4]
+    assert engine_cuda_devices(cfg, replica_ranks=[2, 3]) == UUIDS[2:4]
+    cfg.rollout.tensor_parallel_size = 4
+    with pytest.raises(PlacementError, match="rollout.tensor_parallel_size=4 does not fit"):
+        engine_cuda_devices(cfg)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert engine_cuda_devices(cfg) is None  # the CPU backend places nothing

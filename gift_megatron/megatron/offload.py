@@ -200,6 +200,8 @@ class TrainingStateOffloader:
             storage.resize_(0)
         self._moved, self._offloaded = moved, True
         self.offloaded_bytes = sum(n for _, n, _ in moved)
+        log.debug("offloaded %d storages, %.2f GiB released (%.2f GiB copied to the host)", len(moved),
+                  self.offloaded_bytes / 2 ** 30, sum(n for _, n, h in moved if h is not None) / 2 ** 30)
         return self.offloaded_bytes
 
     def onload(self) -> int:

@@ -37,8 +37,10 @@ def engine_cuda_devices(cfg: Any, replica_ranks: Sequence[int] | None = None) ->
         p = cfg.parallel
         replica_ranks = megatron_replica_ranks(rank, world, p.tensor_model_parallel_size,
                                                p.pipeline_model_parallel_size, p.context_parallel_size)
-    local_rank = int(os.environ.get("LOCAL_RANK", torch.cuda.current_device()))
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", min(world, torch.cuda.device_count())))
+    # torchrun's variables; without them (a world of one), this process's GPU among those it sees.
+    local_rank = int(os.environ["LOCAL_RANK"]) if "LOCAL_RANK" in os.environ else torch.cuda.current_device()
+    local_world = (int(os.environ["LOCAL_WORLD_SIZE"]) if "LOCAL_WORLD_SIZE" in os.environ
+                   else min(world, torch.cuda.device_count()))
     return replica_engine_devices(replica_ranks, rank, local_rank, local_world, cfg.rollout.tensor_parallel_size,
                                   os.environ.get("CUDA_VISIBLE_DEVICES"))
 
