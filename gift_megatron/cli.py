@@ -27,7 +27,12 @@ def _parser() -> argparse.ArgumentParser:
     v = sub.add_parser("validate", help="load and validate a config without training")
     v.add_argument("config")
     v.add_argument("overrides", nargs="*")
-    v.add_argument("--world-size", type=int, default=None, help="also check the parallel layout for this many ranks")
+    v.add_argument("--world-size", type=int, default=None, help="also check the parallel layout for this many ranks "
+                   "and print the per-GPU memory plan")
+    v.add_argument("--gpus-per-node", type=int, default=None,
+                   help="ranks (GPUs) per node for the rollout engines' placement (default: min(world size, 8))")
+    v.add_argument("--gpu-memory-gib", type=float, default=None,
+                   help="memory of one GPU in GiB for the plan (default: 79.6, an H100 80 GB)")
     pl = sub.add_parser("plot", help="write PNG plots of RUN_DIR/metrics.jsonl to RUN_DIR/plots; several runs: "
                                      "overlaid, to --out")
     pl.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
@@ -86,10 +91,21 @@ def main(argv: list[str] | None = None) -> int:
             print(f"config error: {exc}", file=sys.stderr)
         return 2
     if args.command == "validate":
-        print(f"{args.config}: ok")
         if args.world_size:
-            for k, v in layout_plan(cfg, args.world_size).items():
+            from gift_megatron.config import H100_GPU_GIB
+
+            try:
+                plan = layout_plan(cfg, args.world_size, gpu_memory_gib=args.gpu_memory_gib or H100_GPU_GIB,
+                                   gpus_per_node=args.gpus_per_node)
+            except ConfigError as exc:
+                print(f"config error: {exc}", file=sys.stderr)
+                return 2
+            print(f"{args.config}: ok")
+            print("  per GPU, in GiB (docs/cluster.md explains every line):")
+            for k, v in plan.items():
                 print(f"  {k:40s} {v:.2f}" if isinstance(v, float) else f"  {k:40s} {v}")
+        else:
+            print(f"{args.config}: ok")
         return 0
     console.configure(cfg.run.show_warnings)
     if args.nproc_per_node and "LOCAL_RANK" not in os.environ:  # the launcher, not one of its workers

@@ -108,8 +108,21 @@ class DataConfig:
 @dataclass
 class RolloutConfig:
     """engine: ``hf`` (transformers generate, CPU default), ``vllm`` (GPU default) or ``auto``.
-    n: on-policy responses per prompt (GFT's n_rollout). tensor_parallel_size, gpu_memory_utilization,
-    sleep_during_training: vLLM only (colocated engine sleeps while the trainer trains).
+    n: on-policy responses per prompt (GFT's n_rollout).
+
+    vLLM only (docs/rollout.md, docs/cluster.md):
+
+    - tensor_parallel_size: the rollout TP; each data-parallel replica's engine runs on that replica's own
+      GPUs, so it must be <= the replica's GPUs on a node (TP x PP x CP ranks there).
+    - gpu_memory_utilization: the engine's share of a GPU's memory (weights, activations, KV cache) while
+      awake. kv_cache_bytes: a fixed KV-cache size per GPU instead (vLLM's ``kv_cache_memory_bytes``); then the
+      share is not used.
+    - sleep_during_training: the colocated engine frees its GPU memory while the trainer trains.
+      sleep_level: 2 drops the engine's weights while asleep (every wake is followed by a weight update, so
+      copying them to the host, level 1, is wasted work), 1 keeps them in host memory.
+    - offload_training_states: gradient buffers and optimizer state go to host memory while the engine is
+      awake (:mod:`gift_megatron.megatron.offload`). None: on when the engine shares the GPUs (vLLM on CUDA).
+    - enforce_eager: no CUDA graphs in vLLM (False: faster decoding, more memory and start-up time).
     temperature: sampling temperature (0: greedy); the trainer's log-probs use the same temperature.
     top_p: nucleus sampling, in (0, 1]. max_tokens: most new tokens per response.
     sync_bucket_mb: size of the buckets in which updated weights are streamed to the rollout engine (MiB).
@@ -122,7 +135,11 @@ class RolloutConfig:
     max_tokens: int = 256
     tensor_parallel_size: int = 1
     gpu_memory_utilization: float = 0.5
+    kv_cache_bytes: Optional[int] = None
     sleep_during_training: bool = True
+    sleep_level: int = 2
+    offload_training_states: Optional[bool] = None
+    enforce_eager: bool = True
     sync_bucket_mb: int = 512
 
 
@@ -519,6 +536,13 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.model.seq_length > cfg.model.max_position_embeddings:
         raise ConfigError(f"model.seq_length ({cfg.model.seq_length}) exceeds model.max_position_embeddings "
                           f"({cfg.model.max_position_embeddings}), the positions the model was trained for")
+    if not 0 < r.gpu_memory_utilization <= 1:
+        raise ConfigError(f"rollout.gpu_memory_utilization must be in (0, 1], got {r.gpu_memory_utilization}")
+    if r.kv_cache_bytes is not None and r.kv_cache_bytes <= 0:
+        raise ConfigError(f"rollout.kv_cache_bytes must be > 0 (bytes of KV cache per GPU), got {r.kv_cache_bytes}")
+    if r.sleep_level not in (1, 2):
+        raise ConfigError(f"rollout.sleep_level must be 1 (weights kept in host memory) or 2 (weights dropped), "
+                          f"got {r.sleep_level}")
     if cfg.data.max_prompt_tokens + r.max_tokens > cfg.model.seq_length:
         raise ConfigError(f"data.max_prompt_tokens ({cfg.data.max_prompt_tokens}) + rollout.max_tokens "
                           f"({r.max_tokens}) exceeds model.seq_length ({cfg.model.seq_length})")
@@ -556,13 +580,39 @@ def check_inputs(cfg: TrainConfig) -> None:
         raise ConfigError(f"reward.name / reward.options: {exc}") from None
 
 
-def check_world_size(cfg: TrainConfig, world_size: int) -> int:
+def offload_enabled(cfg: TrainConfig, cuda: bool | None = None) -> bool:
+    """``rollout.offload_training_states`` resolved: None means on when the vLLM engine shares the trainer's
+    GPUs (``rollout.engine`` vllm, or auto, on CUDA; ``cuda`` defaults to this process's device choice,
+    :func:`gift_megatron.device.use_cuda`)."""
+    r = cfg.rollout
+    if r.offload_training_states is not None:
+        return r.offload_training_states
+    if cuda is None:
+        from gift_megatron.device import use_cuda
+
+        cuda = use_cuda()
+    return cuda and r.engine in ("auto", "vllm")
+
+
+def check_world_size(cfg: TrainConfig, world_size: int, gpus_per_node: int | None = None) -> int:
     """The data-parallel size of ``cfg`` on ``world_size`` ranks, or ConfigError naming the numbers: the
-    layout must fit the world, and every data-parallel rank must get whole micro-batches of whole groups."""
+    layout must fit the world, and every data-parallel rank must get whole micro-batches of whole groups.
+    With ``gpus_per_node`` (ranks per node) and a vLLM engine, every replica's engine must also fit its
+    replica's GPUs (:func:`gift_megatron.rollout.placement.check_layout`)."""
     try:
         dp = cfg.parallel.validate(world_size, cfg.model)
     except ValueError as exc:
         raise ConfigError(f"{exc} (world size {world_size})") from exc
+    if gpus_per_node and cfg.rollout.engine in ("auto", "vllm"):
+        from gift_megatron.rollout.placement import PlacementError, check_layout
+
+        p = cfg.parallel
+        try:
+            check_layout(world_size, gpus_per_node, p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
+                         p.context_parallel_size, cfg.rollout.tensor_parallel_size)
+        except PlacementError as exc:
+            raise ConfigError(f"{exc} (world size {world_size}, {min(gpus_per_node, world_size)} GPUs per node)") \
+                from exc
     t = cfg.train
     n_expert, n_teacher, n_rollout = cfg.group_composition()
     group = n_expert + n_teacher + n_rollout
@@ -577,32 +627,151 @@ def check_world_size(cfg: TrainConfig, world_size: int) -> int:
     return dp
 
 
-def layout_plan(cfg: TrainConfig, world_size: int, gpu_memory_gib: float = 80.0) -> dict[str, Any]:
-    """The parallel layout of ``cfg`` on ``world_size`` ranks and a per-GPU memory estimate (GiB) of the
-    model states, the dry run of a recipe. Activations are not included (they depend on micro-batch size,
-    sequence length and recomputation); the rest follows Megatron's mixed-precision layout: bf16/fp16
-    weights, fp32 gradient buffers (grad_reduce_in_fp32), fp32 main weights + two Adam moments (12 bytes a
-    parameter) sharded over data-parallel ranks by the distributed optimizer.
+#: What PyTorch reports for an H100 80 GB (81559 MiB): the default GPU of the memory plan.
+H100_GPU_GIB = 79.6
+#: Kept free on every GPU: the trainer's and the engine process's CUDA contexts, NCCL buffers, allocator
+#: fragmentation (docs/cluster.md: 3-6 GB).
+CONTEXT_RESERVE_GIB = 4.0
+#: vLLM's offline (LLM class) defaults on H100/H200 (vllm/engine/arg_utils.py, 0.32): the profile run that
+#: sizes its activations uses this many batched tokens and sequences.
+VLLM_PROFILE_TOKENS = 16384
+VLLM_PROFILE_SEQS = 1024
+_GIB = 1024 ** 3
+
+
+def _activation_bytes(cfg: TrainConfig) -> float:
+    """Bytes of activations the backward pass keeps for one micro-batch on one GPU (docs/cluster.md): per
+    token and layer, the attention block keeps norm input and output, Q, K, V and the attention output, the
+    MLP norm input and output, the gate/up output (2 f) and the SwiGLU output (f), in the training dtype;
+    split over TP (sequence parallel) and CP. Under 1F1B the first stage holds up to PP micro-batches of L/PP
+    layers, so PP does not shrink it."""
+    m, p = cfg.model, cfg.parallel
+    q, kv = m.num_attention_heads * m.head_dim, 2 * m.num_query_groups * m.head_dim
+    values = (2 * m.hidden_size + 2 * q + kv) + (2 * m.hidden_size + 3 * m.ffn_hidden_size)
+    dtype_bytes = 4 if cfg.precision.dtype == "fp32" else 2
+    tokens = cfg.train.micro_batch_size * m.seq_length
+    return tokens * m.num_layers * values * dtype_bytes / (p.tensor_model_parallel_size * p.context_parallel_size)
+
+
+def _engine_plan(cfg: TrainConfig, gpu_gib: float) -> dict[str, Any]:
+    """Per-GPU memory of one vLLM engine (rollout TP ``r``): weights / r; activations of vLLM's profile run
+    (VLLM_PROFILE_TOKENS tokens through one layer's widest tensors, plus fp32 logits and log-probs of
+    VLLM_PROFILE_SEQS sequences); the KV cache, which is what remains of ``gpu_memory_utilization`` x the GPU
+    (or ``kv_cache_bytes``); and the tokens that KV cache holds."""
+    m, r = cfg.model, cfg.rollout
+    rtp = r.tensor_parallel_size
+    dtype_bytes = 4 if cfg.precision.dtype == "fp32" else 2
+    weights = m.parameter_count() * dtype_bytes / rtp / _GIB
+    q, kv = m.num_attention_heads * m.head_dim, 2 * m.num_query_groups * m.head_dim
+    per_token = 4 * m.hidden_size + (q + kv + 3 * m.ffn_hidden_size) / rtp
+    activations = (VLLM_PROFILE_TOKENS * per_token * dtype_bytes
+                   + VLLM_PROFILE_SEQS * m.padded_vocab_size(rtp) / rtp * 4 * 2) / _GIB
+    kv_heads_per_gpu = max(m.num_query_groups // rtp, 1)  # vLLM replicates KV heads when rtp > their count
+    kv_token_bytes = 2 * m.num_layers * kv_heads_per_gpu * m.head_dim * dtype_bytes
+    if r.kv_cache_bytes is not None:
+        kv_gib = r.kv_cache_bytes / _GIB
+        engine = weights + activations + kv_gib
+    else:
+        engine = r.gpu_memory_utilization * gpu_gib
+        kv_gib = engine - weights - activations
+    return {"rollout_weights_gib": weights, "rollout_activations_gib": activations, "rollout_kv_cache_gib": kv_gib,
+            "rollout_kv_bytes_per_token": kv_token_bytes,
+            "rollout_kv_tokens": max(int(kv_gib * _GIB // kv_token_bytes), 0), "rollout_engine_gib": engine}
+
+
+def layout_plan(cfg: TrainConfig, world_size: int, gpu_memory_gib: float = H100_GPU_GIB,
+                gpus_per_node: int | None = None, check_memory: bool = True) -> dict[str, Any]:
+    """The parallel layout of ``cfg`` on ``world_size`` ranks and a per-GPU memory plan (GiB), the dry run
+    of a recipe (``gift-megatron validate --world-size N``; the arithmetic is explained in docs/cluster.md).
+
+    Trainer: Megatron's mixed-precision layout (bf16/fp16 weights, fp32 gradient buffers, fp32 main weights +
+    two Adam moments = 12 bytes a parameter, sharded over data-parallel ranks by the distributed optimizer),
+    the activations of one micro-batch and its logits: the training peak.
+
+    vLLM engine (``rollout.engine`` vllm or auto), on its replica's first ``rollout.tensor_parallel_size``
+    GPUs (``gpus_per_node`` default: min(world, 8)): its weights, activations, KV cache and budget, and what
+    the trainer holds on those GPUs while the engine is awake: its weights only with
+    ``rollout.offload_training_states`` (default on here: the engine shares the GPUs), all its states without.
+    With ``check_memory``, a budget that leaves the trainer too little memory (or the engine no KV cache) is
+    a ConfigError naming the key; CONTEXT_RESERVE_GIB stays free on every GPU.
     """
-    dp = check_world_size(cfg, world_size)
+    gpus_per_node = gpus_per_node or min(world_size, 8)
+    dp = check_world_size(cfg, world_size, gpus_per_node=gpus_per_node)
     p, m = cfg.parallel, cfg.model
     shard = m.parameter_count() / (p.tensor_model_parallel_size * p.pipeline_model_parallel_size)
-    gib = 1024 ** 3
     weight_bytes = 4 if cfg.precision.dtype == "fp32" else 2
     optim_ranks = dp if cfg.optimizer.use_distributed_optimizer else 1
-    plan = {
-        "world_size": world_size, "tp": p.tensor_model_parallel_size, "pp": p.pipeline_model_parallel_size,
+    plan: dict[str, Any] = {
+        "world_size": world_size, "gpus_per_node": min(gpus_per_node, world_size), "gpu_memory_gib": gpu_memory_gib,
+        "tp": p.tensor_model_parallel_size, "pp": p.pipeline_model_parallel_size,
         "cp": p.context_parallel_size, "dp": dp, "parameters_b": m.parameter_count() / 1e9,
-        "weights_gib": shard * weight_bytes / gib,
-        "grads_gib": shard * 4 / gib,
-        "optimizer_gib": shard * 12 / optim_ranks / gib,
+        "weights_gib": shard * weight_bytes / _GIB,
+        "grads_gib": shard * 4 / _GIB,
+        "optimizer_gib": shard * 12 / optim_ranks / _GIB,
     }
     from gift_megatron.objectives import build_objective
 
     if "ref_logp" in build_objective(cfg.objective.name, **cfg.objective.options).uses:
-        plan["reference_gib_offloaded_between_passes"] = shard * weight_bytes / gib
+        plan["reference_gib_offloaded_between_passes"] = shard * weight_bytes / _GIB
     plan["train_states_gib"] = plan["weights_gib"] + plan["grads_gib"] + plan["optimizer_gib"]
-    if cfg.rollout.engine in ("auto", "vllm"):
-        plan["rollout_weights_gib"] = m.parameter_count() * 2 / cfg.rollout.tensor_parallel_size / gib
-        plan["rollout_pool_gib_awake"] = cfg.rollout.gpu_memory_utilization * gpu_memory_gib
+    plan["activations_gib"] = _activation_bytes(cfg) / _GIB
+    plan["logits_gib"] = (cfg.train.micro_batch_size * m.seq_length * m.padded_vocab_size(p.tensor_model_parallel_size)
+                          * 2 / p.tensor_model_parallel_size / p.context_parallel_size / _GIB)
+    plan["train_peak_gib"] = plan["train_states_gib"] + plan["activations_gib"] + plan["logits_gib"]
+    plan["reserve_gib"] = CONTEXT_RESERVE_GIB
+    if cfg.rollout.engine not in ("auto", "vllm"):
+        return plan
+
+    r = cfg.rollout
+    from gift_megatron.rollout.placement import check_layout
+
+    local = check_layout(world_size, plan["gpus_per_node"], p.tensor_model_parallel_size,
+                         p.pipeline_model_parallel_size, p.context_parallel_size, r.tensor_parallel_size)
+    offload = offload_enabled(cfg, cuda=True)
+    plan["rollout_tp"] = r.tensor_parallel_size
+    plan["rollout_gpus_of_first_replica"] = ",".join(local)
+    plan.update(_engine_plan(cfg, gpu_memory_gib))
+    plan["offload_training_states"] = offload
+    plan["awake_trainer_gib_with_offload"] = plan["weights_gib"]
+    plan["awake_trainer_gib_without_offload"] = plan["train_states_gib"]
+    plan["generation_peak_gib_with_offload"] = plan["weights_gib"] + plan["rollout_engine_gib"]
+    plan["generation_peak_gib_without_offload"] = plan["train_states_gib"] + plan["rollout_engine_gib"]
+    plan["generation_peak_gib"] = plan["generation_peak_gib_with_offload" if offload else
+                                       "generation_peak_gib_without_offload"]
+    # The engine asleep frees its weights and KV cache (both levels); awake through training it holds it all.
+    plan["training_peak_gib_with_engine"] = plan["train_peak_gib"] + (
+        0.0 if r.sleep_during_training else plan["rollout_engine_gib"])
+    if check_memory:
+        _check_memory_plan(cfg, plan)
     return plan
+
+
+def _check_memory_plan(cfg: TrainConfig, plan: dict[str, Any]) -> None:
+    r = cfg.rollout
+    gpu, reserve = plan["gpu_memory_gib"], plan["reserve_gib"]
+    budget_key = ("rollout.kv_cache_bytes" if r.kv_cache_bytes is not None else "rollout.gpu_memory_utilization")
+    budget = (f"rollout.kv_cache_bytes={r.kv_cache_bytes}" if r.kv_cache_bytes is not None else
+              f"rollout.gpu_memory_utilization={r.gpu_memory_utilization} ({plan['rollout_engine_gib']:.1f} GiB of a "
+              f"{gpu:.1f} GiB GPU)")
+    if plan["rollout_kv_cache_gib"] <= 0 or plan["rollout_kv_tokens"] < cfg.model.seq_length:
+        raise ConfigError(
+            f"{budget} leaves the vLLM engine {max(plan['rollout_kv_cache_gib'], 0):.1f} GiB of KV cache "
+            f"({plan['rollout_kv_tokens']} tokens, fewer than one model.seq_length={cfg.model.seq_length} sequence) "
+            f"after its weights ({plan['rollout_weights_gib']:.1f} GiB at rollout.tensor_parallel_size="
+            f"{r.tensor_parallel_size}) and activations ({plan['rollout_activations_gib']:.1f} GiB): raise {budget_key}")
+    awake = plan["generation_peak_gib"]
+    if awake + reserve > gpu:
+        held = ("its weights" if plan["offload_training_states"] else
+                "weights, gradient buffers and optimizer state (rollout.offload_training_states is off)")
+        raise ConfigError(
+            f"{budget} leaves the trainer too little memory while the engine is awake: the trainer holds {held}, "
+            f"{awake - plan['rollout_engine_gib']:.1f} GiB, the engine {plan['rollout_engine_gib']:.1f} GiB, plus "
+            f"{reserve:.0f} GiB of CUDA contexts and buffers = {awake + reserve:.1f} GiB > {gpu:.1f} GiB per GPU: "
+            f"lower {budget_key}" + ("" if plan["offload_training_states"] else
+                                     " or set rollout.offload_training_states=true"))
+    if not r.sleep_during_training and plan["training_peak_gib_with_engine"] + reserve > gpu:
+        raise ConfigError(
+            f"rollout.sleep_during_training=false keeps the engine's {plan['rollout_engine_gib']:.1f} GiB ({budget}) "
+            f"on the GPU while the trainer peaks at {plan['train_peak_gib']:.1f} GiB: "
+            f"{plan['training_peak_gib_with_engine'] + reserve:.1f} GiB with {reserve:.0f} GiB of contexts > "
+            f"{gpu:.1f} GiB per GPU: set rollout.sleep_during_training=true or lower {budget_key}")

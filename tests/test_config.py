@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import yaml
@@ -145,3 +146,110 @@ def test_recipe_parameter_count_matches_transformers(path):
     with torch.device("meta"):
         model = transformers.Qwen2ForCausalLM(hf)
     assert m.parameter_count() == sum(p.numel() for p in model.parameters())
+
+
+# -- the colocated vLLM engine: keys, placement and the per-GPU memory plan ------------------------------------
+
+def test_rollout_engine_keys_are_typed(tmp_path):
+    cfg = load_config(write(tmp_path, BASE), ["rollout.kv_cache_bytes=8589934592", "rollout.enforce_eager=false",
+                                              "rollout.sleep_level=1", "rollout.offload_training_states=false"])
+    r = cfg.rollout
+    assert (r.kv_cache_bytes, r.enforce_eager, r.sleep_level, r.offload_training_states) == (8 << 30, False, 1, False)
+    d = load_config(write(tmp_path, BASE)).rollout
+    # Defaults: level 2 (a weight update follows every wake), eager, offload decided by where the engine runs.
+    assert (d.kv_cache_bytes, d.enforce_eager, d.sleep_level, d.offload_training_states) == (None, True, 2, None)
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("rollout.sleep_level=3", "rollout.sleep_level must be 1"),
+    ("rollout.kv_cache_bytes=0", "rollout.kv_cache_bytes must be > 0"),
+    ("rollout.kv_cache_bytes=8GiB", "rollout.kv_cache_bytes: expected an integer"),
+    ("rollout.gpu_memory_utilization=1.5", "rollout.gpu_memory_utilization must be in (0, 1]"),
+    ("rollout.enforce_eager=sometimes", "rollout.enforce_eager: expected true or false"),
+])
+def test_bad_rollout_engine_values_name_the_key(tmp_path, override, expected):
+    with pytest.raises(ConfigError) as err:
+        load_config(write(tmp_path, BASE), [override])
+    assert expected in str(err.value)
+
+
+def test_offload_default_follows_the_engine():
+    from gift_megatron.config import TrainConfig, offload_enabled
+
+    cfg = TrainConfig()
+    assert offload_enabled(cfg, cuda=True) and not offload_enabled(cfg, cuda=False)
+    cfg.rollout.engine = "hf"
+    assert not offload_enabled(cfg, cuda=True)
+    cfg.rollout.offload_training_states = True
+    assert offload_enabled(cfg, cuda=False)
+
+
+SEVEN_B = "examples/qwen2.5-7b-gift.yaml"
+
+
+def test_7b_memory_plan_shows_the_engine_with_and_without_offload():
+    from gift_megatron.config import layout_plan
+
+    plan = layout_plan(load_config(SEVEN_B), 8)
+    assert plan["rollout_gpus_of_first_replica"] == "0,1"
+    assert plan["rollout_weights_gib"] == pytest.approx(7.09, abs=0.01)
+    assert plan["rollout_engine_gib"] == pytest.approx(0.45 * 79.6)
+    assert plan["rollout_kv_cache_gib"] == pytest.approx(plan["rollout_engine_gib"] - plan["rollout_weights_gib"]
+                                                         - plan["rollout_activations_gib"])
+    assert plan["rollout_kv_bytes_per_token"] == 2 * 28 * 2 * 128 * 2  # K and V, 28 layers, 4 KV heads / TP 2
+    assert plan["offload_training_states"] is True
+    assert plan["awake_trainer_gib_with_offload"] == plan["weights_gib"]
+    assert plan["awake_trainer_gib_without_offload"] == plan["train_states_gib"]
+    assert plan["generation_peak_gib"] == plan["generation_peak_gib_with_offload"] == pytest.approx(42.91, abs=0.01)
+    assert plan["generation_peak_gib_without_offload"] == pytest.approx(67.74, abs=0.01)
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    (["rollout.gpu_memory_utilization=0.95"],
+     r"rollout.gpu_memory_utilization=0.95 \(75.6 GiB of a 79.6 GiB GPU\) leaves the trainer too little memory"),
+    (["rollout.gpu_memory_utilization=0.6", "rollout.offload_training_states=false"],
+     r"trainer holds weights, gradient buffers and optimizer state \(rollout.offload_training_states is off\).*"
+     r"or set rollout.offload_training_states=true"),
+    (["rollout.kv_cache_bytes=75000000000"], r"rollout.kv_cache_bytes=75000000000 leaves the trainer too little"),
+    (["rollout.gpu_memory_utilization=0.1"], r"leaves the vLLM engine 0.0 GiB of KV cache.*raise "
+                                             r"rollout.gpu_memory_utilization"),
+    (["rollout.kv_cache_bytes=1000000"], r"KV cache \(34 tokens, fewer than one model.seq_length=4096 sequence\)"),
+    (["rollout.sleep_during_training=false"], r"rollout.sleep_during_training=false keeps the engine's 35.8 GiB"),
+])
+def test_memory_plan_refuses_budgets_that_leave_the_trainer_too_little(overrides, expected):
+    from gift_megatron.config import layout_plan
+
+    with pytest.raises(ConfigError, match=expected):
+        layout_plan(load_config(SEVEN_B, overrides), 8)
+
+
+def test_validate_cli_prints_the_plan_and_fails_on_a_bad_budget(capsys):
+    from gift_megatron.cli import main
+
+    assert main(["validate", SEVEN_B, "--world-size", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "rollout_kv_cache_gib" in out and re.search(r"generation_peak_gib_without_offload +67.74", out)
+    assert main(["validate", SEVEN_B, "rollout.gpu_memory_utilization=0.95", "--world-size", "8"]) == 2
+    assert "leaves the trainer too little memory" in capsys.readouterr().err
+    assert main(["validate", SEVEN_B, "rollout.tensor_parallel_size=4", "--world-size", "8"]) == 2
+    assert "rollout.tensor_parallel_size=4 does not fit" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("path, world", [(SEVEN_B, 8), ("examples/qwen2.5-32b-gift.yaml", 32)])
+def test_cluster_doc_shows_the_numbers_validate_prints(path, world):
+    """docs/cluster.md quotes the memory plan of both recipes: it must stay what `validate` computes."""
+    import os
+
+    from gift_megatron.config import layout_plan
+
+    plan = layout_plan(load_config(path), world)
+    doc = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "cluster.md"),
+               encoding="utf-8").read()
+    row = (f"**{plan['train_states_gib']:.1f} GiB** | ", f"**{plan['train_peak_gib']:.1f} GiB** | ",
+           f"**{plan['generation_peak_gib_with_offload']:.1f} / {plan['generation_peak_gib_without_offload']:.1f} GiB**")
+    for text in row:
+        assert text in doc, text
+    engine = (f"{plan['rollout_weights_gib']:.1f} GiB of weights, ~{plan['rollout_activations_gib']:.1f} GiB of "
+              f"activations")
+    assert engine in doc and f"{plan['rollout_kv_cache_gib']:.1f} GiB of KV cache" in doc, engine
+    assert f"({plan['rollout_engine_gib']:.1f} GiB)" in doc

@@ -312,8 +312,171 @@ def test_gpu_sleep_wake_keeps_the_weights(tmp_path, tp):
     _check_greedy(model, engine)
 
 
-if __name__ == "__main__":  # python -m tests.test_vllm_engine distributed|tp2 DIR (the subprocess tests)
-    {"distributed": _distributed_main, "tp2": _tp2_main}[sys.argv[1]](sys.argv[2])
+# -- the adapter's own logic against a recording stand-in for vllm.LLM (needs vLLM for EngineArgs and platform) ----
+#
+# Placement, the sleep level and the two-phase wake are GPU paths (CUDA_VISIBLE_DEVICES, sleep mode): here
+# vllm.LLM is replaced by a recorder, so what the adapter asks of vLLM is checked on the CPU build too.
+
+class _RecordingLLM:
+    """Records the constructor's keywords and environment, and every call, in ``calls``."""
+
+    calls: list = []
+
+    def __init__(self, **kwargs):
+        type(self).calls = [("init", kwargs, os.environ.get("CUDA_VISIBLE_DEVICES"),
+                             os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING"))]
+        core = type("SyncMPClient", (), {})() if os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "1" else None
+        self.llm_engine = type("E", (), {"engine_core": core})()
+
+    def __getattr__(self, name):
+        def call(*args, **kwargs):
+            type(self).calls.append((name, args, kwargs))
+        return call
+
+
+@pytest.fixture
+def recording(monkeypatch, tmp_path):
+    vllm = pytest.importorskip("vllm")
+    transformers = pytest.importorskip("transformers")
+    from vllm.platforms import current_platform
+
+    monkeypatch.setattr(vllm, "LLM", _RecordingLLM)
+    monkeypatch.setattr(current_platform, "is_sleep_mode_available", lambda: True)
+    model = _tiny_llama_dir(tmp_path, transformers)
+    return str(tmp_path), model
+
+
+def test_rollout_keys_reach_vllm_llm(recording):
+    path, _ = recording
+    vllm_engine.VLLMRolloutEngine(path, kv_cache_memory_bytes=3 << 30, enforce_eager=False, skip_tokenizer_init=True)
+    kwargs = _RecordingLLM.calls[0][1]
+    assert kwargs["kv_cache_memory_bytes"] == 3 << 30 and kwargs["enforce_eager"] is False
+    vllm_engine.VLLMRolloutEngine(path, skip_tokenizer_init=True)
+    assert _RecordingLLM.calls[0][1]["enforce_eager"] is True  # the default: no CUDA graphs
+    with pytest.raises(ValueError, match=r"rollout.sleep_level\) must be 1 or 2"):
+        vllm_engine.VLLMRolloutEngine(path, sleep_level=3, skip_tokenizer_init=True)
+    with pytest.raises(ValueError, match=r"rollout.kv_cache_bytes\) must be > 0"):
+        vllm_engine.VLLMRolloutEngine(path, kv_cache_memory_bytes=0, skip_tokenizer_init=True)
+
+
+def test_kv_cache_bytes_without_vllm_support_is_a_clear_error(recording, monkeypatch):
+    import dataclasses as dc
+
+    from vllm.engine import arg_utils
+
+    path, _ = recording
+    real = dc.fields
+    monkeypatch.setattr(vllm_engine.dataclasses, "fields", lambda cls: [
+        f for f in real(cls) if not (cls is arg_utils.EngineArgs and f.name == "kv_cache_memory_bytes")])
+    with pytest.raises(ValueError, match=r"rollout.kv_cache_bytes in a training config\): vLLM .* has no such engine "
+                                         r"argument"):
+        vllm_engine.VLLMRolloutEngine(path, kv_cache_memory_bytes=1 << 30, skip_tokenizer_init=True)
+
+
+@pytest.mark.parametrize("visible, devices, expected", [
+    ("GPU-aaaa,GPU-bbbb,GPU-cccc,GPU-dddd", None, "GPU-bbbb"),  # rollout TP 1: the caller's GPU, a UUID
+    ("4,5,6,7", None, "5"),
+    ("GPU-aaaa,GPU-bbbb,GPU-cccc,GPU-dddd", ["GPU-cccc", "GPU-dddd"], "GPU-cccc,GPU-dddd"),
+])
+def test_separate_engine_process_sees_its_replicas_gpus(recording, monkeypatch, visible, devices, expected):
+    """The old code ran int() on the CUDA_VISIBLE_DEVICES entry (UUIDs failed) and pinned only rollout TP 1."""
+    path, _ = recording
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    engine = vllm_engine.VLLMRolloutEngine(path, tensor_parallel_size=1 if devices is None else len(devices),
+                                           separate_process=True, cuda_devices=devices, skip_tokenizer_init=True)
+    assert _RecordingLLM.calls[0][2] == expected == engine.cuda_devices
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == visible  # the trainer's own view is restored
+    from gift_megatron.rollout.placement import PlacementError
+
+    with pytest.raises(PlacementError, match="rollout.tensor_parallel_size=2 needs 2 GPUs"):
+        vllm_engine.VLLMRolloutEngine(path, tensor_parallel_size=2, separate_process=True, cuda_devices=["GPU-aaaa"],
+                                      skip_tokenizer_init=True)
+
+
+def test_sleep_level_2_wakes_weights_first_and_the_kv_cache_after_the_update(recording):
+    path, model = recording
+    engine = vllm_engine.VLLMRolloutEngine(path, enable_sleep_mode=True, sleep_level=2, skip_tokenizer_init=True)
+    assert _RecordingLLM.calls[0][1]["enable_sleep_mode"] is True
+    engine.sleep()
+    engine.wake()
+    calls = [(c[0], c[2]) for c in _RecordingLLM.calls[1:]]
+    assert calls == [("sleep", {"level": 2}), ("wake_up", {"tags": ["weights"]})]
+    with pytest.raises(RuntimeError, match="sleep level 2 dropped the engine's weights"):
+        engine.generate(PROMPTS, SamplingParams(temperature=0.0, max_tokens=2))
+    del _RecordingLLM.calls[1:]
+    engine.update_weights((n, p.detach()) for n, p in model.named_parameters())
+    names = [c[0] for c in _RecordingLLM.calls[1:]]
+    # the KV cache comes back only after the last bucket and the prefix-cache reset
+    assert names[-3:] == ["collective_rpc", "reset_prefix_cache", "wake_up"], names
+    assert _RecordingLLM.calls[-1][2] == {"tags": ["kv_cache"]}
+    assert not engine._weights_stale
+    # A save in the trainer sleeps at level 1 (weights kept): a plain wake follows, no update needed.
+    del _RecordingLLM.calls[1:]
+    engine.sleep(level=1)
+    engine.wake()
+    assert [(c[0], c[2]) for c in _RecordingLLM.calls[1:]] == [("sleep", {"level": 1}), ("wake_up", {})]
+    # Level 1 as the engine's own level: weights kept, one wake_up for everything.
+    engine1 = vllm_engine.VLLMRolloutEngine(path, enable_sleep_mode=True, sleep_level=1, skip_tokenizer_init=True)
+    engine1.sleep()
+    engine1.wake()
+    assert [(c[0], c[2]) for c in _RecordingLLM.calls[1:]] == [("sleep", {"level": 1}), ("wake_up", {})]
+
+
+def _factory_main(path: str) -> None:
+    """build_engine from a TrainConfig on the CPU build: rollout.kv_cache_bytes and enforce_eager reach vLLM's
+    own configuration (a fresh process: vLLM reads its environment once per process)."""
+    import types
+
+    from gift_megatron.config import TrainConfig
+    from gift_megatron.megatron.model import ModelConfig
+    from gift_megatron.rollout import build_engine
+
+    cfg = TrainConfig()
+    cfg.model = ModelConfig(num_layers=2, hidden_size=128, ffn_hidden_size=256, num_attention_heads=2,
+                            num_query_groups=1, vocab_size=256, seq_length=64)
+    cfg.rollout.engine, cfg.rollout.kv_cache_bytes, cfg.rollout.sleep_during_training = "vllm", 40 << 20, False
+    cfg.run.output_dir = path
+    engine = build_engine(cfg, types.SimpleNamespace(eos_id=1, pad_id=0, bos_id=None))
+    vc = engine.llm.llm_engine.vllm_config
+    assert vc.cache_config.kv_cache_memory_bytes == 40 << 20, vc.cache_config.kv_cache_memory_bytes
+    assert vc.model_config.enforce_eager is True
+    assert engine.sleep_level == 2
+    print("FACTORY OK", flush=True)
+
+
+@pytest.mark.timeout(300)
+def test_factory_passes_rollout_keys_to_a_real_engine(tmp_path):
+    import subprocess
+
+    pytest.importorskip("vllm")
+
+    run = subprocess.run([sys.executable, "-m", "tests.test_vllm_engine", "factory", str(tmp_path)],
+                         env=dict(os.environ, PYTHONPATH=os.getcwd()), capture_output=True, text=True, timeout=280)
+    assert run.returncode == 0 and "FACTORY OK" in run.stdout, (run.stdout + run.stderr)[-4000:]
+
+
+@pytest.mark.gpu
+@pytest.mark.timeout(600)
+def test_gpu_sleep_level_2_then_update_restores_the_model(tmp_path):
+    """Level 2 drops the weights; wake (weights only), a full update, then the KV cache: greedy equals HF."""
+    pytest.importorskip("vllm")
+    transformers = pytest.importorskip("transformers")
+    model = _tiny_llama_dir(tmp_path, transformers)
+    engine = vllm_engine.VLLMRolloutEngine(str(tmp_path), dtype="fp32", enable_sleep_mode=True, sleep_level=2,
+                                           gpu_memory_utilization=0.2, skip_tokenizer_init=True, max_model_len=128)
+    engine.update_weights((n, p.detach().cuda()) for n, p in model.named_parameters())
+    free_awake = torch.cuda.mem_get_info()[0]
+    engine.sleep()
+    assert torch.cuda.mem_get_info()[0] > free_awake
+    engine.wake()
+    engine.update_weights((n, p.detach().cuda()) for n, p in model.named_parameters())
+    _check_greedy(model, engine)
+
+
+if __name__ == "__main__":  # python -m tests.test_vllm_engine distributed|tp2|factory DIR (the subprocess tests)
+    {"distributed": _distributed_main, "tp2": _tp2_main, "factory": _factory_main}[sys.argv[1]](sys.argv[2])
 
 
 @pytest.mark.timeout(300)

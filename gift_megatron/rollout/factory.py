@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
@@ -22,8 +22,36 @@ def resolve_engine(name: str) -> str:
     return name
 
 
-def build_engine(cfg: Any, tokenizer: Any):
-    """A RolloutEngine for ``cfg`` (a TrainConfig) whose vocabulary is ``cfg.model.vocab_size``."""
+def engine_cuda_devices(cfg: Any, replica_ranks: Sequence[int] | None = None) -> list[str] | None:
+    """``CUDA_VISIBLE_DEVICES`` entries for this rank's vLLM engine: its data-parallel replica's GPUs on this
+    node (:mod:`gift_megatron.rollout.placement`), or None without CUDA (the CPU backend places nothing).
+
+    ``replica_ranks``: global ranks of the replica, this rank (its owner) first; default: Megatron's default
+    rank order for ``cfg.parallel`` on the torch.distributed world (a world of one without it).
+    """
+    from gift_megatron.rollout.placement import megatron_replica_ranks, replica_engine_devices
+
+    if not use_cuda():
+        return None
+    dist = torch.distributed
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+    if replica_ranks is None:
+        p = cfg.parallel
+        replica_ranks = megatron_replica_ranks(rank, world, p.tensor_model_parallel_size,
+                                               p.pipeline_model_parallel_size, p.context_parallel_size)
+    # torchrun's variables; without them (a world of one), this process's GPU among those it sees.
+    local_rank = int(os.environ["LOCAL_RANK"]) if "LOCAL_RANK" in os.environ else torch.cuda.current_device()
+    local_world = (int(os.environ["LOCAL_WORLD_SIZE"]) if "LOCAL_WORLD_SIZE" in os.environ
+                   else min(world, torch.cuda.device_count()))
+    return replica_engine_devices(replica_ranks, rank, local_rank, local_world, cfg.rollout.tensor_parallel_size,
+                                  os.environ.get("CUDA_VISIBLE_DEVICES"))
+
+
+def build_engine(cfg: Any, tokenizer: Any, replica_ranks: Sequence[int] | None = None):
+    """A RolloutEngine for ``cfg`` (a TrainConfig) whose vocabulary is ``cfg.model.vocab_size``.
+
+    ``replica_ranks``: the global ranks of this rank's data-parallel replica, this rank first (the vLLM engine
+    runs on their GPUs; see :func:`engine_cuda_devices`)."""
     from gift_megatron.checkpoint import hf_config_dict
 
     kind = resolve_engine(cfg.rollout.engine)
@@ -42,6 +70,8 @@ def build_engine(cfg: Any, tokenizer: Any):
         from gift_megatron.checkpoint.convert import write_hf_config
         from gift_megatron.rollout.vllm_engine import VLLMRolloutEngine
 
+        devices = engine_cuda_devices(cfg, replica_ranks)  # a rollout TP that does not fit: error before vLLM
+
         # vLLM builds its model from a directory holding the config. Prompts are token ids and EOS comes from
         # the config, so no tokenizer is needed there (and sentencepiece tokenizers could not be saved).
         os.makedirs(cfg.run.output_dir, exist_ok=True)
@@ -50,7 +80,8 @@ def build_engine(cfg: Any, tokenizer: Any):
         r = cfg.rollout
         return VLLMRolloutEngine(model_dir, tensor_parallel_size=r.tensor_parallel_size,
                                  gpu_memory_utilization=r.gpu_memory_utilization,
-                                 enable_sleep_mode=r.sleep_during_training, seed=cfg.run.seed,
-                                 dtype=cfg.precision.dtype, max_model_len=cfg.model.seq_length + 1,
-                                 skip_tokenizer_init=True)
+                                 enable_sleep_mode=r.sleep_during_training, sleep_level=r.sleep_level,
+                                 seed=cfg.run.seed, dtype=cfg.precision.dtype,
+                                 max_model_len=cfg.model.seq_length + 1, kv_cache_memory_bytes=r.kv_cache_bytes,
+                                 enforce_eager=r.enforce_eager, cuda_devices=devices, skip_tokenizer_init=True)
     raise ValueError(f"rollout.engine: unknown engine {kind!r} (auto, hf, vllm)")

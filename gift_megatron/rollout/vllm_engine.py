@@ -32,9 +32,17 @@ What is version-specific, and how it is handled:
   :class:`~gift_megatron.rollout.base.SamplingParams` specifies. "Processed" also includes top-p truncation:
   with top_p < 1 vLLM renormalises over the nucleus, which is not what the trainer computes, so top_p < 1
   is refused unless the engine is built with ``allow_truncated_logprobs=True``.
-* Sleep mode (colocated with training). ``enable_sleep_mode=True``; :meth:`sleep` is ``LLM.sleep(level=1)``
-  (weights offloaded to CPU memory, KV cache dropped), :meth:`wake` is ``LLM.wake_up()``. vLLM offers it
-  on CUDA and ROCm (XPU from 0.32), not on CPU: asking for it there is a clear error.
+* Sleep mode (colocated with training). ``enable_sleep_mode=True``; :meth:`sleep` is ``LLM.sleep(level)``.
+  Level 1 copies the weights to host memory and drops the KV cache; level 2 drops both. The trainer streams
+  new weights after every wake, so it uses level 2: level 1 would copy weights to the host and back only for
+  the update to overwrite them. After a level-2 sleep, :meth:`wake` brings back the weights' memory only
+  (``wake_up(tags=["weights"])``, from 0.10.2) and the KV cache is allocated once the update is complete, so
+  the update never has the KV cache and the incoming bucket on the GPU at once; :meth:`generate` before a
+  complete update is an error (the weights are garbage). vLLM offers sleep mode on CUDA and ROCm (XPU from
+  0.32), not on CPU: asking for it there is a clear error.
+* Placement. Inside a torch.distributed job the engine process sees the GPUs given by ``cuda_devices``
+  (:mod:`gift_megatron.rollout.placement` computes them from the replica's ranks); entries are passed on
+  verbatim, so GPU UUIDs and MIG ids work as well as indices.
 
 Names and shapes of the weight stream are checked against the architecture (built on the meta device from
 ``config.json`` with transformers) before anything reaches vLLM.
@@ -53,6 +61,7 @@ from typing import Iterable, Sequence
 
 import torch
 
+from gift_megatron.device import use_cuda
 from gift_megatron.rollout.base import Rollout, SamplingParams
 
 #: [low, high) of the vLLM versions this adapter supports.
@@ -300,10 +309,11 @@ def _environ(**values: str | None):
 
 
 def _physical_cuda_device(index: int) -> str:
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if visible:
-        return visible.split(",")[index].strip()
-    return str(index)
+    """The ``CUDA_VISIBLE_DEVICES`` entry of this process's GPU ordinal ``index``: an index, ``GPU-<uuid>`` or
+    ``MIG-<uuid>``, returned as written (never parsed as an integer)."""
+    from gift_megatron.rollout.placement import engine_devices, visible_devices
+
+    return engine_devices([index], 1, visible_devices(os.environ.get("CUDA_VISIBLE_DEVICES")))[0]
 
 
 class VLLMRolloutEngine:
@@ -318,13 +328,19 @@ class VLLMRolloutEngine:
         gpu_memory_utilization: vLLM's share of the GPU (weights + KV cache) while awake; on the CPU
             backend the share of CPU memory, used only when ``kv_cache_memory_bytes`` is not given.
         enable_sleep_mode: colocated with training (CUDA / ROCm): :meth:`sleep` frees the GPU memory.
+        sleep_level: 1 (weights kept in host memory) or 2 (weights dropped: every :meth:`wake` must be
+            followed by a complete :meth:`update_weights`, which the trainer does anyway).
         seed, dtype ("bf16" | "fp16" | "fp32" or vLLM's names), max_model_len: passed to ``vllm.LLM``.
-        kv_cache_memory_bytes: a fixed KV-cache size instead of a memory share (defaults to 256 MiB on the CPU
-            backend, where the share would be of the whole machine's memory).
+        kv_cache_memory_bytes: a fixed KV-cache size per GPU instead of a memory share (vLLM's argument of
+            that name; an installed vLLM without it is an error). Defaults to 256 MiB on the CPU backend,
+            where the share would be of the whole machine's memory.
+        enforce_eager: no CUDA graphs (default; graphs make decoding faster but take memory and start-up time).
         separate_process: run vLLM's engine core in its own process. Default: only inside a torch.distributed
             world of more than one rank (see the module docstring).
-        cuda_devices: physical GPU ids the separate engine process sees (default with rollout TP 1: the
-            caller's current GPU; with TP > 1: CUDA_VISIBLE_DEVICES unchanged, vLLM takes the first TP ones).
+        cuda_devices: ``CUDA_VISIBLE_DEVICES`` entries (indices, GPU or MIG UUIDs) the separate engine process
+            sees, at least ``tensor_parallel_size`` of them (the trainer passes its replica's GPUs,
+            :func:`gift_megatron.rollout.placement.replica_engine_devices`). Default with rollout TP 1: the
+            caller's current GPU; with TP > 1: CUDA_VISIBLE_DEVICES unchanged, vLLM takes the first TP ones.
         allow_truncated_logprobs: accept top_p < 1, with log-probs renormalised over the nucleus (vLLM's
             processed log-probs) instead of the trainer's untruncated ones.
         allow_untested_version: skip the version check.
@@ -332,11 +348,11 @@ class VLLMRolloutEngine:
     """
 
     def __init__(self, model_dir: str, *, tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.5,
-                 enable_sleep_mode: bool = False, seed: int = 0, dtype: str = "bf16",
+                 enable_sleep_mode: bool = False, sleep_level: int = 1, seed: int = 0, dtype: str = "bf16",
                  max_model_len: int | None = None, kv_cache_memory_bytes: int | None = None,
-                 load_weights_from_dir: bool = False, separate_process: bool | None = None,
-                 cuda_devices: Sequence[int] | None = None, allow_truncated_logprobs: bool = False,
-                 allow_untested_version: bool = False, **extra) -> None:
+                 enforce_eager: bool = True, load_weights_from_dir: bool = False,
+                 separate_process: bool | None = None, cuda_devices: Sequence[int | str] | None = None,
+                 allow_truncated_logprobs: bool = False, allow_untested_version: bool = False, **extra) -> None:
         vllm = import_vllm(allow_untested_version)
         from vllm.engine.arg_utils import EngineArgs
         from vllm.platforms import current_platform
@@ -358,22 +374,37 @@ class VLLMRolloutEngine:
                                    "loading")
         if not 0 < gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
+        if sleep_level not in (1, 2):
+            raise ValueError(f"sleep_level (rollout.sleep_level) must be 1 or 2, got {sleep_level}")
+        if cuda_devices is not None and len(cuda_devices) < tensor_parallel_size:
+            from gift_megatron.rollout.placement import PlacementError
+
+            raise PlacementError(f"cuda_devices {list(cuda_devices)}: rollout.tensor_parallel_size="
+                                 f"{tensor_parallel_size} needs {tensor_parallel_size} GPUs")
         if "worker_extension_cls" in extra:
             raise ValueError("worker_extension_cls is set by VLLMRolloutEngine (weight updates)")
         fields = {f.name for f in dataclasses.fields(EngineArgs)}
         kwargs = dict(model=model_dir, tensor_parallel_size=tensor_parallel_size, seed=seed,
                       dtype={"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}.get(dtype, dtype),
                       load_format="auto" if load_weights_from_dir else "dummy",
-                      gpu_memory_utilization=gpu_memory_utilization, enforce_eager=True,
+                      gpu_memory_utilization=gpu_memory_utilization, enforce_eager=bool(enforce_eager),
                       worker_extension_cls=EXTENSION)
         if enable_sleep_mode:
             kwargs["enable_sleep_mode"] = True
         if max_model_len:
             kwargs["max_model_len"] = max_model_len
-        if kv_cache_memory_bytes is None and on_cpu:
-            kv_cache_memory_bytes = 256 << 20
-        if kv_cache_memory_bytes is not None and "kv_cache_memory_bytes" in fields:
+        if kv_cache_memory_bytes is not None:
+            if "kv_cache_memory_bytes" not in fields:
+                raise ValueError(f"kv_cache_memory_bytes (rollout.kv_cache_bytes in a training config): vLLM "
+                                 f"{self.version} has no such engine argument; size the KV cache with "
+                                 "rollout.gpu_memory_utilization instead, or install a vLLM that has it")
+            if int(kv_cache_memory_bytes) <= 0:
+                raise ValueError(f"kv_cache_memory_bytes (rollout.kv_cache_bytes) must be > 0, got "
+                                 f"{kv_cache_memory_bytes}")
             kwargs["kv_cache_memory_bytes"] = int(kv_cache_memory_bytes)
+        elif on_cpu and "kv_cache_memory_bytes" in fields:
+            # The CPU backend's share would be of the whole machine's memory.
+            kwargs["kv_cache_memory_bytes"] = 256 << 20
         self.processed_logprobs = "logprobs_mode" in fields
         if self.processed_logprobs:
             kwargs["logprobs_mode"] = "processed_logprobs"
@@ -384,11 +415,13 @@ class VLLMRolloutEngine:
             separate_process = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
         self.separate_process = bool(separate_process)
         env: dict[str, str | None] = {"VLLM_ENABLE_V1_MULTIPROCESSING": "1" if self.separate_process else "0"}
-        if self.separate_process and torch.cuda.is_available():
+        if self.separate_process and use_cuda():
             if cuda_devices is None and tensor_parallel_size == 1:
-                cuda_devices = [int(_physical_cuda_device(torch.cuda.current_device()))]
+                cuda_devices = [_physical_cuda_device(torch.cuda.current_device())]
             if cuda_devices is not None:
-                env["CUDA_VISIBLE_DEVICES"] = ",".join(str(d) for d in cuda_devices)
+                env["CUDA_VISIBLE_DEVICES"] = ",".join(str(d).strip() for d in cuda_devices)
+        self.cuda_devices = env.get("CUDA_VISIBLE_DEVICES")
+        self.kwargs = dict(kwargs)  # what vllm.LLM was started with (the tests read it)
         with _environ(**env):  # read while the engine starts (and inherited by its processes)
             self.llm = vllm.LLM(**kwargs)
         core = getattr(self.llm.llm_engine, "engine_core", None)
@@ -404,7 +437,10 @@ class VLLMRolloutEngine:
             for path in remove_stale_segments():
                 log.warning("removed %s, a weight bucket left by a process that no longer runs", path)
         self.sleep_mode = enable_sleep_mode
+        self.sleep_level = sleep_level
         self.asleep = False
+        self._kv_cache_asleep = False  # after a level-2 wake, until the weight update is complete
+        self._weights_stale = False  # a level-2 sleep dropped the weights and no complete update followed
 
     @staticmethod
     def _expected_tensors(model_dir: str) -> dict[str, tuple[int, ...]]:
@@ -440,6 +476,10 @@ class VLLMRolloutEngine:
                 raise ValueError(f"prompts[{index}] is empty")
         if self.asleep:
             raise RuntimeError("generate: the vLLM engine is asleep; call wake() first")
+        if self._weights_stale:
+            raise RuntimeError("generate: sleep level 2 dropped the engine's weights; call update_weights() with "
+                               "every weight after wake() (or use sleep_level=1)")
+        self._wake_kv_cache()
         greedy = params.temperature == 0
         if not self.processed_logprobs and params.temperature not in (0.0, 1.0):
             raise ValueError(f"vLLM {self.version} reports raw log-probs only (log softmax of the unscaled "
@@ -542,9 +582,13 @@ class VLLMRolloutEngine:
             if started:
                 self.llm.collective_rpc("gift_finish_update")
                 self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
-            if self._cuda_ipc and torch.cuda.is_available():
+            if self._cuda_ipc and use_cuda():
                 torch.cuda.ipc_collect()
+            if started and not failed:
+                self._wake_kv_cache()  # after the buckets are gone: never both on the GPU at once
         missing = [n for n in self._expected if n not in seen]
+        if not missing and not failed:
+            self._weights_stale = False
         if missing and not failed:
             raise ValueError(f"update_weights: the stream had no tensor for {missing[:5]}"
                              f"{' ...' if len(missing) > 5 else ''} ({len(missing)} of {len(self._expected)}); "
@@ -552,13 +596,31 @@ class VLLMRolloutEngine:
 
     # -- colocated training ----------------------------------------------------------------------------------
 
-    def sleep(self) -> None:
-        """Level 1: weights to CPU memory, KV cache dropped (no-op without sleep mode)."""
+    def sleep(self, level: int | None = None) -> None:
+        """Free the engine's GPU memory (no-op without sleep mode): ``level`` (default ``sleep_level``) 1 keeps
+        the weights in host memory, 2 drops them. The KV cache is dropped either way."""
         if self.sleep_mode and not self.asleep:
-            self.llm.sleep(level=1)
+            level = self.sleep_level if level is None else level
+            if level not in (1, 2):
+                raise ValueError(f"sleep level must be 1 or 2, got {level}")
+            self._wake_kv_cache()  # only after a failed update: vLLM sleeps from a whole engine
+            self.llm.sleep(level=level)
             self.asleep = True
+            self._kv_cache_asleep = False
+            self._weights_stale = self._weights_stale or level == 2
 
     def wake(self) -> None:
+        """Reacquire the memory. After a level-2 sleep only the weights' memory comes back here: the KV cache
+        follows once :meth:`update_weights` has loaded every weight (or at the next :meth:`generate`)."""
         if self.sleep_mode and self.asleep:
-            self.llm.wake_up()
+            if self._weights_stale:
+                self.llm.wake_up(tags=["weights"])
+                self._kv_cache_asleep = True
+            else:
+                self.llm.wake_up()
             self.asleep = False
+
+    def _wake_kv_cache(self) -> None:
+        if self._kv_cache_asleep:
+            self.llm.wake_up(tags=["kv_cache"])
+            self._kv_cache_asleep = False

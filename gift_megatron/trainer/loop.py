@@ -115,7 +115,9 @@ class Trainer:
         watch_launcher()  # under torchrun: exit when it dies (run_dir.py; no-op when the CLI started it)
         init_distributed(cfg)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
-        self.dp = check_world_size(cfg, self.world)  # before anything heavy: a clear error
+        # Before anything heavy: a clear error (with CUDA also when a replica's engine would not fit its GPUs).
+        gpus_per_node = int(os.environ.get("LOCAL_WORLD_SIZE", "0") or 0) if use_cuda() else None
+        self.dp = check_world_size(cfg, self.world, gpus_per_node=gpus_per_node or None)
         # One writer per run directory, taken before anything is written there (run_dir.py).
         self.run_lock = lock_run_dir(cfg.run.output_dir, self.rank)
         ps = _ps()
@@ -136,6 +138,14 @@ class Trainer:
         self.step = 0
         self.consumed = 0
         self._resume()
+        from gift_megatron.config import offload_enabled
+        from gift_megatron.megatron.offload import TrainingStateOffloader
+
+        # Gradient buffers and optimizer state live in host memory while the engine is awake (it measures the
+        # free memory when it starts, so they go before it is built).
+        self.states = TrainingStateOffloader(self.model, self.optimizer, enabled=offload_enabled(cfg),
+                                             group=self.replica_group)
+        self.states.before_engine_wakes()
         self.engine = self._build_engine() if self.owner else None
         self.sync_weights()
         if self.rank == 0:
@@ -275,20 +285,24 @@ class Trainer:
     def save(self) -> None:
         from gift_megatron.megatron import save_checkpoint
 
-        save_checkpoint(self.ckpt_dir, self.step, self.model, self.optimizer, self.scheduler,
-                        data_state={"consumed": self.consumed}, keep_last=self.cfg.run.keep_last)
+        with self.states.onloaded(self.engine):  # the save reads the optimizer state on the GPU
+            save_checkpoint(self.ckpt_dir, self.step, self.model, self.optimizer, self.scheduler,
+                            data_state={"consumed": self.consumed}, keep_last=self.cfg.run.keep_last)
 
     # --------------------------------------------------------------------------------------- rollout
     def _build_engine(self):
         from gift_megatron.rollout import build_engine
 
-        return build_engine(self.cfg, self.tokenizer)
+        # The replica's ranks, this (owner) rank first: the engine runs on their GPUs.
+        ranks = dist.get_process_group_ranks(self.replica_group) if self.replica_group is not None else [self.rank]
+        return build_engine(self.cfg, self.tokenizer, replica_ranks=[self.rank] + [r for r in ranks if r != self.rank])
 
     def sync_weights(self) -> None:
         """Stream the replica's current weights (full HF tensors, gathered over TP and PP) into its engine.
         Collective over the replica; only the owner receives tensors."""
         from gift_megatron.checkpoint import iter_hf_weights
 
+        self.states.before_engine_wakes()  # offload, empty the CUDA cache, the replica in step
         buckets = iter_hf_weights(self.model, self.cfg.model, bucket_bytes=self.cfg.rollout.sync_bucket_mb << 20,
                                   dst_rank=self.owner_rank)
         if self.engine is None:
@@ -351,6 +365,7 @@ class Trainer:
         members = [m for m in all_members if m.kind != "rollout" or self.n_rollout]
         if self.engine is not None and cfg.rollout.sleep_during_training:
             self.engine.sleep()
+        self.states.after_engine_sleeps()  # states back on the GPU once the owner's engine is asleep
 
         batch = pack(members, cfg.model.seq_length, self.tokenizer.pad_id)
         # Moved to the model's device once, with reference and old-policy log-probs computed once for the
