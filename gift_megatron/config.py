@@ -109,20 +109,19 @@ class DataConfig:
 class RolloutConfig:
     """engine: ``hf`` (transformers generate, CPU default), ``vllm`` (GPU default) or ``auto``.
     n: on-policy responses per prompt (GFT's n_rollout).
-
-    vLLM only (docs/rollout.md, docs/cluster.md):
-
-    - tensor_parallel_size: the rollout TP; each data-parallel replica's engine runs on that replica's own
-      GPUs, so it must be <= the replica's GPUs on a node (TP x PP x CP ranks there).
-    - gpu_memory_utilization: the engine's share of a GPU's memory (weights, activations, KV cache) while
-      awake. kv_cache_bytes: a fixed KV-cache size per GPU instead (vLLM's ``kv_cache_memory_bytes``); then the
-      share is not used.
-    - sleep_during_training: the colocated engine frees its GPU memory while the trainer trains.
-      sleep_level: 2 drops the engine's weights while asleep (every wake is followed by a weight update, so
-      copying them to the host, level 1, is wasted work), 1 keeps them in host memory.
-    - offload_training_states: gradient buffers and optimizer state go to host memory while the engine is
-      awake (:mod:`gift_megatron.megatron.offload`). None: on when the engine shares the GPUs (vLLM on CUDA).
-    - enforce_eager: no CUDA graphs in vLLM (False: faster decoding, more memory and start-up time).
+    The next keys are for vLLM only (docs/rollout.md, docs/cluster.md).
+    tensor_parallel_size: the rollout TP; each data-parallel replica's engine runs on that replica's own
+    GPUs, so it must be <= the replica's GPUs on a node (TP x PP x CP ranks there).
+    gpu_memory_utilization: the engine's share of a GPU's memory (weights, activations, KV cache) while
+    awake.
+    kv_cache_bytes: a fixed KV-cache size per GPU instead (vLLM's ``kv_cache_memory_bytes``); then
+    gpu_memory_utilization is not used.
+    sleep_during_training: the colocated engine frees its GPU memory while the trainer trains.
+    sleep_level: 2 drops the engine's weights while asleep (every wake is followed by a weight update, so
+    copying them to the host, level 1, is wasted work), 1 keeps them in host memory.
+    offload_training_states: gradient buffers and optimizer state go to host memory while the engine is
+    awake (:mod:`gift_megatron.megatron.offload`). None: on when the engine shares the GPUs (vLLM on CUDA).
+    enforce_eager: no CUDA graphs in vLLM (False: faster decoding, more memory and start-up time).
     temperature: sampling temperature (0: greedy); the trainer's log-probs use the same temperature.
     top_p: nucleus sampling, in (0, 1]. max_tokens: most new tokens per response.
     sync_bucket_mb: size of the buckets in which updated weights are streamed to the rollout engine (MiB).
