@@ -62,7 +62,7 @@ BUDGET_S = 450
 # The dry run's budget: its shapes are tiny, but on a loaded shared 2-core machine imports alone can take
 # minutes; it guards against hangs, not against slowness.
 DRY_BUDGET_S = 900
-MIN_STAGE_S = 5  # a stage given less than this is skipped: it could not even import torch
+MIN_STAGE_S = 5  # with less than this left of the budget a stage is skipped: it could not even import torch
 SYNC_WARNING = "called a synchronizing CUDA operation"
 
 # What the GPU machine lacks, carried as wheels at the versions the CPU stack pins (constraints/dev-py312.txt):
@@ -287,7 +287,8 @@ def stage_setup(res: StageResult, ctx: Context) -> None:
 
     res.add("python / torch", f"Python {platform.python_version()}, torch {torch.__version__}, "
                               f"CUDA {torch.version.cuda}, transformers {transformers.__version__}")
-    res.add("megatron-core", f"{megatron.core.__version__} from {os.path.dirname(os.path.dirname(megatron.core.__file__))}")
+    res.add("megatron-core", f"{megatron.core.__version__} from "
+                             f"{os.path.dirname(os.path.dirname(os.path.dirname(megatron.core.__file__)))}")
     absent = [m for m in ("transformer_engine", "vllm", "apex") if importlib.util.find_spec(m) is None]
     present = [m for m in ("transformer_engine", "vllm", "apex") if m not in absent]
     res.add("not installed", ", ".join(absent) + (f"; installed: {', '.join(present)}" if present else ""))
@@ -714,7 +715,7 @@ def run_stages(stages: list[Stage], budget: float, env: dict, workdir: str,
         left = budget - (time.monotonic() - start)
         timeout = min(stage.timeout, left)
         print(f"[{time.monotonic() - start:6.1f} s] {stage.name}: running (timeout {max(timeout, 0):.0f} s)", flush=True)
-        if timeout < MIN_STAGE_S:
+        if left < MIN_STAGE_S:
             result = {"name": stage.name, "status": "SKIPPED", "seconds": 0.0, "timeout": round(max(timeout, 0), 1),
                       "rows": [], "error": f"the check's {budget:.0f} s budget is spent", "log_tail": []}
         else:
