@@ -67,10 +67,10 @@ ITEMSIZE = {"bf16": 2, "fp16": 2, "fp32": 4}
 # Default shapes: on a GPU the real one (16k tokens of a Qwen2.5-sized, 128-padded 152064 vocabulary); on CPU
 # one that the 2-core machine measures in about a minute.
 DEFAULT_SHAPE = {"cuda": (16384, 152064), "cpu": (8192, 32768)}
-# Nominal HBM bandwidth (bytes/s) from the vendors' data sheets, matched against torch's device name; only
-# printed beside the measured peak, which is what the bound uses.
+# Nominal HBM bandwidth (bytes/s) from the vendors' data sheets, matched in this order (more specific names
+# first) against torch's device name; only printed beside the measured peak, which is what the bound uses.
 NOMINAL_BANDWIDTH = (
-    ("H100 PCIe", 2.0e12), ("H100 NVL", 3.9e12), ("H100", 3.35e12), ("H200", 4.8e12), ("GH200", 4.0e12),
+    ("H100 PCIe", 2.0e12), ("H100 NVL", 3.9e12), ("H100", 3.35e12), ("GH200", 4.0e12), ("H200", 4.8e12),
     ("A100-SXM4-80GB", 2.039e12), ("A100 80GB PCIe", 1.935e12), ("A100", 1.555e12), ("B200", 8.0e12),
 )
 

@@ -249,7 +249,7 @@ class Context:
     site: str
 
 
-def _run_child(cmd: list[str], what: str) -> int:
+def _run_child(cmd: list[str]) -> int:
     """A child process whose output goes to the stage's log (inherited stdout); returns its exit code."""
     print("$ " + " ".join(cmd), flush=True)
     return subprocess.run(cmd, cwd=ROOT).returncode
@@ -265,7 +265,7 @@ def stage_setup(res: StageResult, ctx: Context) -> None:
         t = time.perf_counter()
         cmd = [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
                "--no-cache-dir", "--upgrade", "--target", ctx.site, *wheels]
-        if _run_child(cmd, "pip install"):
+        if _run_child(cmd):
             raise RuntimeError(f"pip install of {len(wheels)} wheels into {ctx.site} failed (see the log)")
         names = ", ".join("{} {}".format(*_wheel_project(w)) for w in wheels)
         res.add("wheels", f"{names} into {ctx.site} ({time.perf_counter() - t:.1f} s)")
@@ -336,7 +336,7 @@ def stage_gpu_tests(res: StageResult, ctx: Context) -> None:
         return
     xml = os.path.join(ctx.workdir, "gpu_tests.xml")
     rc = _run_child([sys.executable, "-m", "pytest", "-m", "gpu", *files, f"--junitxml={xml}", "-o",
-                     "junit_family=xunit2", "-q"], "pytest")
+                     "junit_family=xunit2", "-q"])
     if not os.path.exists(xml):
         raise RuntimeError(f"pytest exited with code {rc} and wrote no JUnit XML (see the log)")
     r = parse_junit(xml)
@@ -367,9 +367,16 @@ class SyncCounter:
         import warnings
 
         self._saved = warnings.showwarning
-        # "always": the default filter shows a warning once per source line, and every sync must count.
-        warnings.filterwarnings("always", message=re.escape(SYNC_WARNING))
+        self.refresh_filter()
         warnings.showwarning = self._show
+
+    @staticmethod
+    def refresh_filter() -> None:
+        """Put the "always" filter first. The default one shows a warning once per source line, and every sync
+        must count; called again at every step because a module imported later may put an "ignore" first."""
+        import warnings
+
+        warnings.filterwarnings("always", message=re.escape(SYNC_WARNING))
 
     def uninstall(self) -> None:
         import warnings
@@ -500,6 +507,7 @@ def stage_trainer(res: StageResult, ctx: Context) -> None:
         original_step = trainer.train_one_step
 
         def counted_step():
+            counter.refresh_filter()
             before = collections.Counter(counter.counts)
             if cuda:
                 torch.cuda.reset_peak_memory_stats()
@@ -567,7 +575,7 @@ def stage_logprobs(res: StageResult, ctx: Context) -> None:
     out = os.path.join(ctx.workdir, "logprobs.json")
     mode = "cpu-dry" if ctx.dry else "gpu"
     rc = _run_child([sys.executable, os.path.join(ROOT, "benchmarks", "logprobs.py"), *LOGPROBS_ARGS[mode],
-                     "--json", out], "logprobs")
+                     "--json", out])
     if rc or not os.path.exists(out):
         raise RuntimeError(f"benchmarks/logprobs.py exited with code {rc} (see the log)")
     with open(out) as fh:
@@ -593,8 +601,7 @@ def stage_logprobs(res: StageResult, ctx: Context) -> None:
 def stage_step(res: StageResult, ctx: Context) -> None:
     out = os.path.join(ctx.workdir, "step.json")
     mode = "cpu-dry" if ctx.dry else "gpu"
-    rc = _run_child([sys.executable, os.path.join(ROOT, "benchmarks", "step.py"), *STEP_ARGS[mode], "--json", out],
-                    "step")
+    rc = _run_child([sys.executable, os.path.join(ROOT, "benchmarks", "step.py"), *STEP_ARGS[mode], "--json", out])
     if not os.path.exists(out):
         raise RuntimeError(f"benchmarks/step.py exited with code {rc} and wrote no results (see the log)")
     with open(out) as fh:
@@ -762,6 +769,16 @@ def _write_outputs(out_dir: str | None, results: list[dict], meta: dict, title: 
     return table
 
 
+def _git_commit() -> str | None:
+    """The checkout's commit, or None: the device machine gets the working tree, maybe without .git or git."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                             timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None
+
+
 def build_stages(mode: str, names: list[str], workdir: str, site: str) -> list[Stage]:
     common = ["--workdir", workdir, "--site", site] + (["--dry"] if mode == "cpu-dry" else [])
     return [Stage(n, [sys.executable, os.path.abspath(__file__), "--stage", n, "--result", "{result}", *common],
@@ -793,8 +810,7 @@ def run_check(args: argparse.Namespace) -> int:
     out_dir = args.out or os.environ.get("OUT")
     started = datetime.datetime.now(datetime.timezone.utc)
     meta = {"mode": mode, "started_utc": started.isoformat(timespec="seconds"), "budget_s": args.budget,
-            "git": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                                  text=True).stdout.strip() or None}
+            "git": _git_commit()}
     t0 = time.monotonic()
 
     def title(done: bool) -> str:
