@@ -360,6 +360,7 @@ class SyncCounter:
     def __init__(self) -> None:
         self.counts: collections.Counter = collections.Counter()
         self.sites: collections.Counter = collections.Counter()
+        self.owners: collections.Counter = collections.Counter()
         self.current = "outside"
         self._saved: Any = None
 
@@ -388,7 +389,9 @@ class SyncCounter:
     def _show(self, message, category, filename, lineno, file=None, line=None):
         if SYNC_WARNING in str(message):
             self.counts[self.current] += 1
+            filename, lineno = _caller_outside_torch(filename, lineno)
             self.sites[f"{_short_path(filename)}:{lineno}"] += 1
+            self.owners[_owner(filename)] += 1
             return
         self._saved(message, category, filename, lineno, file, line)
 
@@ -401,6 +404,32 @@ class SyncCounter:
             self.current = previous
 
 
+def _caller_outside_torch(filename: str, lineno: int) -> tuple[str, int]:
+    """The first frame on the stack outside torch, the warnings module and this file: whose code asked for
+    the sync (a warning raised inside torch's own Python code names a torch line otherwise)."""
+    skip = [os.path.abspath(__file__), os.path.dirname(os.path.abspath(__import__("warnings").__file__))
+            + os.sep + "warnings.py"]
+    torch_module = sys.modules.get("torch")
+    if torch_module is not None:
+        skip.append(os.path.dirname(os.path.abspath(torch_module.__file__)) + os.sep)
+    frame = sys._getframe(1)
+    while frame is not None:
+        path = os.path.abspath(frame.f_code.co_filename)
+        if not any(path == s or (s.endswith(os.sep) and path.startswith(s)) for s in skip):
+            return path, frame.f_lineno
+        frame = frame.f_back
+    return filename, lineno
+
+
+def _owner(filename: str) -> str:
+    path = filename.replace(os.sep, "/")
+    for marker, owner in (("/gift_megatron/", "gift_megatron"), ("/megatron/core/", "megatron-core"),
+                          ("/transformers/", "transformers")):
+        if marker in path:
+            return owner
+    return "other"
+
+
 def _short_path(filename: str) -> str:
     for marker in ("/site-packages/", "/tmp/site/", ROOT + "/"):
         if marker in filename:
@@ -408,9 +437,16 @@ def _short_path(filename: str) -> str:
     return filename
 
 
+# The ObjectiveStep methods that prepare a step's micro-batches (moving them to the device and running the
+# reference / old-policy log-prob passes): ``prepare`` in the current trainer, ``_fill_reference_logprobs``
+# in earlier ones. Their syncs are the "prepare" phase.
+PREPARE_METHODS = ("prepare", "_fill_reference_logprobs")
+STEP_PHASES = ("rollout", "prepare", "update", "metrics", "weight sync", "other")
+
+
 class _PhaseProxy:
-    """Stands in for the trainer's ObjectiveStep: its call is the update phase, its reference / old-policy
-    pass the logprob phase; everything else is forwarded unchanged."""
+    """Stands in for the trainer's ObjectiveStep: its call is the "update" phase, its PREPARE_METHODS the
+    "prepare" phase; every other attribute is the step's own."""
 
     def __init__(self, target: Any, counter: SyncCounter) -> None:
         self._target, self._counter = target, counter
@@ -419,15 +455,17 @@ class _PhaseProxy:
         with self._counter.phase("update"):
             return self._target(*args, **kwargs)
 
-    def _fill_reference_logprobs(self, *args, **kwargs):
-        with self._counter.phase("logprob passes"):
-            return self._target._fill_reference_logprobs(*args, **kwargs)
-
     def __getattr__(self, name: str):
-        return getattr(self._target, name)
+        attr = getattr(self._target, name)
+        if name not in PREPARE_METHODS or not callable(attr):
+            return attr
 
+        @functools.wraps(attr)
+        def wrapped(*args, **kwargs):
+            with self._counter.phase("prepare"):
+                return attr(*args, **kwargs)
 
-STEP_PHASES = ("rollout", "logprob passes", "update", "metrics", "weight sync", "other")
+        return wrapped
 
 
 def _instrument(trainer: Any, counter: SyncCounter, timings: dict, missing: list) -> None:
@@ -457,10 +495,13 @@ def _instrument(trainer: Any, counter: SyncCounter, timings: dict, missing: list
     wrap("sync_weights", "weight sync")
     wrap("evaluate", "eval")
     wrap("save", "checkpoint")
-    if hasattr(getattr(trainer, "train_step", None), "_fill_reference_logprobs"):
-        trainer.train_step = _PhaseProxy(trainer.train_step, counter)
-    else:
-        missing.append("train_step._fill_reference_logprobs")
+    step = getattr(trainer, "train_step", None)
+    if step is None:
+        missing.append("train_step")
+        return
+    if not any(hasattr(step, m) for m in PREPARE_METHODS):
+        missing.append(f"train_step.{'/'.join(PREPARE_METHODS)}")
+    trainer.train_step = _PhaseProxy(step, counter)
 
 
 def _gib(n: float) -> str:
@@ -561,6 +602,7 @@ def stage_trainer(res: StageResult, ctx: Context) -> None:
         res.add("host syncs/step", f"{statistics.median(per_step):.0f} median ({min(per_step)}-{max(per_step)}): "
                 + ", ".join(f"{p} {v:.0f}" for p, v in by_phase.items())
                 + f"; eval {counter.counts['eval'] / evals:.0f} a call; checkpoint {counter.counts['checkpoint']}")
+        res.add("sync owners", ", ".join(f"{o} {n}" for o, n in counter.owners.most_common()) or "none")
         res.add("top sync sites", "; ".join(f"{site} x{n}" for site, n in counter.sites.most_common(6)) or "none")
     else:
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -804,6 +846,9 @@ def run_check(args: argparse.Namespace) -> int:
     site = GPU_SITE if mode == "gpu" else os.path.join(workdir, "site")
     env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
     env["PYTHONPATH"] = os.pathsep.join(p for p in (site, ROOT, os.environ.get("PYTHONPATH")) if p)
+    # gift_megatron decides CPU or CUDA from GIFT_MEGATRON_DEVICE (auto by default), and the test suite runs
+    # the gpu-marked tests only in a process where it is cuda: every stage gets the mode's value.
+    env["GIFT_MEGATRON_DEVICE"] = "cpu" if mode == "cpu-dry" else "cuda"
     if mode == "cpu-dry":
         env["CUDA_VISIBLE_DEVICES"] = ""  # the dry run is a CPU run, also on a machine with a GPU
         env.setdefault("OMP_NUM_THREADS", "1")

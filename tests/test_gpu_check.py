@@ -173,13 +173,53 @@ def test_sync_warnings_are_counted_per_phase_and_site_and_others_pass_through():
                 for _ in range(3):  # one source line, three syncs: all must count
                     warnings.warn(gc.SYNC_WARNING)
                 with counter.phase("metrics"):
-                    warnings.warn(gc.SYNC_WARNING)
+                    # As torch reports a sync met inside its own Python code: the site is whoever called it.
+                    import torch
+
+                    warnings.warn_explicit(gc.SYNC_WARNING, UserWarning, torch.__file__, 1)
             warnings.warn("an unrelated warning")
         finally:
             counter.uninstall()
     assert counter.counts == {"update": 3, "metrics": 1}
     assert sum(counter.sites.values()) == 4 and all("test_gpu_check.py:" in s for s in counter.sites)
+    assert counter.owners == {"other": 4}
     assert [str(w.message) for w in seen] == ["an unrelated warning"]
+
+
+def test_the_trainer_step_proxy_counts_prepare_and_update_and_forwards_the_rest():
+    class FakeStep:
+        device = "cuda:0"
+
+        def prepare(self, mbs):
+            warnings.warn(gc.SYNC_WARNING)
+            return mbs
+
+        def __call__(self, mbs, prepared=False):
+            warnings.warn(gc.SYNC_WARNING)
+            warnings.warn(gc.SYNC_WARNING)
+            return prepared
+
+    class FakeTrainer:
+        def __init__(self):
+            self.train_step = FakeStep()
+
+        def sync_weights(self):
+            warnings.warn(gc.SYNC_WARNING)
+
+    counter, timings, missing = gc.SyncCounter(), {}, []
+    trainer = FakeTrainer()
+    gc._instrument(trainer, counter, timings, missing)
+    counter.install()
+    try:
+        assert trainer.train_step.prepare([1]) == [1]
+        assert trainer.train_step([1], prepared=True) is True
+        trainer.sync_weights()
+    finally:
+        counter.uninstall()
+    assert trainer.train_step.device == "cuda:0"
+    assert counter.counts == {"prepare": 1, "update": 2, "weight sync": 1}
+    assert set(missing) == {"_rollout", "_kl_to_reference", "_rollout_gap", "evaluate", "save"}
+    assert len(timings["weight sync"]) == 1
 
 
 def test_prepare_finds_every_requirement_on_the_machine_or_among_the_carried_wheels():
