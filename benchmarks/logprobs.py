@@ -295,6 +295,9 @@ class _WorkerProcess:
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
         if args.omp_wait_policy != "inherit":
             env["OMP_WAIT_POLICY"] = args.omp_wait_policy.upper()
+        # gift_megatron decides CPU or CUDA in one place (GIFT_MEGATRON_DEVICE, where the package has it); its
+        # CPU runtime (Megatron's TP=1 state in the megatron worker) must agree with --device on a GPU host too.
+        env["GIFT_MEGATRON_DEVICE"] = "cuda" if args.device.startswith("cuda") else "cpu"
         cmd = [
             sys.executable, os.path.abspath(__file__), "--worker", impl, "--tokens", str(args.tokens),
             "--vocab", str(args.vocab), "--dtype", args.dtype, "--chunk", str(args.chunk),

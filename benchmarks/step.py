@@ -175,6 +175,9 @@ def main(argv=None):
         if getattr(args, k) is None:
             setattr(args, k, v)
     device = torch.device("cuda", torch.cuda.current_device()) if args.device == "cuda" else torch.device("cpu")
+    # gift_megatron decides CPU or CUDA in one place (GIFT_MEGATRON_DEVICE, where the package has it): it must
+    # agree with this run's device, also for a CPU run on a GPU host. Set before any gift_megatron import.
+    os.environ["GIFT_MEGATRON_DEVICE"] = device.type
     torch.set_num_threads(args.threads)
     with socket.socket() as s:  # a free port: another process on this machine may hold a fixed one
         s.bind(("127.0.0.1", 0))
