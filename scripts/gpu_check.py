@@ -96,9 +96,10 @@ typing-extensions typing-inspect urllib3 uvloop wadler-lindig werkzeug wheel wra
 pyparsing pyproject-hooks
 """.split())
 
-# Stage timeouts (seconds) on the GPU and in the CPU dry run. GPU: 40 + 75 + 150 + 90 + 80 = 435 <= BUDGET_S.
+# Stage timeouts (seconds) on the GPU and in the CPU dry run. GPU: 30 + 110 + 140 + 85 + 75 = 440 <= BUDGET_S.
+# gpu-tests gets the most after the trainer: each test that starts ranks or a trainer pays its own imports.
 TIMEOUTS = {
-    "gpu": {"setup": 40, "gpu-tests": 75, "trainer": 150, "logprobs": 90, "step": 80},
+    "gpu": {"setup": 30, "gpu-tests": 110, "trainer": 140, "logprobs": 85, "step": 75},
     # Generous: on a loaded shared 2-core machine the dry run's imports alone took minutes (logprobs: 100 s).
     "cpu-dry": {"setup": 120, "gpu-tests": 150, "trainer": 240, "logprobs": 240, "step": 240},
 }
@@ -248,6 +249,7 @@ class Context:
     dry: bool
     workdir: str
     site: str
+    deadline: float | None = None  # time.time() at which the driver kills this stage
 
 
 def _run_child(cmd: list[str]) -> int:
@@ -330,17 +332,58 @@ def parse_junit(path: str) -> dict[str, Any]:
     return out
 
 
+def parse_verbose(text: str) -> tuple[dict[str, list], str | None]:
+    """Outcomes so far from ``pytest -v`` output, and the test it was running (None when between tests):
+    what is left of a run stopped at the stage's deadline, which never writes its JUnit XML."""
+    out: dict[str, list] = {"passed": [], "failed": [], "skipped": []}
+    running = None
+    for line in text.splitlines():
+        m = re.match(r"^(tests/\S+::\S+)(?: (PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)\b(.*))?", line)
+        if not m:
+            continue
+        test, word = m.group(1), m.group(2)
+        if word is None:
+            running = test
+            continue
+        running = None
+        kind = {"PASSED": "passed", "XPASS": "passed", "SKIPPED": "skipped", "XFAIL": "skipped"}.get(word, "failed")
+        reason = re.sub(r"\s*\[\s*\d+%\]\s*$", "", m.group(3)).strip()  # drop pytest's " [ 40%]"
+        out[kind].append((test, reason[1:-1] if reason.startswith("(") and reason.endswith(")") else reason))
+    return out, running
+
+
 def stage_gpu_tests(res: StageResult, ctx: Context) -> None:
     files = _gpu_test_files()
     if not files:
         res.add("summary", "no test file carries pytest.mark.gpu")
         return
     xml = os.path.join(ctx.workdir, "gpu_tests.xml")
-    rc = _run_child([sys.executable, "-m", "pytest", "-m", "gpu", *files, f"--junitxml={xml}", "-o",
-                     "junit_family=xunit2", "-q"])
-    if not os.path.exists(xml):
+    out_path = os.path.join(ctx.workdir, "gpu_tests.out")
+    cmd = [sys.executable, "-m", "pytest", "-m", "gpu", *files, f"--junitxml={xml}", "-o", "junit_family=xunit2",
+           "-v"]
+    # Stopped 10 s before the stage's deadline, so the tests that finished are still reported.
+    limit = max(ctx.deadline - time.time() - 10, 1) if ctx.deadline else None
+    print("$ " + " ".join(cmd), flush=True)
+    start = time.monotonic()
+    with open(out_path, "w") as fh:
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            rc: int | None = proc.wait(timeout=limit)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            rc = None
+    with open(out_path, errors="replace") as fh:
+        text = fh.read()
+    print(text[-20000:], flush=True)  # into the stage's log
+    running = None
+    if rc is None:
+        r, running = parse_verbose(text)
+    elif os.path.exists(xml):
+        r = parse_junit(xml)
+    else:
         raise RuntimeError(f"pytest exited with code {rc} and wrote no JUnit XML (see the log)")
-    r = parse_junit(xml)
     res.add("summary", f"{len(r['passed'])} passed, {len(r['failed'])} failed, {len(r['skipped'])} skipped "
                        f"(pytest -m gpu over {len(files)} files: {', '.join(os.path.basename(f) for f in files)})")
     for test, message in r["failed"]:
@@ -350,7 +393,10 @@ def stage_gpu_tests(res: StageResult, ctx: Context) -> None:
     reasons = collections.Counter(message for _, message in r["skipped"])
     for message, n in reasons.most_common():
         res.add("skipped", f"{n} x {message[:200]}")
-    if rc not in (0, 5) or r["failed"]:
+    if rc is None:
+        res.fail(f"pytest stopped at the stage's deadline after {time.monotonic() - start:.0f} s"
+                 + (f", while running {running}" if running else "") + "; the tests above had finished")
+    elif rc not in (0, 5) or r["failed"]:
         res.fail(f"pytest exit code {rc}: {len(r['failed'])} gpu tests failed")
 
 
@@ -693,7 +739,8 @@ def stage_main(name: str, result_path: str, ctx: Context) -> int:
 # ------------------------------------------------------------------------------------------ driver side
 @dataclasses.dataclass
 class Stage:
-    """A stage to run as a subprocess: ``argv`` may hold "{result}", replaced by its result file's path."""
+    """A stage to run as a subprocess: in ``argv``, "{result}" becomes its result file's path and "{deadline}"
+    the time.time() at which it will be killed."""
 
     name: str
     argv: list[str]
@@ -722,7 +769,8 @@ def run_stage(stage: Stage, timeout: float, env: dict, workdir: str) -> dict:
     log_path = os.path.join(workdir, f"{stage.name}.log")
     if os.path.exists(result_path):
         os.remove(result_path)
-    argv = [a.replace("{result}", result_path) for a in stage.argv]
+    deadline = f"{time.time() + timeout:.1f}"
+    argv = [a.replace("{result}", result_path).replace("{deadline}", deadline) for a in stage.argv]
     start = time.monotonic()
     with open(log_path, "w") as log:
         proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
@@ -828,7 +876,8 @@ def _git_commit() -> str | None:
 
 def build_stages(mode: str, names: list[str], workdir: str, site: str) -> list[Stage]:
     common = ["--workdir", workdir, "--site", site] + (["--dry"] if mode == "cpu-dry" else [])
-    return [Stage(n, [sys.executable, os.path.abspath(__file__), "--stage", n, "--result", "{result}", *common],
+    return [Stage(n, [sys.executable, os.path.abspath(__file__), "--stage", n, "--result", "{result}",
+                      "--deadline", "{deadline}", *common],
                   TIMEOUTS[mode][n]) for n in names]
 
 
@@ -895,12 +944,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--result", help=argparse.SUPPRESS)
     p.add_argument("--workdir", help=argparse.SUPPRESS)
     p.add_argument("--site", help=argparse.SUPPRESS)
+    p.add_argument("--deadline", type=float, help=argparse.SUPPRESS)
     p.add_argument("--dry", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.prepare:
         return prepare()
     if args.stage:
-        return stage_main(args.stage, args.result, Context(dry=args.dry, workdir=args.workdir, site=args.site))
+        return stage_main(args.stage, args.result, Context(dry=args.dry, workdir=args.workdir, site=args.site,
+                                                           deadline=args.deadline))
     return run_check(args)
 
 

@@ -91,11 +91,11 @@ def test_a_failing_stage_is_reported_and_the_next_stages_run(tmp_path):
             "print('hanging on purpose', flush=True)\n"
             "time.sleep(120)\n")
     good = ("import json, sys\n"
-            "json.dump({'rows': [['answer', '42']], 'error': None}, open(sys.argv[1], 'w'))\n")
+            "json.dump({'rows': [['answer', '42'], ['deadline', sys.argv[2]]], 'error': None}, open(sys.argv[1], 'w'))\n")
     stages = [
         gc.Stage("boom", _py("import sys; print('working'); sys.exit('broken on purpose')"), 60),
         gc.Stage("hang", _py(hang), 3),
-        gc.Stage("fine", _py(good, "{result}"), 60),
+        gc.Stage("fine", _py(good, "{result}", "{deadline}"), 60),
     ]
     start = time.monotonic()
     results = gc.run_stages(stages, budget=200, env=dict(os.environ), workdir=str(tmp_path))
@@ -106,7 +106,9 @@ def test_a_failing_stage_is_reported_and_the_next_stages_run(tmp_path):
     assert by_name["hang"]["status"] == "TIMEOUT" and "3 s timeout" in by_name["hang"]["error"]
     assert "hanging on purpose" in by_name["hang"]["error"]  # the last log line says where it hung
     assert by_name["hang"]["seconds"] < 20 and elapsed < 60
-    assert by_name["fine"]["status"] == "ok" and by_name["fine"]["rows"] == [["answer", "42"]]
+    assert by_name["fine"]["status"] == "ok" and by_name["fine"]["rows"][0] == ["answer", "42"]
+    deadline = float(by_name["fine"]["rows"][1][1])  # the stage is told when it will be killed
+    assert start + 50 < deadline - (time.time() - time.monotonic()) < start + elapsed + 61
     # The timeout killed the stage's whole process group, not only the stage process.
     pid = int(grandchild_pid.read_text())
     deadline = time.monotonic() + 10
@@ -161,6 +163,18 @@ def test_junit_outcomes_are_read(tmp_path):
     assert r["passed"] == [("tests/test_a.py::test_ok", "")]
     assert r["failed"] == [("tests/test_a.py::test_bad", "assert 1 == 2")]
     assert r["skipped"] == [("tests/test_b.py::test_te", "could not import te")]
+
+
+def test_a_pytest_run_cut_at_the_deadline_still_reports_the_finished_tests():
+    text = ("tests/test_a.py::test_one PASSED                                       [ 20%]\n"
+            "tests/test_a.py::test_two[gift] SKIPPED (needs 2 CUDA GPUs)            [ 40%]\n"
+            "tests/test_a.py::test_three FAILED                                     [ 60%]\n"
+            "tests/test_b.py::test_slow \n")
+    r, running = gc.parse_verbose(text)
+    assert r == {"passed": [("tests/test_a.py::test_one", "")],
+                 "skipped": [("tests/test_a.py::test_two[gift]", "needs 2 CUDA GPUs")],
+                 "failed": [("tests/test_a.py::test_three", "")]}
+    assert running == "tests/test_b.py::test_slow"
 
 
 # ------------------------------------------------------------------------------------------ sync counting
