@@ -649,8 +649,9 @@ def stage_trainer(res: StageResult, ctx: Context) -> None:
         res.add("host syncs/step", f"{statistics.median(per_step):.0f} median ({min(per_step)}-{max(per_step)}): "
                 + ", ".join(f"{p} {v:.0f}" for p, v in by_phase.items())
                 + f"; eval {counter.counts['eval'] / evals:.0f} a call; checkpoint {counter.counts['checkpoint']}")
-        res.add("sync owners", ", ".join(f"{o} {n}" for o, n in counter.owners.most_common()) or "none")
-        res.add("top sync sites", "; ".join(f"{site} x{n}" for site, n in counter.sites.most_common(6)) or "none")
+        # Owners and sites over the whole run (steps, evals, the save): the first caller outside torch.
+        res.add("sync owners (whole run)", ", ".join(f"{o} {n}" for o, n in counter.owners.most_common()) or "none")
+        res.add("top sync sites (whole run)", "; ".join(f"{site} x{n}" for site, n in counter.sites.most_common(6)) or "none")
     else:
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         res.add("peak memory", f"host RSS high-water mark {_gib(rss)} (CPU run)")
