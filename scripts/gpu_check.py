@@ -915,7 +915,9 @@ def run_check(args: argparse.Namespace) -> int:
 
     def title(done: bool) -> str:
         return (f"gift_megatron GPU check ({mode}, commit {meta['git'] or 'unknown (no git here)'}, {started:%Y-%m-%d %H:%M} UTC, "
-                f"{time.monotonic() - t0:.0f} s of a {args.budget:.0f} s budget{'' if done else ', running'})")
+                f"{time.monotonic() - t0:.0f} s of a {args.budget:.0f} s budget{'' if done else ', running'})"
+                + (": tiny shapes on CPU, a smoke test of the script; its numbers and goals mean nothing"
+                   if mode == "cpu-dry" else ""))
 
     try:
         results = run_stages(build_stages(mode, names, workdir, site), args.budget, env, workdir,

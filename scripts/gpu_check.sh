@@ -13,7 +13,11 @@
 #        run(command="PYTHONUNBUFFERED=1 bash scripts/gpu_check.sh", carry=[".whl"], timeout_s=540)
 #      The table is the end of output_tail; $OUT/gpu_check.md, gpu_check.json and gpu_check_logs.txt come
 #      back as files (rewritten after every stage, so a cut-off run still returns the stages it finished).
-#      To rerun only some stages: bash scripts/gpu_check.sh --stages trainer,step (setup always runs).
+#      Budget: a session has 15 minutes of device time, the machine's start included (a minute or more), so
+#      this call leaves time for one short rerun, at once, while the machine is still warm (30 s), of only
+#      the stages to look at again (setup always runs), e.g.
+#        run(command="PYTHONUNBUFFERED=1 bash scripts/gpu_check.sh --stages trainer --budget 200", carry=[".whl"], timeout_s=240)
+#      and give_back otherwise.
 #
 # Arguments go to scripts/gpu_check.py (--cpu-dry, --stages, --budget, --out, --keep-workdir).
 # PYTHON overrides the interpreter (default python3: the GPU machine's, which holds torch).
