@@ -11,7 +11,7 @@ COMPAT_TESTS := tests/test_objectives.py tests/test_layout_invariance.py tests/t
                 tests/test_context_parallel.py tests/test_cpu_runtime.py tests/test_model_builder.py \
                 tests/test_megatron_step.py tests/test_checkpoint.py tests/test_conversion.py
 
-.PHONY: venv test test-compat test-vllm demo bench clean-venv
+.PHONY: venv test test-compat test-vllm demo bench gpu-check clean-venv
 
 venv:
 	@scripts/ensure_venv.sh $(VENV) 3.12 constraints/dev-py312.txt "-e .[dev]"
@@ -42,6 +42,13 @@ demo: venv
 
 bench: venv
 	$(VENV)/bin/python benchmarks/logprobs.py
+
+# The prepared check for ONE CUDA GPU without Transformer Engine or vLLM (scripts/gpu_check.sh says how a
+# session runs it on the device machine). Its wheels come first: `.venv/bin/python scripts/gpu_check.py --prepare`.
+# On a CPU machine: make gpu-check GPU_CHECK_ARGS=--cpu-dry (the same stages at tiny shapes).
+GPU_CHECK_ARGS ?=
+gpu-check:
+	PYTHON=$$(test -x $(VENV)/bin/python && echo $(VENV)/bin/python || echo python3) scripts/gpu_check.sh $(GPU_CHECK_ARGS)
 
 clean-venv:
 	rm -rf $(VENV) $(COMPAT_VENV) .venv-vllm
