@@ -72,7 +72,7 @@ def build(args, device: torch.device):
 
     parallel_state.initialize_model_parallel(1, 1)
     tensor_parallel.model_parallel_cuda_manual_seed(0)
-    # tests/tiny_gpt's config initializes on the CPU (use_cpu_initialization); on a GPU the weights are
+    # tests/tiny_gpt.py's config initializes on the CPU (use_cpu_initialization); on a GPU the weights are
     # created there (several seconds less per model at this size), then every variant loads the same ones.
     config = dataclasses.replace(transformer_config(spec, Layout()), use_cpu_initialization=False)
 

@@ -2,7 +2,7 @@
 
     gift-megatron train CONFIG.yaml [key=value ...] [--nproc-per-node N]
                                                          train (--nproc-per-node: starts torchrun itself)
-    gift-megatron validate CONFIG.yaml [key=value ...] [--world-size N]   check a config, run nothing
+    gift-megatron validate CONFIG.yaml [key=value ...] [--world-size N] [--layout-only]   check a config, run nothing
     gift-megatron plot RUN_DIR                           PNG plots of a run's metrics
     gift-megatron plot RUN_A RUN_B ... --out DIR         the runs overlaid (legend: name and objective)
 """
@@ -27,6 +27,9 @@ def _parser() -> argparse.ArgumentParser:
     v = sub.add_parser("validate", help="load and validate a config without training")
     v.add_argument("config")
     v.add_argument("overrides", nargs="*")
+    v.add_argument("--layout-only", action="store_true",
+                   help="check the config, layout and memory plan only, not the checkpoint / data / tokenizer paths "
+                        "and the reward (for a machine that does not see the job's filesystems)")
     v.add_argument("--world-size", type=int, default=None, help="also check the parallel layout for this many ranks "
                    "and print the per-GPU memory plan")
     v.add_argument("--gpus-per-node", type=int, default=None,
@@ -84,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
                  or int(os.environ.get("WORLD_SIZE", "0") or 0))
         if world:
             check_world_size(cfg, world)
-        if args.command == "validate":
+        if args.command == "validate" and not args.layout_only:
             check_inputs(cfg)
     except ConfigError as exc:
         if console.rank() == 0:  # under torchrun every rank reads the same config: say it once

@@ -226,12 +226,15 @@ def test_memory_plan_refuses_budgets_that_leave_the_trainer_too_little(overrides
 def test_validate_cli_prints_the_plan_and_fails_on_a_bad_budget(capsys):
     from gift_megatron.cli import main
 
-    assert main(["validate", SEVEN_B, "--world-size", "8"]) == 0
+    # The recipe's checkpoint and data live on a cluster: --layout-only skips the path checks.
+    assert main(["validate", SEVEN_B, "--world-size", "8"]) == 2
+    assert "init.checkpoint" in capsys.readouterr().err
+    assert main(["validate", SEVEN_B, "--world-size", "8", "--layout-only"]) == 0
     out = capsys.readouterr().out
     assert "rollout_kv_cache_gib" in out and re.search(r"generation_peak_gib_without_offload +67.74", out)
-    assert main(["validate", SEVEN_B, "rollout.gpu_memory_utilization=0.95", "--world-size", "8"]) == 2
+    assert main(["validate", SEVEN_B, "rollout.gpu_memory_utilization=0.95", "--world-size", "8", "--layout-only"]) == 2
     assert "leaves the trainer too little memory" in capsys.readouterr().err
-    assert main(["validate", SEVEN_B, "rollout.tensor_parallel_size=4", "--world-size", "8"]) == 2
+    assert main(["validate", SEVEN_B, "rollout.tensor_parallel_size=4", "--world-size", "8", "--layout-only"]) == 2
     assert "rollout.tensor_parallel_size=4 does not fit" in capsys.readouterr().err
 
 
