@@ -730,18 +730,18 @@ def _model_entry_names(num_chunks: int) -> list[str]:
 
 
 def _layer_spec(chunks: Sequence[Any]) -> str:
-    """The layer spec the model was built with: ``"transformer_engine"`` if any module comes from
-    Transformer Engine (directly or through Megatron's wrappers) or a norm is fused into ``linear_qkv`` /
-    ``linear_fc1`` (a ``layer_norm_weight`` there, which only TE's spec has), else ``"local"``."""
+    """The layer spec this rank's model chunks were built with: ``"transformer_engine"`` if a norm is fused
+    into ``linear_qkv`` / ``linear_fc1`` (their ``layer_norm_weight``: TE's spec always builds
+    ``TELayerNormColumnParallelLinear`` there), else ``"local"``.
+
+    Why not "any module from Transformer Engine": where TE is installed Megatron builds even a local-spec
+    model's final norm with TE (``TransformerBlock``'s ``LayerNormImpl``), so that would misname converter
+    output written on a GPU machine. A pipeline stage without decoder layers reads as local.
+    """
     from megatron.core.utils import unwrap_model
 
     for chunk in chunks:
-        module = unwrap_model(chunk)
-        for sub in module.modules():
-            origin = type(sub).__module__
-            if origin.startswith("transformer_engine") or origin.startswith("megatron.core.extensions.transformer_engine"):
-                return TE_SPEC
-        if any(name.endswith(_TE_FUSED_NORM_PARAMS) for name, _ in module.named_parameters()):
+        if any(name.endswith(_TE_FUSED_NORM_PARAMS) for name, _ in unwrap_model(chunk).named_parameters()):
             return TE_SPEC
     return LOCAL_SPEC
 
