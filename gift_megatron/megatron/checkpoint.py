@@ -42,7 +42,8 @@ tests/test_checkpoint_specs.py checks this on a CPU model that asks for exactly 
   saves ``input_layernorm.weight`` / ``pre_mlp_layernorm.weight`` under those fused names.
 - ``_extra_state`` (TE's FP8 metadata, ShardedObjects): the local spec's linear layers save ``None`` under
   the same keys, which TE's ``set_extra_state`` ignores; TE's norms (``final_layernorm``, ``q_layernorm``,
-  ``k_layernorm``) save extra state the local spec has no counterpart for. Extra state the model asks for
+  ``k_layernorm``) save extra state the local spec has no counterpart for (where TE is installed, a
+  local-spec model's ``final_layernorm`` is TE's too). Extra state the model asks for
   and the checkpoint lacks keeps its current (initial) value, named in the result's
   ``extra_state_not_loaded``; extra state in the checkpoint that the model does not ask for is not read.
   Modules whose torch state dict has ``_extra_state`` that their sharded state dict leaves out (TE's
