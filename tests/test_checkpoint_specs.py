@@ -488,8 +488,18 @@ def test_missing_weight_is_an_error_and_old_manifests_load(tmp_path):
             in str(error.value), str(error.value)
         assert compare(params(with_bias), before, lambda n: n) == []
 
+        # A manifest that claims the bias: the reader's own failure is a CheckpointError naming it too.
         manifest_file = os.path.join(ckpt, MANIFEST_NAME)
         manifest = json.load(open(manifest_file))
+        original = json.dumps(manifest)
+        manifest["model"]["tensors"]["decoder.layers.self_attention.linear_qkv.bias"] = {
+            "shape": [2, 128], "allow_shape_mismatch": False}
+        json.dump(manifest, open(manifest_file, "w"))
+        with pytest.raises(CheckpointError, match=r"reading checkpoint .* failed: rank 0: \w+Error: .*"
+                                                  r"decoder\.layers\.self_attention\.linear_qkv\.bias"):
+            load_checkpoint(ckpt, [with_bias])
+
+        manifest = json.loads(original)
         manifest["model"].pop("spec", None)
         json.dump(manifest, open(manifest_file, "w"))
         source = build(no_bias, "local", seed=1)
@@ -498,3 +508,36 @@ def test_missing_weight_is_an_error_and_old_manifests_load(tmp_path):
         assert info["spec"] == {"checkpoint": None, "model": "transformer_engine"}
         assert info["extra_state_not_loaded"] == TE_ONLY_EXTRA_STATE["qwen2"]
         assert compare(params(te), params(source), local_name) == []
+
+
+@pytest.mark.timeout(RANKS_TIMEOUT)
+def test_extra_state_missing_within_one_spec_is_a_warning(tmp_path, caplog):
+    """The recorded spec tells an expected gap (a local checkpoint into a TE model: logged at INFO) from a
+    suspicious one (a TE checkpoint without a TE model's extra state: FP8 scaling restarts, a WARNING)."""
+    import logging
+
+    from gift_megatron.checkpoint.convert import single_process_megatron
+    from gift_megatron.megatron.checkpoint import load_checkpoint
+
+    cfg = model_config("qwen2")
+    with single_process_megatron(), caplog.at_level(logging.INFO, logger="gift_megatron.megatron.checkpoint"):
+        source = build(cfg, "te", seed=1)
+        plain = torch.nn.RMSNorm(cfg.hidden_size, eps=cfg.norm_epsilon, device="cpu")
+        with torch.no_grad():
+            plain.weight.copy_(source.decoder.final_layernorm.weight)
+        source.decoder.final_layernorm = plain  # a TE model whose final norm saves no extra state
+        te_ckpt = save(source, str(tmp_path / "te"))
+        local_ckpt = save(build(cfg, "local", seed=2), str(tmp_path / "local"))
+        info = load_checkpoint(te_ckpt, [build(cfg, "te", seed=3)])
+        assert info["spec"] == {"checkpoint": "transformer_engine", "model": "transformer_engine"}
+        assert info["extra_state_not_loaded"] == ["decoder.final_layernorm._extra_state"]
+        ours = "gift_megatron.megatron.checkpoint"
+        warnings = [r for r in caplog.records if r.name == ours and r.levelno == logging.WARNING]
+        assert len(warnings) == 1 and "a resume is not exact: decoder.final_layernorm._extra_state" in \
+            warnings[0].getMessage()
+        caplog.clear()
+        info = load_checkpoint(local_ckpt, [build(cfg, "te", seed=4)])
+        assert info["extra_state_not_loaded"] == ["decoder.final_layernorm._extra_state"]
+        records = [r for r in caplog.records if r.name == ours]
+        assert [r.levelno for r in records] == [logging.INFO]
+        assert "(spec local) into a 'transformer_engine' model" in records[0].getMessage()

@@ -441,12 +441,11 @@ def load_checkpoint(
     saved_objects: set[str] = set()
     if not problems:
         content_metadata = manifest["content_metadata"]
-        model_state = _model_state(chunks, _runtime_metadata(content_metadata))
-        model_keys = _model_tensors(model_state)
+        model_keys = _model_tensors(_model_state(chunks, _runtime_metadata(content_metadata)))
         problems += _shape_problems(manifest, model_keys, strict)
         problems += _state_problems(manifest, layout, optimizer, scheduler)
         saved_objects, object_problems = _saved_object_keys(path)
-        problems += object_problems or _object_problems(model_state, saved_objects)
+        problems += object_problems
     problems, all_model_keys = _gather_problems(problems, set(model_keys))
     if not problems and strict:
         unexpected = sorted(set(manifest["model"]["tensors"]) - all_model_keys)
@@ -475,8 +474,15 @@ def load_checkpoint(
     rng_restored = restore_rng and same_layout
     if rng_restored:
         state[_RNG_KEY] = _rng_sharded_object(_rng_state())
+    from torch.distributed.checkpoint.api import CheckpointException
+
     try:
         loaded = dist_checkpointing.load(state, path)
+    except CheckpointException as exc:
+        # torch's checkpoint reader raises a BaseException (not an Exception) carrying each rank's error.
+        causes = "; ".join(f"rank {rank}: {type(error).__name__}: {error}"
+                           for rank, (error, _) in sorted(exc.failures.items()))
+        raise CheckpointError(f"reading checkpoint {path} failed: {causes}") from exc
     except Exception as exc:
         raise CheckpointError(f"reading checkpoint {path} failed: {type(exc).__name__}: {exc}") from exc
 
@@ -645,19 +651,6 @@ def _saved_object_keys(path: str) -> tuple[set[str], list[str]]:
     except Exception as exc:
         return set(), [f"Megatron's checkpoint metadata is unreadable: {type(exc).__name__}: {exc}"]
     return {value.key for value in metadata.values() if isinstance(value, ShardedObject)}, []
-
-
-def _object_problems(model_state: dict[str, Any], saved_objects: set[str]) -> list[str]:
-    """Model ShardedObjects other than ``_extra_state`` that the checkpoint lacks (none in the GPT models
-    of either spec; Megatron would otherwise fail on them halfway through reading)."""
-    from megatron.core.dist_checkpointing.dict_utils import nested_values
-    from megatron.core.dist_checkpointing.mapping import ShardedObject
-
-    missing = sorted({value.key for value in nested_values(model_state) if isinstance(value, ShardedObject)
-                      and value.key not in saved_objects and not value.key.endswith(_EXTRA_STATE)})
-    if missing:
-        return [f"{len(missing)} model object(s) are not in the checkpoint: {_preview(missing)}"]
-    return []
 
 
 def _keep_missing_extra_state(sharded_state_dict: dict[str, Any], saved_objects: set[str]) -> list[str]:
