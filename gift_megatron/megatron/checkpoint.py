@@ -427,6 +427,7 @@ def load_checkpoint(
     """
     from megatron.core import dist_checkpointing
     from megatron.core.utils import unwrap_model
+    from torch.distributed.checkpoint.api import CheckpointException
 
     path = os.fspath(path)
     chunks = _as_chunks(model_chunks)
@@ -474,8 +475,6 @@ def load_checkpoint(
     rng_restored = restore_rng and same_layout
     if rng_restored:
         state[_RNG_KEY] = _rng_sharded_object(_rng_state())
-    from torch.distributed.checkpoint.api import CheckpointException
-
     try:
         loaded = dist_checkpointing.load(state, path)
     except CheckpointException as exc:
