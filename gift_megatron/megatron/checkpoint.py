@@ -12,7 +12,8 @@ A checkpoint is the directory ``root/step_{step:08d}/`` holding one Megatron dis
   is stored), ``extra`` (e.g. the resolved config), all picklable;
 
 plus ``gift_checkpoint.json``, a manifest that rank 0 writes last: the step, the parallel layout, the
-global shape of every model tensor, the optimizer kind and format, and the size of every file.
+global shape of every model tensor, the model's layer spec (``"local"`` or ``"transformer_engine"``), the
+optimizer kind and format, and the size of every file.
 
 Atomicity. Every rank writes into a fresh temporary sibling ``root/.tmp_step_{step:08d}_{token}/``; after a
 barrier rank 0 writes the manifest, renames the directory to its final name and then replaces
@@ -29,6 +30,28 @@ optimizer / scheduler state asked for, and the optimizer format can be loaded in
 are gathered from every rank and raised as :class:`CheckpointError` on all of them (no rank is left
 waiting in a collective). Megatron then reads the shards in place; bytes corrupted without changing a
 file's size are only detected by the reader, after part of the model may have been overwritten.
+
+Layer specs. On GPU the trainer builds Transformer Engine's layer spec, on CPU and in every converted
+checkpoint the local spec; a checkpoint of either loads into a model of the other. What a TE model saves
+was read from the sources of megatron-core 0.16.1 / 0.19.2 and Transformer Engine (>= 1.13, where
+``te.pytorch.RMSNorm`` became a fusible op with extra state); TE does not run on CPU, so
+tests/test_checkpoint_specs.py checks this on a CPU model that asks for exactly those keys:
+
+- weights: both specs save the same ShardedTensor keys. TE fuses the pre-attention / pre-MLP RMSNorm into
+  ``linear_qkv`` / ``linear_fc1`` (``layer_norm_weight``), and the local spec's ``sharded_state_dict_keys_map``
+  saves ``input_layernorm.weight`` / ``pre_mlp_layernorm.weight`` under those fused names.
+- ``_extra_state`` (TE's FP8 metadata, ShardedObjects): the local spec's linear layers save ``None`` under
+  the same keys, which TE's ``set_extra_state`` ignores; TE's norms (``final_layernorm``, ``q_layernorm``,
+  ``k_layernorm``) save extra state the local spec has no counterpart for (where TE is installed, a
+  local-spec model's ``final_layernorm`` is TE's too). Extra state the model asks for
+  and the checkpoint lacks keeps its current (initial) value, named in the result's
+  ``extra_state_not_loaded``; extra state in the checkpoint that the model does not ask for is not read.
+  Modules whose torch state dict has ``_extra_state`` that their sharded state dict leaves out (TE's
+  ``DotProductAttention`` in both versions) keep theirs too. A missing weight is still an error naming it.
+- the manifest records the saving model's spec; loading compares it with the model's, so extra state
+  missing from a checkpoint of the *same* spec (an FP8 run resumed without its scaling state) is logged as
+  a warning rather than as the expected difference between specs. Manifests from before the field load
+  as before, the spec read as unknown.
 
 Resharding (measured on CPU with megatron-core 0.16.1 and 0.19.2; tests/test_checkpoint.py):
 
@@ -86,6 +109,13 @@ _RNG_KEY = "gift_rng_state"
 # Distributed-optimizer formats that load in any TP/PP layout (Megatron's own list, both versions).
 _FULLY_RESHARDABLE = ("fully_reshardable", "fully_sharded_model_space")
 _SAVE_SHARDING_TYPES = ("dp_reshardable", "fully_reshardable")
+# Layer specs a model can be built with (gift_megatron.megatron.model.layer_spec), as the manifest names them.
+LOCAL_SPEC = "local"
+TE_SPEC = "transformer_engine"
+# torch's state-dict suffix for Module.get_extra_state; Megatron saves such entries as ShardedObjects.
+_EXTRA_STATE = "_extra_state"
+# Parameters that exist only where Transformer Engine fuses a norm into the next linear layer.
+_TE_FUSED_NORM_PARAMS = (".linear_qkv.layer_norm_weight", ".linear_fc1.layer_norm_weight")
 
 
 class CheckpointError(RuntimeError):
@@ -258,7 +288,7 @@ def save_checkpoint(
                 "megatron_core": _megatron_version(),
                 "backend": "torch_dist",
                 "layout": _layout(len(chunks)),
-                "model": {"chunks": len(chunks), "tensors": model_tensors},
+                "model": {"chunks": len(chunks), "tensors": model_tensors, "spec": _layer_spec(chunks)},
                 "optimizer": _optimizer_info(optimizer, distrib_optim_sharding_type),
                 "scheduler": scheduler is not None,
                 "content_metadata": content_metadata,
@@ -378,11 +408,17 @@ def load_checkpoint(
         scheduler: the ``OptimizerParamScheduler`` to restore, or None.
         strict: every model tensor must be in the checkpoint and every model tensor of the checkpoint in
             the model. Not strict: tensors missing from the checkpoint keep their values, extra ones are
-            ignored. Shapes must match either way.
+            ignored. Shapes must match either way. ``_extra_state`` entries (Transformer Engine's FP8
+            metadata) are not weights: missing ones keep their values in both modes (module docstring).
         restore_rng: restore every rank's RNG states when the layout is the saving one.
 
+    The model may be built with the other layer spec than the checkpoint (local / Transformer Engine).
+
     Returns:
-        ``{"step", "data_state", "extra", "path", "rng_restored", "saved_layout"}``.
+        ``{"step", "data_state", "extra", "path", "rng_restored", "saved_layout", "spec",
+        "extra_state_not_loaded"}``: ``spec`` is ``{"checkpoint": the saving model's spec (None for a
+        checkpoint from before specs were recorded), "model": this model's}``; ``extra_state_not_loaded``
+        the sorted checkpoint keys of this rank's extra state that kept its value.
 
     Raises:
         CheckpointError: naming ``path`` and each problem, before the model or optimizer is modified,
@@ -391,6 +427,7 @@ def load_checkpoint(
     """
     from megatron.core import dist_checkpointing
     from megatron.core.utils import unwrap_model
+    from torch.distributed.checkpoint.api import CheckpointException
 
     path = os.fspath(path)
     chunks = _as_chunks(model_chunks)
@@ -402,11 +439,14 @@ def load_checkpoint(
         problems += _file_problems(path, manifest)
     layout = _layout(len(chunks))
     model_keys: dict[str, Any] = {}
+    saved_objects: set[str] = set()
     if not problems:
         content_metadata = manifest["content_metadata"]
         model_keys = _model_tensors(_model_state(chunks, _runtime_metadata(content_metadata)))
         problems += _shape_problems(manifest, model_keys, strict)
         problems += _state_problems(manifest, layout, optimizer, scheduler)
+        saved_objects, object_problems = _saved_object_keys(path)
+        problems += object_problems
     problems, all_model_keys = _gather_problems(problems, set(model_keys))
     if not problems and strict:
         unexpected = sorted(set(manifest["model"]["tensors"]) - all_model_keys)
@@ -422,6 +462,11 @@ def load_checkpoint(
     saved_tensors = manifest["model"]["tensors"]
     if not strict:
         state = {name: _drop_missing(sd, saved_tensors) for name, sd in state.items()}
+    kept_extra_state: list[str] = []
+    for sd in state.values():
+        kept_extra_state += _keep_missing_extra_state(sd, saved_objects)
+    specs = {"checkpoint": manifest["model"].get("spec"), "model": _layer_spec(chunks)}
+    _log_kept_extra_state(path, specs, kept_extra_state)
     model_part = dict(state)
     if optimizer is not None:
         _allocate_distributed_optimizer_state(optimizer)
@@ -432,11 +477,16 @@ def load_checkpoint(
         state[_RNG_KEY] = _rng_sharded_object(_rng_state())
     try:
         loaded = dist_checkpointing.load(state, path)
+    except CheckpointException as exc:
+        # torch's checkpoint reader raises a BaseException (not an Exception) carrying each rank's error.
+        causes = "; ".join(f"rank {rank}: {type(error).__name__}: {error}"
+                           for rank, (error, _) in sorted(exc.failures.items()))
+        raise CheckpointError(f"reading checkpoint {path} failed: {causes}") from exc
     except Exception as exc:
         raise CheckpointError(f"reading checkpoint {path} failed: {type(exc).__name__}: {exc}") from exc
 
     for name, chunk in zip(_model_entry_names(len(chunks)), chunks):
-        unwrap_model(chunk).load_state_dict(loaded[name], strict=strict)
+        _load_module_state(unwrap_model(chunk), loaded[name], strict, path)
     if optimizer is not None:
         # Under no_grad: with fp32 params the distributed optimizer's main params are views of the model
         # params (leaves that require grad), which copy_() refuses outside it.
@@ -457,6 +507,8 @@ def load_checkpoint(
         "path": path,
         "rng_restored": rng_restored,
         "saved_layout": manifest["layout"],
+        "spec": specs,
+        "extra_state_not_loaded": sorted(set(kept_extra_state)),
     }
 
 
@@ -584,6 +636,78 @@ def _drop_missing(sharded_state_dict: dict[str, Any], saved_tensors: dict[str, A
             if not isinstance(value, (ShardedTensor, ShardedTensorFactory)) or value.key in saved_tensors}
 
 
+def _saved_object_keys(path: str) -> tuple[set[str], list[str]]:
+    """(keys of every ShardedObject stored in the checkpoint at ``path``, problems reading them).
+
+    Read from Megatron's own index of the checkpoint (the torch_dist ``.metadata`` file, which every rank
+    reads again when loading), so checkpoints written before the manifest recorded a spec are covered too.
+    """
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+    from megatron.core.dist_checkpointing.serialization import load_sharded_metadata
+
+    try:
+        metadata = load_sharded_metadata(path)
+    except Exception as exc:
+        return set(), [f"Megatron's checkpoint metadata is unreadable: {type(exc).__name__}: {exc}"]
+    return {value.key for value in metadata.values() if isinstance(value, ShardedObject)}, []
+
+
+def _keep_missing_extra_state(sharded_state_dict: dict[str, Any], saved_objects: set[str]) -> list[str]:
+    """Replace, in place, each ``_extra_state`` ShardedObject the checkpoint lacks by Megatron's
+    LocalNonpersistentObject holding the model's current value; return their checkpoint keys.
+
+    Why: Megatron's reader fails on a requested key the checkpoint does not have, but a local-spec checkpoint
+    has no counterpart for Transformer Engine's norm extra state (FP8 metadata, not weights). A
+    LocalNonpersistentObject is handed back unchanged by ``dist_checkpointing.load``, so
+    ``load_state_dict`` gives each module the extra state it already has.
+    """
+    from megatron.core.dist_checkpointing.mapping import LocalNonpersistentObject, ShardedObject
+
+    kept = []
+    for name, value in sharded_state_dict.items():
+        if (isinstance(value, ShardedObject) and value.key.endswith(_EXTRA_STATE)
+                and value.key not in saved_objects):
+            sharded_state_dict[name] = LocalNonpersistentObject(value.data)
+            kept.append(value.key)
+    return kept
+
+
+def _log_kept_extra_state(path: str, specs: dict[str, str | None], kept: list[str]) -> None:
+    """Say which extra state kept its value: expected across specs, suspicious within one."""
+    if not kept or not _is_rank0():
+        return
+    saved, model = specs["checkpoint"], specs["model"]
+    keys = _preview(sorted(set(kept)))
+    if saved == model:
+        logger.warning("checkpoint %s was saved by a %r model like this one but lacks extra state (FP8 "
+                       "scaling metadata) that keeps its initial value, so a resume is not exact: %s",
+                       path, saved, keys)
+    else:
+        logger.info("checkpoint %s (spec %s) into a %r model: extra state it has no counterpart for keeps its "
+                    "initial value: %s", path, saved or "not recorded", model, keys)
+
+
+def _load_module_state(module: Any, state: dict[str, Any], strict: bool, path: str) -> None:
+    """``module.load_state_dict(state)``; ``_extra_state`` entries the module has but ``state`` lacks keep
+    their values, also when strict.
+
+    Why: some modules put extra state into their torch state dict that their sharded state dict leaves out
+    (Transformer Engine's DotProductAttention: Megatron's ``TEDotProductAttention.sharded_state_dict`` saves
+    nothing without a learnable softmax offset, megatron-core 0.16 and 0.19), so a strict
+    ``load_state_dict`` would name them as missing although nothing was lost (TE's own load hook drops
+    them the same way). Every other missing or unexpected key was ruled out before reading; one that
+    appears here is reported, naming the keys.
+    """
+    result = module.load_state_dict(state, strict=False)
+    if not strict:
+        return
+    missing = [k for k in result.missing_keys if not k.endswith(_EXTRA_STATE)]
+    unexpected = list(result.unexpected_keys)
+    if missing or unexpected:
+        raise CheckpointError(f"loading checkpoint {path} into the model: missing keys {_preview(missing)}; "
+                              f"unexpected keys {_preview(unexpected)}")
+
+
 # --------------------------------------------------------------------------------------------------
 # Model state
 # --------------------------------------------------------------------------------------------------
@@ -596,6 +720,23 @@ def _as_chunks(model_chunks: Any) -> list[Any]:
 def _model_entry_names(num_chunks: int) -> list[str]:
     """Megatron-LM's names: ``model`` for one chunk, ``model0``, ``model1``, ... for virtual pipeline chunks."""
     return ["model"] if num_chunks == 1 else [f"model{i}" for i in range(num_chunks)]
+
+
+def _layer_spec(chunks: Sequence[Any]) -> str:
+    """The layer spec this rank's model chunks were built with: ``"transformer_engine"`` if a norm is fused
+    into ``linear_qkv`` / ``linear_fc1`` (their ``layer_norm_weight``: TE's spec always builds
+    ``TELayerNormColumnParallelLinear`` there), else ``"local"``.
+
+    Why not "any module from Transformer Engine": where TE is installed Megatron builds even a local-spec
+    model's final norm with TE (``TransformerBlock``'s ``LayerNormImpl``), so that would misname converter
+    output written on a GPU machine. A pipeline stage without decoder layers reads as local.
+    """
+    from megatron.core.utils import unwrap_model
+
+    for chunk in chunks:
+        if any(name.endswith(_TE_FUSED_NORM_PARAMS) for name, _ in unwrap_model(chunk).named_parameters()):
+            return TE_SPEC
+    return LOCAL_SPEC
 
 
 def _model_state(chunks: Sequence[Any], metadata: dict[str, Any]) -> dict[str, Any]:
