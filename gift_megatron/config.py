@@ -547,14 +547,22 @@ def validate(cfg: TrainConfig) -> None:
                           f"({r.max_tokens}) exceeds model.seq_length ({cfg.model.seq_length})")
 
 
-def check_inputs(cfg: TrainConfig) -> None:
+def check_inputs(cfg: TrainConfig, paths: bool = True) -> None:
     """What a job would otherwise find missing only once it starts on the cluster: the checkpoint, data and
     tokenizer paths, the reward (name, options, reward-model folder, user function). ConfigError naming the
     key. Run by ``gift-megatron validate`` and by the launchers before anything is submitted; reads no
-    weights and loads no model.
+    weights and loads no model. ``paths=False`` checks the reward only (for a machine that does not see the
+    job's filesystems).
     """
     from gift_megatron.rewards import check_reward
 
+    if not paths:
+        try:
+            if not cfg.reward.name.startswith("reward_model:"):  # a reward model is a path too
+                check_reward(cfg.reward.name, **cfg.reward.options)
+        except ValueError as exc:
+            raise ConfigError(f"reward.name / reward.options: {exc}") from None
+        return
     if cfg.init.checkpoint:
         from gift_megatron.checkpoint.convert import ConversionError, resolve_checkpoint
 

@@ -175,10 +175,13 @@ def with_resume_auto(overrides: Iterable[str]) -> list[str]:
 # the training config, checked before anything is submitted
 
 
-def check_training_config(config: str, overrides: Iterable[str], world_size: int, ranks: str):
+def check_training_config(config: str, overrides: Iterable[str], world_size: int, ranks: str,
+                          check_paths: bool = True):
     """Load ``config`` with ``overrides`` (gift_megatron.config.load_config) and check its parallel layout on
     ``world_size`` ranks; ``ranks`` says where that number comes from (``nodes (2) x gpus_per_node (8)``).
-    Returns the TrainConfig; a LaunchError carries the config's own message, which names the key."""
+    Also checks the reward and (unless ``check_paths`` is False) the checkpoint, data and tokenizer paths
+    as this machine sees them. Returns the TrainConfig; a LaunchError carries the config's own message,
+    which names the key."""
     from gift_megatron.config import ConfigError, load_config
 
     overrides = list(overrides)
@@ -190,10 +193,10 @@ def check_training_config(config: str, overrides: Iterable[str], world_size: int
     from gift_megatron.config import check_inputs
 
     try:  # what would otherwise fail only once the job starts: paths, reward name and options
-        check_inputs(cfg)
+        check_inputs(cfg, paths=check_paths)
     except ConfigError as exc:
-        raise LaunchError(f"training config {config}: {exc} (paths are checked from this machine; --no-validate "
-                          "skips the check when the job sees another filesystem)") from exc
+        hint = " (paths are checked from this machine; --no-check-paths skips them)" if check_paths else ""
+        raise LaunchError(f"training config {config}: {exc}{hint}") from exc
     try:
         try:  # the full check (whole micro-batches per data-parallel rank) when the config module has it
             from gift_megatron.config import check_world_size
@@ -209,13 +212,13 @@ def check_training_config(config: str, overrides: Iterable[str], world_size: int
     return cfg
 
 
-def check_jobs(config: str, jobs: list[TrainingJob], world_size: int, ranks: str) -> None:
+def check_jobs(config: str, jobs: list[TrainingJob], world_size: int, ranks: str, check_paths: bool = True) -> None:
     """:func:`check_training_config` for every run of a sweep; the error names the sweep point."""
     if len(jobs) < 2:
         return
     for job in jobs:
         try:
-            check_training_config(config, job.overrides, world_size, ranks)
+            check_training_config(config, job.overrides, world_size, ranks, check_paths)
         except LaunchError as exc:
             raise LaunchError(f"sweep point {job.name}: {exc}") from exc
 

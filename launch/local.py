@@ -44,6 +44,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--sweep", action="append", metavar="KEY=V1,V2",
                    help="one run per value, one after the other (repeatable: the product)")
     p.add_argument("--no-validate", action="store_true", help="do not load the training config before starting")
+    p.add_argument("--no-check-paths", action="store_true",
+                   help="validate the config but not its checkpoint / data / tokenizer paths")
     p.add_argument("--quiet", action="store_true", help="do not stream the runs' logs here")
     p.add_argument("--dryrun", action="store_true", help="print the torchrun command(s); run nothing")
     return p
@@ -57,10 +59,12 @@ def planned_jobs(args: argparse.Namespace) -> list[TrainingJob]:
     if not os.path.isfile(args.config):
         raise LaunchError(f"training config {args.config}: no such file")
     ranks = f"--nproc-per-node ({args.nproc_per_node})"
-    cfg = None if args.no_validate else check_training_config(args.config, args.overrides, args.nproc_per_node, ranks)
+    paths = not args.no_check_paths
+    cfg = None if args.no_validate else check_training_config(args.config, args.overrides, args.nproc_per_node, ranks,
+                                                              paths)
     jobs = plan_jobs(args.overrides, args.sweep, output_dir_of(args.config, args.overrides, cfg))
     if not args.no_validate:
-        check_jobs(args.config, jobs, args.nproc_per_node, ranks)
+        check_jobs(args.config, jobs, args.nproc_per_node, ranks, paths)
     return jobs
 
 

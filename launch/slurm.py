@@ -139,6 +139,9 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--no-validate", action="store_true",
                    help="do not load the training config here (when it reads files that exist only on the "
                         "cluster, e.g. init.hf_config); the job still checks it at start-up")
+    t.add_argument("--no-check-paths", action="store_true",
+                   help="validate the config but not its checkpoint / data / tokenizer paths (when the job sees "
+                        "another filesystem than this machine, e.g. container mounts)")
     t.add_argument("--dryrun", action="store_true", help="print the sbatch script(s); submit nothing")
     return p
 
@@ -234,15 +237,15 @@ def check_settings(s: dict[str, Any]) -> None:
 
 
 def planned_jobs(config: str, overrides: list[str], sweeps: list[str] | None, s: dict[str, Any],
-                 validate: bool = True) -> list[TrainingJob]:
+                 validate: bool = True, check_paths: bool = True) -> list[TrainingJob]:
     """The runs of the launch, each checked against nodes x gpus_per_node ranks before anything is
     submitted; every job resumes automatically (``run.resume=auto``)."""
     world = s["nodes"] * s["gpus_per_node"]
     ranks = f"nodes ({s['nodes']}) x gpus_per_node ({s['gpus_per_node']})"
-    cfg = check_training_config(config, overrides, world, ranks) if validate else None
+    cfg = check_training_config(config, overrides, world, ranks, check_paths) if validate else None
     jobs = plan_jobs(overrides, sweeps, output_dir_of(config, overrides, cfg))
     if validate:
-        check_jobs(config, jobs, world, ranks)
+        check_jobs(config, jobs, world, ranks, check_paths)
     return [TrainingJob(job.name, tuple(with_resume_auto(job.overrides))) for job in jobs]
 
 
@@ -382,7 +385,8 @@ def main(argv: list[str] | None = None) -> int:
                               f"training config as an absolute path mounted into the container, not {args.config!r}")
         if not os.path.isfile(args.config):
             raise LaunchError(f"training config {args.config}: no such file")
-        jobs = planned_jobs(args.config, args.overrides, args.sweep, s, validate=not args.no_validate)
+        jobs = planned_jobs(args.config, args.overrides, args.sweep, s, validate=not args.no_validate,
+                            check_paths=not args.no_check_paths)
         scripts = launch(args.config, jobs, s, dryrun=args.dryrun)
     except LaunchError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -251,17 +251,27 @@ def layout_rank(
     }
 
 
-def cuda_available_rank(rank: int, world_size: int) -> dict[str, Any]:
-    """With CUDA reported available, enable_cpu_runtime must patch nothing (and import no Megatron)."""
+def cuda_available_rank(rank: int, world_size: int, device: str) -> dict[str, Any]:
+    """With CUDA reported available: under GIFT_MEGATRON_DEVICE=auto the process trains on CUDA and
+    enable_cpu_runtime must patch nothing (and import no Megatron); under =cpu (the CPU tests on a GPU host)
+    it must patch, and the patched modules must see no CUDA."""
+    import os
     import sys
 
     from gift_megatron.parallel import cpu_runtime
 
+    os.environ["GIFT_MEGATRON_DEVICE"] = device
     torch.cuda.is_available = lambda: True
     cpu_runtime.enable_cpu_runtime()
+    patched_sees_cuda = None
+    if cpu_runtime.cpu_runtime_enabled():
+        from megatron.core.pipeline_parallel import schedules
+
+        patched_sees_cuda = schedules.torch.cuda.is_available()
     return {
         "enabled": cpu_runtime.cpu_runtime_enabled(),
         "megatron_imported": any(m.startswith("megatron") for m in sys.modules),
+        "patched_sees_cuda": patched_sees_cuda,
     }
 
 
@@ -341,8 +351,13 @@ def test_bf16_mixed_precision_trains_on_cpu(reference: dict[str, Any]) -> None:
 
 @pytest.mark.timeout(60)
 def test_enable_cpu_runtime_is_a_no_op_with_cuda() -> None:
-    (result,) = run_ranks(cuda_available_rank, 1, timeout=50)
-    assert result == {"enabled": False, "megatron_imported": False}
+    (result,) = run_ranks(cuda_available_rank, 1, "auto", timeout=50)
+    assert result == {"enabled": False, "megatron_imported": False, "patched_sees_cuda": None}
+
+
+def test_cpu_runtime_on_a_gpu_host_when_the_process_is_told_cpu() -> None:
+    (result,) = run_ranks(cuda_available_rank, 1, "cpu", timeout=50)
+    assert result == {"enabled": True, "megatron_imported": True, "patched_sees_cuda": False}
 
 
 @pytest.mark.timeout(180)

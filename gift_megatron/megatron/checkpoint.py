@@ -85,6 +85,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from gift_megatron import comm
+from gift_megatron.device import use_cuda
+
 __all__ = [
     "CheckpointError",
     "MANIFEST_NAME",
@@ -249,7 +252,7 @@ def save_checkpoint(
 
     # One temporary name for all ranks; a fresh one per save, so a stale directory is never reused.
     token = [f"{_TMP_PREFIX}step_{step:08d}_{uuid.uuid4().hex[:12]}" if rank == 0 else None]
-    dist.broadcast_object_list(token, src=0)
+    comm.broadcast_objects(token, src=0)
     tmp = os.path.join(root, token[0])
     error = None
     if rank == 0:
@@ -276,7 +279,7 @@ def save_checkpoint(
     state["extra"] = extra
 
     dist_checkpointing.save(state, tmp, content_metadata=content_metadata)
-    dist.barrier()  # every rank's shards are on disk before rank 0 declares the checkpoint complete
+    comm.barrier()  # every rank's shards are on disk before rank 0 declares the checkpoint complete
 
     final = checkpoint_path(root, step)
     if rank == 0:
@@ -325,7 +328,7 @@ def _check_sharding_type(sharding_type: str) -> None:
                     " supported')")
         raise ValueError(f"distrib_optim_sharding_type must be one of {_SAVE_SHARDING_TYPES}, got "
                          f"{sharding_type!r}{hint}")
-    if sharding_type == "fully_reshardable" and not torch.cuda.is_available():
+    if sharding_type == "fully_reshardable" and not use_cuda():
         raise ValueError("distrib_optim_sharding_type='fully_reshardable' gathers the optimizer state on the "
                          "CUDA device (megatron-core 0.16, 0.19); without CUDA use 'dp_reshardable'")
 
@@ -377,8 +380,7 @@ def _remove(path: str) -> None:
 
 def _raise_if_rank0_failed(error: str | None, path: str) -> None:
     """Share rank 0's error (or None) with every rank; all raise together."""
-    box = [error]
-    dist.broadcast_object_list(box, src=0)
+    box = comm.broadcast_objects([error], src=0)
     if box[0] is not None:
         raise CheckpointError(f"saving checkpoint {path} failed on rank 0: {box[0]}")
 
@@ -608,8 +610,7 @@ def _gather_problems(problems: list[str], model_keys: set[str]) -> tuple[list[st
     """Every rank's problems (rank-tagged, deduplicated) and the union of every rank's model tensor keys."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return problems, model_keys
-    gathered: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, (problems, model_keys))
+    gathered = comm.all_gather_objects((problems, model_keys))
     merged: list[str] = []
     keys: set[str] = set()
     for rank, (rank_problems, rank_keys) in enumerate(gathered):
@@ -770,8 +771,7 @@ def _model_tensors(model_state: dict[str, Any]) -> dict[str, dict[str, Any]]:
 def _gather_model_tensors(model_state: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """The model tensor table of all ranks (each pipeline stage has its own layers)."""
     table = _model_tensors(model_state)
-    gathered: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, table)
+    gathered = comm.all_gather_objects(table)
     merged: dict[str, dict[str, Any]] = {}
     for part in gathered:
         merged.update(part)
@@ -920,7 +920,7 @@ def _rng_state() -> dict[str, Any]:
     from megatron.core import tensor_parallel
 
     cuda = None
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
+    if use_cuda() and torch.cuda.is_initialized():
         cuda = torch.cuda.get_rng_state()
     return {
         "random": random.getstate(),
@@ -937,7 +937,7 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["random"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
-    if state["cuda"] is not None and torch.cuda.is_available():
+    if state["cuda"] is not None and use_cuda():
         torch.cuda.set_rng_state(state["cuda"])
     tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
 
