@@ -219,7 +219,7 @@ def build(cfg, spec: str, seed: int):
     parallel = model_module.ParallelConfig(tensor_model_parallel_size=ps.get_tensor_model_parallel_world_size())
     precision = model_module.PrecisionConfig(dtype="fp32")
     _EXTRA_STATE_COUNTER[:] = [seed, 0]
-    patch = mock.patch.object(model_module, "layer_spec", lambda c: te_block_spec(c)) if spec == "te" \
+    patch = mock.patch.object(model_module, "layer_spec", lambda c, backend=None: te_block_spec(c)) if spec == "te" \
         else contextlib.nullcontext()
     with patch:
         model = model_module.build_model(cfg, parallel, precision)
