@@ -139,6 +139,7 @@ def test_factory_places_the_trainers_engine_on_its_replica(monkeypatch):
     cfg = TrainConfig()
     cfg.parallel.tensor_model_parallel_size, cfg.rollout.tensor_parallel_size = 2, 2
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("GIFT_MEGATRON_DEVICE", "auto")  # the process trains on the (simulated) GPUs
     monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
     monkeypatch.setattr(torch.distributed, "get_rank", lambda: 2)
     monkeypatch.setattr(torch.distributed, "get_world_size", lambda: 8)

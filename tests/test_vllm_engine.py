@@ -383,6 +383,7 @@ def test_separate_engine_process_sees_its_replicas_gpus(recording, monkeypatch, 
     path, _ = recording
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("GIFT_MEGATRON_DEVICE", "auto")  # the process trains on the (simulated) GPUs
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
     engine = vllm_engine.VLLMRolloutEngine(path, tensor_parallel_size=1 if devices is None else len(devices),
                                            separate_process=True, cuda_devices=devices, skip_tokenizer_init=True)
