@@ -255,6 +255,12 @@ def test_second_job_fails_at_once_and_sigkill_of_torchrun_stops_its_workers_then
         assert len(second.stderr.splitlines()) == 1 and second.stderr.startswith("error: "), second.stderr
         print(f"\nsecond job on a locked run dir: refused after {took:.1f} s (interpreter and imports included)")
 
+        # The resume below needs a complete checkpoint: on a loaded machine step 2's save may still be under
+        # way when the metrics line of step 2 appears.
+        latest = os.path.join(run, "checkpoints", "latest")
+        deadline = time.time() + 120
+        while not os.path.exists(latest) and time.time() < deadline and job_a.poll() is None:
+            time.sleep(0.2)
         # SIGKILL of torchrun: its workers (in sessions of their own) must stop, with LAUNCHER_GONE_EXIT.
         open(go, "w").close()
         job_a.wait(timeout=60)
