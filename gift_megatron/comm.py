@@ -114,28 +114,33 @@ def all_reduce_max(x: torch.Tensor, group: ProcessGroup | None) -> torch.Tensor:
     return _reduce(x, dist.ReduceOp.MAX, group)
 
 
+def _op(op: str, caller: str):
+    ops = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}
+    if op not in ops:
+        raise ValueError(f"{caller}: op must be one of {sorted(ops)}, got {op!r}")
+    return ops[op]
+
+
 def all_reduce_host(values: Sequence[float], op: str = "sum", group: Any = WORLD) -> list[float]:
     """Reduce Python numbers over ``group`` (default: every rank) in fp64; one host copy of the result.
 
     ``op``: "sum" or "max". For metrics the trainer keeps on the host (counts, rewards).
     """
-    ops = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}
-    if op not in ops:
-        raise ValueError(f"all_reduce_host: op must be one of {sorted(ops)}, got {op!r}")
+    reduce_op = _op(op, "all_reduce_host")
     if group_size(group) == 1:
         return [float(v) for v in values]
     t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=group_device(group))
-    dist.all_reduce(t, op=ops[op], group=_pg(group))
+    dist.all_reduce(t, op=reduce_op, group=_pg(group))
     return t.tolist()
 
 
 def all_reduce_tensor(x: torch.Tensor, op: str = "sum", group: Any = WORLD) -> torch.Tensor:
-    """In-place-style reduce of a device tensor over ``group`` (default: every rank); returns the result on
-    ``x``'s device (the same tensor when it already lives on the group's device)."""
-    ops = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}
+    """Out-of-place reduce of a device tensor over ``group`` (default: every rank), no gradient; the
+    result is on ``x``'s device. ``op``: "sum" or "max"."""
+    reduce_op = _op(op, "all_reduce_tensor")
     if group_size(group) == 1:
         return x
-    return _reduce(x, ops[op], group)
+    return _reduce(x, reduce_op, group)
 
 
 @torch.no_grad()

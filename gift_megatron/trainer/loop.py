@@ -352,9 +352,11 @@ class Trainer:
         return payload[0]
 
     # ------------------------------------------------------------------------------------------ step
-    def _global_sum(self, values: list[float]) -> list[float]:
-        """Sum over data-parallel replicas of per-replica values (every rank of a replica holds the same)."""
-        return comm.all_reduce_host(values if self.owner else [0.0] * len(values), "sum")
+    def _global_sum(self, values: list[float], every_rank: tuple[float, ...] = ()) -> list[float]:
+        """Sum over data-parallel replicas of per-replica ``values`` (every rank of a replica holds the same;
+        the owner's count), followed by the sums of ``every_rank`` (values only some ranks hold, each counted
+        where it is): one reduction, one host copy."""
+        return comm.all_reduce_host((list(values) if self.owner else [0.0] * len(values)) + list(every_rank), "sum")
 
     def train_one_step(self) -> dict[str, float]:
         cfg = self.cfg
@@ -394,8 +396,7 @@ class Trainer:
         # last pipeline stage, which is not the owner when PP > 1): one reduction, one host copy.
         per_replica = [sum(m.reward for m in rollout), len(rollout), sum(len(m.response_ids) for m in rollout),
                        sum(m.finished for m in rollout), tokens]
-        r_sum, r_n, len_sum, fin, tok, kl_sum, kl_n = comm.all_reduce_host(
-            (per_replica if self.owner else [0.0] * len(per_replica)) + list(kl), "sum")
+        r_sum, r_n, len_sum, fin, tok, kl_sum, kl_n = self._global_sum(per_replica, kl)
         metrics = dict(results[-1].metrics)
         metrics.update({
             "loss": sum(r.loss for r in results) / len(results),
