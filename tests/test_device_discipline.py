@@ -283,9 +283,12 @@ def test_backend_selection_and_refusals_without_transformer_engine():
     assert select_backend(plain, bf16, cuda=True, transformer_engine=True) == "transformer_engine"
     assert select_backend(plain, bf16, cuda=True, transformer_engine=False) == "local"
     assert select_backend(plain, bf16, cuda=False, transformer_engine=False) == "local"
+    # Sequence parallelism runs on the local spec (SequenceParallelRMSNorm), with or without CUDA.
+    sp = ParallelConfig(tensor_model_parallel_size=2, sequence_parallel=True)
+    assert select_backend(sp, bf16, cuda=True, transformer_engine=False) == "local"
+    assert select_backend(sp, bf16, cuda=False, transformer_engine=False) == "local"
     for parallel, precision, key in [
         (plain, PrecisionConfig(dtype="bf16", fp8="hybrid"), "precision.fp8"),
-        (ParallelConfig(tensor_model_parallel_size=2, sequence_parallel=True), bf16, "parallel.sequence_parallel"),
         (ParallelConfig(context_parallel_size=2), bf16, "parallel.context_parallel_size"),
     ]:
         for cuda in (True, False):
