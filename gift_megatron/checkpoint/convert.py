@@ -146,7 +146,9 @@ def single_process_megatron(tp: int = 1, pp: int = 1) -> Iterator[None]:
 def build_cpu_model(model_cfg: Any, dtype: torch.dtype, *, tp: int | None = None, pp: int | None = None):
     """This rank's GPTModel for ``model_cfg`` on the CPU with the local layer spec, parameters in ``dtype``,
     not randomly initialized (every weight is about to be overwritten), even on a CUDA machine: conversion
-    keeps the whole TP=1 model in host memory, not on one GPU. Megatron's parallel state must exist.
+    keeps the whole TP=1 model in host memory, not on one GPU. Megatron's parallel state must exist; a
+    Mixture-of-Experts model takes its expert-parallel sizes from it (SequentialMLP experts; sequence
+    parallelism at TP > 1, which Megatron's MoE layer requires).
 
     Its checkpoints load into Transformer Engine models too (the local spec saves its norms under TE's
     names, ``linear_qkv.layer_norm_weight`` / ``linear_fc1.layer_norm_weight``).
@@ -154,13 +156,16 @@ def build_cpu_model(model_cfg: Any, dtype: torch.dtype, *, tp: int | None = None
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
-    from gift_megatron.megatron.model import ParallelConfig, PrecisionConfig, transformer_config
+    from gift_megatron.megatron.model import ParallelConfig, PrecisionConfig, decoder_spec, transformer_config
 
     tp = tp or ps.get_tensor_model_parallel_world_size()
     pp = pp or ps.get_pipeline_model_parallel_world_size()
-    parallel = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+    moe = bool(getattr(model_cfg, "num_experts", 0))
+    experts = dict(expert_model_parallel_size=ps.get_expert_model_parallel_world_size(),
+                   expert_tensor_parallel_size=ps.get_expert_tensor_parallel_world_size(),
+                   sequence_parallel=tp > 1) if moe else {}
+    parallel = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, **experts)
     parallel.validate(dist.get_world_size(), model_cfg)
     config = transformer_config(
         model_cfg, parallel, PrecisionConfig(dtype=_PRECISION[dtype]), perform_initialization=False,
@@ -169,7 +174,7 @@ def build_cpu_model(model_cfg: Any, dtype: torch.dtype, *, tp: int | None = None
         apply_rope_fusion=False, cross_entropy_loss_fusion=False)
     gpt = GPTModel(
         config=config,
-        transformer_layer_spec=get_gpt_layer_local_spec(qk_layernorm=model_cfg.qk_layernorm, normalization="RMSNorm"),
+        transformer_layer_spec=decoder_spec(model_cfg, config, "local"),
         vocab_size=model_cfg.padded_vocab_size(tp),
         max_sequence_length=model_cfg.max_position_embeddings,
         pre_process=ps.is_pipeline_first_stage(),

@@ -29,7 +29,15 @@ from typing import Any, Iterable, Iterator
 
 import torch
 
-from gift_megatron.checkpoint.mapping import HF_ARCHITECTURES, SUPPORTED_ARCHITECTURES, expected_hf_shapes
+from gift_megatron.checkpoint.mapping import (
+    HF_ARCHITECTURES,
+    MOE_ARCHITECTURES,
+    SUPPORTED_ARCHITECTURES,
+    expected_hf_shapes,
+    fused_hf_names,
+    fused_hf_shape,
+    split_fused_hf,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +53,8 @@ _ST_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32
               "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 _ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
 _SHARD_NAME = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")
+# A routed expert's weight in on-disk naming: model.layers.<layer>.(mlp|block_sparse_moe).experts.<expert>.
+_EXPERT_HF = re.compile(r"^model\.layers\.(\d+)\.(?:mlp|block_sparse_moe)\.experts\.(\d+)\.")
 
 
 class ConversionError(ValueError):
@@ -150,12 +160,20 @@ class HFCheckpoint:
 
     Attributes: ``path``; ``hf_config`` (config.json as a dict); ``model_config`` (the
     :class:`~gift_megatron.megatron.model.ModelConfig`); ``dtype`` (the torch dtype of the weights, read
-    from the embedding tensor); ``weight_map`` (tensor name -> file name); ``total_bytes`` (tensor bytes).
+    from the embedding tensor); ``weight_map`` (tensor name in the files -> file name); ``names`` (the
+    tensors in Hugging Face's on-disk naming, per expert for Mixture-of-Experts layers, in file order);
+    ``total_bytes`` (tensor bytes).
+
+    Mixture-of-Experts files may name the experts one by one (what transformers writes) or fused as
+    transformers 5 holds them in memory (``mlp.experts.gate_up_proj`` [E, 2*I, h], ``mlp.experts.down_proj``
+    [E, h, I]); either way :meth:`iter_tensors` and :meth:`tensor` give the per-expert tensors (views of
+    the fused ones, see :func:`~.mapping.split_fused_hf`).
 
     Raises ConversionError naming the file and the problem for: no config.json, an unsupported
     architecture (listing the supported ones), a config Megatron cannot express, no safetensors weights,
-    an unreadable index, a shard the index names that does not exist, a truncated or corrupt shard, and
-    tensors missing, unexpected or of the wrong shape for the config.
+    an unreadable index, a shard the index names that does not exist, a truncated or corrupt shard, a
+    number of experts other than config.json's (both numbers and the file), and tensors missing,
+    unexpected or of the wrong shape for the config.
     """
 
     def __init__(self, path: str | os.PathLike) -> None:
@@ -172,10 +190,51 @@ class HFCheckpoint:
         for name, file in self.weight_map.items():
             if name not in self._headers[file][0]:
                 raise ConversionError(f"{index_file}: maps {name!r} to {file}, which does not contain it")
+        # On-disk name -> (name in the file, its part): fused expert tensors stand for several names.
+        self._source: dict[str, tuple[str, int | None]] = {}
+        for name in self.weight_map:
+            parts = fused_hf_names(name, self.model_config)
+            for k, part in enumerate(parts or [name]):
+                self._source[part] = (name, k if parts is not None else None)
+        self._check_experts()
         self._check_tensors()
         embed = self._info("model.embed_tokens.weight")
         self.dtype = _ST_DTYPES[embed["dtype"]]
-        self.total_bytes = self.nbytes(self.weight_map)
+        self.names = [n for file in sorted(self._headers) for raw in self._file_order(file)
+                      for n in (fused_hf_names(raw, self.model_config) or [raw])]
+        self.total_bytes = self.nbytes(self.names)
+
+    def _file_order(self, file: str) -> list[str]:
+        header = self._headers[file][0]
+        return [n for n in sorted(header, key=lambda n: header[n]["data_offsets"][0]) if self.weight_map.get(n) == file]
+
+    def _expert_key(self) -> str:
+        return "num_local_experts" if "num_local_experts" in self.hf_config else "num_experts"
+
+    def _check_experts(self) -> None:
+        """A checkpoint with another number of experts than config.json: one error naming both numbers and
+        the file, instead of a list of missing or unexpected tensors."""
+        cfg = self.model_config
+        want = getattr(cfg, "num_experts", 0)
+        if not want:
+            return
+        key = self._expert_key()
+        for name, file in sorted(self.weight_map.items()):
+            if fused_hf_names(name, cfg) is not None and len(fused_hf_shape(name, cfg)) == 3:
+                got = list(self._headers[file][0][name]["shape"])
+                if got and got[0] != want:
+                    raise ConversionError(f"{os.path.join(self.path, file)}: {name} holds {got[0]} experts (shape "
+                                          f"{got}), config.json says {key}={want}")
+        per_layer: dict[int, dict[int, str]] = {}
+        for name, file in self.weight_map.items():
+            m = _EXPERT_HF.match(name)
+            if m:
+                per_layer.setdefault(int(m.group(1)), {})[int(m.group(2))] = file
+        for layer, found in sorted(per_layer.items()):
+            if len(found) != want or max(found) != want - 1:
+                files = ", ".join(sorted({os.path.join(self.path, f) for f in found.values()}))
+                raise ConversionError(f"{files}: layer {layer} has {len(found)} experts (indices {min(found)}.."
+                                      f"{max(found)}), config.json says {key}={want}")
 
     def _weight_map(self) -> tuple[dict[str, str], str]:
         index_file = os.path.join(self.path, INDEX_FILE)
@@ -201,18 +260,40 @@ class HFCheckpoint:
     def _info(self, name: str) -> dict[str, Any]:
         return self._headers[self.weight_map[name]][0][name]
 
+    def _shape(self, name: str) -> tuple[int, ...]:
+        """Shape of on-disk name ``name`` (of its part, for a fused expert tensor)."""
+        raw, part = self._source[name]
+        shape = tuple(self._info(raw)["shape"])
+        if part is None or len(fused_hf_shape(raw, self.model_config)) == 2:  # Mixtral's router: renamed only
+            return shape
+        if raw.endswith("gate_up_proj"):
+            return (shape[1] // 2, shape[2])
+        return shape[1:]
+
     def nbytes(self, names: Iterable[str]) -> int:
-        """Bytes of the tensors ``names`` in the files."""
-        return sum(self._info(n)["data_offsets"][1] - self._info(n)["data_offsets"][0] for n in names)
+        """Bytes of the tensors ``names`` (on-disk names) in the files."""
+        total = 0
+        for n in names:
+            raw, _ = self._source[n]
+            numel = 1
+            for d in self._shape(n):
+                numel *= d
+            total += numel * _ST_DTYPES[self._info(raw)["dtype"]].itemsize
+        return total
 
     def _check_tensors(self) -> None:
         expected = expected_hf_shapes(self.model_config)
-        have = set(self.weight_map)
+        have = set(self._source)
         tied_head = {"lm_head.weight"} if self.model_config.tie_embeddings else set()
         missing = sorted(set(expected) - have)
         unexpected = sorted(have - set(expected) - tied_head)
-        wrong = [f"{n}: {list(self._info(n)['shape'])} (config implies {list(expected[n])})"
-                 for n in sorted(have & set(expected)) if tuple(self._info(n)["shape"]) != expected[n]]
+        wrong = [f"{n}: {list(self._shape(n))} (config implies {list(expected[n])})"
+                 for n in sorted(have & set(expected)) if self._shape(n) != expected[n]]
+        for raw in sorted(self.weight_map):  # fused expert tensors: their whole shape
+            if fused_hf_names(raw, self.model_config) is not None:
+                want = fused_hf_shape(raw, self.model_config)
+                if tuple(self._info(raw)["shape"]) != want:
+                    wrong.append(f"{raw}: {list(self._info(raw)['shape'])} (config implies {list(want)})")
         problems = []
         if missing:
             problems.append(f"missing tensors {_few(missing)}")
@@ -225,23 +306,29 @@ class HFCheckpoint:
             raise ConversionError(f"{self.path}: " + "; ".join(problems))
 
     def tensor(self, name: str) -> torch.Tensor:
-        """One tensor (read from its shard; a copy)."""
-        if name not in self.weight_map:
+        """One tensor by its on-disk name (read from its shard; a copy)."""
+        if name not in self._source:
             raise ConversionError(f"{self.path}: tensor {name!r} is not in the checkpoint")
-        file = self.weight_map[name]
-        return _MappedFile(os.path.join(self.path, file), *self._headers[file]).tensor(name).clone()
+        raw, _ = self._source[name]
+        file = self.weight_map[raw]
+        full = _MappedFile(os.path.join(self.path, file), *self._headers[file]).tensor(raw)
+        return dict(split_fused_hf(raw, full, self.model_config))[name].clone()
 
     def iter_tensors(self, names: Iterable[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
-        """(name, tensor) of ``names`` (default: all), shard by shard, each shard in file order, so the disk
-        is read sequentially once. Tensors are zero-copy views of the memory-mapped shard: copy what must
-        outlive the next shard (the map is released when the last view is)."""
-        wanted = set(self.weight_map) if names is None else set(names)
+        """(on-disk name, tensor) of ``names`` (default: all), shard by shard, each shard in file order, so the
+        disk is read sequentially once. Tensors are zero-copy views of the memory-mapped shard (a fused expert
+        tensor gives its experts as views of it): copy what must outlive the next shard (the map is released
+        when the last view is)."""
+        wanted = set(self._source) if names is None else set(names)
+        raws = {self._source[n][0] for n in wanted if n in self._source}
         for file in sorted(self._headers):
             header, start = self._headers[file]
             mapped = _MappedFile(os.path.join(self.path, file), header, start)
-            for name in mapped.names_in_file_order():
-                if name in wanted and self.weight_map.get(name) == file:
-                    yield name, mapped.tensor(name)
+            for raw in mapped.names_in_file_order():
+                if raw in raws and self.weight_map.get(raw) == file:
+                    for name, tensor in split_fused_hf(raw, mapped.tensor(raw), self.model_config):
+                        if name in wanted:
+                            yield name, tensor
             del mapped
 
 
@@ -263,8 +350,12 @@ def read_hf_config(path: str) -> dict[str, Any]:
     archs = cfg.get("architectures") or []
     arch = archs[0] if archs else None
     if arch not in SUPPORTED_ARCHITECTURES:
-        raise ConversionError(f"{cfg_file}: unsupported architecture {arch!r}; supported: "
-                              f"{', '.join(SUPPORTED_ARCHITECTURES)} (tools/README.md says what other families need)")
+        experts = cfg.get("num_experts") or cfg.get("num_local_experts") or cfg.get("n_routed_experts")
+        what = "Mixture-of-Experts architecture" if experts else "architecture"
+        moe = f" (Mixture-of-Experts: {', '.join(MOE_ARCHITECTURES)})" if experts else ""
+        raise ConversionError(f"{cfg_file}: unsupported {what} {arch!r}; supported: "
+                              f"{', '.join(SUPPORTED_ARCHITECTURES)}{moe} (tools/README.md says what other "
+                              "families need)")
     return cfg
 
 
@@ -277,13 +368,13 @@ def model_config_from_hf(cfg: dict[str, Any], where: str = "config.json"):
     if family is not None and cfg.get("model_type") != family:
         raise ConversionError(f"{where}: architectures {arch!r} with model_type {cfg.get('model_type')!r} "
                               f"(expected {family!r})")
-    if family in ("llama", "qwen3") and cfg.get("attention_bias"):
+    if family in ("llama", "qwen3", "qwen3_moe", "mixtral") and cfg.get("attention_bias"):
         raise ConversionError(f"{where}: attention_bias=true puts a bias on o_proj too, which Megatron's "
                               "add_qkv_bias does not have")
     if cfg.get("mlp_bias"):
         raise ConversionError(f"{where}: mlp_bias=true is not supported (Megatron models have no MLP biases here)")
-    if cfg.get("use_sliding_window"):
-        raise ConversionError(f"{where}: use_sliding_window=true is not supported (full attention only)")
+    if cfg.get("use_sliding_window") or (family == "mixtral" and cfg.get("sliding_window")):
+        raise ConversionError(f"{where}: sliding-window attention is not supported (full attention only)")
     try:
         return ModelConfig.from_hf_config(cfg)
     except (ValueError, KeyError) as exc:

@@ -5,8 +5,10 @@
     load_hf_weights_into_model(model, model_cfg, {"model.embed_tokens.weight": t, ...})   # in memory
 
 Every rank of every layout loads what it holds itself: a rank reads only the HF tensors of its pipeline
-stage and copies only its tensor-parallel rows / columns (QKV per query group, ``[gate_r; up_r]`` for
-fc1, zero-padded vocabulary rows). No collective is involved.
+stage (and of its expert-parallel rank's experts) and copies only its tensor-parallel rows / columns (QKV
+per query group, ``[gate_r; up_r]`` for fc1, zero-padded vocabulary rows; routed experts over the expert-TP
+ranks). No collective is involved. Mixture-of-Experts tensors may come per expert (on-disk names) or fused
+as transformers 5 holds them in memory (``mlp.experts.gate_up_proj`` / ``down_proj``).
 """
 
 from __future__ import annotations
@@ -19,11 +21,12 @@ import torch
 
 from gift_megatron.checkpoint.hf_io import ConversionError, HFCheckpoint
 from gift_megatron.checkpoint.layout import LocalParam, as_chunks, local_params
-from gift_megatron.checkpoint.mapping import expected_hf_shapes, hf_names, megatron_tensor_from_hf
+from gift_megatron.checkpoint.mapping import expected_hf_shapes, hf_names, megatron_tensor_from_hf, split_fused_hf
 
 
 @torch.no_grad()
-def load_hf_weights_into_model(model: Any, model_cfg: Any, source: Any, *, progress: bool = False) -> int:
+def load_hf_weights_into_model(model: Any, model_cfg: Any, source: Any, *, progress: bool = False,
+                               only: Any = None) -> int:
     """Set every parameter of this rank's model chunk(s) from Hugging Face tensors; returns how many.
 
     Args:
@@ -34,6 +37,8 @@ def load_hf_weights_into_model(model: Any, model_cfg: Any, source: Any, *, progr
             stage's tensors), or HF (name, full tensor) pairs: a mapping or an iterable (e.g. a stream of
             ``iter_hf_weights`` buckets flattened). A tied ``lm_head.weight`` is ignored.
         progress: show a tqdm bar (bytes read).
+        only: set only the parameters for which ``only(local_param)`` is true (the others are neither read
+            nor required; the streaming conversion fills one layer at a time this way).
 
     Tensors are cast to each parameter's dtype and copied to its device. Each parameter is set as soon
     as all its HF parts have arrived (q, k, v for QKV; gate, up for fc1), so host memory holds at most the
@@ -45,8 +50,10 @@ def load_hf_weights_into_model(model: Any, model_cfg: Any, source: Any, *, progr
         match the config, or parameters whose HF tensors never came.
     """
     chunks = as_chunks(model)
-    tp, tp_rank = _tp()
+    groups = {False: _tp(), True: _etp()}  # (size, rank) that splits a dense / a routed expert's tensor
     params = local_params(chunks, tied_output=True)
+    if only is not None:
+        params = [lp for lp in params if only(lp)]
     expected = expected_hf_shapes(model_cfg)
     # HF name -> the parameters that need it (a tied embedding feeds the embedding and its last-stage copy).
     needs: dict[str, list[int]] = defaultdict(list)
@@ -57,19 +64,20 @@ def load_hf_weights_into_model(model: Any, model_cfg: Any, source: Any, *, progr
     done: set[int] = set()
     received: set[str] = set()
 
+    if isinstance(source, Mapping):  # everything checked before the model changes
+        source = dict(_split_fused(source.items(), model_cfg))
+        for name, tensor in source.items():
+            _check(name, tensor, expected, model_cfg)
+        _raise_if_unset(params, [k for k, lp in enumerate(params)
+                                 if any(n not in source for n in hf_names(lp.name, lp.layer, model_cfg))],
+                        set(source), model_cfg)
     stream, total = _stream(source, set(needs))
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=total, desc="HF -> Megatron", unit="B", unit_scale=True)
-    if isinstance(source, Mapping):  # everything checked before the model changes
-        for name, tensor in source.items():
-            _check(name, tensor, expected, model_cfg)
-        _raise_if_unset(params, [k for k, lp in enumerate(params)
-                                 if any(n not in source for n in hf_names(lp.name, lp.layer, model_cfg))],
-                        set(source), model_cfg)
-    for name, tensor in stream:
+    for name, tensor in _split_fused(stream, model_cfg):
         if bar is not None:
             bar.update(tensor.numel() * tensor.element_size())
         _check(name, tensor, expected, model_cfg)
@@ -80,7 +88,7 @@ def load_hf_weights_into_model(model: Any, model_cfg: Any, source: Any, *, progr
             parts[k][name] = tensor
             if len(parts[k]) == len(names):
                 got = parts.pop(k)
-                _set(lp, [got[n] for n in names], model_cfg, tp, tp_rank)
+                _set(lp, [got[n] for n in names], model_cfg, *groups[lp.expert])
                 done.add(k)
     if bar is not None:
         bar.close()
@@ -93,6 +101,15 @@ def _raise_if_unset(params: list[LocalParam], unset: list[int], received: set[st
         missing = sorted({n for k in unset for n in hf_names(params[k].name, params[k].layer, model_cfg)} - received)
         raise ConversionError(f"{len(unset)} parameters were not set: the HF source has no {missing[:6]}"
                               f"{' ...' if len(missing) > 6 else ''}")
+
+
+def _split_fused(pairs, model_cfg: Any):
+    """(name, tensor) pairs with transformers' fused expert tensors replaced by their per-expert views."""
+    for name, tensor in pairs:
+        try:
+            yield from split_fused_hf(name, tensor, model_cfg)
+        except ValueError as exc:
+            raise ConversionError(str(exc)) from None
 
 
 def _check(name: str, tensor: torch.Tensor, expected: dict[str, tuple[int, ...]], model_cfg: Any) -> None:
@@ -123,12 +140,22 @@ def _tp() -> tuple[int, int]:
     return ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
 
 
+def _etp() -> tuple[int, int]:
+    """(size, rank) of the expert tensor-parallel group (TP's before Megatron has expert groups)."""
+    from megatron.core import parallel_state as ps
+
+    try:
+        return ps.get_expert_tensor_parallel_world_size(), ps.get_expert_tensor_parallel_rank()
+    except (AssertionError, AttributeError, RuntimeError):
+        return _tp()
+
+
 def _stream(source: Any, wanted: set[str]):
     """(iterator of (name, tensor), total bytes or None) for any accepted source."""
     if isinstance(source, (str, os.PathLike)):
         source = HFCheckpoint(source)
     if isinstance(source, HFCheckpoint):
-        names = [n for n in source.weight_map if n in wanted]
+        names = [n for n in source.names if n in wanted]
         return source.iter_tensors(names), source.nbytes(names)
     if isinstance(source, Mapping):
         return iter(source.items()), sum(t.numel() * t.element_size() for t in source.values())

@@ -1,4 +1,5 @@
-"""Megatron-Core GPTModel <-> Hugging Face names and layouts for the dense families (Llama, Qwen2, Qwen3).
+"""Megatron-Core GPTModel <-> Hugging Face names and layouts: dense Llama, Qwen2, Qwen3 and the
+Mixture-of-Experts Qwen3-MoE, Qwen2-MoE and Mixtral.
 
 One small table per family maps a Megatron parameter (layer-local name) to its Hugging Face tensor(s) and
 a :class:`Rule` saying how the layouts differ:
@@ -16,6 +17,23 @@ a :class:`Rule` saying how the layouts differ:
 H = num_attention_heads, G = num_query_groups, d = head_dim, h = hidden_size, ffn = ffn_hidden_size,
 V = the tokenizer's vocab_size. All functions here take and return plain tensors of any dtype and device.
 
+Mixture-of-Experts layers (E = num_experts, I = the expert width ``expert_ffn_hidden_size``, S = the shared
+expert's width). Megatron names each routed expert's weights by its *global* index ``e`` here
+(``mlp.experts.local_experts.{e}.linear_fc1.weight`` [2*I, h] = ``[gate; up]`` per expert-TP rank,
+``...linear_fc2.weight`` [h, I]); :mod:`.layout` turns the local index of an expert-parallel rank (and
+Transformer Engine's grouped-GEMM names ``mlp.experts.linear_fc1.weight{j}``) into it. The router
+``mlp.router.weight`` [E, h] is HF's ``mlp.gate.weight``; Qwen2-MoE's shared expert
+``mlp.shared_experts.linear_fc1/fc2`` is HF's ``mlp.shared_expert.{gate,up,down}_proj`` and its gate
+``mlp.shared_experts.gate_weight`` [1, h] is ``mlp.shared_expert_gate.weight``. Mixtral keeps its original
+names: ``block_sparse_moe.gate`` and ``block_sparse_moe.experts.{e}.w1`` (gate) / ``w3`` (up) / ``w2`` (down).
+Dense layers of a MoE model (Qwen ``mlp_only_layers``) use the dense rows of the table.
+
+Hugging Face names: the per-expert names above are what transformers writes to disk (and what vLLM loads).
+transformers 5 holds the experts of a layer fused in memory, ``mlp.experts.gate_up_proj`` [E, 2*I, h]
+(``[gate_e; up_e]`` per expert) and ``mlp.experts.down_proj`` [E, h, I] (Mixtral: under ``mlp.`` instead of
+``block_sparse_moe.``); files saved from a state dict carry those names. :func:`split_fused_hf` turns such
+tensors into the per-expert ones (views), so every reader accepts both spellings; writers use per-expert names.
+
 With the Transformer Engine layer spec (GPU) the layer norms are fused into the next linear layer and
 named ``self_attention.linear_qkv.layer_norm_weight`` and ``mlp.linear_fc1.layer_norm_weight``;
 :data:`TE_NORM_NAMES` maps them to the local spec's ``input_layernorm.weight`` / ``pre_mlp_layernorm.weight``,
@@ -24,6 +42,7 @@ so one table serves both specs (the names are read from the model's own paramete
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -63,7 +82,33 @@ QWEN3_LAYER = {  # Llama + RMSNorm over each head's queries and keys (weights [d
     "self_attention.q_layernorm.weight": _copy(f"{_ATTN}q_norm.weight"),
     "self_attention.k_layernorm.weight": _copy(f"{_ATTN}k_norm.weight"),
 }
-FAMILY_TABLES: dict[str, dict[str, Rule]] = {"llama": LLAMA_LAYER, "qwen2": QWEN2_LAYER, "qwen3": QWEN3_LAYER}
+# Mixture-of-Experts rows. ``{e}``: the global 0-based expert index. Dense MLP rows stay for the layers a
+# Qwen model keeps dense (mlp_only_layers); which rows a layer has is decided by megatron_param_shapes.
+_EXPERT = "mlp.experts.local_experts.{e}."
+_QWEN_MOE = {
+    "mlp.router.weight": _copy(f"{_MLP}gate.weight"),
+    f"{_EXPERT}linear_fc1.weight": Rule("fc1", (f"{_MLP}experts.{{e}}.gate_proj.weight",
+                                                 f"{_MLP}experts.{{e}}.up_proj.weight")),
+    f"{_EXPERT}linear_fc2.weight": _copy(f"{_MLP}experts.{{e}}.down_proj.weight"),
+}
+_MOE = "model.layers.{i}.block_sparse_moe."
+MIXTRAL_LAYER = {
+    **{k: v for k, v in LLAMA_LAYER.items() if not k.startswith("mlp.")},
+    "mlp.router.weight": _copy(f"{_MOE}gate.weight"),
+    f"{_EXPERT}linear_fc1.weight": Rule("fc1", (f"{_MOE}experts.{{e}}.w1.weight", f"{_MOE}experts.{{e}}.w3.weight")),
+    f"{_EXPERT}linear_fc2.weight": _copy(f"{_MOE}experts.{{e}}.w2.weight"),
+}
+QWEN3_MOE_LAYER = {**QWEN3_LAYER, **_QWEN_MOE}
+QWEN2_MOE_LAYER = {
+    **QWEN2_LAYER, **_QWEN_MOE,
+    "mlp.shared_experts.linear_fc1.weight": Rule("fc1", (f"{_MLP}shared_expert.gate_proj.weight",
+                                                         f"{_MLP}shared_expert.up_proj.weight")),
+    "mlp.shared_experts.linear_fc2.weight": _copy(f"{_MLP}shared_expert.down_proj.weight"),
+    "mlp.shared_experts.gate_weight": _copy(f"{_MLP}shared_expert_gate.weight"),
+}
+FAMILY_TABLES: dict[str, dict[str, Rule]] = {"llama": LLAMA_LAYER, "qwen2": QWEN2_LAYER, "qwen3": QWEN3_LAYER,
+                                             "qwen3_moe": QWEN3_MOE_LAYER, "qwen2_moe": QWEN2_MOE_LAYER,
+                                             "mixtral": MIXTRAL_LAYER}
 
 # Outside the decoder layers: the same for every family.
 TOP_LEVEL: dict[str, Rule] = {
@@ -75,8 +120,22 @@ TE_NORM_NAMES = {
     "self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
     "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight",
 }
-HF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+HF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+                    "qwen3_moe": "Qwen3MoeForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
+                    "mixtral": "MixtralForCausalLM"}
+MOE_ARCHITECTURES = ("MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM")
 SUPPORTED_ARCHITECTURES = tuple(sorted(HF_ARCHITECTURES.values()))
+
+_EXPERT_NAME = re.compile(r"^mlp\.experts\.local_experts\.(\d+)\.(.+)$")
+
+
+def expert_of(name: str) -> tuple[str, int | None]:
+    """(table key, global expert index) of a layer-local Megatron name: ``mlp.experts.local_experts.5.x``
+    -> (``mlp.experts.local_experts.{e}.x``, 5); any other name -> (name, None)."""
+    m = _EXPERT_NAME.match(name)
+    if m is None:
+        return name, None
+    return f"mlp.experts.local_experts.{{e}}.{m.group(2)}", int(m.group(1))
 
 
 def rule_for(name: str, layer: int | None, family: str) -> Rule:
@@ -87,7 +146,7 @@ def rule_for(name: str, layer: int | None, family: str) -> Rule:
             raise KeyError(f"no Hugging Face tensor for Megatron tensor {name!r}")
         return TOP_LEVEL[name]
     table = FAMILY_TABLES[family]
-    local = TE_NORM_NAMES.get(name, name)
+    local, _ = expert_of(TE_NORM_NAMES.get(name, name))
     if local not in table:
         raise KeyError(f"family {family!r} has no Hugging Face tensor for Megatron tensor decoder.layers.N.{name}")
     return table[local]
@@ -98,7 +157,8 @@ def hf_names(name: str, layer: int | None, model_cfg: Any) -> tuple[str, ...]:
     of the embedding the last pipeline stage holds) is made of the embedding."""
     if name == "output_layer.weight" and model_cfg.tie_embeddings:
         return TOP_LEVEL["embedding.word_embeddings.weight"].hf
-    return tuple(t.format(i=layer) for t in rule_for(name, layer, model_cfg.family).hf)
+    _, expert = expert_of(name)
+    return tuple(t.format(i=layer, e=expert) for t in rule_for(name, layer, model_cfg.family).hf)
 
 
 # --------------------------------------------------------------------------------------- layouts
@@ -142,11 +202,12 @@ def megatron_tensor_to_hf(name: str, full: torch.Tensor, model_cfg: Any, tp: int
     """The Hugging Face (name, tensor) pairs of one full Megatron tensor.
 
     name: the parameter name inside the GPTModel (``decoder.layers.N.`` removed for layer tensors, whose
-    global 0-based index is ``layer``); full: the TP-gathered tensor of a model at TP=``tp`` (vocabulary
-    padding included: it is stripped here). The results may be views of ``full``.
+    global 0-based index is ``layer``; a routed expert by its global index); full: the tensor gathered over
+    the ``tp`` ranks that split it (the expert-TP ranks for a routed expert; vocabulary padding included:
+    it is stripped here). The results may be views of ``full``.
     """
     rule = rule_for(name, layer, model_cfg.family)
-    names = [t.format(i=layer) for t in rule.hf]
+    names = list(hf_names(name, layer, model_cfg)) if layer is not None else [rule.hf[0]]
     if rule.kind == "qkv":
         return list(zip(names, split_qkv(full, model_cfg.num_attention_heads, model_cfg.num_query_groups,
                                          model_cfg.head_dim)))
@@ -199,20 +260,24 @@ def megatron_tensor_from_hf(name: str, layer: int | None, parts: list[torch.Tens
 # ------------------------------------------------------------------------------------ the HF side
 def megatron_param_shapes(model_cfg: Any) -> dict[tuple[str, int | None], tuple[int, ...]]:
     """(local-spec name, global layer index or None) -> unpadded full shape of every Megatron parameter of
-    ``model_cfg`` at TP=1 (the vocabulary dim is ``vocab_size``, not the padded one)."""
+    ``model_cfg`` at TP=1 (the vocabulary dim is ``vocab_size``, not the padded one; routed experts by their
+    global index)."""
     h, d, ffn = model_cfg.hidden_size, model_cfg.head_dim, model_cfg.ffn_hidden_size
     qkv = (model_cfg.num_attention_heads + 2 * model_cfg.num_query_groups) * d
     shapes: dict[tuple[str, int | None], tuple[int, ...]] = {
         ("embedding.word_embeddings.weight", None): (model_cfg.vocab_size, h)}
+    moe_layers = _moe_layers(model_cfg)
     for i in range(model_cfg.num_layers):
         layer = {
             "input_layernorm.weight": (h,),
             "self_attention.linear_qkv.weight": (qkv, h),
             "self_attention.linear_proj.weight": (h, model_cfg.num_attention_heads * d),
             "pre_mlp_layernorm.weight": (h,),
-            "mlp.linear_fc1.weight": (2 * ffn, h),
-            "mlp.linear_fc2.weight": (h, ffn),
         }
+        if moe_layers[i]:
+            layer.update(_moe_shapes(model_cfg))
+        else:
+            layer.update({"mlp.linear_fc1.weight": (2 * ffn, h), "mlp.linear_fc2.weight": (h, ffn)})
         if model_cfg.add_qkv_bias:
             layer["self_attention.linear_qkv.bias"] = (qkv,)
         if model_cfg.qk_layernorm:
@@ -225,6 +290,29 @@ def megatron_param_shapes(model_cfg: Any) -> dict[tuple[str, int | None], tuple[
     return shapes
 
 
+def _moe_layers(model_cfg: Any) -> list[bool]:
+    """Per layer, whether it is a Mixture-of-Experts layer (all False for a dense ModelConfig)."""
+    layers = getattr(model_cfg, "moe_layers", None)
+    return layers() if layers is not None else [False] * model_cfg.num_layers
+
+
+def _moe_shapes(model_cfg: Any) -> dict[str, tuple[int, ...]]:
+    """Layer-local name -> full shape of the MLP parameters of one MoE layer (router, every routed expert by
+    global index, the shared expert and its gate when the config has them)."""
+    h, experts, width = model_cfg.hidden_size, model_cfg.num_experts, model_cfg.expert_ffn_hidden_size
+    out: dict[str, tuple[int, ...]] = {"mlp.router.weight": (experts, h)}
+    for e in range(experts):
+        out[f"mlp.experts.local_experts.{e}.linear_fc1.weight"] = (2 * width, h)
+        out[f"mlp.experts.local_experts.{e}.linear_fc2.weight"] = (h, width)
+    shared = getattr(model_cfg, "moe_shared_expert_intermediate_size", None)
+    if shared:
+        out["mlp.shared_experts.linear_fc1.weight"] = (2 * shared, h)
+        out["mlp.shared_experts.linear_fc2.weight"] = (h, shared)
+        if model_cfg.moe_shared_expert_gate:
+            out["mlp.shared_experts.gate_weight"] = (1, h)
+    return out
+
+
 def expected_hf_shapes(model_cfg: Any) -> dict[str, tuple[int, ...]]:
     """HF name -> shape of every tensor a Hugging Face checkpoint of ``model_cfg`` holds (a tied
     ``lm_head.weight`` is not listed: transformers does not save it, and it is ignored when present).
@@ -234,7 +322,7 @@ def expected_hf_shapes(model_cfg: Any) -> dict[str, tuple[int, ...]]:
     H, G, d = model_cfg.num_attention_heads, model_cfg.num_query_groups, model_cfg.head_dim
     for (name, layer), shape in megatron_param_shapes(model_cfg).items():
         rule = rule_for(name, layer, model_cfg.family)
-        names = [t.format(i=layer) for t in rule.hf]
+        names = list(hf_names(name, layer, model_cfg)) if layer is not None else [rule.hf[0]]
         if rule.kind == "qkv":
             rest = shape[1:]
             out.update(zip(names, [(H * d, *rest), (G * d, *rest), (G * d, *rest)]))
@@ -243,6 +331,67 @@ def expected_hf_shapes(model_cfg: Any) -> dict[str, tuple[int, ...]]:
         else:
             out[names[0]] = shape
     return out
+
+
+# --------------------------------------------------------------- transformers' fused in-memory experts
+_FUSED_HF = re.compile(r"^model\.layers\.(\d+)\.mlp\.(experts\.gate_up_proj|experts\.down_proj|gate\.weight)$")
+
+
+def fused_hf_names(name: str, model_cfg: Any) -> list[str] | None:
+    """The per-expert (on-disk) HF names that transformers' in-memory tensor ``name`` stands for, in expert
+    order (``[gate_0, up_0, gate_1, up_1, ...]`` for ``gate_up_proj``); None when ``name`` is not such a
+    tensor of this family (every per-expert or dense name)."""
+    m = _FUSED_HF.match(name)
+    if m is None or not getattr(model_cfg, "num_experts", 0):
+        return None
+    i, what = int(m.group(1)), m.group(2)
+    if i >= model_cfg.num_layers or not _moe_layers(model_cfg)[i]:
+        return None
+    mixtral = model_cfg.family == "mixtral"
+    if what == "gate.weight":  # Qwen's router name is already the on-disk one; Mixtral's moves
+        return [f"model.layers.{i}.block_sparse_moe.gate.weight"] if mixtral else None
+    base = f"model.layers.{i}.block_sparse_moe.experts" if mixtral else f"model.layers.{i}.mlp.experts"
+    parts = (("w1", "w3") if mixtral else ("gate_proj", "up_proj")) if what.endswith("gate_up_proj") else \
+        (("w2",) if mixtral else ("down_proj",))
+    return [f"{base}.{e}.{p}.weight" for e in range(model_cfg.num_experts) for p in parts]
+
+
+def fused_hf_shape(name: str, model_cfg: Any) -> tuple[int, ...]:
+    """The shape transformers gives the fused tensor ``name`` (see :func:`fused_hf_names`) under ``model_cfg``:
+    gate_up_proj [E, 2*I, h], down_proj [E, h, I], Mixtral's in-memory router [E, h]."""
+    h, experts, width = model_cfg.hidden_size, model_cfg.num_experts, model_cfg.expert_ffn_hidden_size
+    if name.endswith("gate_up_proj"):
+        return (experts, 2 * width, h)
+    if name.endswith("down_proj"):
+        return (experts, h, width)
+    return (experts, h)
+
+
+def split_fused_hf(name: str, tensor: torch.Tensor, model_cfg: Any) -> list[tuple[str, torch.Tensor]]:
+    """(name, tensor) as the per-expert (on-disk) HF tensors: views of ``tensor`` when ``name`` is one of
+    transformers' fused in-memory expert tensors (``gate_up_proj`` [E, 2*I, h] -> gate [I, h] and up
+    [I, h] per expert; ``down_proj`` [E, h, I] -> down [h, I]), else ``[(name, tensor)]`` unchanged.
+
+    Raises ValueError naming both numbers when a fused tensor holds another number of experts than the
+    config, and naming both shapes for any other shape mismatch."""
+    names = fused_hf_names(name, model_cfg)
+    if names is None:
+        return [(name, tensor)]
+    want = fused_hf_shape(name, model_cfg)
+    got = tuple(tensor.shape)
+    if len(got) == len(want) and got[0] != want[0] and len(want) == 3:
+        raise ValueError(f"HF tensor {name!r} holds {got[0]} experts (shape {list(got)}), the config has "
+                         f"num_experts={want[0]}")
+    if got != want:
+        raise ValueError(f"HF tensor {name!r} has shape {list(got)}, the config implies {list(want)}")
+    if len(names) == 1:  # Mixtral's router
+        return [(names[0], tensor)]
+    if name.endswith("gate_up_proj"):
+        width = want[1] // 2
+        views = [t for e in range(want[0]) for t in (tensor[e, :width], tensor[e, width:])]
+    else:
+        views = list(tensor.unbind(0))
+    return list(zip(names, views))
 
 
 def hf_config_dict(model_cfg: Any, dtype: torch.dtype | str = torch.bfloat16, **extra: Any) -> dict:
@@ -278,13 +427,45 @@ def hf_config_dict(model_cfg: Any, dtype: torch.dtype | str = torch.bfloat16, **
     if family == "llama":
         cfg["attention_bias"] = False
         cfg["mlp_bias"] = False
-    if family in ("qwen2", "qwen3"):
+    if family in ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe"):
         cfg["use_sliding_window"] = False
-    if family == "qwen3":
+    if family in ("qwen3", "qwen3_moe", "mixtral"):
         cfg["attention_bias"] = False
+    if getattr(model_cfg, "num_experts", 0):
+        cfg.update(_hf_moe_config(model_cfg))
     if model_cfg.rope_scaling_factor is not None:
         cfg["rope_scaling"] = {"rope_type": "llama3", "factor": model_cfg.rope_scaling_factor,
                                "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                                "original_max_position_embeddings": 8192}
     cfg.update(extra)
     return cfg
+
+
+def _hf_moe_config(model_cfg: Any) -> dict:
+    """The Mixture-of-Experts keys of config.json for a Qwen3-MoE / Qwen2-MoE / Mixtral ModelConfig.
+
+    Raises ValueError for a combination the Hugging Face class cannot express (a shared expert outside
+    Qwen2-MoE, Qwen2-MoE without its gated shared expert, Mixtral with dense layers or pre-softmax routing)."""
+    family, layers = model_cfg.family, model_cfg.moe_layers()
+    shared, gate = model_cfg.moe_shared_expert_intermediate_size, model_cfg.moe_shared_expert_gate
+    if family == "qwen2_moe" and not (shared and gate):
+        raise ValueError("Qwen2-MoE always has a shared expert with a sigmoid gate: set "
+                         "model.moe_shared_expert_intermediate_size and model.moe_shared_expert_gate")
+    if family != "qwen2_moe" and shared:
+        raise ValueError(f"model.moe_shared_expert_intermediate_size: {HF_ARCHITECTURES[family]} has no shared expert")
+    if family == "mixtral":
+        if not all(layers) or model_cfg.moe_router_pre_softmax:
+            raise ValueError("Mixtral has a MoE block in every layer and renormalizes the top-k weights: "
+                             "model.moe_layer_freq and model.moe_router_pre_softmax must keep their defaults")
+        # Mixtral's intermediate_size is the expert width (it has no dense MLP).
+        return {"num_local_experts": model_cfg.num_experts, "num_experts_per_tok": model_cfg.moe_router_topk,
+                "intermediate_size": model_cfg.expert_ffn_hidden_size, "sliding_window": None,
+                "output_router_logits": False}
+    out = {"num_experts": model_cfg.num_experts, "num_experts_per_tok": model_cfg.moe_router_topk,
+           "moe_intermediate_size": model_cfg.expert_ffn_hidden_size,
+           # norm_topk_prob: renormalized top-k weights = Megatron's default (softmax over the top-k logits).
+           "norm_topk_prob": not model_cfg.moe_router_pre_softmax, "decoder_sparse_step": 1,
+           "mlp_only_layers": [i for i, moe in enumerate(layers) if not moe], "output_router_logits": False}
+    if family == "qwen2_moe":
+        out.update(shared_expert_intermediate_size=shared, qkv_bias=bool(model_cfg.add_qkv_bias))
+    return out
