@@ -3,10 +3,14 @@ checkpoint (loaded at --tp tensor-parallel ranks on the CPU, gloo), print the ma
 relative to the largest |logit|, and exit 1 above --tolerance (2 for bad input).
 
     python tools/verify_conversion.py --hf /models/Qwen2.5-7B-Instruct --megatron /ckpt/qwen2.5-7b --tp 2
+    python tools/verify_conversion.py --hf /models/Qwen3-30B-A3B --megatron /ckpt/qwen3-30b-a3b --ep 2
     python tools/verify_conversion.py --hf DIR --megatron DIR --prompt-ids "151644,872,198;9707,11,1879"
 
---tp N spawns N processes itself (no torchrun needed; they are killed after --timeout seconds). Memory: the
-HF model plus the Megatron model, both in the checkpoint's dtype.
+--tp N spawns N processes itself (no torchrun needed; they are killed after --timeout seconds). For a
+Mixture-of-Experts checkpoint, --ep N splits the routed experts over N expert-parallel ranks and --etp M
+each expert over M ranks (default: --tp); the processes are lcm(TP, ETP x EP), and TP > 1 runs with
+sequence parallelism (Megatron's MoE layer needs it; the sequence length must be a multiple of TP).
+Memory: the HF model plus the Megatron model, both in the checkpoint's dtype.
 
 The tolerance is relative, max |Megatron - HF| / max |HF logit|, because bf16 round-off grows with the
 logits' scale: an absolute 0.5 is loose for a model whose logits are small (another model's checkpoint of
@@ -61,6 +65,9 @@ def main(argv=None) -> int:
     p.add_argument("--hf", required=True, help="the Hugging Face model folder")
     p.add_argument("--megatron", required=True, help="converted checkpoint root or step_* directory")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks to load the checkpoint with")
+    p.add_argument("--ep", type=int, default=1, help="expert-parallel ranks (Mixture-of-Experts checkpoints)")
+    p.add_argument("--etp", type=int, default=None,
+                   help="expert tensor-parallel ranks (Mixture-of-Experts; default: --tp)")
     p.add_argument("--tolerance", type=float, default=None,
                    help="max |logit difference| / max |logit| allowed (default: 1e-4 for fp32 weights, 0.1 for "
                         "bf16/fp16; measurements in the module docstring)")
@@ -85,16 +92,18 @@ def main(argv=None) -> int:
                 raise ConversionError(f"--prompt-ids {a.prompt_ids!r}: {exc}") from exc
         if a.tolerance is not None and not a.tolerance > 0:
             raise ConversionError(f"--tolerance {a.tolerance}: must be > 0 (a relative difference)")
-        if a.tp < 1:
-            raise ConversionError(f"--tp {a.tp}: must be >= 1")
-        r = compare_logits(a.hf, a.megatron, tp=a.tp, tokens=tokens, batch=a.batch, seq_length=a.seq_length,
-                           seed=a.seed, timeout=a.timeout)
+        for flag, value in (("--tp", a.tp), ("--ep", a.ep), ("--etp", a.etp)):
+            if value is not None and value < 1:
+                raise ConversionError(f"{flag} {value}: must be >= 1")
+        r = compare_logits(a.hf, a.megatron, tp=a.tp, ep=a.ep, etp=a.etp, tokens=tokens, batch=a.batch,
+                           seq_length=a.seq_length, seed=a.seed, timeout=a.timeout)
     except (ConversionError, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     tol = a.tolerance if a.tolerance is not None else default_tolerance(r.dtype)
     b, s = r.tokens.shape
-    print(f"max |logit difference| = {r.max_abs_diff:.3e} over {b}x{s} tokens, TP={r.tp}, {r.dtype}; largest "
+    layout = f"TP={r.tp}" + (f", EP={r.ep}" if r.ep > 1 else "") + (f", ETP={r.etp}" if r.etp is not None else "")
+    print(f"max |logit difference| = {r.max_abs_diff:.3e} over {b}x{s} tokens, {layout}, {r.dtype}; largest "
           f"|logit| {r.logit_scale:.3g}; relative {r.relative_diff:.3e} (tolerance {tol:g})")
     if not r.relative_diff <= tol:  # NaN logits fail too
         print(f"FAILED: the relative difference {r.relative_diff:.3e} exceeds --tolerance {tol:g}", file=sys.stderr)

@@ -1,4 +1,4 @@
-"""Streaming export: a TP/PP-sharded Megatron GPTModel in memory -> Hugging Face (name, full tensor) buckets.
+"""Streaming export: a TP/PP/EP-sharded Megatron GPTModel in memory -> Hugging Face (name, full tensor) buckets.
 
     from gift_megatron.checkpoint import hf_config_dict, iter_hf_weights
 
@@ -21,28 +21,59 @@ What moves (nothing touches the disk):
   no send). Ranks of other model replicas (another DP or CP rank) do nothing and return at once; the
   other ranks of r's replica take part in the collectives and yield nothing.
 
+Mixture-of-Experts models: the routed experts of a layer are spread over the expert-parallel (EP) ranks of
+a stage, which belong to different data-parallel replicas, and each expert is split over the expert-TP
+(ETP) ranks. They are exported one expert tensor at a time, by global expert index:
+
+- ``dst_rank=None``: the ETP shards are all-gathered on the EP rank that holds the expert, which broadcasts
+  it over the EP group, then over the pipeline group as above.
+- ``dst_rank=r``: the ETP shards are gathered (``comm.gather_tensors``) onto the holder whose ETP rank is
+  that of r's replica, and the holder sends the full tensor to r point-to-point. This involves ranks of
+  other data-parallel replicas, so with experts *every rank of the world* must run the generator (one
+  small all-gather of rank coordinates over the world comes first); ranks that hold nothing r needs still
+  take part in that all-gather.
+
 Each rank receives at most one full tensor beyond the bucket it is filling. Buckets hold at most
 ``bucket_bytes`` of tensors, except that a single larger tensor is yielded alone. A list of model chunks
 (virtual pipeline stages) is accepted, each layer named by its global number (the tests cover one chunk
 per stage); FP8 parameters (``fp8_param``) are not supported.
 
-Every rank of the replica must run the generator to its end (a consumer that stops early leaves the
-others waiting in a collective).
+Every rank of the replica (of the world, for a Mixture-of-Experts model) must run the generator to its end
+(a consumer that stops early leaves the others waiting in a collective).
 """
 
 from __future__ import annotations
 
+import re
+from dataclasses import dataclass
 from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
 
 from gift_megatron import comm
-from gift_megatron.checkpoint.layout import LocalParam, as_chunks, local_params
+from gift_megatron.checkpoint.layout import LocalParam, as_chunks, expert_parallel, local_params
 from gift_megatron.checkpoint.mapping import megatron_tensor_to_hf
 from gift_megatron.device import compute_device
 
 Bucket = list[tuple[str, torch.Tensor]]
+_EXPERT_INDEX = re.compile(r"^(mlp\.experts\.local_experts\.)(\d+)(\..+)$")
+
+
+@dataclass(frozen=True)
+class _Item:
+    """One Megatron tensor to export: ``name`` (layer-local; a routed expert by global index), ``layer``,
+    ``shape`` (gathered over the ranks that split it), ``dtype``, ``split`` (how many ranks split it: TP,
+    or ETP for an expert; 1 when not split), ``owner`` (the EP rank holding a routed expert; None: a dense
+    tensor) and ``local`` (the index of the tensor in the holder's list of local parameters)."""
+
+    name: str
+    layer: int | None
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    split: int
+    owner: int | None
+    local: int
 
 
 def iter_hf_weights(model: Any, model_cfg: Any, *, bucket_bytes: int = 512 << 20, dst_rank: int | None = None,
@@ -51,9 +82,9 @@ def iter_hf_weights(model: Any, model_cfg: Any, *, bucket_bytes: int = 512 << 20
 
     Args:
         model: this rank's GPTModel (possibly wrapped in Megatron DDP / Float16Module) or its list of
-            virtual-pipeline chunks; any TP/PP layout, local or Transformer Engine spec.
+            virtual-pipeline chunks; any TP/PP/EP/ETP layout, local or Transformer Engine spec.
         model_cfg: its :class:`~gift_megatron.megatron.model.ModelConfig` (family, heads, query groups,
-            head_dim, unpadded ``vocab_size``, ``tie_embeddings``).
+            head_dim, unpadded ``vocab_size``, ``tie_embeddings``, the experts).
         bucket_bytes: the most bytes of tensors in one bucket (a single larger tensor comes alone).
         dst_rank: the global rank that receives the tensors; None: every rank of the replica.
         dtype: cast every tensor to this dtype (None: the parameters' dtype).
@@ -61,10 +92,11 @@ def iter_hf_weights(model: Any, model_cfg: Any, *, bucket_bytes: int = 512 << 20
     Yields:
         lists of (name, tensor): tensors in Hugging Face layout and shape (TP-gathered; QKV split into
         q_proj [H*d, h] / k_proj [G*d, h] / v_proj [G*d, h] (and their biases), fc1 into gate_proj /
-        up_proj [ffn, h]; embedding and lm_head [vocab_size, h] without Megatron's padding rows), on the
-        model's device. A tied ``lm_head.weight`` is not sent (it is the embedding). Tensors may be views
-        of the model's parameters or of each other: copy them to keep them past the next optimizer step.
-        Ranks that receive nothing yield nothing.
+        up_proj [ffn, h]; embedding and lm_head [vocab_size, h] without Megatron's padding rows; routed
+        experts one by one under Hugging Face's on-disk names, e.g. ``model.layers.0.mlp.experts.5.gate_proj
+        .weight`` [I, h], gathered over ETP and EP), on the model's device. A tied ``lm_head.weight`` is not
+        sent (it is the embedding). Tensors may be views of the model's parameters or of each other: copy
+        them to keep them past the next optimizer step. Ranks that receive nothing yield nothing.
     """
     from megatron.core import parallel_state as ps
 
@@ -72,24 +104,18 @@ def iter_hf_weights(model: Any, model_cfg: Any, *, bucket_bytes: int = 512 << 20
         raise ValueError(f"iter_hf_weights: bucket_bytes must be >= 1, got {bucket_bytes}")
     chunks = as_chunks(model)
     local = local_params(chunks, tied_output=False)
-    tp, pp = ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()
-    tp_group, pp_group = ps.get_tensor_model_parallel_group(), ps.get_pipeline_model_parallel_group()
-    stage, tp_rank, me = ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank(), dist.get_rank()
     device = local[0].param.device if local else compute_device()
-
-    plan = _Plan(tp, pp, stage, tp_rank, me, dst_rank, ps)
+    plan = _Plan(ps, dst_rank, moe=bool(getattr(model_cfg, "num_experts", 0)))
     if not plan.in_replica:
         return
     bucket: Bucket = []
     size = 0
-    for src_stage in range(pp):
-        items = plan.stage_items(src_stage, local, tp_group, pp_group)
-        for k, (name, layer, shape, tdtype) in enumerate(items):
-            full = plan.move(src_stage, local[k] if stage == src_stage else None, shape, tdtype, device,
-                             tp_group, pp_group)
+    for src_stage in range(plan.pp):
+        for item in plan.stage_items(src_stage, local, getattr(model_cfg, "num_experts", 0)):
+            full = plan.move(src_stage, item, local, device)
             if full is None:
                 continue
-            for hf_name, tensor in megatron_tensor_to_hf(name, full, model_cfg, tp, layer):
+            for hf_name, tensor in megatron_tensor_to_hf(item.name, full, model_cfg, item.split, item.layer):
                 if dtype is not None:
                     tensor = tensor.to(dtype)
                 nbytes = tensor.numel() * tensor.element_size()
@@ -108,34 +134,84 @@ def iter_hf_tensors(model: Any, model_cfg: Any, **kwargs: Any) -> Iterator[tuple
         yield from bucket
 
 
+def _items(local: list[LocalParam], tp: int, etp: int, ep: int, ep_rank: int, num_experts: int) -> list[_Item]:
+    """This rank's export list: its dense tensors, then every routed expert's (of all EP ranks: the
+    structure is the same on each), layer by layer, by global expert index."""
+    dense = [_Item(lp.name, lp.layer, _full_shape(lp, tp), lp.param.dtype, tp if lp.tp_split else 1, None, k)
+             for k, lp in enumerate(local) if not lp.expert]
+    per_rank = num_experts // ep if num_experts else 0
+    experts: list[_Item] = []
+    by_layer: dict[int | None, list[tuple[int, LocalParam]]] = {}
+    for k, lp in enumerate(local):
+        if lp.expert:
+            by_layer.setdefault(lp.layer, []).append((k, lp))
+    for layer, params in by_layer.items():
+        for owner in range(ep):
+            for k, lp in params:
+                m = _EXPERT_INDEX.match(lp.name)
+                j = int(m.group(2)) - ep_rank * per_rank  # this rank's local index
+                name = f"{m.group(1)}{owner * per_rank + j}{m.group(3)}"
+                experts.append(_Item(name, layer, _full_shape(lp, etp), lp.param.dtype, etp if lp.tp_split else 1,
+                                     owner, k))
+    return dense + experts
+
+
 class _Plan:
     """Who sends what to whom for one export (see the module docstring)."""
 
-    def __init__(self, tp: int, pp: int, stage: int, tp_rank: int, me: int, dst_rank: int | None, ps: Any) -> None:
-        self.tp, self.pp, self.stage, self.tp_rank, self.me, self.dst = tp, pp, stage, tp_rank, me, dst_rank
+    def __init__(self, ps: Any, dst_rank: int | None, moe: bool) -> None:
+        self.tp, self.pp = ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()
+        self.stage, self.tp_rank, self.me = ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank(), dist.get_rank()
+        self.tp_group, self.pp_group = ps.get_tensor_model_parallel_group(), ps.get_pipeline_model_parallel_group()
+        self.ep, self.ep_rank = expert_parallel()
+        self.moe = moe
+        if moe:
+            self.etp, self.etp_rank = ps.get_expert_tensor_parallel_world_size(), ps.get_expert_tensor_parallel_rank()
+            self.etp_group, self.ep_group = ps.get_expert_tensor_parallel_group(), ps.get_expert_model_parallel_group()
+        else:
+            self.etp, self.etp_rank, self.etp_group, self.ep_group = 1, 0, None, None
+        self.dst = dst_rank
         self.in_replica = True
+        self.receives = True
         if dst_rank is None:
             return
         mp_group = ps.get_model_parallel_group()
         mp_ranks = dist.get_process_group_ranks(mp_group)
-        if dst_rank not in mp_ranks:
-            self.in_replica = False
-            return
-        coords = comm.all_gather_objects((me, stage, tp_rank), mp_group)
-        where = {r: (s, t) for r, s, t in coords}
+        if moe:
+            # Experts the destination needs live on other data-parallel replicas: every rank takes part.
+            coords = comm.all_gather_objects(
+                (self.me, self.stage, self.tp_rank, self.ep_rank, self.etp_rank, tuple(mp_ranks),
+                 tuple(dist.get_process_group_ranks(ps.get_expert_tensor_and_model_parallel_group()))))
+            replica = next(c[5] for c in coords if c[0] == dst_rank)
+            where = {c[0]: (c[1], c[2]) for c in coords if c[0] in replica}
+            self.coords = {c[0]: c for c in coords}
+        else:
+            if dst_rank not in mp_ranks:
+                self.in_replica = False
+                return
+            coords = comm.all_gather_objects((self.me, self.stage, self.tp_rank), mp_group)
+            where = {r: (s, t) for r, s, t in coords}
+        self.receives = self.me == dst_rank
         self.dst_stage, self.dst_tp = where[dst_rank]
-        # The rank of each stage that collects that stage's full tensors: the one with dst's TP rank.
+        # The rank of each stage that collects that stage's full dense tensors: the one with dst's TP rank.
         self.collector = {s: r for r, (s, t) in where.items() if t == self.dst_tp}
+        self.in_dense = self.me in where
+        if moe:
+            # Per stage and EP rank: the rank the expert shards are gathered onto (ETP rank of the collector).
+            self.holder: dict[int, dict[int, int]] = {}
+            for s, c in self.collector.items():
+                group, etp_rank = self.coords[c][6], self.coords[c][4]
+                self.holder[s] = {self.coords[r][3]: r for r in group if self.coords[r][4] == etp_rank}
 
     @property
     def everyone(self) -> bool:
         return self.dst is None
 
-    def stage_items(self, src_stage: int, local: list[LocalParam], tp_group, pp_group
-                    ) -> list[tuple[str, int | None, tuple[int, ...], torch.dtype]]:
-        """(name, layer, full shape, dtype) of ``src_stage``'s tensors, on the ranks that need them (the
-        source stage's own ranks compute it; receivers elsewhere get it from the source stage)."""
-        mine = [(lp.name, lp.layer, _full_shape(lp, self.tp), lp.param.dtype) for lp in local]
+    def stage_items(self, src_stage: int, local: list[LocalParam], num_experts: int) -> list[_Item]:
+        """The export list of ``src_stage``, on the ranks that need it (the source stage's own ranks compute
+        it; receivers elsewhere get it from the source stage)."""
+        pp_group = self.pp_group
+        mine = _items(local, self.tp, self.etp, self.ep, self.ep_rank, num_experts)
         if self.pp == 1 or self.stage == src_stage and self.everyone:
             if self.pp > 1:
                 comm.broadcast_objects([mine], src=_global(pp_group, src_stage), group=pp_group)
@@ -152,24 +228,51 @@ class _Plan:
             return comm.recv_objects(1, src=self.collector[src_stage], group=pp_group)[0]
         return []  # neither sends nor receives this stage's tensors
 
-    def move(self, src_stage: int, lp: LocalParam | None, shape, dtype, device, tp_group, pp_group
-             ) -> torch.Tensor | None:
+    def move(self, src_stage: int, item: _Item, local: list[LocalParam], device) -> torch.Tensor | None:
         """One tensor of ``src_stage``: the full tensor on a receiving rank, None elsewhere."""
+        on_stage = self.stage == src_stage
+        if item.owner is not None:
+            return self._move_expert(src_stage, item, local, device)
+        lp = local[item.local] if on_stage else None
         if self.everyone:
-            full = _all_gather_tp(lp, self.tp, tp_group) if lp is not None else torch.empty(shape, dtype=dtype,
-                                                                                                device=device)
+            full = _all_gather_tp(lp, self.tp, self.tp_group) if lp is not None else \
+                torch.empty(item.shape, dtype=item.dtype, device=device)
             if self.pp > 1:
-                full = comm.broadcast_tensor(full, src=_global(pp_group, src_stage), group=pp_group)
+                full = comm.broadcast_tensor(full, src=_global(self.pp_group, src_stage), group=self.pp_group)
             return full
+        if not self.in_dense:
+            return None
         collector = self.collector[src_stage]
         full = None
         if lp is not None:  # on the source stage: gather the shards onto the collector
-            full = _gather_tp(lp, self.tp, tp_group, collector, self.me == collector)
+            full = _gather_tp(lp, self.tp, self.tp_group, collector, self.me == collector)
             if src_stage != self.dst_stage and self.me == collector:
-                comm.send_tensor(full, dst=self.dst, group=pp_group)
+                comm.send_tensor(full, dst=self.dst, group=self.pp_group)
                 return None
         elif self.me == self.dst:
-            full = comm.recv_tensor(shape, dtype, src=collector, group=pp_group, device=device)
+            full = comm.recv_tensor(item.shape, item.dtype, src=collector, group=self.pp_group, device=device)
+        return full if self.me == self.dst else None
+
+    def _move_expert(self, src_stage: int, item: _Item, local: list[LocalParam], device) -> torch.Tensor | None:
+        holds = self.stage == src_stage and self.ep_rank == item.owner
+        lp = local[item.local] if holds else None
+        if self.everyone:
+            full = _all_gather_tp(lp, self.etp, self.etp_group) if lp is not None else \
+                torch.empty(item.shape, dtype=item.dtype, device=device)
+            if self.stage == src_stage and self.ep > 1:
+                full = comm.broadcast_tensor(full, src=_global(self.ep_group, item.owner), group=self.ep_group)
+            if self.pp > 1:
+                full = comm.broadcast_tensor(full, src=_global(self.pp_group, src_stage), group=self.pp_group)
+            return full
+        holder = self.holder[src_stage][item.owner]
+        full = None
+        if lp is not None and self.me in self.coords[self.collector[src_stage]][6]:
+            full = _gather_tp(lp, self.etp, self.etp_group, holder, self.me == holder)
+            if self.me == holder and holder != self.dst:
+                comm.send_tensor(full, dst=self.dst)
+                return None
+        elif self.me == self.dst:
+            full = comm.recv_tensor(item.shape, item.dtype, src=holder, device=device)
         return full if self.me == self.dst else None
 
 
@@ -197,4 +300,3 @@ def _gather_tp(lp: LocalParam, tp: int, group, collector: int, am_collector: boo
 
 def _global(group, group_rank: int) -> int:
     return dist.get_global_rank(group, group_rank)
-

@@ -5,9 +5,13 @@ converted checkpoint loaded at TP ranks on the CPU), and the largest absolute lo
     result = compare_logits("/models/Qwen2.5-0.5B", "/ckpt/qwen2.5-0.5b", tp=2)   # spawns 2 gloo ranks
     result.max_abs_diff, result.logit_scale
 
-TP > 1 runs ``tp`` processes started here (torch.multiprocessing, spawn, file-store rendezvous, killed
-after ``timeout`` seconds); TP=1 runs in this process. Memory: the HF model plus the Megatron model
-(each rank holds 1/TP of it), both in the checkpoint's dtype.
+TP > 1 or EP > 1 runs its ranks in processes started here (torch.multiprocessing, spawn, file-store
+rendezvous, killed after ``timeout`` seconds); TP=1 / EP=1 runs in this process. Mixture-of-Experts
+checkpoints: ``ep`` splits the routed experts over expert-parallel ranks and ``etp`` each expert over
+expert-TP ranks (default: TP, as in Megatron); the world is the least common multiple of TP and ETP x EP
+(the other ranks are data-parallel replicas running the same tokens), and TP > 1 runs with sequence
+parallelism, which Megatron's MoE layer requires. Memory: the HF model plus the Megatron model (each rank
+holds its share), both in the checkpoint's dtype.
 """
 
 from __future__ import annotations
@@ -33,6 +37,8 @@ class LogitComparison:
     tokens: torch.Tensor
     tp: int
     dtype: torch.dtype
+    ep: int = 1
+    etp: int | None = None
 
     @property
     def relative_diff(self) -> float:
@@ -41,12 +47,15 @@ class LogitComparison:
         return self.max_abs_diff / self.logit_scale if self.logit_scale > 0 else float("inf")
 
 
-def compare_logits(hf_dir: str, ckpt: str, *, tp: int = 1, tokens: torch.Tensor | None = None, batch: int = 2,
-                   seq_length: int = 32, seed: int = 0, timeout: float = 1800.0) -> LogitComparison:
-    """Logits of ``tokens`` ([b, s] int64; default: random ids from ``seed``) in both models.
+def compare_logits(hf_dir: str, ckpt: str, *, tp: int = 1, ep: int = 1, etp: int | None = None,
+                   tokens: torch.Tensor | None = None, batch: int = 2, seq_length: int = 32, seed: int = 0,
+                   timeout: float = 1800.0) -> LogitComparison:
+    """Logits of ``tokens`` ([b, s] int64; default: random ids from ``seed``) in both models, the Megatron
+    checkpoint loaded at tensor-parallel ``tp``, expert-parallel ``ep`` and expert-TP ``etp`` (None: tp).
 
     Raises ConversionError before loading anything when the layout is impossible (TP not dividing heads,
-    query groups or the FFN width), the token ids exceed the vocabulary, or the checkpoint's recorded
+    query groups or the FFN width, EP not dividing the experts, EP on a dense model, a sequence length that
+    TP does not divide with experts), the token ids exceed the vocabulary, or the checkpoint's recorded
     architecture differs from the HF folder's.
     """
     from gift_megatron.checkpoint.convert import (
@@ -59,10 +68,15 @@ def compare_logits(hf_dir: str, ckpt: str, *, tp: int = 1, tokens: torch.Tensor 
 
     hf = HFCheckpoint(hf_dir)
     cfg = hf.model_config
+    moe = bool(getattr(cfg, "num_experts", 0))
+    world = verify_world_size(tp, ep, etp)
     try:
-        ParallelConfig(tensor_model_parallel_size=tp).validate(tp, cfg)
+        experts = dict(expert_model_parallel_size=ep, expert_tensor_parallel_size=etp, sequence_parallel=tp > 1) \
+            if moe else dict(expert_model_parallel_size=ep, expert_tensor_parallel_size=etp)
+        ParallelConfig(tensor_model_parallel_size=tp, **experts).validate(world, cfg)
     except ValueError as exc:
-        raise ConversionError(f"--tp {tp}: {exc}") from exc
+        flags = f"--tp {tp}" + (f" --ep {ep}" if ep != 1 else "") + (f" --etp {etp}" if etp is not None else "")
+        raise ConversionError(f"{flags}: {exc}") from exc
     path = resolve_checkpoint(ckpt)
     root = _conversion_root(ckpt, path)
     if root:
@@ -78,12 +92,23 @@ def compare_logits(hf_dir: str, ckpt: str, *, tp: int = 1, tokens: torch.Tensor 
     tokens = torch.as_tensor(tokens, dtype=torch.long)
     if tokens.dim() != 2 or tokens.numel() == 0:
         raise ConversionError(f"token ids must be a non-empty [batch, seq] array, got shape {list(tokens.shape)}")
+    if moe and tokens.shape[1] % tp:
+        raise ConversionError(f"--tp {tp} with experts runs sequence parallelism: the sequence length "
+                              f"{tokens.shape[1]} must be a multiple of {tp}")
     if int(tokens.min()) < 0 or int(tokens.max()) >= cfg.vocab_size:
         raise ConversionError(f"token ids must lie in [0, {cfg.vocab_size}) (the model's vocab_size), got "
                               f"[{int(tokens.min())}, {int(tokens.max())}]")
     ref = hf_logits(hf_dir, tokens, hf.dtype)
-    got = megatron_logits(path, cfg, tokens, tp=tp, timeout=timeout)
-    return LogitComparison((got - ref).abs().max().item(), ref.abs().max().item(), tokens, tp, hf.dtype)
+    got = megatron_logits(path, cfg, tokens, tp=tp, ep=ep, etp=etp, timeout=timeout)
+    return LogitComparison((got - ref).abs().max().item(), ref.abs().max().item(), tokens, tp, hf.dtype, ep, etp)
+
+
+def verify_world_size(tp: int, ep: int = 1, etp: int | None = None) -> int:
+    """Ranks a check at this layout runs on: lcm(TP, ETP x EP), as Megatron's parallel state needs both
+    the dense grid (TP) and the expert grid (ETP x EP) to divide the world."""
+    import math
+
+    return math.lcm(tp, (etp or tp) * ep)
 
 
 def hf_logits(hf_dir: str, tokens: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -95,19 +120,22 @@ def hf_logits(hf_dir: str, tokens: torch.Tensor, dtype: torch.dtype) -> torch.Te
         return model(tokens).logits.float()
 
 
-def megatron_logits(path: str, model_cfg: Any, tokens: torch.Tensor, *, tp: int = 1, timeout: float = 1800.0
-                    ) -> torch.Tensor:
-    """The Megatron checkpoint's logits [b, s, vocab_size] (fp32, vocabulary padding removed) at TP=``tp``."""
+def megatron_logits(path: str, model_cfg: Any, tokens: torch.Tensor, *, tp: int = 1, ep: int = 1,
+                    etp: int | None = None, timeout: float = 1800.0) -> torch.Tensor:
+    """The Megatron checkpoint's logits [b, s, vocab_size] (fp32, vocabulary padding removed) at TP=``tp``,
+    EP=``ep``, ETP=``etp`` (None: tp), from rank 0 of :func:`verify_world_size` ranks."""
     import torch.distributed as dist
 
-    if tp == 1 and not dist.is_initialized():
+    world = verify_world_size(tp, ep, etp)
+    if world == 1 and not dist.is_initialized():
         from gift_megatron.checkpoint.convert import single_process_megatron
 
         with single_process_megatron():
             return _forward(path, model_cfg, tokens)
     with tempfile.TemporaryDirectory(prefix="gift_verify_") as tmp:
         out = os.path.join(tmp, "logits.pt")
-        spawn_ranks(_logits_rank, tp, (os.path.join(tmp, "store"), path, model_cfg, tokens, out), timeout=timeout)
+        spawn_ranks(_logits_rank, world, (os.path.join(tmp, "store"), path, model_cfg, tokens, out, tp, ep, etp),
+                    timeout=timeout)
         return torch.load(out)
 
 
@@ -131,7 +159,8 @@ def _forward(path: str, model_cfg: Any, tokens: torch.Tensor) -> torch.Tensor:
     return local[..., :model_cfg.vocab_size]
 
 
-def _logits_rank(rank: int, world: int, store: str, path: str, model_cfg: Any, tokens: torch.Tensor, out: str) -> None:
+def _logits_rank(rank: int, world: int, store: str, path: str, model_cfg: Any, tokens: torch.Tensor, out: str,
+                 tp: int, ep: int, etp: int | None) -> None:
     import torch.distributed as dist
 
     from gift_megatron.parallel import destroy_model_parallel_cpu, initialize_model_parallel_cpu
@@ -139,7 +168,9 @@ def _logits_rank(rank: int, world: int, store: str, path: str, model_cfg: Any, t
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
-        initialize_model_parallel_cpu(world, 1)
+        experts = dict(expert_model_parallel_size=ep, expert_tensor_parallel_size=etp or tp) \
+            if getattr(model_cfg, "num_experts", 0) else {}
+        initialize_model_parallel_cpu(tp, 1, **experts)
         logits = _forward(path, model_cfg, tokens)
         if rank == 0:
             torch.save(logits, out)
