@@ -1,23 +1,23 @@
 """Hugging Face folder <-> Megatron distributed checkpoint, for the families of :mod:`.mapping`.
 
 HF -> Megatron (:func:`hf_to_megatron`): validate the folder (:class:`~.hf_io.HFCheckpoint`), build the
-model once at TP=1 / PP=1 on the CPU (local spec, no random initialization), fill it streaming the shards
-in file order (:func:`~.load.load_hf_weights_into_model`) and save it with
-:func:`gift_megatron.megatron.save_checkpoint` as ``OUT/step_00000000`` (weights only). Megatron's
-distributed checkpoint then loads at any TP/PP (``load_checkpoint(resolve_checkpoint(OUT), [model])``).
+model at TP=1 / PP=1 on the meta device (local spec), then fill and write it one decoder layer at a time
+(:func:`~.streaming.save_streamed`: each layer is filled from the HF shards, written with Megatron's own
+``dist_checkpointing.save`` and released; the parts are merged into one checkpoint) as ``OUT/step_00000000``
+(weights only), the same checkpoint :func:`gift_megatron.megatron.save_checkpoint` writes. Megatron's
+distributed checkpoint then loads at any TP/PP/EP (``load_checkpoint(resolve_checkpoint(OUT), [model])``).
 ``OUT/gift_conversion.json`` records the architecture (ModelConfig), dtype and source; ``OUT/hf_files/``
 keeps the source's config.json and tokenizer files for the way back.
 
-Megatron -> HF (:func:`megatron_to_hf`): build the model at TP=1 / PP=1 on the CPU in the checkpoint's
-dtype, load the checkpoint, stream :func:`~.export.iter_hf_weights` into safetensors shards of bounded
-size (:class:`~.hf_io.SafetensorsShardWriter`), then write config.json and copy the tokenizer files.
+Megatron -> HF (:func:`megatron_to_hf`): the same meta-device model, read one layer at a time from the
+checkpoint (:func:`~.streaming.iter_streamed`) and streamed through the mapping into safetensors shards of
+bounded size (:class:`~.hf_io.SafetensorsShardWriter`), then config.json and the tokenizer files.
 
-Host memory, both ways: about 1.5 x the model's bytes in its dtype (bf16: 2 bytes per parameter; Qwen2.5-7B's
-7.6 B parameters are 15 GB, peak about 23 GB; Qwen2.5-32B's 32.8 B are 66 GB, peak about 100 GB): the TP=1 model (Megatron-Core builds whole modules) plus the copies
-Megatron's checkpoint writer makes of the fused fc1's gate / up halves before writing (its reader
-concatenates them likewise), plus the few HF tensors in flight. The HF shards are memory-mapped: read
-once, in file order, as page cache. Measured peak with benchmarks/convert.py: 1.5 x the model's bytes
-for HF -> Megatron, 1.4 x for Megatron -> HF.
+Host memory, both ways: the weights of the largest group (the embedding and output layer, or one decoder
+layer: for a Mixture-of-Experts model, one layer's experts) about twice over (the layer, plus the copies
+Megatron's checkpoint writer makes of the fused fc1's gate / up halves, or its reader's), plus the HF
+tensors in flight (Megatron -> HF: up to one output shard, ``--max-shard-size``); not the whole model.
+The HF shards are memory-mapped: read as page cache, one layer's tensors at a time.
 """
 
 from __future__ import annotations
@@ -33,7 +33,6 @@ from typing import Any, Iterator
 
 import torch
 
-from gift_megatron.checkpoint.export import iter_hf_weights
 from gift_megatron.checkpoint.hf_io import (
     ConversionError,
     HFCheckpoint,
@@ -46,8 +45,10 @@ from gift_megatron.checkpoint.hf_io import (
     parse_dtype,
     write_hf_config,
 )
+from gift_megatron.checkpoint.layout import local_params
 from gift_megatron.checkpoint.load import load_hf_weights_into_model
-from gift_megatron.checkpoint.mapping import hf_config_dict
+from gift_megatron.checkpoint.mapping import hf_config_dict, hf_names
+from gift_megatron.checkpoint.streaming import iter_streamed, save_streamed
 
 logger = logging.getLogger(__name__)
 
@@ -205,8 +206,6 @@ def hf_to_megatron(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, *, dty
     problem (before anything is written) for unsupported or inconsistent input, or a tokenizer with more
     tokens than the model's vocabulary.
     """
-    from gift_megatron.megatron.checkpoint import save_checkpoint
-
     hf_dir, out_dir = os.fspath(hf_dir), os.fspath(out_dir)
     check_output_dir(out_dir, overwrite, source=hf_dir)
     hf = HFCheckpoint(hf_dir)
@@ -220,9 +219,24 @@ def hf_to_megatron(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, *, dty
             "hf_source": os.path.abspath(hf_dir), "hf_config": hf.hf_config}
     with staged_output(out_dir, overwrite) as stage:
         with single_process_megatron():
-            model = build_cpu_model(cfg, target)
-            load_hf_weights_into_model(model, cfg, hf, progress=progress)
-            path = save_checkpoint(stage, 0, [model], extra={"conversion": info})
+            with torch.device("meta"):  # materialized one layer at a time (streaming.py)
+                model = build_cpu_model(cfg, target)
+            bar = None
+            if progress:
+                from tqdm.auto import tqdm
+
+                needed = _group_hf_names(model, cfg, lambda lp: True)
+                bar = tqdm(total=hf.nbytes([n for n in hf.names if n in needed]), desc="HF -> Megatron", unit="B",
+                           unit_scale=True)
+
+            def fill(group):
+                load_hf_weights_into_model(model, cfg, hf, only=group.has)
+                if bar is not None:
+                    bar.update(hf.nbytes([n for n in hf.names if n in _group_hf_names(model, cfg, group.has)]))
+
+            path = save_streamed(stage, model, cfg, fill, extra={"conversion": info})
+            if bar is not None:
+                bar.close()
             del model
         hf_files = os.path.join(stage, HF_FILES_DIR)
         copy_tokenizer_files(hf_dir, hf_files)
@@ -254,8 +268,6 @@ def megatron_to_hf(ckpt: str | os.PathLike, out_dir: str | os.PathLike, *, token
     files. Raises ConversionError for a missing architecture, a tokenizer directory without tokenizer
     files, or a tokenizer with more tokens than the model's vocabulary.
     """
-    from gift_megatron.megatron.checkpoint import load_checkpoint
-
     ckpt, out_dir = os.fspath(ckpt), os.fspath(out_dir)
     check_output_dir(out_dir, overwrite, source=ckpt)
     path = resolve_checkpoint(ckpt)
@@ -273,8 +285,8 @@ def megatron_to_hf(ckpt: str | os.PathLike, out_dir: str | os.PathLike, *, token
     with staged_output(out_dir, overwrite) as stage:
         with single_process_megatron():
             src = checkpoint_dtype(path)
-            model = build_cpu_model(model_config, src)
-            load_checkpoint(path, [model], restore_rng=False)
+            with torch.device("meta"):  # materialized one layer at a time (streaming.py)
+                model = build_cpu_model(model_config, src)
             target = target or src
             writer = SafetensorsShardWriter(stage, max_shard_bytes)
             bar = None
@@ -283,11 +295,10 @@ def megatron_to_hf(ckpt: str | os.PathLike, out_dir: str | os.PathLike, *, token
 
                 bar = tqdm(total=model_config.parameter_count() * target.itemsize, desc="Megatron -> HF", unit="B",
                            unit_scale=True)
-            for bucket in iter_hf_weights(model, model_config, bucket_bytes=256 << 20, dtype=target):
-                for name, tensor in bucket:
-                    writer.add(name, tensor)
-                    if bar is not None:
-                        bar.update(tensor.numel() * tensor.element_size())
+            for name, tensor in iter_streamed(path, model, model_config, dtype=target):
+                writer.add(name, tensor)
+                if bar is not None:
+                    bar.update(tensor.numel() * tensor.element_size())
             if bar is not None:
                 bar.close()
             writer.close()
@@ -298,6 +309,12 @@ def megatron_to_hf(ckpt: str | os.PathLike, out_dir: str | os.PathLike, *, token
         else:
             logger.warning("%s: no tokenizer files (pass --tokenizer DIR to add them)", out_dir)
     return out_dir
+
+
+def _group_hf_names(model: Any, model_cfg: Any, has: Any) -> set[str]:
+    """The HF names of the parameters ``has(local_param)`` selects (for the progress bar)."""
+    return {n for lp in local_params([model], tied_output=True) if has(lp)
+            for n in hf_names(lp.name, lp.layer, model_cfg)}
 
 
 def _output_config(model_cfg: Any, dtype: torch.dtype, original: dict | None) -> dict:
