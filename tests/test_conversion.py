@@ -380,7 +380,8 @@ def test_unsupported_architecture_lists_the_supported_ones(tmp_path, capsys):
     assert to_meg.main(["--hf", str(tmp_path / "gpt2"), "--out", str(tmp_path / "o"), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "unsupported architecture 'GPT2LMHeadModel'" in err
-    assert "supported: LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM" in err
+    assert ("supported: LlamaForCausalLM, MixtralForCausalLM, Qwen2ForCausalLM, Qwen2MoeForCausalLM, "
+            "Qwen3ForCausalLM, Qwen3MoeForCausalLM") in err
     assert not (tmp_path / "o").exists()  # refused before writing anything
 
 
