@@ -571,6 +571,9 @@ def _shape_problems(manifest: dict[str, Any], model: dict[str, Any], strict: boo
         if not same:
             mismatched.append(f"{key}: checkpoint {list(have)}, model {list(want)}")
     problems = []
+    experts = _expert_count_problem(saved, model)
+    if experts:
+        problems.append(experts)
     if mismatched:
         problems.append(f"{len(mismatched)} model tensor(s) have another global shape than in the checkpoint "
                         f"(a different model configuration?): " + "; ".join(mismatched[:5])
@@ -578,6 +581,18 @@ def _shape_problems(manifest: dict[str, Any], model: dict[str, Any], strict: boo
     if missing and strict:
         problems.append(f"{len(missing)} model tensor(s) are not in the checkpoint: {_preview(missing)}")
     return problems
+
+
+def _expert_count_problem(saved: dict[str, Any], model: dict[str, Any]) -> str | None:
+    """A Mixture-of-Experts checkpoint whose expert count differs from the model's, said in those words (the
+    router weight, [..., experts, hidden], shows it; the shape list below it would name every expert tensor)."""
+    for key in sorted(model):
+        if key.endswith("mlp.router.weight") and key in saved:
+            have, want = saved[key]["shape"], model[key]["shape"]
+            if len(have) == len(want) >= 2 and have[-2] != want[-2]:
+                return (f"the checkpoint has {have[-2]} experts per MoE layer, the model {want[-2]} (model.num_experts; "
+                        f"{key}: checkpoint {list(have)}, model {list(want)})")
+    return None
 
 
 def _state_problems(manifest: dict[str, Any], layout: dict[str, int], optimizer: Any, scheduler: Any) -> list[str]:

@@ -26,6 +26,7 @@ class HFRolloutEngine:
         self.eos_token_id = eos_token_id if eos_token_id is not None else gen.eos_token_id
         pad = pad_token_id if pad_token_id is not None else gen.pad_token_id
         self.pad_token_id = pad if pad is not None else (self.eos_token_id if self.eos_token_id is not None else 0)
+        self._views: dict[str, tuple[str, torch.Tensor]] | None = None  # built at the first update
 
     @torch.no_grad()
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[Rollout]:
@@ -69,21 +70,62 @@ class HFRolloutEngine:
                 out.append(Rollout(index, prompt_ids.clone(), new[row, :length], lp[row, :length], finished))
         return out
 
+    def _expert_views(self) -> dict[str, tuple[str, torch.Tensor]]:
+        """Hugging Face on-disk name -> (parameter name, view of it) for Mixture-of-Experts weights that
+        transformers holds fused in memory (transformers 5: ``mlp.experts.gate_up_proj`` [E, 2*I, h] and
+        ``down_proj`` [E, h, I]; Mixtral's ``mlp.gate`` is ``block_sparse_moe.gate`` on disk), for the
+        families of :mod:`gift_megatron.checkpoint.mapping`. The weight stream (``iter_hf_weights``) uses the
+        on-disk names, one tensor per expert. Empty for a dense model or another architecture."""
+        if getattr(self, "_views", None) is not None:
+            return self._views
+        from gift_megatron.checkpoint.mapping import fused_hf_names
+        from gift_megatron.megatron.model import ModelConfig
+
+        self._views = {}
+        try:
+            cfg = ModelConfig.from_hf_config(self.model.config)
+        except (ValueError, KeyError, TypeError):
+            return self._views
+        for pname, p in self.model.named_parameters():
+            names = fused_hf_names(pname, cfg)
+            if names is None:
+                continue
+            if pname.endswith("gate_up_proj"):
+                width = p.shape[1] // 2
+                views = [v for e in range(p.shape[0]) for v in (p[e, :width], p[e, width:])]
+            elif pname.endswith("down_proj"):
+                views = list(p.unbind(0))
+            else:  # Mixtral's router: the same tensor under its on-disk name
+                views = [p]
+            self._views.update({n: (pname, v) for n, v in zip(names, views)})
+        return self._views
+
     @torch.no_grad()
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy (Hugging Face name, full tensor) pairs into the model: its own parameter names, or the on-disk
+        per-expert names of experts it holds fused (see :meth:`_expert_views`). Every parameter must come."""
         params = dict(self.model.named_parameters())
         params.update({k: v for k, v in self.model.named_buffers() if k not in params})
+        views = self._expert_views()
         seen = set()
         for name, tensor in named_tensors:
-            if name not in params:
+            if name in params:
+                target = params[name]
+            elif name in views:
+                target = views[name][1]
+            else:
                 raise ValueError(f"update_weights: {name!r} is not a parameter of the rollout model "
                                  f"({type(self.model).__name__})")
-            target = params[name]
             if tuple(target.shape) != tuple(tensor.shape):
                 raise ValueError(f"update_weights: {name!r} has shape {list(tensor.shape)}, the rollout model "
                                  f"expects {list(target.shape)}")
             target.copy_(tensor.to(device=target.device, dtype=target.dtype))
             seen.add(name)
+        # A fused expert parameter is complete when it came whole or every one of its experts came.
+        parts: dict[str, list[str]] = {}
+        for name, (pname, _) in views.items():
+            parts.setdefault(pname, []).append(name)
+        seen |= {pname for pname, names in parts.items() if all(n in seen for n in names)}
         # A tied lm_head is the embedding: it is updated through it, whichever name the stream used.
         missing = [n for n, _ in self.model.named_parameters() if n not in seen]
         if missing and seen:

@@ -513,16 +513,30 @@ class VLLMRolloutEngine:
         self._kv_cache_asleep = False  # after a level-2 wake, until the weight update is complete
         self._weights_stale = False  # a level-2 sleep dropped the weights and no complete update followed
 
-    @staticmethod
-    def _expected_tensors(model_dir: str) -> dict[str, tuple[int, ...]]:
-        """HF parameter names and shapes of the architecture (meta device: no memory). A tied lm_head is
-        the embedding and is not expected in the stream (the export leaves it out)."""
+    def _expected_tensors(self, model_dir: str) -> dict[str, tuple[int, ...]]:
+        """Names and shapes of the architecture's weights as a Hugging Face checkpoint stores them, which is
+        what vLLM's ``load_weights`` takes (meta device: no memory). A tied lm_head is the embedding and is
+        not expected in the stream (the export leaves it out).
+
+        transformers >= 5 holds some weights in another form than it saves them: Mixture-of-Experts experts
+        are fused per layer in memory (``mlp.experts.gate_up_proj`` [E, 2*I, h]) and saved one by one
+        (``mlp.experts.{e}.gate_proj.weight`` [I, h], ...). Its own ``revert_weight_conversion`` (what
+        ``save_pretrained`` applies) gives the saved names from the in-memory ones; the in-memory names that
+        differ are kept in ``self._in_memory_only`` for a clear error."""
         import transformers
 
         cfg = transformers.AutoConfig.from_pretrained(model_dir)
         with torch.device("meta"):
             model = transformers.AutoModelForCausalLM.from_config(cfg)
-        return {n: tuple(p.shape) for n, p in model.named_parameters()}
+        params = dict(model.named_parameters())
+        try:
+            from transformers.core_model_loading import revert_weight_conversion
+        except ImportError:  # transformers 4: saved as held
+            saved = params
+        else:
+            saved = revert_weight_conversion(model, dict(params))
+        self._in_memory_only = sorted(set(params) - set(saved))
+        return {n: tuple(t.shape) for n, t in saved.items()}
 
     @staticmethod
     def _eos_ids(model_dir: str) -> list[int]:
@@ -594,6 +608,11 @@ class VLLMRolloutEngine:
 
     def _check(self, name: str, tensor: torch.Tensor) -> None:
         if name not in self._expected:
+            if name in self._in_memory_only:
+                example = next((n for n in self._expected if ".experts." in n), None)
+                raise ValueError(f"update_weights: {name!r} is transformers' in-memory (fused) name; vLLM loads "
+                                 f"the checkpoint's names, one tensor per expert (e.g. {example!r}), which "
+                                 "iter_hf_weights yields")
             raise ValueError(f"update_weights: {name!r} is not a parameter of {self.model_dir}'s architecture")
         if tuple(tensor.shape) != self._expected[name]:
             raise ValueError(f"update_weights: {name!r} has shape {list(tensor.shape)}, the rollout model expects "
