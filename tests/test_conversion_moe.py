@@ -348,6 +348,31 @@ def test_verify_tool_at_ep2(converted, capsys):
     assert "over 2x4 tokens, TP=1, EP=2" in out
 
 
+def test_training_checkpoint_with_stacked_layers_converts_back(converted, tmp_path):
+    """A trainer's checkpoint stacks the layers' tensors under one key each (Mixtral: every layer alike); the
+    converter's has per-layer keys and is read a layer at a time, a stacked one is read whole: both exactly."""
+    from gift_megatron.checkpoint import (
+        build_cpu_model,
+        megatron_to_hf,
+        model_config_from_info,
+        read_conversion_info,
+        resolve_checkpoint,
+    )
+    from gift_megatron.checkpoint.convert import single_process_megatron
+    from gift_megatron.megatron.checkpoint import load_checkpoint, read_manifest, save_checkpoint
+
+    c = converted["mixtral"]
+    cfg = model_config_from_info(read_conversion_info(c["meg"]))
+    with single_process_megatron():
+        model = build_cpu_model(cfg, torch.float32)
+        load_checkpoint(resolve_checkpoint(c["meg"]), [model], restore_rng=False)
+        path = save_checkpoint(str(tmp_path / "run"), 7, [model])
+    assert "decoder.layers.self_attention.linear_qkv.weight" in read_manifest(path)["model"]["tensors"]  # stacked
+    megatron_to_hf(path, tmp_path / "back", model_config=cfg, progress=False)
+    original, again = hf_tensors(c["hf"]), hf_tensors(tmp_path / "back")
+    assert sorted(again) == sorted(original) and all(torch.equal(again[n], t) for n, t in original.items())
+
+
 # ---------------------------------------------------------------------------------------------- memory
 _MEASURE = r"""
 import json, os, sys, threading, time

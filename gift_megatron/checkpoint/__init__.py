@@ -1,4 +1,5 @@
-"""Layer 4: Hugging Face <-> Megatron weights for Llama-2/3, Qwen2/2.5 and Qwen3 dense.
+"""Layer 4: Hugging Face <-> Megatron weights for Llama-2/3, Qwen2/2.5, Qwen3 dense and the Mixture-of-Experts
+Qwen3-MoE, Qwen2-MoE and Mixtral.
 
 - ``mapping``: one table per family (Megatron name -> HF names and layout rule), QKV / fc1 fusing,
   ``hf_config_dict`` (config.json of a ModelConfig);
@@ -6,7 +7,8 @@
   index; tokenizer files);
 - ``load``: ``load_hf_weights_into_model`` (fill a TP/PP-sharded model from HF tensors in memory or a folder);
 - ``export``: ``iter_hf_weights`` (stream a TP/PP-sharded model as HF-named full tensors, no disk);
-- ``convert``: whole-checkpoint conversion both ways (``tools/convert_*.py``);
+- ``convert``: whole-checkpoint conversion both ways (``tools/convert_*.py``), one layer at a time
+  (``streaming``);
 - ``verify``: the logits of a converted checkpoint next to transformers' (``tools/verify_conversion.py``).
 
 Importing this package imports neither Megatron-Core nor transformers.
@@ -37,6 +39,7 @@ from gift_megatron.checkpoint.load import load_hf_weights_into_model
 from gift_megatron.checkpoint.mapping import (
     FAMILY_TABLES,
     HF_ARCHITECTURES,
+    MOE_ARCHITECTURES,
     SUPPORTED_ARCHITECTURES,
     expected_hf_shapes,
     fuse_fc1,
@@ -45,6 +48,7 @@ from gift_megatron.checkpoint.mapping import (
     megatron_tensor_from_hf,
     megatron_tensor_to_hf,
     split_fc1,
+    split_fused_hf,
     split_qkv,
 )
 
@@ -55,6 +59,6 @@ __all__ = [
     "ConversionError", "HFCheckpoint", "SafetensorsShardWriter", "check_tokenizer_fits", "parse_size",
     "write_hf_config", "write_safetensors_shards",
     "load_hf_weights_into_model",
-    "FAMILY_TABLES", "HF_ARCHITECTURES", "SUPPORTED_ARCHITECTURES", "expected_hf_shapes", "fuse_fc1", "fuse_qkv",
-    "hf_config_dict", "megatron_tensor_from_hf", "megatron_tensor_to_hf", "split_fc1", "split_qkv",
+    "FAMILY_TABLES", "HF_ARCHITECTURES", "MOE_ARCHITECTURES", "SUPPORTED_ARCHITECTURES", "expected_hf_shapes", "fuse_fc1", "fuse_qkv",
+    "hf_config_dict", "megatron_tensor_from_hf", "megatron_tensor_to_hf", "split_fc1", "split_fused_hf", "split_qkv",
 ]

@@ -11,9 +11,12 @@ keeps the source's config.json and tokenizer files for the way back.
 
 Megatron -> HF (:func:`megatron_to_hf`): the same meta-device model, read one layer at a time from the
 checkpoint (:func:`~.streaming.iter_streamed`) and streamed through the mapping into safetensors shards of
-bounded size (:class:`~.hf_io.SafetensorsShardWriter`), then config.json and the tokenizer files.
+bounded size (:class:`~.hf_io.SafetensorsShardWriter`), then config.json and the tokenizer files. A training
+run's checkpoint stacks its layers' tensors (one key per name, a leading layer axis), which one process
+cannot read a layer at a time through Megatron: it is read whole (the model at TP=1, plus the copies of
+the fc1 halves Megatron's reader makes).
 
-Host memory, both ways: the weights of the largest group (the embedding and output layer, or one decoder
+Host memory, both ways (a converted checkpoint): the weights of the largest group (the embedding and output layer, or one decoder
 layer: for a Mixture-of-Experts model, one layer's experts) about twice over (the layer, plus the copies
 Megatron's checkpoint writer makes of the fused fc1's gate / up halves, or its reader's), plus the HF
 tensors in flight (Megatron -> HF: up to one output shard, ``--max-shard-size``); not the whole model.
@@ -48,7 +51,8 @@ from gift_megatron.checkpoint.hf_io import (
 from gift_megatron.checkpoint.layout import local_params
 from gift_megatron.checkpoint.load import load_hf_weights_into_model
 from gift_megatron.checkpoint.mapping import hf_config_dict, hf_names
-from gift_megatron.checkpoint.streaming import iter_streamed, save_streamed
+from gift_megatron.checkpoint.export import iter_hf_tensors
+from gift_megatron.checkpoint.streaming import iter_streamed, per_layer_keys, save_streamed
 
 logger = logging.getLogger(__name__)
 
@@ -268,6 +272,8 @@ def megatron_to_hf(ckpt: str | os.PathLike, out_dir: str | os.PathLike, *, token
     files. Raises ConversionError for a missing architecture, a tokenizer directory without tokenizer
     files, or a tokenizer with more tokens than the model's vocabulary.
     """
+    from gift_megatron.megatron.checkpoint import load_checkpoint
+
     ckpt, out_dir = os.fspath(ckpt), os.fspath(out_dir)
     check_output_dir(out_dir, overwrite, source=ckpt)
     path = resolve_checkpoint(ckpt)
@@ -285,9 +291,19 @@ def megatron_to_hf(ckpt: str | os.PathLike, out_dir: str | os.PathLike, *, token
     with staged_output(out_dir, overwrite) as stage:
         with single_process_megatron():
             src = checkpoint_dtype(path)
-            with torch.device("meta"):  # materialized one layer at a time (streaming.py)
-                model = build_cpu_model(model_config, src)
             target = target or src
+            if per_layer_keys(path):
+                with torch.device("meta"):  # materialized one layer at a time (streaming.py)
+                    model = build_cpu_model(model_config, src)
+                tensors = iter_streamed(path, model, model_config, dtype=target)
+            else:
+                # A training run's checkpoint stacks the layers' tensors (one key per name, a leading layer
+                # axis); a world of one cannot read a slice of those through Megatron (the other slices would
+                # have to be another rank's), so it is read whole.
+                logger.info("%s: layers stacked (a training checkpoint): read whole, not one layer at a time", path)
+                model = build_cpu_model(model_config, src)
+                load_checkpoint(path, [model], restore_rng=False)
+                tensors = iter_hf_tensors(model, model_config, bucket_bytes=256 << 20, dtype=target)
             writer = SafetensorsShardWriter(stage, max_shard_bytes)
             bar = None
             if progress:
@@ -295,7 +311,7 @@ def megatron_to_hf(ckpt: str | os.PathLike, out_dir: str | os.PathLike, *, token
 
                 bar = tqdm(total=model_config.parameter_count() * target.itemsize, desc="Megatron -> HF", unit="B",
                            unit_scale=True)
-            for name, tensor in iter_streamed(path, model, model_config, dtype=target):
+            for name, tensor in tensors:
                 writer.add(name, tensor)
                 if bar is not None:
                     bar.update(tensor.numel() * tensor.element_size())

@@ -198,6 +198,15 @@ def merge_parts(parts: list[str], out: str) -> None:
 _COMMON = "common_state"
 
 
+def per_layer_keys(path: str) -> bool:
+    """Whether the checkpoint at ``path`` keeps every layer under its own keys (``non_homogeneous_layers`` in
+    its content metadata, as :func:`save_streamed` writes it), so that :func:`iter_streamed` can read it a
+    layer at a time. A training run's checkpoint stacks the layers instead."""
+    from gift_megatron.megatron import checkpoint as mc
+
+    return bool(mc.read_manifest(path)["content_metadata"].get("non_homogeneous_layers"))
+
+
 def _check_common_empty(part: str) -> None:
     from megatron.core.dist_checkpointing import load_common_state_dict
 
@@ -213,10 +222,10 @@ def _check_common_empty(part: str) -> None:
 
 def iter_streamed(path: str, model: Any, model_cfg: Any, *, dtype: torch.dtype | None = None
                   ) -> Iterator[tuple[str, torch.Tensor]]:
-    """(Hugging Face name, tensor) of the Megatron checkpoint ``path``, read one group at a time into
-    ``model`` (a TP=1 / PP=1 GPTModel on the meta device of the checkpoint's architecture; the checkpoint
-    has been checked against it). Each tensor is valid until the next one of another group is yielded:
-    the writer takes it before asking for more."""
+    """(Hugging Face name, tensor) of the Megatron checkpoint ``path`` (with per-layer keys: see
+    :func:`per_layer_keys`), read one group at a time into ``model`` (a TP=1 / PP=1 GPTModel on the meta device
+    of the checkpoint's architecture; checked against it first, as ``load_checkpoint`` does). The tensors are
+    views of the group's parameters, which are released (not overwritten) when the next group is read."""
     from megatron.core import dist_checkpointing
 
     from gift_megatron.checkpoint.layout import local_params
