@@ -4,12 +4,15 @@ A tiny Qwen3-MoE-like model (2 MoE layers, hidden 32, 4 experts, top-2, Sequenti
 by gift_megatron's own builder. One process with the whole batch in one micro-batch is the reference; each
 layout (EP=2; TP=2 x EP=2 with ETP=1; TP=2 with ETP=2; PP=2) loads the same weights from a distributed
 checkpoint, splits every group across data-parallel ranks and micro-batches, and runs one SGD step of GIFT,
-GFT and GRPO (all three in one spawned job per layout: process start-up dominates). Loss, gradient norm,
+GFT and GRPO (all three in one spawned job per layout: process start-up dominates). The reference policy's
+log-probs come with the batch (GIFT's implicit rewards are then not all zero); GRPO's old-policy pass and
+GIFT's statistics pass (groups split across ranks) run the MoE model forward-only. The EP=2 job also gives
+the data-parallel ranks different numbers of micro-batches: a clear error before any compute. Loss, gradient norm,
 metrics (router load metrics included) and the updated weights must match to fp32 round-off. SGD, not
 Adam: Adam's first step is lr * sign(grad) and would hide gradient magnitudes. Router losses are off here:
 Megatron computes them per micro-batch, so their values depend on the micro-batch split by design.
 
-The router-loss test compares, on 2 ranks at EP=2, the gradient that our step adds through the aux and
+The router-loss test compares, in the EP=2 job (2 ranks), the gradient that our step adds through the aux and
 z losses (a step with the coefficients minus the same step without) with the gradient Megatron gives them
 in its own convention, a loss function returning count = tokens and no scale hook.
 """
@@ -48,8 +51,12 @@ def global_batch(seed=3):
     lengths = torch.randint(3, SEQ - 3, (N_MEMBERS,), generator=g)
     pos = torch.arange(SEQ)
     mask = ((pos[None] >= 3) & (pos[None] < 3 + lengths[:, None])).float()
+    # A reference policy's log-probs given with the batch (GIFT's implicit rewards and GRPO's KL are then not
+    # degenerate at the first step, as they are when the reference is the initial policy).
+    ref_logp = -3.0 + 0.5 * torch.randn(N_MEMBERS, SEQ, generator=g)
     return {"tokens": tokens[:, :-1].contiguous(), "labels": tokens[:, 1:].contiguous(), "loss_mask": mask,
-            "rewards": torch.randn(N_MEMBERS, generator=g), "group_ids": torch.arange(N_MEMBERS) // GROUP + 100}
+            "rewards": torch.randn(N_MEMBERS, generator=g), "group_ids": torch.arange(N_MEMBERS) // GROUP + 100,
+            "ref_logp": ref_logp}
 
 
 def my_micro_batches(dp_rank, dp_size, n_micro):
@@ -100,7 +107,6 @@ def train_objectives(cfg, parallel, n_micro, init_dir, out_dir):
     """One ObjectiveStep per objective from the init weights; updated weights saved under out_dir/<name>."""
     from megatron.core import parallel_state as ps
 
-    from gift_megatron.megatron.reference import FrozenReference
     from gift_megatron.megatron.step import ObjectiveStep
     from gift_megatron.objectives import build_objective
 
@@ -109,8 +115,7 @@ def train_objectives(cfg, parallel, n_micro, init_dir, out_dir):
         model = build(cfg, parallel)
         load(model, init_dir)
         ddp, opt = ddp_and_sgd(model)
-        reference = FrozenReference([ddp], lambda i: build(cfg, parallel))
-        step = ObjectiveStep(build_objective(name, **options), [ddp], opt, reference=reference)
+        step = ObjectiveStep(build_objective(name, **options), [ddp], opt)
         res = step(my_micro_batches(ps.get_data_parallel_rank(), ps.get_data_parallel_world_size(), n_micro))
         save(ddp.module, os.path.join(out_dir, name))
         results[name] = (res.loss, res.metrics, res.grad_norm)
@@ -146,6 +151,28 @@ def reference_worker(rank, world, root):
     return results, weights
 
 
+def uneven_micro_batches_error(cfg, parallel, init_dir):
+    """Data-parallel rank 0 with 2 micro-batches, rank 1 with 1, at EP=2: (error message, weights unchanged)."""
+    from megatron.core import parallel_state as ps
+
+    from gift_megatron.megatron.step import ObjectiveStep
+    from gift_megatron.objectives import build_objective
+
+    model = build(cfg, parallel)
+    load(model, init_dir)
+    ddp, opt = ddp_and_sgd(model)
+    before = [p.detach().clone() for p in ddp.module.parameters()]
+    mbs = my_micro_batches(ps.get_data_parallel_rank(), ps.get_data_parallel_world_size(), 2)
+    if ps.get_data_parallel_rank() == 1:
+        mbs = mbs[:1]
+    try:
+        ObjectiveStep(build_objective("gft"), [ddp], opt)(mbs)
+        message = None
+    except RuntimeError as exc:
+        message = str(exc)
+    return message, all(torch.equal(a, b) for a, b in zip(before, ddp.module.parameters()))
+
+
 def layout_worker(rank, world, root, parallel_fields, n_micro, tag):
     from gift_megatron.megatron.model import ParallelConfig
     from gift_megatron.parallel import destroy_model_parallel_cpu
@@ -155,6 +182,13 @@ def layout_worker(rank, world, root, parallel_fields, n_micro, tag):
     setup(parallel)
     try:
         results = train_objectives(cfg, parallel, n_micro, os.path.join(root, "init"), os.path.join(root, tag))
+        if parallel.expert_model_parallel_size > 1 and parallel.tensor_model_parallel_size == 1:
+            # Two more checks in this job (process start-up is most of a test's time on 2 cores).
+            results["uneven"] = uneven_micro_batches_error(cfg, parallel, os.path.join(root, "init"))
+            from gift_megatron.megatron.moe import has_moe_grad_scale_func
+
+            if has_moe_grad_scale_func():
+                results["router_loss"] = router_loss_grads(os.path.join(root, "init"))
     finally:
         destroy_model_parallel_cpu()
     setup(ParallelConfig())  # every rank a whole model (data parallel) to read the sharded results back
@@ -182,14 +216,29 @@ LAYOUTS = [  # (world, parallel fields, micro-batches per data-parallel rank)
 ]
 
 
+_RUNS: dict[str, list] = {}
+
+
+def run_layout(root, world, fields, n_micro):
+    """Per-rank results of ``layout_worker`` for this layout (run once per test session)."""
+    tag = "w" + "_".join(f"{k}{v}" for k, v in sorted(fields.items()))
+    if tag not in _RUNS:
+        _RUNS[tag] = run_ranks(layout_worker, world, root, fields, n_micro, tag, timeout=360)
+    return _RUNS[tag]
+
+
 @pytest.mark.timeout(400)
 @pytest.mark.parametrize("world,fields,n_micro", LAYOUTS)
 def test_one_moe_step_matches_single_process(reference, world, fields, n_micro):
     root, ref, ref_weights = reference
-    tag = "w" + "_".join(f"{k}{v}" for k, v in sorted(fields.items()))
-    per_rank = run_ranks(layout_worker, world, root, fields, n_micro, tag, timeout=360)
+    per_rank = run_layout(root, world, fields, n_micro)
     weights = per_rank[0][1]
     w0 = ref_weights[0]
+    if "uneven" in per_rank[0][0]:  # EP=2 with 2 micro-batches on one rank and 1 on the other: error, no step
+        for results, _ in per_rank:
+            message, unchanged = results["uneven"]
+            assert message is not None and "expert_model_parallel_size=2" in message, message
+            assert "rank 0: 2, rank 1: 1" in message and unchanged, message
     for i, name in enumerate(OBJECTIVES):
         loss1, metrics1, gnorm1 = ref[name]
         assert metrics1["moe/load_balance_layer0"] >= 1.0 and "moe/load_balance_layer1" in metrics1
@@ -222,53 +271,44 @@ def _flat_grads(ddp):
     return {n: p.main_grad.detach().clone() for n, p in ddp.module.named_parameters()}
 
 
-def router_loss_worker(rank, world, init_dir):
-    """(grads of our GRPO step with router losses, the same without, Megatron's own count=tokens run)."""
+def router_loss_grads(init_dir):
+    """Inside the EP=2 job: (grads of our GRPO step with router losses, the same without, Megatron's own
+    count=tokens run with only the router losses), each {name: main_grad} of this rank."""
     from megatron.core import parallel_state as ps
+    from megatron.core.distributed import finalize_model_grads
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from gift_megatron.megatron.model import ParallelConfig
     from gift_megatron.megatron.step import ObjectiveStep, model_logprobs
     from gift_megatron.objectives import build_objective
-    from gift_megatron.parallel import destroy_model_parallel_cpu
 
     parallel = ParallelConfig(expert_model_parallel_size=2)
-    setup(parallel)
     out = {}
-    try:
-        mbs = my_micro_batches(ps.get_data_parallel_rank(), ps.get_data_parallel_world_size(), 2)
-        for tag, coeffs in (("ours_on", dict(moe_aux_loss_coeff=AUX, moe_z_loss_coeff=Z)), ("ours_off", {})):
-            cfg = model_config(**coeffs)
-            model = build(cfg, parallel)
-            load(model, init_dir)
-            ddp, opt = ddp_and_sgd(model)
-            batch = [dict(mb, ref_logp=torch.zeros(mb["labels"].shape)) for mb in mbs]
-            result = ObjectiveStep(build_objective("grpo"), [ddp], opt)(batch)
-            out[tag] = _flat_grads(ddp)
-            out[tag + "_metrics"] = result.metrics
-        # Megatron's convention: loss_func returns count = the micro-batch's tokens, no moe_grad_scale_func. The
-        # main loss is 0 * log-probs: only the router losses contribute a gradient.
-        cfg = model_config(moe_aux_loss_coeff=AUX, moe_z_loss_coeff=Z)
-        model = build(cfg, parallel)
+    mbs = my_micro_batches(ps.get_data_parallel_rank(), ps.get_data_parallel_world_size(), 2)
+    for tag, coeffs in (("ours_on", dict(moe_aux_loss_coeff=AUX, moe_z_loss_coeff=Z)), ("ours_off", {})):
+        model = build(model_config(**coeffs), parallel)
         load(model, init_dir)
         ddp, opt = ddp_and_sgd(model)
-        from megatron.core.distributed import finalize_model_grads
+        result = ObjectiveStep(build_objective("grpo"), [ddp], opt)(mbs)
+        out[tag] = _flat_grads(ddp)
+        out[tag + "_metrics"] = result.metrics
+    # Megatron's convention: loss_func returns count = the micro-batch's tokens, no moe_grad_scale_func. The
+    # main loss is 0 * log-probs: only the router losses contribute a gradient.
+    model = build(model_config(moe_aux_loss_coeff=AUX, moe_z_loss_coeff=Z), parallel)
+    load(model, init_dir)
+    ddp, _ = ddp_and_sgd(model)
+    model.config.finalize_model_grads_func = finalize_model_grads
+    model.config.no_sync_func = ddp.no_sync
+    ddp.zero_grad_buffer()
 
-        model.config.finalize_model_grads_func = finalize_model_grads
-        model.config.no_sync_func = ddp.no_sync
-        ddp.zero_grad_buffer()
+    def forward_step(it, m):
+        lp = model_logprobs(m, next(it))
+        return lp, lambda x: ((x * 0.0).sum(), torch.tensor(x.numel(), dtype=torch.int), {})
 
-        def forward_step(it, m):
-            mb = next(it)
-            lp = model_logprobs(m, mb)
-            return lp, lambda x: ((x * 0.0).sum(), torch.tensor(x.numel(), dtype=torch.int), {})
-
-        get_forward_backward_func()(forward_step_func=forward_step, data_iterator=iter(mbs), model=[ddp],
-                                    num_microbatches=len(mbs), seq_length=SEQ, micro_batch_size=mbs[0]["tokens"].shape[0],
-                                    forward_only=False)
-        out["megatron"] = _flat_grads(ddp)
-    finally:
-        destroy_model_parallel_cpu()
+    get_forward_backward_func()(forward_step_func=forward_step, data_iterator=iter(mbs), model=[ddp],
+                                num_microbatches=len(mbs), seq_length=SEQ, micro_batch_size=mbs[0]["tokens"].shape[0],
+                                forward_only=False)
+    out["megatron"] = _flat_grads(ddp)
     return out
 
 
@@ -280,7 +320,7 @@ def test_router_loss_gradient_has_megatrons_intended_scale(reference):
         pytest.skip("megatron-core 0.16 has no moe_grad_scale_func: non-zero router-loss coefficients are refused "
                     "there (test_router_losses_refused_without_scale_hook)")
     root, _, _ = reference
-    per_rank = run_ranks(router_loss_worker, 2, os.path.join(root, "init"), timeout=240)
+    per_rank = [results["router_loss"] for results, _ in run_layout(root, *LAYOUTS[0].values)]
     for r in per_rank:
         router_keys = [k for k in r["megatron"] if "router" in k]
         assert router_keys
