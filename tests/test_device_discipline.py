@@ -337,3 +337,14 @@ def test_device_choice_from_the_environment(monkeypatch):
         monkeypatch.setenv("GIFT_MEGATRON_DEVICE", "cuda")
         with pytest.raises(RuntimeError, match="no CUDA GPU"):
             device.use_cuda()
+
+
+def test_moe_step_helpers_under_meta():
+    """The pure helpers of gift_megatron/megatron/moe.py (router metrics) keep CPU inputs on the CPU."""
+    from gift_megatron.megatron.moe import check_equal_micro_batch_counts, load_balance, router_loss_scale
+
+    counts = torch.tensor([[3.0, 1.0, 0.0, 4.0], [2.0, 2.0, 2.0, 2.0]], dtype=torch.float64)
+    assert_same_on_cpu(*guarded(lambda: load_balance(counts)))
+    with meta_default():
+        assert router_loss_scale(32, 512) == 1 / 16
+        check_equal_micro_batch_counts([2, 2], ep=2)

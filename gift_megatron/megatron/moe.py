@@ -191,7 +191,7 @@ class MoEStepMonitor:
         moe_layers = [i for i in range(self.num_layers) if total[i, len(names):].sum() > 0]
         out: dict[str, float] = {}
         for j, name in enumerate(names):
-            per_layer = total[:, j] / torch.tensor(divisors[j], dtype=torch.float64)
+            per_layer = total[:, j] / divisors[j]
             out["moe/" + _NAMES.get(name, name)] = float(per_layer[moe_layers].mean()) if moe_layers else 0.0
         balance = load_balance(total[:, len(names):])
         for i in moe_layers:
