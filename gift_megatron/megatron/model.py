@@ -589,9 +589,10 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig, precision: 
 
 def _moe_kwargs(model: ModelConfig, parallel: ParallelConfig, te: bool) -> dict[str, Any]:
     """TransformerConfig options of a Mixture-of-Experts model (empty for a dense one)."""
-    from gift_megatron.megatron.moe import check_router_loss_support
+    from gift_megatron.megatron.moe import check_router_loss_support, fix_router_without_transformer_engine
 
     check_router_loss_support(model)  # megatron-core 0.16 cannot scale router losses: refuse them there
+    fix_router_without_transformer_engine()  # 0.16's router gating raised NameError without TE
     return dict(
         num_moe_experts=model.num_experts,
         moe_router_topk=model.moe_router_topk,

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 __all__ = ["MoEStepMonitor", "check_equal_micro_batch_counts", "check_router_loss_support", "clear_tracker",
-           "has_moe_grad_scale_func", "load_balance", "router_loss_scale"]
+           "fix_router_without_transformer_engine", "has_moe_grad_scale_func", "load_balance", "router_loss_scale"]
 
 
 def has_moe_grad_scale_func() -> bool:
@@ -43,6 +43,19 @@ def check_router_loss_support(model: Any) -> None:
                          f"sets their gradient scale under our per-member loss normalization); the installed "
                          f"megatron-core {getattr(megatron.core, '__version__', '?')} would scale them by the "
                          "row length. Set these coefficients to 0 or upgrade megatron-core")
+
+
+def fix_router_without_transformer_engine() -> None:
+    """megatron-core 0.16 without Transformer Engine: define ``moe_utils.te_general_gemm = None``.
+
+    Why: 0.16's router gating (``RouterGatingLinearFunction``, used by every TopKRouter) tests
+    ``te_general_gemm is not None``, but imports that name only when TE imports, so without TE (a CPU
+    machine, or a GPU host without the optional TE install) every MoE forward raised NameError. With the name
+    set to None it takes its own torch matmul path, as 0.19 does. A no-op where the name exists."""
+    from megatron.core.transformer.moe import moe_utils
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
 
 
 # ----------------------------------------------------------------------------------- pure functions
