@@ -248,8 +248,11 @@ def test_batching_errors_name_the_problem():
     with pytest.raises(ValueError, match="needs 'rewards'"):
         validate_micro_batches(gift, [{k: v for k, v in mbs[0].items() if k != "rewards"}])
     bad = dict(mbs[1], tokens=mbs[1]["tokens"][:, :-1], labels=mbs[1]["labels"][:, :-1], loss_mask=mbs[1]["loss_mask"][:, :-1])
-    with pytest.raises(ValueError, match="micro-batch 1: 'tokens' has shape"):
-        validate_micro_batches(gift, [mbs[0], bad])
+    validate_micro_batches(gift, [mbs[0], bad])  # without pipeline parallelism shapes may differ
+    with pytest.raises(ValueError, match="micro-batch 1: tokens of shape \\[4, 15\\], expected \\[4, 16\\] \\(pipeline"):
+        validate_micro_batches(gift, [mbs[0], bad], pp_size=2)
+    with pytest.raises(ValueError, match="micro-batch 0: 'labels' has shape"):
+        validate_micro_batches(gift, [dict(mbs[0], labels=bad["labels"])])
     with pytest.raises(ValueError, match="not divisible by 2 x context_parallel_size \\(6\\)"):
         validate_micro_batches(gift, mbs, cp_size=3)
     with pytest.raises(ValueError, match="missing 'labels'"):
