@@ -211,11 +211,12 @@ def loss_func(ctx: LossContext, mb: dict[str, Any], logp: torch.Tensor):
     batch = token_batch(mb, logp)
     stats = ctx.stats
     if stats is None:
-        local = BatchLayout(dp_group=None, cp_group=ctx.layout.cp_group)
+        # Whole groups here, so their statistics are local; the counts that normalize the loss (and GIFT's
+        # gradient through its statistics) are the step's global ones.
+        local = BatchLayout(dp_group=None, cp_group=ctx.layout.cp_group, totals=ctx.totals)
         members = ctx.objective.members(batch, local)
         ctx.members.append(members)
-        stats = ctx.objective.statistics(members, local)
-        stats = dataclasses.replace(stats, n_members=ctx.totals[0], n_tokens=ctx.totals[1], metrics={})
+        stats = dataclasses.replace(ctx.objective.statistics(members, local), metrics={})
     out = ctx.objective.loss(batch, stats, ctx.layout)
     count = torch.tensor(batch.logp.shape[0], dtype=torch.int, device=logp.device)
     report = LossOutput(out.loss.detach(), {k: v.detach() for k, v in out.shares.items()}, {})
