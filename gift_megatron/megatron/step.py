@@ -341,6 +341,29 @@ def split_global_batch(batch: dict[str, torch.Tensor], *, micro_batch_size: int,
             for i in range(0, per_rank, micro_batch_size)]
 
 
+def pack_global_batch(batch: dict[str, torch.Tensor], *, micro_batch_tokens: int, dp_rank: int, dp_size: int,
+                      multiple: int = 1, fixed_rows: bool = False, keep_groups: bool = True) -> list[dict[str, Any]]:
+    """This DP rank's packed micro-batches of a global batch of padded rows, under a token budget.
+
+    ``batch``: per-token [N, S] tensors (tokens, labels, loss_mask, optional ref_logp / old_logp) and
+    per-member [N] tensors (rewards, group_ids). Each member's length is its last counted label + 1; the
+    members are balanced over the ``dp_size`` ranks (every rank computes the same plan, no collective) and
+    packed into the same number of rows of at most ``micro_batch_tokens`` per rank, a group kept in one row
+    when it fits. ``multiple``: :func:`gift_megatron.parallel.packing.pad_multiple` of the layout (CP, SP).
+    ``fixed_rows``: pad every row to the budget (pipeline parallelism). ValueError, before any compute, for
+    a member longer than the budget. Returns the micro-batch dicts ObjectiveStep takes ([1, T] rows).
+    """
+    from gift_megatron.parallel.packing import pack_rows, plan_bins, sequence_lengths
+
+    if "group_ids" not in batch or "loss_mask" not in batch:
+        raise ValueError("pack_global_batch: the batch needs 'loss_mask' and 'group_ids'")
+    lengths = sequence_lengths(batch["loss_mask"])
+    plan = plan_bins(lengths, batch["group_ids"].tolist(), budget=micro_batch_tokens, dp_size=dp_size,
+                     multiple=multiple, keep_groups=keep_groups)
+    return pack_rows(batch, plan[dp_rank], multiple=multiple, lengths=lengths,
+                     row_tokens=micro_batch_tokens if fixed_rows else None)
+
+
 def validate_micro_batches(objective: Objective, micro_batches: Sequence[dict[str, Any]], cp_size: int = 1,
                            vocab_size: int | None = None, pp_size: int = 1) -> None:
     """Clear errors for micro-batches the step cannot run, before any compute.
