@@ -202,7 +202,11 @@ class OptimizerConfig:
 class LoopConfig:
     """steps: optimizer rounds (one rollout batch each). prompts_per_step: prompts per rollout batch, over
     all data-parallel ranks. updates_per_step: optimizer steps per rollout batch (mini-batches of whole
-    groups). micro_batch_size: members per micro-batch. eval_interval: steps between greedy evaluations on
+    groups). micro_batch_size: members per micro-batch, each a row padded to the step's longest sequence
+    (default 4 when micro_batch_tokens is not set). micro_batch_tokens: the alternative: a token budget per
+    micro-batch; members are packed end to end into rows of at most this many tokens (Megatron-Core's THD
+    format), balanced over data-parallel ranks, a group kept in one row when it fits (see README,
+    "Packed sequences"). eval_interval: steps between greedy evaluations on
     ``data.eval_files`` (0: only at the start and the end); eval_prompts: how many eval prompts.
     logprob_chunk_size: most tokens per block of the fp32 log-prob computation, to bound its memory at
     large vocabularies (None: no bound of its own)."""
@@ -210,10 +214,15 @@ class LoopConfig:
     steps: int = 100
     prompts_per_step: int = 32
     updates_per_step: int = 1
-    micro_batch_size: int = 4
+    micro_batch_size: Optional[int] = None
+    micro_batch_tokens: Optional[int] = None
     eval_interval: int = 0
     eval_prompts: int = 64
     logprob_chunk_size: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        if self.micro_batch_size is None and self.micro_batch_tokens is None:
+            self.micro_batch_size = 4
 
 
 @dataclass
@@ -484,13 +493,37 @@ def save_config(cfg: TrainConfig, path: str | os.PathLike) -> None:
     os.replace(tmp, path)
 
 
+def _check_token_budget(cfg: TrainConfig) -> None:
+    """train.micro_batch_tokens holds a member of full length, padded as the layout needs."""
+    from gift_megatron.parallel.packing import pad_multiple
+
+    budget, p = cfg.train.micro_batch_tokens, cfg.parallel
+    multiple = pad_multiple(p.tensor_model_parallel_size, p.context_parallel_size, p.sequence_parallel)
+    if budget < 1 or budget % multiple:
+        raise ConfigError(f"train.micro_batch_tokens ({budget}) must be a positive multiple of {multiple}: every "
+                          "packed sequence is padded to a multiple of 2 x parallel.context_parallel_size (times "
+                          "tensor_model_parallel_size with sequence parallelism)")
+    longest = -(-cfg.model.seq_length // multiple) * multiple
+    if budget < longest:
+        raise ConfigError(f"train.micro_batch_tokens ({budget}) is smaller than a member of model.seq_length "
+                          f"({cfg.model.seq_length}) tokens padded to a multiple of {multiple} ({longest}); raise the "
+                          "budget or lower model.seq_length")
+
+
 def validate(cfg: TrainConfig) -> None:
     """Checks across sections that need no world size (``check_world_size`` does the layout)."""
     from gift_megatron.objectives import OBJECTIVES, build_objective
 
     t, r = cfg.train, cfg.rollout
+    if t.micro_batch_size is not None and t.micro_batch_tokens is not None:
+        raise ConfigError(f"train.micro_batch_size ({t.micro_batch_size}) and train.micro_batch_tokens "
+                          f"({t.micro_batch_tokens}) are both set; set one (rows per micro-batch, or a token budget "
+                          "for packed micro-batches), e.g. train.micro_batch_size=null")
+    if t.micro_batch_tokens is not None:
+        _check_token_budget(cfg)
     for key, value in (("train.steps", t.steps), ("train.prompts_per_step", t.prompts_per_step),
-                       ("train.updates_per_step", t.updates_per_step), ("train.micro_batch_size", t.micro_batch_size),
+                       ("train.updates_per_step", t.updates_per_step),
+                       ("train.micro_batch_size", t.micro_batch_size or 1),
                        ("rollout.n", r.n), ("rollout.max_tokens", r.max_tokens),
                        ("rollout.tensor_parallel_size", r.tensor_parallel_size)):
         if value < 1:
@@ -627,7 +660,7 @@ def check_world_size(cfg: TrainConfig, world_size: int, gpus_per_node: int | Non
         raise ConfigError(f"train.prompts_per_step ({t.prompts_per_step}) must be a multiple of data-parallel size "
                           f"({dp}) x train.updates_per_step ({t.updates_per_step})")
     per_rank = t.prompts_per_step // (dp * t.updates_per_step) * group
-    if per_rank % t.micro_batch_size:
+    if t.micro_batch_size is not None and per_rank % t.micro_batch_size:
         raise ConfigError(f"each data-parallel rank gets {per_rank} members per update ({t.prompts_per_step} prompts "
                           f"x {group} members / {dp} ranks / {t.updates_per_step} updates), not a multiple of "
                           f"train.micro_batch_size ({t.micro_batch_size})")
@@ -644,6 +677,12 @@ CONTEXT_RESERVE_GIB = 4.0
 VLLM_PROFILE_TOKENS = 16384
 VLLM_PROFILE_SEQS = 1024
 _GIB = 1024 ** 3
+
+
+def _micro_batch_tokens(cfg: TrainConfig) -> int:
+    """The most tokens one micro-batch computes: its token budget, or rows x model.seq_length."""
+    t = cfg.train
+    return t.micro_batch_tokens if t.micro_batch_tokens is not None else (t.micro_batch_size or 4) * cfg.model.seq_length
 
 
 def _activation_bytes(cfg: TrainConfig) -> float:
@@ -665,7 +704,7 @@ def _activation_bytes(cfg: TrainConfig) -> float:
                + 3 * (m.moe_shared_expert_intermediate_size or 0))
     per_layer = sum(attention + (moe_mlp if moe else dense_mlp) for moe in m.moe_layers())
     dtype_bytes = 4 if cfg.precision.dtype == "fp32" else 2
-    tokens = cfg.train.micro_batch_size * m.seq_length
+    tokens = _micro_batch_tokens(cfg)
     return tokens * per_layer * dtype_bytes / (p.tensor_model_parallel_size * p.context_parallel_size)
 
 
@@ -753,7 +792,7 @@ def layout_plan(cfg: TrainConfig, world_size: int, gpu_memory_gib: float = H100_
         plan["reference_gib_offloaded_between_passes"] = shard * weight_bytes / _GIB
     plan["train_states_gib"] = plan["weights_gib"] + plan["grads_gib"] + plan["optimizer_gib"]
     plan["activations_gib"] = _activation_bytes(cfg) / _GIB
-    plan["logits_gib"] = (cfg.train.micro_batch_size * m.seq_length * m.padded_vocab_size(p.tensor_model_parallel_size)
+    plan["logits_gib"] = (_micro_batch_tokens(cfg) * m.padded_vocab_size(p.tensor_model_parallel_size)
                           * 2 / p.tensor_model_parallel_size / p.context_parallel_size / _GIB)
     plan["train_peak_gib"] = plan["train_states_gib"] + plan["activations_gib"] + plan["logits_gib"]
     plan["reserve_gib"] = CONTEXT_RESERVE_GIB

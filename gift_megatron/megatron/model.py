@@ -684,7 +684,11 @@ def layer_spec(model: ModelConfig, backend: Optional[str] = None):
         backend = "transformer_engine" if _cuda() and _te() else "local"
     if backend == "transformer_engine":
         return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=model.qk_layernorm)
-    return gpt_layer_specs.get_gpt_layer_local_spec(qk_layernorm=model.qk_layernorm, normalization="RMSNorm")
+    from gift_megatron.megatron.packed_attention import with_packed_attention
+
+    # The local attention also takes packed (THD) rows, one sequence at a time (see packed_attention.py).
+    return with_packed_attention(
+        gpt_layer_specs.get_gpt_layer_local_spec(qk_layernorm=model.qk_layernorm, normalization="RMSNorm"))
 
 
 def build_model(model: ModelConfig, parallel: ParallelConfig, precision: PrecisionConfig, *,
