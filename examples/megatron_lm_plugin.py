@@ -64,14 +64,17 @@ def build_gpt(tp: int, pp: int, vocab: int, seq: int):
         persist_layer_norm=False, gradient_accumulation_fusion=False, apply_rope_fusion=False,
         calculate_per_token_loss=True,  # gift_megatron's step normalizes globally through it
     )
-    if has_transformer_engine():
+    if has_transformer_engine():  # TE's attention takes packed (THD) rows natively
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
         spec = get_gpt_layer_with_transformer_engine_spec()
     else:
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
-        spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+        from gift_megatron.megatron.packed_attention import with_packed_attention
+
+        # The local attention refuses packed rows; this swaps in one that runs it once per sequence.
+        spec = with_packed_attention(get_gpt_layer_local_spec(normalization="RMSNorm"))
     model = GPTModel(config=config, transformer_layer_spec=spec, vocab_size=vocab, max_sequence_length=seq,
                      pre_process=parallel_state.is_pipeline_first_stage(),
                      post_process=parallel_state.is_pipeline_last_stage(), position_embedding_type="rope")
@@ -85,7 +88,9 @@ def synthetic_groups(step: int, n_groups: int, group_size: int, seq: int, vocab:
     prompt = torch.randint(0, vocab, (n_groups, seq + 1), generator=g).repeat_interleave(group_size, 0)
     prompt[:, seq // 2:] = torch.randint(0, vocab, (n, seq + 1 - seq // 2), generator=g)
     mask = torch.zeros(n, seq)
-    mask[:, seq // 2 - 1:] = 1.0  # response tokens count, prompt tokens do not
+    ends = torch.randint(seq // 2 + 2, seq + 1, (n,), generator=g)  # responses of different lengths
+    for i, end in enumerate(ends.tolist()):
+        mask[i, seq // 2 - 1:end] = 1.0  # response tokens count, prompt tokens and padding do not
     rewards = (prompt[:, seq // 2:] % 2 == 0).float().mean(1)  # a made-up verifiable reward
     return {"tokens": prompt[:, :-1], "labels": prompt[:, 1:], "loss_mask": mask, "rewards": rewards,
             "group_ids": torch.arange(n) // group_size + step * n_groups}
@@ -98,6 +103,8 @@ def main() -> None:
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--pp", type=int, default=1)
     p.add_argument("--micro-batch-size", type=int, default=4)
+    p.add_argument("--micro-batch-tokens", type=int, default=None,
+                   help="pack members into rows of at most this many tokens instead (Megatron-Core's THD format)")
     args = p.parse_args()
     vocab, seq = 128, 32
 
@@ -113,7 +120,8 @@ def main() -> None:
 
     # ---- gift_megatron: the lines that switch the loss ----------------------------------------------
     from gift_megatron.megatron.reference import FrozenReference
-    from gift_megatron.megatron.step import ObjectiveStep, split_global_batch
+    from gift_megatron.megatron.step import ObjectiveStep, pack_global_batch, split_global_batch
+    from gift_megatron.parallel.packing import pad_multiple
     from gift_megatron.objectives import build_objective
 
     # Options are the objective's dataclass fields. GIFT's std_floor bounds the step-0 gradient: with a
@@ -127,9 +135,14 @@ def main() -> None:
     for step in range(args.steps):
         # Host tensors: ObjectiveStep moves each micro-batch to the model's device once.
         batch = synthetic_groups(step, n_groups=4, group_size=4, seq=seq, vocab=vocab)
-        micro_batches = split_global_batch(batch, micro_batch_size=args.micro_batch_size,
-                                           dp_rank=parallel_state.get_data_parallel_rank(),
-                                           dp_size=parallel_state.get_data_parallel_world_size())
+        dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
+        if args.micro_batch_tokens:  # packed rows (THD) under a token budget, balanced over DP ranks
+            micro_batches = pack_global_batch(batch, micro_batch_tokens=args.micro_batch_tokens, dp_rank=dp_rank,
+                                              dp_size=dp_size, multiple=pad_multiple(args.tp),
+                                              fixed_rows=args.pp > 1)  # pipeline stages need equal shapes
+        else:
+            micro_batches = split_global_batch(batch, micro_batch_size=args.micro_batch_size, dp_rank=dp_rank,
+                                               dp_size=dp_size)
         result = train_step(micro_batches)
         if dist.get_rank() == 0:
             shown = {k: round(v, 4) for k, v in result.metrics.items() if k in ("reward/mean", "loss",

@@ -202,7 +202,11 @@ class OptimizerConfig:
 class LoopConfig:
     """steps: optimizer rounds (one rollout batch each). prompts_per_step: prompts per rollout batch, over
     all data-parallel ranks. updates_per_step: optimizer steps per rollout batch (mini-batches of whole
-    groups). micro_batch_size: members per micro-batch. eval_interval: steps between greedy evaluations on
+    groups). micro_batch_size: members per micro-batch, each a row padded to the step's longest sequence
+    (default 4 when micro_batch_tokens is not set). micro_batch_tokens: the alternative: a token budget per
+    micro-batch; members are packed end to end into rows of at most this many tokens (Megatron-Core's THD
+    format), balanced over data-parallel ranks, a group kept in one row when it fits (see README,
+    "Packed sequences"). eval_interval: steps between greedy evaluations on
     ``data.eval_files`` (0: only at the start and the end); eval_prompts: how many eval prompts.
     logprob_chunk_size: most tokens per block of the fp32 log-prob computation, to bound its memory at
     large vocabularies (None: no bound of its own)."""
@@ -210,10 +214,15 @@ class LoopConfig:
     steps: int = 100
     prompts_per_step: int = 32
     updates_per_step: int = 1
-    micro_batch_size: int = 4
+    micro_batch_size: Optional[int] = None
+    micro_batch_tokens: Optional[int] = None
     eval_interval: int = 0
     eval_prompts: int = 64
     logprob_chunk_size: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        if self.micro_batch_size is None and self.micro_batch_tokens is None:
+            self.micro_batch_size = 4
 
 
 @dataclass
@@ -484,13 +493,37 @@ def save_config(cfg: TrainConfig, path: str | os.PathLike) -> None:
     os.replace(tmp, path)
 
 
+def _check_token_budget(cfg: TrainConfig) -> None:
+    """train.micro_batch_tokens holds a member of full length, padded as the layout needs."""
+    from gift_megatron.parallel.packing import pad_multiple
+
+    budget, p = cfg.train.micro_batch_tokens, cfg.parallel
+    multiple = pad_multiple(p.tensor_model_parallel_size, p.context_parallel_size, p.sequence_parallel)
+    if budget < 1 or budget % multiple:
+        raise ConfigError(f"train.micro_batch_tokens ({budget}) must be a positive multiple of {multiple}: every "
+                          "packed sequence is padded to a multiple of 2 x parallel.context_parallel_size (times "
+                          "tensor_model_parallel_size with sequence parallelism)")
+    longest = -(-cfg.model.seq_length // multiple) * multiple
+    if budget < longest:
+        raise ConfigError(f"train.micro_batch_tokens ({budget}) is smaller than a member of model.seq_length "
+                          f"({cfg.model.seq_length}) tokens padded to a multiple of {multiple} ({longest}); raise the "
+                          "budget or lower model.seq_length")
+
+
 def validate(cfg: TrainConfig) -> None:
     """Checks across sections that need no world size (``check_world_size`` does the layout)."""
     from gift_megatron.objectives import OBJECTIVES, build_objective
 
     t, r = cfg.train, cfg.rollout
+    if t.micro_batch_size is not None and t.micro_batch_tokens is not None:
+        raise ConfigError(f"train.micro_batch_size ({t.micro_batch_size}) and train.micro_batch_tokens "
+                          f"({t.micro_batch_tokens}) are both set; set one (rows per micro-batch, or a token budget "
+                          "for packed micro-batches), e.g. train.micro_batch_size=null")
+    if t.micro_batch_tokens is not None:
+        _check_token_budget(cfg)
     for key, value in (("train.steps", t.steps), ("train.prompts_per_step", t.prompts_per_step),
-                       ("train.updates_per_step", t.updates_per_step), ("train.micro_batch_size", t.micro_batch_size),
+                       ("train.updates_per_step", t.updates_per_step),
+                       ("train.micro_batch_size", t.micro_batch_size or 1),
                        ("rollout.n", r.n), ("rollout.max_tokens", r.max_tokens),
                        ("rollout.tensor_parallel_size", r.tensor_parallel_size)):
         if value < 1:
@@ -627,7 +660,7 @@ def check_world_size(cfg: TrainConfig, world_size: int, gpus_per_node: int | Non
         raise ConfigError(f"train.prompts_per_step ({t.prompts_per_step}) must be a multiple of data-parallel size "
                           f"({dp}) x train.updates_per_step ({t.updates_per_step})")
     per_rank = t.prompts_per_step // (dp * t.updates_per_step) * group
-    if per_rank % t.micro_batch_size:
+    if t.micro_batch_size is not None and per_rank % t.micro_batch_size:
         raise ConfigError(f"each data-parallel rank gets {per_rank} members per update ({t.prompts_per_step} prompts "
                           f"x {group} members / {dp} ranks / {t.updates_per_step} updates), not a multiple of "
                           f"train.micro_batch_size ({t.micro_batch_size})")
@@ -646,6 +679,12 @@ VLLM_PROFILE_SEQS = 1024
 _GIB = 1024 ** 3
 
 
+def _micro_batch_tokens(cfg: TrainConfig) -> int:
+    """The most tokens one micro-batch computes: its token budget, or rows x model.seq_length."""
+    t = cfg.train
+    return t.micro_batch_tokens if t.micro_batch_tokens is not None else (t.micro_batch_size or 4) * cfg.model.seq_length
+
+
 def _activation_bytes(cfg: TrainConfig) -> float:
     """Bytes of activations the backward pass keeps for one micro-batch on one GPU (docs/cluster.md): per
     token and layer, the attention block keeps norm input and output, Q, K, V and the attention output, the
@@ -654,10 +693,25 @@ def _activation_bytes(cfg: TrainConfig) -> float:
     layers, so PP does not shrink it."""
     m, p = cfg.model, cfg.parallel
     q, kv = m.num_attention_heads * m.head_dim, 2 * m.num_query_groups * m.head_dim
-    values = (2 * m.hidden_size + 2 * q + kv) + (2 * m.hidden_size + 3 * m.ffn_hidden_size)
+    attention = 2 * m.hidden_size + 2 * q + kv
+    dense_mlp = 2 * m.hidden_size + 3 * m.ffn_hidden_size
+    # An MoE layer keeps, per token: the norm input and output, the router's fp32 logits and probabilities
+    # (2 x 2 E values in the training dtype's units), and for each of its top-k experts the dispatched copy of
+    # the token (h), the expert's gate/up (2 f_e) and SwiGLU (f_e) outputs and its output (h); plus the shared
+    # expert's 3 f_s. Averaged over ranks: the all-to-all moves tokens, balanced routing keeps the count.
+    moe_mlp = (2 * m.hidden_size + 4 * m.num_experts
+               + m.moe_router_topk * (2 * m.hidden_size + 3 * m.expert_ffn_hidden_size)
+               + 3 * (m.moe_shared_expert_intermediate_size or 0))
+    per_layer = sum(attention + (moe_mlp if moe else dense_mlp) for moe in m.moe_layers())
     dtype_bytes = 4 if cfg.precision.dtype == "fp32" else 2
-    tokens = cfg.train.micro_batch_size * m.seq_length
-    return tokens * m.num_layers * values * dtype_bytes / (p.tensor_model_parallel_size * p.context_parallel_size)
+    tokens = _micro_batch_tokens(cfg)
+    return tokens * per_layer * dtype_bytes / (p.tensor_model_parallel_size * p.context_parallel_size)
+
+
+def routed_expert_parameters(m: ModelConfig) -> int:
+    """Parameters of the routed experts (sharded over expert parallel x expert tensor parallel ranks; the rest
+    of the model is sharded over tensor parallel ranks). 0 for a dense model."""
+    return sum(m.moe_layers()) * m.num_experts * 3 * m.hidden_size * m.expert_ffn_hidden_size
 
 
 def _engine_plan(cfg: TrainConfig, gpu_gib: float) -> dict[str, Any]:
@@ -670,7 +724,9 @@ def _engine_plan(cfg: TrainConfig, gpu_gib: float) -> dict[str, Any]:
     dtype_bytes = 4 if cfg.precision.dtype == "fp32" else 2
     weights = m.parameter_count() * dtype_bytes / rtp / _GIB
     q, kv = m.num_attention_heads * m.head_dim, 2 * m.num_query_groups * m.head_dim
-    per_token = 4 * m.hidden_size + (q + kv + 3 * m.ffn_hidden_size) / rtp
+    # MoE: vLLM's fused-MoE kernel holds top-k expert intermediates per token (its experts are TP-sharded too).
+    mlp = m.moe_router_topk * 3 * m.expert_ffn_hidden_size if m.is_moe else 3 * m.ffn_hidden_size
+    per_token = 4 * m.hidden_size + (q + kv + mlp) / rtp
     activations = (VLLM_PROFILE_TOKENS * per_token * dtype_bytes
                    + VLLM_PROFILE_SEQS * m.padded_vocab_size(rtp) / rtp * 4 * 2) / _GIB
     kv_heads_per_gpu = max(m.num_query_groups // rtp, 1)  # vLLM replicates KV heads when rtp > their count
@@ -705,24 +761,38 @@ def layout_plan(cfg: TrainConfig, world_size: int, gpu_memory_gib: float = H100_
     gpus_per_node = gpus_per_node or min(world_size, 8)
     dp = check_world_size(cfg, world_size, gpus_per_node=gpus_per_node)
     p, m = cfg.parallel, cfg.model
-    shard = m.parameter_count() / (p.tensor_model_parallel_size * p.pipeline_model_parallel_size)
+    # Routed experts are split over EP x ETP (x PP) and their optimizer state over the expert data-parallel
+    # ranks world / (ETP x EP x PP); everything else over TP (x PP) and DP, as in Megatron.
+    experts = routed_expert_parameters(m)
+    tp_pp = p.tensor_model_parallel_size * p.pipeline_model_parallel_size
+    expert_split = p.etp * p.expert_model_parallel_size * p.pipeline_model_parallel_size
+    dense_shard, expert_shard = (m.parameter_count() - experts) / tp_pp, experts / expert_split
+    shard = dense_shard + expert_shard
     weight_bytes = 4 if cfg.precision.dtype == "fp32" else 2
-    optim_ranks = dp if cfg.optimizer.use_distributed_optimizer else 1
+    distributed = cfg.optimizer.use_distributed_optimizer
+    optim_ranks = dp if distributed else 1
+    expert_optim_ranks = world_size // expert_split if distributed else 1
     plan: dict[str, Any] = {
         "world_size": world_size, "gpus_per_node": min(gpus_per_node, world_size), "gpu_memory_gib": gpu_memory_gib,
         "tp": p.tensor_model_parallel_size, "pp": p.pipeline_model_parallel_size,
         "cp": p.context_parallel_size, "dp": dp, "parameters_b": m.parameter_count() / 1e9,
+    }
+    if m.is_moe:
+        plan.update({"ep": p.expert_model_parallel_size, "etp": p.etp, "expert_dp": world_size // expert_split,
+                     "active_parameters_b": m.active_parameter_count() / 1e9,
+                     "expert_parameters_per_gpu_b": expert_shard / 1e9})
+    plan.update({
         "weights_gib": shard * weight_bytes / _GIB,
         "grads_gib": shard * 4 / _GIB,
-        "optimizer_gib": shard * 12 / optim_ranks / _GIB,
-    }
+        "optimizer_gib": (dense_shard * 12 / optim_ranks + expert_shard * 12 / expert_optim_ranks) / _GIB,
+    })
     from gift_megatron.objectives import build_objective
 
     if "ref_logp" in build_objective(cfg.objective.name, **cfg.objective.options).uses:
         plan["reference_gib_offloaded_between_passes"] = shard * weight_bytes / _GIB
     plan["train_states_gib"] = plan["weights_gib"] + plan["grads_gib"] + plan["optimizer_gib"]
     plan["activations_gib"] = _activation_bytes(cfg) / _GIB
-    plan["logits_gib"] = (cfg.train.micro_batch_size * m.seq_length * m.padded_vocab_size(p.tensor_model_parallel_size)
+    plan["logits_gib"] = (_micro_batch_tokens(cfg) * m.padded_vocab_size(p.tensor_model_parallel_size)
                           * 2 / p.tensor_model_parallel_size / p.context_parallel_size / _GIB)
     plan["train_peak_gib"] = plan["train_states_gib"] + plan["activations_gib"] + plan["logits_gib"]
     plan["reserve_gib"] = CONTEXT_RESERVE_GIB

@@ -118,7 +118,8 @@ def test_missing_and_invalid_files(tmp_path):
 
 
 RECIPES = [("examples/qwen2.5-7b-gift.yaml", 8), ("examples/qwen2.5-32b-gift.yaml", 32),
-           ("examples/qwen2.5-math-7b-gft.yaml", 8), ("examples/tiny_cpu_gift.yaml", 2)]
+           ("examples/qwen2.5-math-7b-gft.yaml", 8), ("examples/tiny_cpu_gift.yaml", 2),
+           ("examples/qwen3-30b-a3b-gift.yaml", 32), ("examples/tiny_cpu_moe_gift.yaml", 2)]
 
 
 @pytest.mark.parametrize("path, world", RECIPES)
@@ -256,3 +257,19 @@ def test_cluster_doc_shows_the_numbers_validate_prints(path, world):
               f"activations")
     assert engine in doc and f"{plan['rollout_kv_cache_gib']:.1f} GiB of KV cache" in doc, engine
     assert f"({plan['rollout_engine_gib']:.1f} GiB)" in doc
+
+
+def test_token_budget_keys(tmp_path):
+    path = write(tmp_path, BASE)
+    cfg = load_config(path, ["train.micro_batch_size=null", "train.micro_batch_tokens=128"])
+    assert cfg.train.micro_batch_tokens == 128 and cfg.train.micro_batch_size is None
+    assert load_config(write(tmp_path, {k: v for k, v in BASE.items() if k != "train"}, "d.yaml")).train.micro_batch_size == 4
+    with pytest.raises(ConfigError, match=r"train.micro_batch_size \(4\) and train.micro_batch_tokens \(128\) are both "
+                                          r"set.*train.micro_batch_size=null"):
+        load_config(path, ["train.micro_batch_tokens=128"])
+    with pytest.raises(ConfigError, match=r"train.micro_batch_tokens \(130\) must be a positive multiple of 4"):
+        load_config(path, ["train.micro_batch_size=null", "train.micro_batch_tokens=130",
+                           "parallel.context_parallel_size=2"])
+    with pytest.raises(ConfigError, match=r"train.micro_batch_tokens \(48\) is smaller than a member of "
+                                          r"model.seq_length \(64\)"):
+        load_config(path, ["train.micro_batch_size=null", "train.micro_batch_tokens=48"])

@@ -337,3 +337,35 @@ def test_device_choice_from_the_environment(monkeypatch):
         monkeypatch.setenv("GIFT_MEGATRON_DEVICE", "cuda")
         with pytest.raises(RuntimeError, match="no CUDA GPU"):
             device.use_cuda()
+
+
+def test_packing_and_step_batch_under_meta():
+    """The token-budget plan, packed rows (trainer and plugin paths), unpacking and the per-sequence CP split."""
+    from gift_megatron.parallel.packing import sequence_lengths, trim_rows, unpack, zigzag_positions
+    from gift_megatron.trainer.batch import Member, step_batch
+
+    members = [Member(g, [1, 2, 3][: 2 + g % 2], [4 + i, 5, 6][: 1 + i], "rollout", reward=float(i),
+                      rollout_logprobs=[-0.1] * (1 + i)) for g in range(3) for i in range(3)]
+
+    def run():
+        packed = step_batch(members, seq_length=8, pad_id=0, micro_batch_tokens=16, dp_size=2, dp_rank=1, multiple=4)
+        rows = step_batch(members, seq_length=8, pad_id=0, micro_batch_size=3, multiple=2)
+        mb = packed.micro_batches[0]
+        layout = mb["packed"]
+        return (packed.micro_batches, packed.engine, rows.micro_batches, rows.engine,
+                unpack(mb["loss_mask"], layout), zigzag_positions(layout, 2, 1, torch.device("cpu")),
+                torch.tensor(sequence_lengths(rows.micro_batches[0]["loss_mask"]), device="cpu"),
+                trim_rows(rows.micro_batches[0], multiple=4))
+
+    assert_same_on_cpu(*guarded(run))
+
+
+def test_moe_step_helpers_under_meta():
+    """The pure helpers of gift_megatron/megatron/moe.py (router metrics) keep CPU inputs on the CPU."""
+    from gift_megatron.megatron.moe import check_equal_micro_batch_counts, load_balance, router_loss_scale
+
+    counts = torch.tensor([[3.0, 1.0, 0.0, 4.0], [2.0, 2.0, 2.0, 2.0]], dtype=torch.float64)
+    assert_same_on_cpu(*guarded(lambda: load_balance(counts)))
+    with meta_default():
+        assert router_loss_scale(32, 512) == 1 / 16
+        check_equal_micro_batch_counts([2, 2], ep=2)

@@ -3,7 +3,9 @@
 The single-process whole-batch computation (itself checked against the naive references in
 test_objectives.py) is compared with 2 gloo ranks holding: members of the same groups on different
 data-parallel ranks and in different micro-batches; the tokens of every sequence split across
-context-parallel ranks in Megatron's zig-zag layout.
+context-parallel ranks in Megatron's zig-zag layout; and packed rows (several members end to end in one
+[1, T] row) split per sequence across context-parallel ranks, as Megatron-Core and Transformer Engine lay
+out THD batches.
 """
 
 from __future__ import annotations
@@ -108,14 +110,71 @@ def distributed_worker(rank, world, case, mode):
         micro = [torch.arange(0, B, 2), torch.arange(1, B, 2)]
         loss, grads, metrics = _run(obj, [_token_batch(b, rows=r, cols=cols) for r in micro], layout)
         return loss, [(r, g, cols) for r, g in zip(micro, grads)], metrics
+    if mode == "cp_packed":
+        return _packed_cp_worker(rank, world, b, obj)
     raise ValueError(mode)
+
+
+def _lengths(mask):
+    """Each row's positions up to its last counted token (at least 1), computed here independently."""
+    out = []
+    for row in mask:
+        nz = [t for t in range(row.numel()) if row[t] > 0]
+        out.append(nz[-1] + 1 if nz else 1)
+    return out
+
+
+def _packed_cp_worker(rank, world, b, obj):
+    """Members packed two rows per rank-shared bin, each sequence zig-zag split over ``world`` CP ranks;
+    the loss sees them through the library's unpack. Gradients are taken on the packed CP-local row."""
+    from gift_megatron.parallel.packing import pack_rows, unpack, zigzag_positions
+
+    B, S = b["lp"].shape
+    rows = {"tokens": torch.zeros(B, S, dtype=torch.long), "loss_mask": b["m"], "lp": b["lp"], "R": b["R"],
+            "gid": b["gid"]}
+    for key in ("rlp", "olp"):
+        if b[key] is not None:
+            rows[key] = b[key]
+    bins = [list(range(0, B, 2)), list(range(1, B, 2))]
+    layout = O.BatchLayout(cp_group=dist.group.WORLD)
+    batches, leaves, places = [], [], []
+    for members, mb in zip(bins, pack_rows(rows, bins, multiple=2 * world)):
+        idx = zigzag_positions(mb["packed"], world, rank, torch.device("cpu"))
+        local = mb["packed"].for_cp_rank(world)
+        leaf = mb["lp"][:, idx].clone().requires_grad_(True)
+        cut = {k: (unpack(mb[k][:, idx], local) if k in mb else None) for k in ("loss_mask", "rlp", "olp")}
+        batches.append(O.TokenBatch(logp=unpack(leaf, local), mask=cut["loss_mask"], rewards=mb["R"],
+                                    group_ids=mb["gid"], ref_logp=cut["rlp"], old_logp=cut["olp"]))
+        leaves.append(leaf)
+        expected = [-(-_lengths(b["m"][r:r + 1])[0] // (2 * world)) * 2 * world for r in members]
+        assert list(mb["packed"].padded) == expected, (mb["packed"], expected)
+        places.append((members, list(mb["packed"].padded)))
+    stats = obj.statistics(O.Members.cat([obj.members(tb, layout) for tb in batches]), layout)
+    outs = []
+    for tb in batches:
+        out = obj.loss(tb, stats, layout)
+        out.loss.backward()
+        outs.append(out)
+    total = O.LossOutput.accumulate(outs)
+    metrics = {k: float(v) for k, v in total.finalize(layout).items()}
+    return float(total.loss.detach()), [(m, torch.nan_to_num(l.grad[0], nan=0.0), p, rank, world)
+                                        for (m, p), l in zip(places, leaves)], metrics
 
 
 def _assemble(results, B, S, mode):
     grad = torch.zeros(B, S)
     for _, pieces, _ in results:
         for piece in pieces:
-            if mode == "cp":
+            if mode == "cp_packed":  # local packed position -> (member, column), from the layout alone
+                members, slots, rank, world = piece[0], piece[2], piece[3], piece[4]
+                g, offset = piece[1], 0
+                for row, slot in zip(members, slots):
+                    cols = _zigzag_columns(slot, world, rank)
+                    for j, c in enumerate(cols.tolist()):
+                        if c < S:
+                            grad[row, c] += g[offset + j]
+                    offset += len(cols)
+            elif mode == "cp":
                 rows, g, cols = piece
                 grad[rows[:, None], cols[None, :]] += g
             else:
@@ -125,7 +184,7 @@ def _assemble(results, B, S, mode):
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("mode", ["dp_microbatches", "dp_single_call", "cp"])
+@pytest.mark.parametrize("mode", ["dp_microbatches", "dp_single_call", "cp", "cp_packed"])
 def test_layouts_match_single_process(mode):
     """Every objective, one pair of 2-rank jobs per mode (process start-up dominates, so cases share it)."""
     results = run_ranks(_all_cases_worker, 2, mode, timeout=240)
@@ -135,7 +194,7 @@ def test_layouts_match_single_process(mode):
         B, S = grad1.shape
         total = sum(r[0] for r in per_rank)
         assert abs(total - loss1) <= 1e-5 * max(1.0, abs(loss1)), (case, total, loss1)
-        grad = _assemble(per_rank, B, S, "cp" if mode == "cp" else "dp")
+        grad = _assemble(per_rank, B, S, mode if mode.startswith("cp") else "dp")
         scale = float(grad1.abs().max())
         assert scale > 0, case
         torch.testing.assert_close(grad, grad1, rtol=1e-4, atol=1e-6 * max(1.0, scale) + 1e-5 * scale,

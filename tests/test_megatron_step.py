@@ -64,6 +64,23 @@ def my_micro_batches(dp_rank, dp_size, n_micro, whole_groups):
     return [split(batch, p) for p in parts]
 
 
+def packed_micro_batches(dp_rank, dp_size, budget, pp):
+    """This rank's packed micro-batches of the global batch under a token budget (bins padded to the
+    budget under pipeline parallelism), and whether every group landed whole in one bin."""
+    from gift_megatron.parallel.packing import pack_rows, plan_bins, sequence_lengths
+
+    batch = global_batch()
+    gids = batch["group_ids"].tolist()
+    plan = plan_bins(sequence_lengths(batch["loss_mask"]), gids, budget=budget, dp_size=dp_size)
+    places: dict[int, set] = {}
+    for r, bins in enumerate(plan):
+        for j, members in enumerate(bins):
+            for i in members:
+                places.setdefault(gids[i], set()).add((r, j))
+    whole = all(len(p) == 1 for p in places.values())
+    return pack_rows(batch, plan[dp_rank], row_tokens=budget if pp > 1 else None), whole
+
+
 def make_optimizer(model, config):
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
@@ -75,7 +92,7 @@ def make_optimizer(model, config):
     return ddp, opt
 
 
-def step_worker(rank, world, tp, pp, n_micro, whole_groups, init_dir, out_dir, cases):
+def step_worker(rank, world, tp, pp, n_micro, whole_groups, init_dir, out_dir, cases, budget=None):
     from gift_megatron.megatron.reference import FrozenReference
     from gift_megatron.megatron.step import ObjectiveStep
     from gift_megatron.objectives import build_objective
@@ -86,14 +103,23 @@ def step_worker(rank, world, tp, pp, n_micro, whole_groups, init_dir, out_dir, c
     results = {}
     try:
         for case in cases:
+            # The reference holds other weights than the policy: at equal weights GIFT's implicit rewards
+            # are exactly 0 and their group normalization would amplify round-off instead of testing it.
             model = build_model(SPEC, layout)
-            load_weights(model, init_dir)
+            load_weights(model, init_dir + "_ref")
             ddp, opt = make_optimizer(model, model.config)
             reference = FrozenReference([ddp], lambda i: build_model(SPEC, layout))
+            load_weights(model, init_dir)
             obj = build_objective(case.split("_")[0], **OBJECTIVES[case])
             step = ObjectiveStep(obj, [ddp], opt, reference=reference)
-            mbs = my_micro_batches(ps.get_data_parallel_rank(), ps.get_data_parallel_world_size(), n_micro,
-                                   whole_groups)
+            if budget is None:
+                mbs = my_micro_batches(ps.get_data_parallel_rank(), ps.get_data_parallel_world_size(), n_micro,
+                                       whole_groups)
+            else:
+                mbs, whole = packed_micro_batches(ps.get_data_parallel_rank(), ps.get_data_parallel_world_size(),
+                                                  budget, pp)
+                assert whole == whole_groups, (budget, whole)
+                assert "packed" in mbs[0] and mbs[0]["tokens"].shape[0] == 1
             res = step(mbs)
             save_weights(ddp.module, os.path.join(out_dir, case))
             results[case] = (res.loss, res.metrics, res.grad_norm, res.stats_source)
@@ -103,11 +129,14 @@ def step_worker(rank, world, tp, pp, n_micro, whole_groups, init_dir, out_dir, c
 
 
 def init_worker(rank, world, init_dir):
-    setup_parallel(Layout())
-    try:
-        save_weights(build_model(SPEC, Layout()), init_dir)
-    finally:
-        teardown_parallel()
+    """The policy's initial weights in ``init_dir``, the reference's (another seed) in ``init_dir``_ref."""
+    for seed, path in ((1234, init_dir), (4321, init_dir + "_ref")):
+        setup_parallel(Layout(), seed=seed)
+        try:
+            torch.manual_seed(seed)
+            save_weights(build_model(SPEC, Layout()), path)
+        finally:
+            teardown_parallel()
 
 
 def full_weights_worker(rank, world, dirs):
@@ -142,6 +171,13 @@ LAYOUTS = [  # (world, tp, pp, micro-batches per rank, whole groups per micro-ba
     pytest.param(4, 2, 1, 2, False, id="tp2-dp2-mb2-split"),
     pytest.param(4, 1, 2, 2, False, id="pp2-dp2-mb2-split"),
 ]
+# Packed rows under a token budget (members of length <= 16, groups of 4): (world, tp, pp, budget, whole).
+PACKED_LAYOUTS = [
+    pytest.param(1, 1, 1, 64, True, id="packed-64-whole"),
+    pytest.param(2, 2, 1, 24, False, id="tp2-packed-24-split"),
+    pytest.param(2, 1, 2, 32, False, id="pp2-packed-32-split"),
+    pytest.param(2, 1, 1, 40, False, id="dp2-packed-40-split"),
+]
 
 
 @pytest.mark.timeout(400)
@@ -150,6 +186,10 @@ def test_one_step_matches_single_process(reference_run, world, tp, pp, n_micro, 
     root, init, ref_out, ref = reference_run
     out = str(root / f"w{world}tp{tp}pp{pp}m{n_micro}{'w' if whole else 's'}")
     res = run_ranks(step_worker, world, tp, pp, n_micro, whole, init, out, list(OBJECTIVES), timeout=300)
+    _check_against_reference(ref, ref_out, init, out, res, whole)
+
+
+def _check_against_reference(ref, ref_out, init, out, res, whole):
     dirs = [init] + [os.path.join(d, case) for case in OBJECTIVES for d in (ref_out, out)]
     weights = run_ranks(full_weights_worker, 1, dirs, timeout=120)[0]
     w0 = weights[0]
@@ -175,6 +215,16 @@ def test_one_step_matches_single_process(reference_run, world, tp, pp, n_micro, 
                                        msg=lambda m: f"{case} {name}: {m}")
         assert max(float((single[n] - w0[n]).abs().max()) for n in w0) > 1e-4, case  # the step did move
 
+@pytest.mark.timeout(400)
+@pytest.mark.parametrize("world,tp,pp,budget,whole", PACKED_LAYOUTS)
+def test_packed_step_matches_padded_single_process(reference_run, world, tp, pp, budget, whole):
+    """Packed token-budget micro-batches (THD rows, per-slot attention, RoPE restarting per sequence) give
+    the loss, metrics, gradient norm and updated weights of one process with one padded micro-batch."""
+    root, init, ref_out, ref = reference_run
+    out = str(root / f"packed-w{world}tp{tp}pp{pp}b{budget}")
+    res = run_ranks(step_worker, world, tp, pp, None, whole, init, out, list(OBJECTIVES), budget, timeout=300)
+    _check_against_reference(ref, ref_out, init, out, res, whole)
+
 
 def test_policy_statistics_detection():
     """Only GIFT's statistics need the policy's log-probs; the others come from the data."""
@@ -192,22 +242,30 @@ def plain_autograd_worker(rank, world, init_dir, cases):
     setup_parallel(Layout())
     out = {}
     try:
+        b = global_batch()
+        pos = torch.arange(SPEC.seq_length)[None].expand_as(b["tokens"])
+
+        def logprobs(model):
+            logits = model(b["tokens"], pos, None)
+            return torch.log_softmax(logits.float(), -1).gather(-1, b["labels"][..., None])[..., 0]
+
         for case in cases:
+            ref_model = build_model(SPEC, Layout())
+            load_weights(ref_model, init_dir + "_ref")
+            with torch.no_grad():
+                ref = logprobs(ref_model)  # the frozen reference
             model = build_model(SPEC, Layout())
             load_weights(model, init_dir)
-            b = global_batch()
-            pos = torch.arange(SPEC.seq_length)[None].expand_as(b["tokens"])
-            logits = model(b["tokens"], pos, None)
-            lp = torch.log_softmax(logits.float(), -1).gather(-1, b["labels"][..., None])[..., 0]
-            lp0 = lp.detach()  # the initial policy: the frozen reference and the rollout policy
+            lp = logprobs(model)
+            lp0 = lp.detach()  # the initial policy: the rollout policy
             m, R, gid = b["loss_mask"], b["rewards"], b["group_ids"]
             opts = OBJECTIVES[case]
             if case.startswith("gift"):
-                loss = naive.gift(lp * m, lp0 * m, m, R, gid, **opts)
+                loss = naive.gift(lp * m, ref * m, m, R, gid, **opts)
             elif case == "gft":
                 loss = naive.gft(lp * m, m, R, gid, **opts)
             else:
-                loss = naive.grpo(lp * m, lp0 * m, m, R, gid, rlp=lp0 * m, **opts)
+                loss = naive.grpo(lp * m, lp0 * m, m, R, gid, rlp=ref * m, **opts)
             loss.backward()
             out[case] = (float(loss), {n: -LR * p.grad.detach().clone() for n, p in model.named_parameters()})
     finally:
@@ -248,8 +306,11 @@ def test_batching_errors_name_the_problem():
     with pytest.raises(ValueError, match="needs 'rewards'"):
         validate_micro_batches(gift, [{k: v for k, v in mbs[0].items() if k != "rewards"}])
     bad = dict(mbs[1], tokens=mbs[1]["tokens"][:, :-1], labels=mbs[1]["labels"][:, :-1], loss_mask=mbs[1]["loss_mask"][:, :-1])
-    with pytest.raises(ValueError, match="micro-batch 1: 'tokens' has shape"):
-        validate_micro_batches(gift, [mbs[0], bad])
+    validate_micro_batches(gift, [mbs[0], bad])  # without pipeline parallelism shapes may differ
+    with pytest.raises(ValueError, match="micro-batch 1: tokens of shape \\[4, 15\\], expected \\[4, 16\\] \\(pipeline"):
+        validate_micro_batches(gift, [mbs[0], bad], pp_size=2)
+    with pytest.raises(ValueError, match="micro-batch 0: 'labels' has shape"):
+        validate_micro_batches(gift, [dict(mbs[0], labels=bad["labels"])])
     with pytest.raises(ValueError, match="not divisible by 2 x context_parallel_size \\(6\\)"):
         validate_micro_batches(gift, mbs, cp_size=3)
     with pytest.raises(ValueError, match="missing 'labels'"):

@@ -57,9 +57,12 @@ def losses(run_dir):
 @pytest.mark.timeout(400)
 def test_two_rank_run_writes_metrics_checkpoints_plots_and_config(toy_task, tmp_path):
     run = str(tmp_path / "run")
+    # Packed micro-batches under a token budget: every replica's members are balanced over the 2 DP ranks;
+    # a group of 8 (at most 8 x 10 tokens) fits a 96-token bin, so GIFT still computes in place.
     run_job(data_overrides(toy_task) + [f"run.output_dir={run}", "train.steps=3", "run.save_interval=2",
                                         "train.eval_interval=0", "train.eval_prompts=8",
-                                        "objective.options.reference=frozen"])
+                                        "objective.options.reference=frozen", "train.micro_batch_size=null",
+                                        "train.micro_batch_tokens=96"])
     with open(os.path.join(run, "metrics.jsonl")) as fh:
         records = [json.loads(line) for line in fh]
     steps = [r["step"] for r in records]
@@ -68,7 +71,9 @@ def test_two_rank_run_writes_metrics_checkpoints_plots_and_config(toy_task, tmp_
     for key in ("loss", "rollout/reward_mean", "response/length_mean", "kl/reference", "gift/beta_x_mean",
                 "perf/tokens_per_s", "eval/reward"):
         assert key in last, key
-    assert last["stats_source/in_place"] == 1.0  # 16 members per micro-batch = two whole groups of 8
+    assert last["stats_source/in_place"] == 1.0  # every group whole in one packed micro-batch
+    # 16 prompts x 8 members of at most 10 tokens; packed bins of 96 tokens hold them with little padding.
+    assert 0 < last["perf/tokens_real"] <= last["perf/tokens_computed"] <= 1.25 * last["perf/tokens_real"] + 2 * 96
     assert sorted(os.listdir(os.path.join(run, "checkpoints"))) == ["latest", "step_00000002", "step_00000003"]
     assert os.path.isfile(os.path.join(run, "config.yaml"))
     for name in ("reward.png", "loss.png", "kl.png", "summary.png"):
@@ -77,7 +82,7 @@ def test_two_rank_run_writes_metrics_checkpoints_plots_and_config(toy_task, tmp_
 
 @pytest.mark.timeout(400)
 def test_pipeline_parallel_run_completes_with_exact_weight_sync(toy_task, tmp_path):
-    """PP=2 on 2 ranks, GRPO with a KL term (reference and old-policy passes on both stages). It used to hang
+    """PP=2 on 2 ranks with packed rows, GRPO with a KL term (reference and old-policy passes on both stages). It used to hang
     at step 1: the first stage, which never receives ref_logp, ran the reference pass a second time alone.
     The engine's sampling log-probs must equal the trainer's old-policy pass (weights gathered over PP), and
     the KL, computed on the last stage (not the rollout owner), must reach the metrics."""
@@ -85,10 +90,13 @@ def test_pipeline_parallel_run_completes_with_exact_weight_sync(toy_task, tmp_pa
     run_job(data_overrides(toy_task) + [
         f"run.output_dir={run}", "parallel.pipeline_model_parallel_size=2", "train.steps=2", "run.save_interval=0",
         "train.eval_interval=0", "train.eval_prompts=4", "objective.name=grpo", "objective.options={kl_coef: 0.05}",
-        "optimizer.use_distributed_optimizer=false", "run.plots=false"], timeout=380)
+        "optimizer.use_distributed_optimizer=false", "run.plots=false",
+        # packed rows, each padded to the budget (pipeline stages exchange fixed shapes)
+        "train.micro_batch_size=null", "train.micro_batch_tokens=48"], timeout=380)
     records = [json.loads(line) for line in open(run / "metrics.jsonl")]
     assert [r["step"] for r in records] == [0, 1, 2]
     for r in records[1:]:
+        assert r["perf/tokens_computed"] % 48 == 0 and r["perf/tokens_computed"] >= r["perf/tokens_real"]
         assert r["rollout/logprob_gap_max"] < 1e-4, r["rollout/logprob_gap_max"]
         assert "kl/reference" in r and abs(r["kl/reference"]) < 1e3
 

@@ -132,9 +132,12 @@ def build_model(spec: TinyGPT, layout: Layout) -> Any:
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
+    from gift_megatron.megatron.packed_attention import with_packed_attention
+
     return GPTModel(
         config=transformer_config(spec, layout),
-        transformer_layer_spec=get_gpt_layer_local_spec(normalization="RMSNorm"),
+        # Padded rows run Megatron's local attention unchanged; packed (THD) rows run it once per sequence.
+        transformer_layer_spec=with_packed_attention(get_gpt_layer_local_spec(normalization="RMSNorm")),
         vocab_size=spec.vocab_size,
         max_sequence_length=spec.seq_length,
         pre_process=parallel_state.is_pipeline_first_stage(),

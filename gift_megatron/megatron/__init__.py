@@ -29,6 +29,7 @@ from gift_megatron.megatron.step import (
     StepResult,
     forward_logprobs,
     make_forward_step,
+    pack_global_batch,
     split_global_batch,
     validate_micro_batches,
 )
@@ -37,5 +38,5 @@ __all__ = [
     "CheckpointError", "latest_checkpoint", "load_checkpoint", "save_checkpoint",
     "ModelConfig", "ParallelConfig", "PrecisionConfig", "build_model", "check_fp8_support", "transformer_config",
     "FrozenReference", "ObjectiveStep", "StepResult", "forward_logprobs", "make_forward_step",
-    "split_global_batch", "validate_micro_batches",
+    "pack_global_batch", "split_global_batch", "validate_micro_batches",
 ]

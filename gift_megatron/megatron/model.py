@@ -589,9 +589,10 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig, precision: 
 
 def _moe_kwargs(model: ModelConfig, parallel: ParallelConfig, te: bool) -> dict[str, Any]:
     """TransformerConfig options of a Mixture-of-Experts model (empty for a dense one)."""
-    from gift_megatron.megatron.moe import check_router_loss_support
+    from gift_megatron.megatron.moe import check_router_loss_support, fix_router_without_transformer_engine
 
     check_router_loss_support(model)  # megatron-core 0.16 cannot scale router losses: refuse them there
+    fix_router_without_transformer_engine()  # 0.16's router gating raised NameError without TE
     return dict(
         num_moe_experts=model.num_experts,
         moe_router_topk=model.moe_router_topk,
@@ -683,7 +684,11 @@ def layer_spec(model: ModelConfig, backend: Optional[str] = None):
         backend = "transformer_engine" if _cuda() and _te() else "local"
     if backend == "transformer_engine":
         return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=model.qk_layernorm)
-    return gpt_layer_specs.get_gpt_layer_local_spec(qk_layernorm=model.qk_layernorm, normalization="RMSNorm")
+    from gift_megatron.megatron.packed_attention import with_packed_attention
+
+    # The local attention also takes packed (THD) rows, one sequence at a time (see packed_attention.py).
+    return with_packed_attention(
+        gpt_layer_specs.get_gpt_layer_local_spec(qk_layernorm=model.qk_layernorm, normalization="RMSNorm"))
 
 
 def build_model(model: ModelConfig, parallel: ParallelConfig, precision: PrecisionConfig, *,

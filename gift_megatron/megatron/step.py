@@ -36,10 +36,12 @@ import torch
 
 from gift_megatron.comm import all_gather_rows, broadcast_objects, group_rank
 from gift_megatron.device import move_to, to_host_floats
+from gift_megatron.megatron.moe import MoEStepMonitor
 from gift_megatron.objectives import BatchLayout, BatchStats, LossOutput, Members, Objective, TokenBatch
 from gift_megatron.objectives.base import count_totals
 from gift_megatron.parallel.context import zigzag_split
 from gift_megatron.parallel.logprobs import vocab_parallel_logprobs
+from gift_megatron.parallel.packing import PackedLayout, unpack, zigzag_positions
 
 # Which forward-only passes already ran on a micro-batch (a set under this key). Only the last pipeline
 # stage receives ref_logp / old_logp; the other stages must still know the pass ran, or they would run it
@@ -49,7 +51,30 @@ DONE_PASSES = "gift_megatron_done_passes"
 # Keys of a micro-batch dict. tokens/labels/loss_mask are [b, s] over the whole (unsplit) sequence, labels
 # already shifted (labels[:, t] is the token after tokens[:, t]); rewards [b] float; group_ids [b] int;
 # ref_logp / old_logp optional [b, s] fp32, aligned with labels.
+# A packed micro-batch (gift_megatron.parallel.packing.pack_rows) has the same keys with per-token tensors
+# [1, T] holding its n members end to end, rewards / group_ids [n], and PACKED: its PackedLayout.
 PER_TOKEN_KEYS = ("tokens", "labels", "loss_mask", "ref_logp", "old_logp", "position_ids")
+PACKED = "packed"
+
+
+def packed_layout(mb: dict[str, Any]) -> PackedLayout | None:
+    """The micro-batch's PackedLayout, or None for padded rows."""
+    return mb.get(PACKED)
+
+
+def member_rows(mb: dict[str, Any], value: torch.Tensor | None) -> torch.Tensor | None:
+    """A per-token tensor of ``mb`` as per-member rows [members, s]: itself for padded rows, unpacked
+    (differentiably) for a packed micro-batch."""
+    layout = packed_layout(mb)
+    if value is None or layout is None:
+        return value
+    return unpack(value, layout)
+
+
+def members_in(mb: dict[str, Any]) -> int:
+    """Members (sequences) of a micro-batch."""
+    layout = packed_layout(mb)
+    return layout.n if layout is not None else int(mb["tokens"].shape[0])
 
 
 def _ps():
@@ -80,8 +105,35 @@ def split_for_context_parallel(mb: dict[str, Any]) -> dict[str, Any]:
     if cp == 1:
         return mb
     rank = ps.get_context_parallel_rank()
+    layout = packed_layout(mb)
+    if layout is not None:  # every sequence zig-zag split on its own (Megatron's / TE's THD layout)
+        idx = zigzag_positions(layout, cp, rank, mb["tokens"].device)
+        out = {k: (v.index_select(1, idx) if k in PER_TOKEN_KEYS and v is not None else v) for k, v in mb.items()}
+        out[PACKED] = layout.for_cp_rank(cp)
+        return out
     return {k: (zigzag_split(v, cp, rank, seq_dim=1) if k in PER_TOKEN_KEYS and v is not None else v)
             for k, v in mb.items()}
+
+
+def cp_local_positions(mb: dict[str, Any], cp: int, rank: int, device: torch.device) -> torch.Tensor:
+    """Positions in the full (unsplit) row of the tokens CP rank ``rank`` holds, int64 [s / cp]."""
+    layout = packed_layout(mb)
+    if layout is not None:
+        return zigzag_positions(layout, cp, rank, device)
+    s = mb["labels"].shape[1]
+    return zigzag_split(torch.arange(s, device=device)[None], cp, rank, seq_dim=1)[0]
+
+
+def packed_seq_params(layout: PackedLayout, device: torch.device):
+    """Megatron-Core's PackedSeqParams (THD) of a packed row: real and padded cu_seqlens over the full row
+    (also under CP, as Megatron expects), max lengths of the slots."""
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    cu = layout.cu_seqlens(device)
+    cu_padded = layout.cu_seqlens(device, padded=True)
+    longest = max(layout.padded)
+    return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, cu_seqlens_q_padded=cu_padded,
+                           cu_seqlens_kv_padded=cu_padded, max_seqlen_q=longest, max_seqlen_kv=longest)
 
 
 def model_logprobs(model, mb: dict[str, Any], *, temperature: float = 1.0, chunk_size: int | None = None,
@@ -101,10 +153,12 @@ def model_logprobs(model, mb: dict[str, Any], *, temperature: float = 1.0, chunk
         position_ids = torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0).expand_as(tokens)
     from megatron.core.utils import unwrap_model
 
+    layout = packed_layout(mb)
+    extra = {} if layout is None else {"packed_seq_params": packed_seq_params(layout, tokens.device)}
     inner = unwrap_model(model)
     output_layer = getattr(inner, "output_layer", None) if getattr(inner, "post_process", False) else None
     if output_layer is None:
-        return model(tokens, position_ids, None)
+        return model(tokens, position_ids, None, **extra)
     labels_sb = mb["labels"].transpose(0, 1)
     tp_group = _ps().get_tensor_model_parallel_group()
 
@@ -120,21 +174,22 @@ def model_logprobs(model, mb: dict[str, Any], *, temperature: float = 1.0, chunk
     handle = output_layer.register_forward_hook(to_logprobs)
     try:
         # attention_mask None: causal attention is built by the attention backend (local and TE specs).
-        out = model(tokens, position_ids, None)
+        out = model(tokens, position_ids, None, **extra)
     finally:
         handle.remove()
     return out.squeeze(-1)
 
 
 def token_batch(mb: dict[str, Any], logp: torch.Tensor) -> TokenBatch:
-    """The objective's view of a (CP-local) micro-batch with its policy log-probs ``logp`` [b, s] fp32."""
+    """The objective's view of a (CP-local) micro-batch with its policy log-probs ``logp`` [b, s] fp32
+    (packed: [1, T], unpacked here to per-member rows, so objectives only ever see [members, s])."""
     return TokenBatch(
-        logp=logp,
-        mask=mb["loss_mask"],
+        logp=member_rows(mb, logp),
+        mask=member_rows(mb, mb["loss_mask"]),
         rewards=mb.get("rewards"),
         group_ids=mb.get("group_ids"),
-        ref_logp=mb.get("ref_logp"),
-        old_logp=mb.get("old_logp"),
+        ref_logp=member_rows(mb, mb.get("ref_logp")),
+        old_logp=member_rows(mb, mb.get("old_logp")),
     )
 
 
@@ -157,13 +212,14 @@ def loss_func(ctx: LossContext, mb: dict[str, Any], logp: torch.Tensor):
     batch = token_batch(mb, logp)
     stats = ctx.stats
     if stats is None:
-        local = BatchLayout(dp_group=None, cp_group=ctx.layout.cp_group)
+        # Whole groups here, so their statistics are local; the counts that normalize the loss (and GIFT's
+        # gradient through its statistics) are the step's global ones.
+        local = BatchLayout(dp_group=None, cp_group=ctx.layout.cp_group, totals=ctx.totals)
         members = ctx.objective.members(batch, local)
         ctx.members.append(members)
-        stats = ctx.objective.statistics(members, local)
-        stats = dataclasses.replace(stats, n_members=ctx.totals[0], n_tokens=ctx.totals[1], metrics={})
+        stats = dataclasses.replace(ctx.objective.statistics(members, local), metrics={})
     out = ctx.objective.loss(batch, stats, ctx.layout)
-    count = torch.tensor(logp.shape[0], dtype=torch.int, device=logp.device)
+    count = torch.tensor(batch.logp.shape[0], dtype=torch.int, device=logp.device)
     report = LossOutput(out.loss.detach(), {k: v.detach() for k, v in out.shares.items()}, {})
     return out.loss * ctx.scale, count, {"output": report}
 
@@ -216,7 +272,7 @@ def forward_logprobs(
             data_iterator=iter(list(micro_batches)),
             model=models,
             num_microbatches=len(micro_batches),
-            seq_length=micro_batches[0]["tokens"].shape[1],
+            seq_length=micro_batches[0]["tokens"].shape[1],  # packed rows: [1, T], T equal under PP
             micro_batch_size=micro_batches[0]["tokens"].shape[0],
             forward_only=True,
         )
@@ -237,7 +293,7 @@ def data_members(objective: Objective, micro_batches: Sequence[dict[str, Any]]) 
     for mb in micro_batches:
         mb = split_for_context_parallel(mb)
         parts.append(Members(
-            token_counts=(mb["loss_mask"] > 0).float().sum(dim=1),
+            token_counts=(member_rows(mb, mb["loss_mask"]) > 0).float().sum(dim=1),
             rewards=None if mb.get("rewards") is None else mb["rewards"].float(),
             group_ids=None if mb.get("group_ids") is None else mb["group_ids"].to(torch.int64),
         ))
@@ -286,33 +342,79 @@ def split_global_batch(batch: dict[str, torch.Tensor], *, micro_batch_size: int,
             for i in range(0, per_rank, micro_batch_size)]
 
 
+def pack_global_batch(batch: dict[str, torch.Tensor], *, micro_batch_tokens: int, dp_rank: int, dp_size: int,
+                      multiple: int = 1, fixed_rows: bool = False, keep_groups: bool = True) -> list[dict[str, Any]]:
+    """This DP rank's packed micro-batches of a global batch of padded rows, under a token budget.
+
+    ``batch``: per-token [N, S] tensors (tokens, labels, loss_mask, optional ref_logp / old_logp) and
+    per-member [N] tensors (rewards, group_ids). Each member's length is its last counted label + 1; the
+    members are balanced over the ``dp_size`` ranks (every rank computes the same plan, no collective) and
+    packed into the same number of rows of at most ``micro_batch_tokens`` per rank, a group kept in one row
+    when it fits. ``multiple``: :func:`gift_megatron.parallel.packing.pad_multiple` of the layout (CP, SP).
+    ``fixed_rows``: pad every row to the budget (pipeline parallelism). ValueError, before any compute, for
+    a member longer than the budget. Returns the micro-batch dicts ObjectiveStep takes ([1, T] rows).
+    """
+    from gift_megatron.parallel.packing import pack_rows, plan_bins, sequence_lengths
+
+    if "group_ids" not in batch or "loss_mask" not in batch:
+        raise ValueError("pack_global_batch: the batch needs 'loss_mask' and 'group_ids'")
+    lengths = sequence_lengths(batch["loss_mask"])
+    plan = plan_bins(lengths, batch["group_ids"].tolist(), budget=micro_batch_tokens, dp_size=dp_size,
+                     multiple=multiple, keep_groups=keep_groups)
+    return pack_rows(batch, plan[dp_rank], multiple=multiple, lengths=lengths,
+                     row_tokens=micro_batch_tokens if fixed_rows else None)
+
+
 def validate_micro_batches(objective: Objective, micro_batches: Sequence[dict[str, Any]], cp_size: int = 1,
-                           vocab_size: int | None = None) -> None:
+                           vocab_size: int | None = None, pp_size: int = 1) -> None:
     """Clear errors for micro-batches the step cannot run, before any compute.
 
-    Megatron's pipeline schedules need every micro-batch to have the same [b, s] shape; context parallelism
-    needs s divisible by 2 x cp; the objective needs its inputs (rewards, group ids). With ``vocab_size``,
-    every label must lie in [0, vocab_size) (checked here, on the host tensors, once per step).
+    Padded rows: every micro-batch has the same [b, s] (and packed rows the same [1, T]) when pipeline
+    parallelism sends activations between stages (``pp_size`` > 1); context parallelism needs s (packed:
+    every slot) divisible by 2 x cp; the objective needs its inputs (rewards, group ids), one per member.
+    With ``vocab_size``, every label must lie in [0, vocab_size) (checked here, on the host tensors, once
+    per step). Packed and padded micro-batches do not mix in one step.
     """
     if not micro_batches:
         raise ValueError("micro_batches: empty list")
-    shape = None
+    kinds = {packed_layout(mb) is not None for mb in micro_batches}
+    if len(kinds) > 1:
+        raise ValueError("micro_batches: packed and padded micro-batches in one step")
+    first_shape = None
     for i, mb in enumerate(micro_batches):
         for key in ("tokens", "labels", "loss_mask"):
             if key not in mb:
                 raise ValueError(f"micro-batch {i}: missing {key!r}")
-        if shape is None:
-            shape = tuple(mb["tokens"].shape)
-        for key in ("tokens", "labels", "loss_mask", "ref_logp", "old_logp"):
+        shape = tuple(mb["tokens"].shape)
+        layout = packed_layout(mb)
+        if layout is not None:
+            if layout.cp_size != 1 or shape != (1, layout.total):
+                raise ValueError(f"micro-batch {i}: packed tokens of shape {list(shape)}, expected [1, {layout.total}] "
+                                 "(the sum of its slots)")
+            if cp_size > 1 and any(p % (2 * cp_size) for p in layout.padded):
+                raise ValueError(f"micro-batch {i}: packed slots {list(layout.padded)} are not all divisible by 2 x "
+                                 f"context_parallel_size ({2 * cp_size}); pack with "
+                                 "gift_megatron.parallel.packing.pad_multiple(tp, cp, sequence_parallel)")
+        first_shape = first_shape or shape
+        if pp_size > 1 and shape != first_shape:
+            raise ValueError(f"micro-batch {i}: tokens of shape {list(shape)}, expected {list(first_shape)} (pipeline "
+                             "parallelism needs every micro-batch of a step to have the same shape; packed rows: "
+                             "pack_rows(..., row_tokens=budget))")
+        for key in ("labels", "loss_mask", "ref_logp", "old_logp", "position_ids"):
             if mb.get(key) is not None and tuple(mb[key].shape) != shape:
                 raise ValueError(f"micro-batch {i}: {key!r} has shape {list(mb[key].shape)}, expected {list(shape)} "
-                                 "(every micro-batch of a step must have the same [micro_batch_size, seq_length])")
+                                 "(the shape of its tokens)")
+        n = members_in(mb)
         for key in ("rewards", "group_ids"):
             if key in objective.uses:
                 if mb.get(key) is None:
                     raise ValueError(f"micro-batch {i}: objective {objective.name} needs {key!r}")
-                if tuple(mb[key].shape) != shape[:1]:
-                    raise ValueError(f"micro-batch {i}: {key!r} has shape {list(mb[key].shape)}, expected [{shape[0]}]")
+                if tuple(mb[key].shape) != (n,):
+                    raise ValueError(f"micro-batch {i}: {key!r} has shape {list(mb[key].shape)}, expected [{n}] "
+                                     "(one per member)")
+        if cp_size > 1 and layout is None and shape[1] % (2 * cp_size):
+            raise ValueError(f"micro-batch {i}: sequence length {shape[1]} is not divisible by 2 x "
+                             f"context_parallel_size ({2 * cp_size})")
     if vocab_size is not None:
         for i, mb in enumerate(micro_batches):
             labels = mb["labels"]
@@ -320,8 +422,6 @@ def validate_micro_batches(objective: Objective, micro_batches: Sequence[dict[st
             if bool(bad.any()):
                 raise ValueError(f"micro-batch {i}: labels must lie in [0, {vocab_size}) (the model's vocabulary), "
                                  f"got range [{int(labels.min())}, {int(labels.max())}]")
-    if cp_size > 1 and shape[1] % (2 * cp_size):
-        raise ValueError(f"sequence length {shape[1]} is not divisible by 2 x context_parallel_size ({2 * cp_size})")
 
 
 # ------------------------------------------------------------------------------------------- step
@@ -372,6 +472,7 @@ class ObjectiveStep:
             config.no_sync_func = self.model[0].no_sync
         if getattr(config, "grad_scale_func", None) is None and hasattr(optimizer, "scale_loss"):
             config.grad_scale_func = optimizer.scale_loss
+        self.moe = MoEStepMonitor.for_model(self.model)  # None for a dense model (gift_megatron/megatron/moe.py)
 
     @property
     def device(self) -> torch.device:
@@ -390,7 +491,9 @@ class ObjectiveStep:
         # Validated before the move, on host tensors when the caller built them there (the trainer does):
         # the label range is then checked without a device sync, and the forward passes skip it.
         validate_micro_batches(self.objective, micro_batches, ps.get_context_parallel_world_size(),
-                               vocab_size=self._label_bound())
+                               vocab_size=self._label_bound(), pp_size=ps.get_pipeline_model_parallel_world_size())
+        if self.moe is not None:  # expert parallelism: equal micro-batch counts, checked before any forward pass
+            self.moe.check_micro_batches(micro_batches)
         micro_batches = [move_to(mb, self.device) for mb in micro_batches]
         self._fill_reference_logprobs(micro_batches)
         return micro_batches
@@ -436,8 +539,7 @@ class ObjectiveStep:
                 mb[key] = lp
                 continue
             full = torch.zeros(mb["labels"].shape, dtype=lp.dtype, device=lp.device)
-            idx = zigzag_split(torch.arange(full.shape[1], device=lp.device)[None], cp, rank, seq_dim=1)[0]
-            full[:, idx] = lp
+            full[:, cp_local_positions(mb, cp, rank, lp.device)] = lp
             mb[key] = full
 
     def statistics(self, micro_batches: list[dict[str, Any]], layout: BatchLayout):
@@ -467,8 +569,12 @@ class ObjectiveStep:
 
         if not prepared:
             micro_batches = self.prepare(micro_batches)
+        elif self.moe is not None:
+            self.moe.check_micro_batches(micro_batches)
         layout = batch_layout()
         ctx, source = self.statistics(micro_batches, layout)
+        if self.moe is not None:
+            self.moe.start(ctx.scale)  # router-loss scale D / T, tracker cleared
 
         for chunk in self.model:
             chunk.zero_grad_buffer()
@@ -488,6 +594,8 @@ class ObjectiveStep:
             raise RuntimeError("Megatron optimizer skipped the update (non-finite gradients)")
         metrics = self._metrics(store, ctx, layout)
         metrics["stats_source/" + source] = 1.0
+        if self.moe is not None:
+            metrics.update(self.moe.finish())  # moe/aux_loss, moe/z_loss, moe/load_balance_*
         return StepResult(loss=metrics["loss"], metrics=metrics, stats_source=source,
                           grad_norm=None if grad_norm is None else float(grad_norm))
 

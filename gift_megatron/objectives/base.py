@@ -33,10 +33,14 @@ class BatchLayout:
     cp_group: ranks holding other tokens of this rank's members (Megatron's zig-zag context parallel split);
         per-sequence sums are all-reduced over it, and sequence-level terms are counted once in total.
     None means "nobody else": the default describes a single process holding the whole batch.
+    totals: the batch's global (n_members, n_tokens) fp32 scalars when this view holds whole groups but not
+        every member of the batch (statistics computed in place, per micro-batch): counts that normalize
+        the loss and its gradient then come from here instead of a reduction over the view.
     """
 
     dp_group: ProcessGroup | None = None
     cp_group: ProcessGroup | None = None
+    totals: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
     def cp_size(self) -> int:
@@ -223,6 +227,8 @@ class Objective:
 
 def count_totals(members: Members, layout: BatchLayout) -> tuple[torch.Tensor, torch.Tensor]:
     """Global (n_members, n_tokens) as fp32 scalars. Members are counted once although CP ranks share them."""
+    if layout.totals is not None:
+        return layout.totals
     local = torch.stack(
         [torch.tensor(float(members.token_counts.shape[0]), device=members.token_counts.device) / layout.cp_size,
          members.token_counts.sum()]

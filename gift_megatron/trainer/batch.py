@@ -1,4 +1,5 @@
-"""Groups of responses -> the padded micro-batches ``ObjectiveStep`` trains on.
+"""Groups of responses -> the micro-batches ``ObjectiveStep`` trains on: padded rows trimmed to the step's
+longest sequence, or packed rows under a token budget (gift_megatron/parallel/packing.py).
 
 A group is one prompt with its members: ``n_expert`` expert demonstrations, ``n_teacher`` teacher responses
 (GFT's hybrid groups, docs/objectives.md, GFT) and the on-policy rollouts. Every member is scored by the same
@@ -11,6 +12,8 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import torch
+
+from gift_megatron.parallel.packing import pack_rows, plan_bins, trim_rows
 
 KINDS = ("expert", "teacher", "rollout")
 
@@ -39,7 +42,7 @@ def pack(members: Sequence[Member], seq_length: int, pad_id: int) -> dict[str, t
 
     tokens[i] = prompt + response, right-padded; labels[i, t] = tokens[i, t + 1] (shifted before any
     context-parallel split, as the step expects); loss_mask[i, t] = 1 where labels[i, t] is a response
-    token. rewards [N] fp32, group_ids [N] int64, is_rollout [N] bool.
+    token. rewards [N] fp32, group_ids [N] int64.
 
     Raises ValueError naming the member when prompt + response does not fit ``seq_length`` + 1 tokens
     (the last label needs no input position).
@@ -69,11 +72,72 @@ def pack(members: Sequence[Member], seq_length: int, pad_id: int) -> dict[str, t
 
 
 def micro_batches(batch: dict[str, torch.Tensor], micro_batch_size: int) -> list[dict[str, torch.Tensor]]:
-    """Consecutive slices of ``micro_batch_size`` rows (the caller checked divisibility)."""
+    """Consecutive slices of ``micro_batch_size`` rows; ValueError when the rows do not divide evenly."""
     n = batch["tokens"].shape[0]
     if n % micro_batch_size:
         raise ValueError(f"{n} members are not a multiple of train.micro_batch_size ({micro_batch_size})")
     return [{k: v[i:i + micro_batch_size] for k, v in batch.items()} for i in range(0, n, micro_batch_size)]
+
+
+def member_length(m: Member) -> int:
+    """Input positions of a member's row: prompt + response - 1 (the last token is only a label)."""
+    return len(m.prompt_ids) + len(m.response_ids) - 1
+
+
+@dataclass
+class StepBatch:
+    """This rank's training micro-batches of one step.
+
+    micro_batches: the dicts ObjectiveStep takes (padded [b, s] rows, or packed [1, T] rows); engine: the
+    rollout engine's log-probs laid out like each micro-batch's labels (NaN where there are none);
+    members: the members this rank trains on, in row order; tokens_real / tokens_computed: input positions
+    of those members (prompt + response - 1 each), and positions the micro-batches compute (padding
+    included).
+    """
+
+    micro_batches: list[dict]
+    engine: list[torch.Tensor]
+    members: list[Member]
+    tokens_real: int
+    tokens_computed: int
+
+
+def step_batch(members: Sequence[Member], *, seq_length: int, pad_id: int, micro_batch_size: int | None = None,
+               micro_batch_tokens: int | None = None, dp_size: int = 1, dp_rank: int = 0, multiple: int = 1,
+               fixed_rows: bool = False, bins_multiple: int = 1) -> StepBatch:
+    """This rank's micro-batches of the step.
+
+    Rows (``micro_batch_size``): ``members`` are this replica's; rows are trimmed to the longest sequence
+    (rounded up to ``multiple``) instead of ``seq_length``. Packed (``micro_batch_tokens``): ``members``
+    are every replica's, in the same order on every rank; they are spread over the ``dp_size`` ranks with
+    balanced token loads and packed into an equal number of bins per rank, a multiple of
+    ``bins_multiple`` (:func:`gift_megatron.parallel.packing.plan_bins`); ``fixed_rows`` pads every bin to
+    the budget (pipeline parallelism). Errors (a member longer than the budget) come before any compute.
+    """
+    if micro_batch_tokens is None:
+        mine = list(members)
+        rows = pack(mine, seq_length, pad_id)
+        rows["engine_logp"] = engine_logprobs(mine, seq_length)
+        rows = trim_rows(rows, multiple=multiple, lengths=[member_length(m) for m in mine])
+        mbs = micro_batches(rows, micro_batch_size)
+    else:
+        lengths = [member_length(m) for m in members]
+        plan = plan_bins(lengths, [m.group_id for m in members], budget=micro_batch_tokens, dp_size=dp_size,
+                         multiple=multiple, bins_multiple=bins_multiple)
+        bins = plan[dp_rank]
+        order = [i for b in bins for i in b]
+        mine = [members[i] for i in order]
+        rows = pack(mine, seq_length, pad_id)
+        rows["engine_logp"] = engine_logprobs(mine, seq_length)
+        local, start = [], 0
+        for b in bins:
+            local.append(list(range(start, start + len(b))))
+            start += len(b)
+        mbs = pack_rows(rows, local, multiple=multiple, lengths=[lengths[i] for i in order],
+                        row_tokens=micro_batch_tokens if fixed_rows else None)
+    engine = [mb.pop("engine_logp") for mb in mbs]
+    return StepBatch(mbs, engine, mine, tokens_real=sum(member_length(m) for m in mine),
+                     tokens_computed=sum(int(mb["tokens"].numel()) for mb in mbs))
 
 
 def engine_logprobs(members: Sequence[Member], seq_length: int) -> torch.Tensor:

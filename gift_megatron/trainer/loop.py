@@ -30,14 +30,9 @@ from gift_megatron import comm
 from gift_megatron.config import TrainConfig, check_world_size, save_config
 from gift_megatron.device import default_backend, use_cuda
 from gift_megatron.megatron.step import _ps
-from gift_megatron.trainer.batch import (
-    Member,
-    engine_logprobs,
-    micro_batches,
-    pack,
-    rollout_kl_to_reference,
-    rollout_logprob_gap,
-)
+from gift_megatron.megatron.step import member_rows
+from gift_megatron.parallel.packing import pad_multiple
+from gift_megatron.trainer.batch import Member, StepBatch, rollout_kl_to_reference, rollout_logprob_gap, step_batch
 from gift_megatron.trainer.metrics import DegenerateGroupsWatch, MetricsLogger, first_eval_record, plot_run
 from gift_megatron.trainer.run_dir import lock_run_dir, watch_launcher
 
@@ -373,11 +368,11 @@ class Trainer:
             self.engine.sleep()
         self.states.after_engine_sleeps()  # states back on the GPU once the owner's engine is asleep
 
-        batch = pack(members, cfg.model.seq_length, self.tokenizer.pad_id)
+        batch = self._step_batch(members)
         # Moved to the model's device once, with reference and old-policy log-probs computed once for the
         # whole rollout batch, before any update of it; the updates below train on slices of it.
-        mbs = self.train_step.prepare(micro_batches(batch, cfg.train.micro_batch_size))
-        engine = engine_logprobs(members, cfg.model.seq_length)
+        mbs = self.train_step.prepare(batch.micro_batches)
+        engine = batch.engine
         kl = self._kl_to_reference(mbs, engine)
         gap = self._rollout_gap(mbs, engine)
         per_update = len(mbs) // cfg.train.updates_per_step
@@ -395,12 +390,11 @@ class Trainer:
         self.step += 1
         self.consumed += cfg.train.prompts_per_step
         rollout = [m for m in all_members if m.kind == "rollout"]
-        tokens = float(batch["loss_mask"].sum() + sum(len(m.prompt_ids) for m in members))
         # The owner's per-replica values, plus the KL from the one rank per replica that computed it (the
         # last pipeline stage, which is not the owner when PP > 1): one reduction, one host copy.
         per_replica = [sum(m.reward for m in rollout), len(rollout), sum(len(m.response_ids) for m in rollout),
-                       sum(m.finished for m in rollout), tokens]
-        r_sum, r_n, len_sum, fin, tok, kl_sum, kl_n = self._global_sum(per_replica, kl)
+                       sum(m.finished for m in rollout), batch.tokens_real, batch.tokens_computed]
+        r_sum, r_n, len_sum, fin, tok, computed, kl_sum, kl_n = self._global_sum(per_replica, kl)
         metrics = dict(results[-1].metrics)
         metrics.update({
             "loss": sum(r.loss for r in results) / len(results),
@@ -410,7 +404,8 @@ class Trainer:
             "optim/lr": self.scheduler.get_lr(self.optimizer.param_groups[0]),
             "perf/rollout_s": t_rollout, "perf/train_s": t_train, "perf/sync_s": t_sync,
             "perf/step_s": time.perf_counter() - t0,
-            "perf/tokens_per_s": tok / max(time.perf_counter() - t0, 1e-9),
+            "perf/tokens_per_s": tok / max(time.perf_counter() - t0, 1e-9),  # real tokens, not padding
+            "perf/tokens_real": tok, "perf/tokens_computed": computed,
         })
         metrics.update(after)
         if results[-1].grad_norm is not None:
@@ -420,6 +415,21 @@ class Trainer:
         if gap is not None:
             metrics["rollout/logprob_gap_max"] = gap
         return metrics
+
+    def _step_batch(self, members: list[Member]) -> StepBatch:
+        """This rank's micro-batches: padded rows of its replica's members, or, under a token budget, packed
+        rows of every replica's members balanced over data-parallel ranks (gathered here, in rank order)."""
+        cfg, ps = self.cfg, _ps()
+        t, p = cfg.train, cfg.parallel
+        if t.micro_batch_tokens is not None and self.dp > 1:
+            parts = comm.all_gather_objects(members, group=ps.get_data_parallel_group())
+            members = [m for part in parts for m in part]
+        return step_batch(members, seq_length=cfg.model.seq_length, pad_id=self.tokenizer.pad_id,
+                          micro_batch_size=t.micro_batch_size, micro_batch_tokens=t.micro_batch_tokens,
+                          dp_size=self.dp, dp_rank=self.dp_rank,
+                          multiple=pad_multiple(p.tensor_model_parallel_size, p.context_parallel_size,
+                                                p.sequence_parallel),
+                          fixed_rows=p.pipeline_model_parallel_size > 1, bins_multiple=t.updates_per_step)
 
     def _post_update_metrics(self, mbs, step: int) -> dict[str, float]:
         """GIFT ``reference: rollout``: beta(x) and the implicit-reward spread of the updated policy against
@@ -435,7 +445,7 @@ class Trainer:
         return post_update_implicit_metrics(self.objective, self.model, mbs, temperature=self._logprob_temperature(),
                                             chunk_size=cfg.train.logprob_chunk_size, vocab_size=cfg.model.vocab_size)
 
-    def _rollout_gap(self, mbs, engine: torch.Tensor) -> float | None:
+    def _rollout_gap(self, mbs, engine: list[torch.Tensor]) -> float | None:
         """Max |trainer old log-prob - engine sampling log-prob| over every rollout token of the step, when
         the objective has the old-policy pass (GRPO family, GIFT reference=rollout): it measures that the
         weight sync left the engine on the trainer's exact weights. Global max over replicas; computed on
@@ -444,12 +454,12 @@ class Trainer:
         have = torch.zeros(2, dtype=torch.float32, device=self.train_step.device)
         if (ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0
                 and ps.get_context_parallel_world_size() == 1 and mbs[0].get("old_logp") is not None):
-            have = rollout_logprob_gap(torch.cat([mb["old_logp"] for mb in mbs]), engine,
-                                       torch.cat([mb["loss_mask"] for mb in mbs]))
+            parts = [rollout_logprob_gap(mb["old_logp"], e, mb["loss_mask"]) for mb, e in zip(mbs, engine)]
+            have = torch.stack(parts).amax(dim=0)
         gap, seen = comm.all_reduce_tensor(have, "max").tolist()
         return gap if seen > 0 else None
 
-    def _kl_to_reference(self, mbs, engine: torch.Tensor) -> tuple[float, float]:
+    def _kl_to_reference(self, mbs, engine: list[torch.Tensor]) -> tuple[float, float]:
         """(sum, count) over this replica's rollouts of sum_t (rollout log-prob - reference log-prob): the
         k1 estimate of KL(pi || pi_ref) per response. Counted on the last pipeline stage's TP rank 0 with
         CP 1 only, where ref_logp is whole; (0, 0) elsewhere."""
@@ -457,8 +467,9 @@ class Trainer:
         if (mbs[0].get("ref_logp") is None or not ps.is_pipeline_last_stage()
                 or ps.get_tensor_model_parallel_rank() or ps.get_context_parallel_world_size() > 1):
             return 0.0, 0.0
-        total, n = rollout_kl_to_reference(torch.cat([mb["ref_logp"] for mb in mbs]), engine,
-                                           torch.cat([mb["loss_mask"] for mb in mbs])).tolist()
+        parts = [rollout_kl_to_reference(member_rows(mb, mb["ref_logp"]), member_rows(mb, e.to(mb["ref_logp"].device)),
+                                         member_rows(mb, mb["loss_mask"])) for mb, e in zip(mbs, engine)]
+        total, n = torch.stack(parts).sum(dim=0).tolist()
         return total, n
 
     # ------------------------------------------------------------------------------------------ eval
