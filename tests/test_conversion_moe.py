@@ -222,6 +222,14 @@ def _ranks_worker(rank, world, cases, tokens):
             r[f"export_{name}"] = {dst: [[(n, t.clone()) for n, t in b]
                                          for b in iter_hf_weights(model, cfg, bucket_bytes=BUCKET, dst_rank=dst)]
                                    for dst in (None, 0, 1)}
+            # Every replica to its own destination at once, as the trainer syncs each replica's engine owner:
+            # at EP=2 each rank is a replica (and holds half of the other's experts); at TP=2 the two ranks are
+            # one replica, so two destinations are an error.
+            try:
+                r[f"export_own_{name}"] = [[(n, t.clone()) for n, t in b]
+                                           for b in iter_hf_weights(model, cfg, bucket_bytes=BUCKET, dst_rank=rank)]
+            except ValueError as exc:
+                r[f"export_own_{name}"] = str(exc)
             if pp == 1:
                 r[f"logits_{name}"] = _gathered_logits(model, cfg, tokens)
             if name == "ep2":
@@ -324,6 +332,12 @@ def test_export_at_tp2_ep2_pp2_equals_the_single_process_export(converted, two_r
                 for b in buckets:  # bounded: at most bucket_bytes, or one larger tensor alone
                     sizes = [t.numel() * t.element_size() for _, t in b]
                     assert sum(sizes) <= BUCKET or len(sizes) == 1, (where, sizes)
+            own = r[f"export_own_{layout}"]
+            if layout == "ep2":
+                assert [(n, t.dtype) for b in own for n, t in b] == [(n, t.dtype) for n, t in reference], rank
+                assert all(torch.equal(t, dict(reference)[n]) for b in own for n, t in b), rank
+            else:
+                assert isinstance(own, str) and "must pass the dst_rank of its own model replica" in own, own
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -30,8 +30,10 @@ a stage, which belong to different data-parallel replicas, and each expert is sp
 - ``dst_rank=r``: the ETP shards are gathered (``comm.gather_tensors``) onto the holder whose ETP rank is
   that of r's replica, and the holder sends the full tensor to r point-to-point. This involves ranks of
   other data-parallel replicas, so with experts *every rank of the world* must run the generator (one
-  small all-gather of rank coordinates over the world comes first); ranks that hold nothing r needs still
-  take part in that all-gather.
+  small all-gather of rank coordinates and destinations over the world comes first). Each replica may
+  export to its own destination at the same time (the trainer does: every replica's engine owner): each
+  rank passes its own replica's ``dst_rank``, and the destinations are served one after the other, every
+  rank sending the experts it holds to each.
 
 Each rank receives at most one full tensor beyond the bucket it is filling. Buckets hold at most
 ``bucket_bytes`` of tensors, except that a single larger tensor is yielded alone. A list of model chunks
@@ -110,20 +112,23 @@ def iter_hf_weights(model: Any, model_cfg: Any, *, bucket_bytes: int = 512 << 20
         return
     bucket: Bucket = []
     size = 0
-    for src_stage in range(plan.pp):
-        for item in plan.stage_items(src_stage, local, getattr(model_cfg, "num_experts", 0)):
-            full = plan.move(src_stage, item, local, device)
-            if full is None:
-                continue
-            for hf_name, tensor in megatron_tensor_to_hf(item.name, full, model_cfg, item.split, item.layer):
-                if dtype is not None:
-                    tensor = tensor.to(dtype)
-                nbytes = tensor.numel() * tensor.element_size()
-                if bucket and size + nbytes > bucket_bytes:
-                    yield bucket
-                    bucket, size = [], 0
-                bucket.append((hf_name, tensor))
-                size += nbytes
+    for dst in plan.destinations:
+        if dst is not None:
+            plan.use(dst)
+        for src_stage in range(plan.pp):
+            for item in plan.stage_items(src_stage, local, getattr(model_cfg, "num_experts", 0)):
+                full = plan.move(src_stage, item, local, device)
+                if full is None:
+                    continue
+                for hf_name, tensor in megatron_tensor_to_hf(item.name, full, model_cfg, item.split, item.layer):
+                    if dtype is not None:
+                        tensor = tensor.to(dtype)
+                    nbytes = tensor.numel() * tensor.element_size()
+                    if bucket and size + nbytes > bucket_bytes:
+                        yield bucket
+                        bucket, size = [], 0
+                    bucket.append((hf_name, tensor))
+                    size += nbytes
     if bucket:
         yield bucket
 
@@ -171,37 +176,57 @@ class _Plan:
         else:
             self.etp, self.etp_rank, self.etp_group, self.ep_group = 1, 0, None, None
         self.dst = dst_rank
+        self.own_dst = dst_rank
+        self.destinations: list[int | None] = [dst_rank]
         self.in_replica = True
-        self.receives = True
         if dst_rank is None:
             return
         mp_group = ps.get_model_parallel_group()
         mp_ranks = dist.get_process_group_ranks(mp_group)
         if moe:
-            # Experts the destination needs live on other data-parallel replicas: every rank takes part.
+            # Experts a destination needs live on other data-parallel replicas, and every replica exports to its
+            # own destination (the trainer: each replica's engine owner) at the same time: every rank learns
+            # every rank's coordinates and destination, then serves every destination in turn.
             coords = comm.all_gather_objects(
                 (self.me, self.stage, self.tp_rank, self.ep_rank, self.etp_rank, tuple(mp_ranks),
-                 tuple(dist.get_process_group_ranks(ps.get_expert_tensor_and_model_parallel_group()))))
-            replica = next(c[5] for c in coords if c[0] == dst_rank)
-            where = {c[0]: (c[1], c[2]) for c in coords if c[0] in replica}
+                 tuple(dist.get_process_group_ranks(ps.get_expert_tensor_and_model_parallel_group())), dst_rank))
             self.coords = {c[0]: c for c in coords}
-        else:
-            if dst_rank not in mp_ranks:
-                self.in_replica = False
-                return
-            coords = comm.all_gather_objects((self.me, self.stage, self.tp_rank), mp_group)
-            where = {r: (s, t) for r, s, t in coords}
-        self.receives = self.me == dst_rank
+            self.destinations = sorted({c[7] for c in coords if c[7] is not None})
+            for d in self.destinations:
+                replica = self.coords[d][5] if d in self.coords else ()
+                wrong = sorted(r for r in replica if self.coords[r][7] != d)
+                if d not in self.coords or wrong or len({c[7] is None for c in coords}) > 1:
+                    raise ValueError(f"iter_hf_weights: with experts every rank must pass the dst_rank of its own "
+                                     f"model replica (rank {d}'s replica {list(replica)}: ranks {wrong} passed "
+                                     f"{[self.coords[r][7] for r in wrong]}), or every rank None")
+            self.use(dst_rank)
+            return
+        if dst_rank not in mp_ranks:
+            self.in_replica = False
+            return
+        coords = comm.all_gather_objects((self.me, self.stage, self.tp_rank), mp_group)
+        self._set_replica(dst_rank, {r: (s, t) for r, s, t in coords})
+
+    def use(self, dst_rank: int) -> None:
+        """Export to ``dst_rank`` next (with experts: this rank's own destination, or another replica's, for
+        which it only serves the experts it holds)."""
+        self.dst = dst_rank
+        if not self.moe:
+            return
+        replica = self.coords[dst_rank][5]
+        self._set_replica(dst_rank, {r: (self.coords[r][1], self.coords[r][2]) for r in replica})
+        # Per stage and EP rank: the rank the expert shards are gathered onto (ETP rank of the collector).
+        self.holder: dict[int, dict[int, int]] = {}
+        for s, c in self.collector.items():
+            group, etp_rank = self.coords[c][6], self.coords[c][4]
+            self.holder[s] = {self.coords[r][3]: r for r in group if self.coords[r][4] == etp_rank}
+
+    def _set_replica(self, dst_rank: int, where: dict[int, tuple[int, int]]) -> None:
+        """``where``: (stage, TP rank) of every rank of ``dst_rank``'s replica."""
         self.dst_stage, self.dst_tp = where[dst_rank]
         # The rank of each stage that collects that stage's full dense tensors: the one with dst's TP rank.
         self.collector = {s: r for r, (s, t) in where.items() if t == self.dst_tp}
         self.in_dense = self.me in where
-        if moe:
-            # Per stage and EP rank: the rank the expert shards are gathered onto (ETP rank of the collector).
-            self.holder: dict[int, dict[int, int]] = {}
-            for s, c in self.collector.items():
-                group, etp_rank = self.coords[c][6], self.coords[c][4]
-                self.holder[s] = {self.coords[r][3]: r for r in group if self.coords[r][4] == etp_rank}
 
     @property
     def everyone(self) -> bool:
