@@ -344,7 +344,7 @@ def test_router_loss_gradient_has_megatrons_intended_scale(reference):
 
     if not has_moe_grad_scale_func():
         pytest.skip("megatron-core 0.16 has no moe_grad_scale_func: non-zero router-loss coefficients are refused "
-                    "there (test_router_losses_refused_without_scale_hook)")
+                    "there (tests/test_moe_config.py::test_router_losses_are_refused_without_the_scale_hook)")
     root, _, _ = reference
     per_rank = [results["router_loss"] for results, _ in run_layout(root, *LAYOUTS[0].values)]
     for r in per_rank:
