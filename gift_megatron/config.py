@@ -693,10 +693,25 @@ def _activation_bytes(cfg: TrainConfig) -> float:
     layers, so PP does not shrink it."""
     m, p = cfg.model, cfg.parallel
     q, kv = m.num_attention_heads * m.head_dim, 2 * m.num_query_groups * m.head_dim
-    values = (2 * m.hidden_size + 2 * q + kv) + (2 * m.hidden_size + 3 * m.ffn_hidden_size)
+    attention = 2 * m.hidden_size + 2 * q + kv
+    dense_mlp = 2 * m.hidden_size + 3 * m.ffn_hidden_size
+    # An MoE layer keeps, per token: the norm input and output, the router's fp32 logits and probabilities
+    # (2 x 2 E values in the training dtype's units), and for each of its top-k experts the dispatched copy of
+    # the token (h), the expert's gate/up (2 f_e) and SwiGLU (f_e) outputs and its output (h); plus the shared
+    # expert's 3 f_s. Averaged over ranks: the all-to-all moves tokens, balanced routing keeps the count.
+    moe_mlp = (2 * m.hidden_size + 4 * m.num_experts
+               + m.moe_router_topk * (2 * m.hidden_size + 3 * m.expert_ffn_hidden_size)
+               + 3 * (m.moe_shared_expert_intermediate_size or 0))
+    per_layer = sum(attention + (moe_mlp if moe else dense_mlp) for moe in m.moe_layers())
     dtype_bytes = 4 if cfg.precision.dtype == "fp32" else 2
     tokens = _micro_batch_tokens(cfg)
-    return tokens * m.num_layers * values * dtype_bytes / (p.tensor_model_parallel_size * p.context_parallel_size)
+    return tokens * per_layer * dtype_bytes / (p.tensor_model_parallel_size * p.context_parallel_size)
+
+
+def routed_expert_parameters(m: ModelConfig) -> int:
+    """Parameters of the routed experts (sharded over expert parallel x expert tensor parallel ranks; the rest
+    of the model is sharded over tensor parallel ranks). 0 for a dense model."""
+    return sum(m.moe_layers()) * m.num_experts * 3 * m.hidden_size * m.expert_ffn_hidden_size
 
 
 def _engine_plan(cfg: TrainConfig, gpu_gib: float) -> dict[str, Any]:
@@ -709,7 +724,9 @@ def _engine_plan(cfg: TrainConfig, gpu_gib: float) -> dict[str, Any]:
     dtype_bytes = 4 if cfg.precision.dtype == "fp32" else 2
     weights = m.parameter_count() * dtype_bytes / rtp / _GIB
     q, kv = m.num_attention_heads * m.head_dim, 2 * m.num_query_groups * m.head_dim
-    per_token = 4 * m.hidden_size + (q + kv + 3 * m.ffn_hidden_size) / rtp
+    # MoE: vLLM's fused-MoE kernel holds top-k expert intermediates per token (its experts are TP-sharded too).
+    mlp = m.moe_router_topk * 3 * m.expert_ffn_hidden_size if m.is_moe else 3 * m.ffn_hidden_size
+    per_token = 4 * m.hidden_size + (q + kv + mlp) / rtp
     activations = (VLLM_PROFILE_TOKENS * per_token * dtype_bytes
                    + VLLM_PROFILE_SEQS * m.padded_vocab_size(rtp) / rtp * 4 * 2) / _GIB
     kv_heads_per_gpu = max(m.num_query_groups // rtp, 1)  # vLLM replicates KV heads when rtp > their count
@@ -744,17 +761,31 @@ def layout_plan(cfg: TrainConfig, world_size: int, gpu_memory_gib: float = H100_
     gpus_per_node = gpus_per_node or min(world_size, 8)
     dp = check_world_size(cfg, world_size, gpus_per_node=gpus_per_node)
     p, m = cfg.parallel, cfg.model
-    shard = m.parameter_count() / (p.tensor_model_parallel_size * p.pipeline_model_parallel_size)
+    # Routed experts are split over EP x ETP (x PP) and their optimizer state over the expert data-parallel
+    # ranks world / (ETP x EP x PP); everything else over TP (x PP) and DP, as in Megatron.
+    experts = routed_expert_parameters(m)
+    tp_pp = p.tensor_model_parallel_size * p.pipeline_model_parallel_size
+    expert_split = p.etp * p.expert_model_parallel_size * p.pipeline_model_parallel_size
+    dense_shard, expert_shard = (m.parameter_count() - experts) / tp_pp, experts / expert_split
+    shard = dense_shard + expert_shard
     weight_bytes = 4 if cfg.precision.dtype == "fp32" else 2
-    optim_ranks = dp if cfg.optimizer.use_distributed_optimizer else 1
+    distributed = cfg.optimizer.use_distributed_optimizer
+    optim_ranks = dp if distributed else 1
+    expert_optim_ranks = world_size // expert_split if distributed else 1
     plan: dict[str, Any] = {
         "world_size": world_size, "gpus_per_node": min(gpus_per_node, world_size), "gpu_memory_gib": gpu_memory_gib,
         "tp": p.tensor_model_parallel_size, "pp": p.pipeline_model_parallel_size,
         "cp": p.context_parallel_size, "dp": dp, "parameters_b": m.parameter_count() / 1e9,
+    }
+    if m.is_moe:
+        plan.update({"ep": p.expert_model_parallel_size, "etp": p.etp, "expert_dp": world_size // expert_split,
+                     "active_parameters_b": m.active_parameter_count() / 1e9,
+                     "expert_parameters_per_gpu_b": expert_shard / 1e9})
+    plan.update({
         "weights_gib": shard * weight_bytes / _GIB,
         "grads_gib": shard * 4 / _GIB,
-        "optimizer_gib": shard * 12 / optim_ranks / _GIB,
-    }
+        "optimizer_gib": (dense_shard * 12 / optim_ranks + expert_shard * 12 / expert_optim_ranks) / _GIB,
+    })
     from gift_megatron.objectives import build_objective
 
     if "ref_logp" in build_objective(cfg.objective.name, **cfg.objective.options).uses:

@@ -118,7 +118,8 @@ def test_missing_and_invalid_files(tmp_path):
 
 
 RECIPES = [("examples/qwen2.5-7b-gift.yaml", 8), ("examples/qwen2.5-32b-gift.yaml", 32),
-           ("examples/qwen2.5-math-7b-gft.yaml", 8), ("examples/tiny_cpu_gift.yaml", 2)]
+           ("examples/qwen2.5-math-7b-gft.yaml", 8), ("examples/tiny_cpu_gift.yaml", 2),
+           ("examples/qwen3-30b-a3b-gift.yaml", 32), ("examples/tiny_cpu_moe_gift.yaml", 2)]
 
 
 @pytest.mark.parametrize("path, world", RECIPES)

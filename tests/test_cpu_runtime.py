@@ -134,6 +134,11 @@ PATCHED = (
     "optimizer.clip",
     "DistributedOptimizer.__init__",
     "LanguageModule.setup_embeddings_and_output_layer",
+    "moe.router.torch",  # Mixture-of-Experts: the router, the alltoall dispatcher and its split sizes, and
+    "moe.token_dispatcher.torch",  # the sequence-/expert-parallel gathers (tests/test_moe_layout.py trains them)
+    "moe.token_dispatcher.split_sizes",
+    "tensor_parallel.mappings.torch",
+    "tensor_parallel.layers.torch",
 )
 UNTOUCHED = ("torch.cuda.current_device", "torch.cuda.synchronize", "torch.zeros", "Tensor.type", "Tensor.cuda")
 
@@ -143,7 +148,9 @@ def runtime_snapshot() -> dict[str, Any]:
     from megatron.core.models.common.language_module.language_module import LanguageModule
     from megatron.core.optimizer import clip_grads, distrib_optimizer, optimizer
     from megatron.core.pipeline_parallel import schedules
+    from megatron.core.tensor_parallel import layers, mappings
     from megatron.core.tensor_parallel import random as mp_random
+    from megatron.core.transformer.moe import router, token_dispatcher
 
     return {
         "schedules.torch": id(schedules.torch),
@@ -158,6 +165,11 @@ def runtime_snapshot() -> dict[str, Any]:
         "Tensor.type": id(torch.Tensor.type),
         "Tensor.cuda": id(torch.Tensor.cuda),
         "random.filters": len(logging.getLogger(mp_random.__name__).filters),
+        "moe.router.torch": id(router.torch),
+        "moe.token_dispatcher.torch": id(token_dispatcher.torch),
+        "moe.token_dispatcher.split_sizes": id(token_dispatcher.maybe_move_tensor_to_cpu),
+        "tensor_parallel.mappings.torch": id(mappings.torch),
+        "tensor_parallel.layers.torch": id(layers.torch),
     }
 
 

@@ -283,9 +283,12 @@ def test_backend_selection_and_refusals_without_transformer_engine():
     assert select_backend(plain, bf16, cuda=True, transformer_engine=True) == "transformer_engine"
     assert select_backend(plain, bf16, cuda=True, transformer_engine=False) == "local"
     assert select_backend(plain, bf16, cuda=False, transformer_engine=False) == "local"
+    # Sequence parallelism runs on the local spec (SequenceParallelRMSNorm), with or without CUDA.
+    sp = ParallelConfig(tensor_model_parallel_size=2, sequence_parallel=True)
+    assert select_backend(sp, bf16, cuda=True, transformer_engine=False) == "local"
+    assert select_backend(sp, bf16, cuda=False, transformer_engine=False) == "local"
     for parallel, precision, key in [
         (plain, PrecisionConfig(dtype="bf16", fp8="hybrid"), "precision.fp8"),
-        (ParallelConfig(tensor_model_parallel_size=2, sequence_parallel=True), bf16, "parallel.sequence_parallel"),
         (ParallelConfig(context_parallel_size=2), bf16, "parallel.context_parallel_size"),
     ]:
         for cuda in (True, False):
@@ -310,8 +313,11 @@ def test_cuda_config_without_transformer_engine_is_valid_for_megatron(monkeypatc
     with pytest.raises(Exception, match="apply_rope_fusion"):
         model_mod.transformer_config(cfg, model_mod.ParallelConfig(), model_mod.PrecisionConfig(dtype="bf16"),
                                      apply_rope_fusion=True)
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+
     core = model_mod.layer_spec(cfg, "local").submodules.self_attention.submodules.core_attention
-    assert core.__module__.startswith("megatron.core.transformer") and "TE" not in core.__name__
+    # Megatron's local attention (the packed-row subclass of packed_attention.py), not TE's.
+    assert issubclass(core, DotProductAttention) and "TE" not in core.__name__
 
 
 def test_fp8_param_is_refused_naming_the_key():
@@ -355,3 +361,14 @@ def test_packing_and_step_batch_under_meta():
                 trim_rows(rows.micro_batches[0], multiple=4))
 
     assert_same_on_cpu(*guarded(run))
+
+
+def test_moe_step_helpers_under_meta():
+    """The pure helpers of gift_megatron/megatron/moe.py (router metrics) keep CPU inputs on the CPU."""
+    from gift_megatron.megatron.moe import check_equal_micro_batch_counts, load_balance, router_loss_scale
+
+    counts = torch.tensor([[3.0, 1.0, 0.0, 4.0], [2.0, 2.0, 2.0, 2.0]], dtype=torch.float64)
+    assert_same_on_cpu(*guarded(lambda: load_balance(counts)))
+    with meta_default():
+        assert router_loss_scale(32, 512) == 1 / 16
+        check_equal_micro_batch_counts([2, 2], ep=2)

@@ -36,6 +36,7 @@ import torch
 
 from gift_megatron.comm import all_gather_rows, broadcast_objects, group_rank
 from gift_megatron.device import move_to, to_host_floats
+from gift_megatron.megatron.moe import MoEStepMonitor
 from gift_megatron.objectives import BatchLayout, BatchStats, LossOutput, Members, Objective, TokenBatch
 from gift_megatron.objectives.base import count_totals
 from gift_megatron.parallel.context import zigzag_split
@@ -471,6 +472,7 @@ class ObjectiveStep:
             config.no_sync_func = self.model[0].no_sync
         if getattr(config, "grad_scale_func", None) is None and hasattr(optimizer, "scale_loss"):
             config.grad_scale_func = optimizer.scale_loss
+        self.moe = MoEStepMonitor.for_model(self.model)  # None for a dense model (gift_megatron/megatron/moe.py)
 
     @property
     def device(self) -> torch.device:
@@ -490,6 +492,8 @@ class ObjectiveStep:
         # the label range is then checked without a device sync, and the forward passes skip it.
         validate_micro_batches(self.objective, micro_batches, ps.get_context_parallel_world_size(),
                                vocab_size=self._label_bound(), pp_size=ps.get_pipeline_model_parallel_world_size())
+        if self.moe is not None:  # expert parallelism: equal micro-batch counts, checked before any forward pass
+            self.moe.check_micro_batches(micro_batches)
         micro_batches = [move_to(mb, self.device) for mb in micro_batches]
         self._fill_reference_logprobs(micro_batches)
         return micro_batches
@@ -565,8 +569,12 @@ class ObjectiveStep:
 
         if not prepared:
             micro_batches = self.prepare(micro_batches)
+        elif self.moe is not None:
+            self.moe.check_micro_batches(micro_batches)
         layout = batch_layout()
         ctx, source = self.statistics(micro_batches, layout)
+        if self.moe is not None:
+            self.moe.start(ctx.scale)  # router-loss scale D / T, tracker cleared
 
         for chunk in self.model:
             chunk.zero_grad_buffer()
@@ -586,6 +594,8 @@ class ObjectiveStep:
             raise RuntimeError("Megatron optimizer skipped the update (non-finite gradients)")
         metrics = self._metrics(store, ctx, layout)
         metrics["stats_source/" + source] = 1.0
+        if self.moe is not None:
+            metrics.update(self.moe.finish())  # moe/aux_loss, moe/z_loss, moe/load_balance_*
         return StepResult(loss=metrics["loss"], metrics=metrics, stats_source=source,
                           grad_norm=None if grad_norm is None else float(grad_norm))
 

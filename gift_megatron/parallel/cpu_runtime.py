@@ -14,7 +14,14 @@ GPU, :func:`enable_cpu_runtime` redirects exactly the calls that training and ch
   tracks the CPU default generator, so TP ranks draw the same or different streams exactly as on GPU;
 - ``Tensor.type() == 'torch.cuda.FloatTensor'``-style checks in the optimizers (distributed-optimizer and
   mixed-precision param sorting, gradient clipping), which a CPU tensor (``'torch.FloatTensor'``) fails;
-- ``Tensor.cuda()`` on the shared embedding weight (tied embeddings with pipeline parallelism).
+- ``Tensor.cuda()`` on the shared embedding weight (tied embeddings with pipeline parallelism);
+- Mixture-of-Experts: the router's ``current_device()`` (its weight is moved there on every forward), the
+  alltoall token dispatcher's side stream and events (``torch.cuda.Stream()`` at construction, a
+  device-to-host copy of the split sizes on it), ``torch.empty(device=current_device())`` in the
+  sequence-parallel / expert-parallel gathers (``tensor_parallel.mappings``, the all-to-all) and in the
+  sequence-parallel backward of ``tensor_parallel.layers``; and the dispatcher's split sizes, which it
+  turns into numpy arrays only when they are CUDA tensors: on the CPU they stayed tensors, which
+  ``all_to_all_single`` rejects as split sizes.
 
 How: each module listed in ``_CPU_TORCH_MODULES`` gets its own view of ``torch`` (its module global
 ``torch`` is replaced) in which CUDA is the CPU; the real ``torch`` and every other module are untouched.
@@ -65,6 +72,20 @@ _CPU_TORCH_MODULES: dict[str, str] = {
     "megatron.core.dist_checkpointing.strategies.state_dict_saver": (
         "failure flag on current_device() when finalizing a save (0.16, 0.19)"
     ),
+    "megatron.core.transformer.moe.router": (
+        "router weight moved to current_device() every forward; expert-bias buffers there (0.16, 0.19)"
+    ),
+    "megatron.core.transformer.moe.token_dispatcher": (
+        "alltoall dispatcher: cuda.Stream() at construction, current_stream()/stream() around the "
+        "device-to-host copy of split sizes, d2h event synchronize() (0.16, 0.19)"
+    ),
+    "megatron.core.tensor_parallel.mappings": (
+        "sequence-parallel / expert all-gather, reduce-scatter and all-to-all outputs on current_device() "
+        "(0.16, 0.19)"
+    ),
+    "megatron.core.tensor_parallel.layers": (
+        "sequence-parallel backward all-gather buffer on current_device() (0.16, 0.19)"
+    ),
 }
 
 
@@ -95,8 +116,30 @@ def _on_cpu(factory: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]
     return create
 
 
+class _NullEvent:
+    """Stands for a CUDA event on the CPU: every op before it has already finished."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def record(self, stream: Any = None) -> None:
+        pass
+
+    def wait(self, stream: Any = None) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
+
+    def query(self) -> bool:
+        return True
+
+
 class _NullStream:
-    """Stands for a CUDA stream on the CPU, where every op is synchronous: waits and records are no-ops."""
+    """Stands for a CUDA stream on the CPU, where every op is synchronous: waits and records are no-ops.
+
+    One object stands for every stream, so a "side stream" compares equal to the current one and Megatron
+    skips its cross-stream bookkeeping (record_stream) exactly as it does when it runs on one stream."""
 
     def wait_event(self, event: Any) -> None:
         pass
@@ -105,7 +148,8 @@ class _NullStream:
         pass
 
     def record_event(self, event: Any = None) -> Any:
-        return event
+        # Megatron synchronizes on the returned event later (the MoE dispatcher's d2h_event).
+        return event if event is not None else _NullEvent()
 
     def synchronize(self) -> None:
         pass
@@ -115,6 +159,11 @@ class _NullStream:
 
 
 _NULL_STREAM = _NullStream()
+
+
+def _null_stream(*args: Any, **kwargs: Any) -> _NullStream:
+    """``torch.cuda.Stream(...)`` on the CPU runtime."""
+    return _NULL_STREAM
 
 
 class _CpuCuda:
@@ -143,6 +192,14 @@ class _CpuCuda:
     @staticmethod
     def current_stream(device: Any = None) -> _NullStream:
         return _NULL_STREAM
+
+    # The MoE dispatcher creates a side stream and events and copies split sizes to the host "on" the stream.
+    Stream = staticmethod(_null_stream)
+    Event = _NullEvent
+
+    @staticmethod
+    def stream(stream: Any = None) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()
 
     @staticmethod
     def get_rng_state(device: Any = "cuda") -> torch.Tensor:
@@ -287,6 +344,7 @@ def enable_cpu_runtime() -> None:
     _patch_module_torch()
     _patch_rng_tracker()
     _patch_tensor_methods()
+    _patch_moe_split_sizes()
     _enabled = True
 
 
@@ -334,6 +392,31 @@ def _patch_tensor_methods() -> None:
     # Tied embeddings with PP > 1: `weight.data = weight.data.cuda()` before the first/last-stage
     # all-reduce of the shared weight (0.16, 0.19).
     _wrap_method(LanguageModule, "setup_embeddings_and_output_layer", _CUDA_MOVES_STAY_ON_CPU)
+
+
+def _patch_moe_split_sizes() -> None:
+    """The alltoall dispatcher's split sizes as host numpy arrays on the CPU too (0.16, 0.19).
+
+    Megatron turns them into numpy arrays in ``maybe_move_tensor_to_cpu(..., as_numpy=True)``, but only for a
+    CUDA tensor; a CPU tensor comes back as a tensor, and ``all_to_all_single`` refuses a tensor as split
+    sizes. The replacement converts CPU tensors too (a copy, as the device-to-host copy is on a GPU)."""
+    try:
+        from megatron.core.transformer.moe import moe_utils, token_dispatcher
+    except ImportError:
+        return
+    original = moe_utils.maybe_move_tensor_to_cpu
+    if getattr(original, "__gift_cpu_runtime__", False):
+        return
+
+    @functools.wraps(original)
+    def to_host(tensor: Any, as_numpy: bool = False, record_stream: bool = False) -> Any:
+        if as_numpy and torch.is_tensor(tensor) and tensor.device.type == "cpu":
+            return tensor.numpy().copy()
+        return original(tensor, as_numpy=as_numpy, record_stream=record_stream)
+
+    to_host.__gift_cpu_runtime__ = True  # type: ignore[attr-defined]
+    moe_utils.maybe_move_tensor_to_cpu = to_host
+    token_dispatcher.maybe_move_tensor_to_cpu = to_host
 
 
 def _wrap_method(cls: type, name: str, patch: _ScopedTensorMethod) -> None:

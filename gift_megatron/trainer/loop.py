@@ -56,13 +56,17 @@ def init_distributed(cfg: TrainConfig) -> None:
         from megatron.core import parallel_state, tensor_parallel
 
         parallel_state.initialize_model_parallel(p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
-                                                 context_parallel_size=p.context_parallel_size)
+                                                 context_parallel_size=p.context_parallel_size,
+                                                 expert_model_parallel_size=p.expert_model_parallel_size,
+                                                 expert_tensor_parallel_size=p.expert_tensor_parallel_size)
         tensor_parallel.model_parallel_cuda_manual_seed(cfg.run.seed)
     else:
         from gift_megatron.parallel import initialize_model_parallel_cpu
 
         initialize_model_parallel_cpu(p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
-                                      p.context_parallel_size, seed=cfg.run.seed)
+                                      p.context_parallel_size, seed=cfg.run.seed,
+                                      expert_model_parallel_size=p.expert_model_parallel_size,
+                                      expert_tensor_parallel_size=p.expert_tensor_parallel_size)
 
 
 def _free_port() -> int:
