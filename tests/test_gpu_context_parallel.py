@@ -1,7 +1,8 @@
 """Model-level context parallelism needs Transformer Engine attention, so it is tested on GPUs only.
 
-The same GIFT and GFT step at CP=1 and CP=2 (2 GPUs, NCCL): equal loss, metrics and gradient norm. On CPU
-the loss-level CP contract is pinned by test_layout_invariance.py.
+The same GIFT and GFT step at CP=1 and CP=2 (2 GPUs, NCCL): equal loss, metrics and gradient norm; and
+packed rows (THD, each sequence zig-zag split on its own) at CP=2 against padded rows at CP=1. On CPU the
+loss-level CP contract is pinned by test_layout_invariance.py (packed too).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ pytestmark = [
 ]
 
 
-def cp_worker(rank, world, cp, objective):
+def cp_worker(rank, world, cp, objective, packed=False):
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
@@ -27,7 +28,8 @@ def cp_worker(rank, world, cp, objective):
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
     from gift_megatron.megatron import FrozenReference, ModelConfig, ObjectiveStep, ParallelConfig, PrecisionConfig
-    from gift_megatron.megatron import build_model, split_global_batch
+    from gift_megatron.megatron import build_model, pack_global_batch, split_global_batch
+    from gift_megatron.parallel.packing import pad_multiple
     from gift_megatron.objectives import build_objective
 
     ps.initialize_model_parallel(1, 1, context_parallel_size=cp)
@@ -46,12 +48,19 @@ def cp_worker(rank, world, cp, objective):
         g = torch.Generator().manual_seed(1)
         n = 8
         tokens = torch.randint(0, 512, (n, 65), generator=g)
-        batch = {"tokens": tokens[:, :-1].cuda(), "labels": tokens[:, 1:].cuda(),
-                 "loss_mask": (torch.arange(64)[None] >= 16).float().expand(n, 64).contiguous().cuda(),
-                 "rewards": torch.randn(n, generator=g).cuda(), "group_ids": (torch.arange(n) // 4).cuda()}
+        ends = torch.randint(24, 65, (n,), generator=g)  # ragged responses
+        pos = torch.arange(64)[None]
+        batch = {"tokens": tokens[:, :-1], "labels": tokens[:, 1:],
+                 "loss_mask": ((pos >= 16) & (pos < ends[:, None])).float(),
+                 "rewards": torch.randn(n, generator=g), "group_ids": torch.arange(n) // 4}
         step = ObjectiveStep(build_objective(objective), [ddp], opt, reference=ref)
-        res = step(split_global_batch(batch, micro_batch_size=2, dp_rank=ps.get_data_parallel_rank(),
-                                      dp_size=ps.get_data_parallel_world_size()))
+        if packed:
+            mbs = pack_global_batch(batch, micro_batch_tokens=128, dp_rank=ps.get_data_parallel_rank(),
+                                    dp_size=ps.get_data_parallel_world_size(), multiple=pad_multiple(1, cp))
+        else:
+            mbs = split_global_batch(batch, micro_batch_size=2, dp_rank=ps.get_data_parallel_rank(),
+                                     dp_size=ps.get_data_parallel_world_size())
+        res = step(mbs)
         return res.loss, res.grad_norm
     finally:
         ps.destroy_model_parallel()
@@ -59,12 +68,13 @@ def cp_worker(rank, world, cp, objective):
 
 @pytest.mark.timeout(400)
 @pytest.mark.parametrize("objective", ["gift", "gft"])
-def test_context_parallel_step_matches_cp1(objective):
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_context_parallel_step_matches_cp1(objective, packed):
     pytest.importorskip("transformer_engine")
     if torch.cuda.device_count() < 2:
         pytest.skip("model-level context parallelism needs 2 GPUs")
     one = run_ranks(cp_worker, 1, 1, objective, timeout=300, backend="nccl")[0]
-    two = run_ranks(cp_worker, 2, 2, objective, timeout=300, backend="nccl")
+    two = run_ranks(cp_worker, 2, 2, objective, packed, timeout=300, backend="nccl")
     for loss, gnorm in two:
         assert loss == pytest.approx(one[0], rel=2e-2)  # bf16 attention kernels differ between CP layouts
         assert gnorm == pytest.approx(one[1], rel=5e-2)

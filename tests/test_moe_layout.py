@@ -6,8 +6,9 @@ layout (EP=2; TP=2 x EP=2 with ETP=1; TP=2 with ETP=2; PP=2) loads the same weig
 checkpoint, splits every group across data-parallel ranks and micro-batches, and runs one SGD step of GIFT,
 GFT and GRPO (all three in one spawned job per layout: process start-up dominates). The reference policy's
 log-probs come with the batch (GIFT's implicit rewards are then not all zero); GRPO's old-policy pass and
-GIFT's statistics pass (groups split across ranks) run the MoE model forward-only. The EP=2 job also gives
-the data-parallel ranks different numbers of micro-batches: a clear error before any compute. Loss, gradient norm,
+GIFT's statistics pass (groups split across ranks) run the MoE model forward-only. The EP=2 job also trains
+on packed rows (THD, members end to end) and gives the data-parallel ranks different numbers of
+micro-batches: a clear error before any compute. Loss, gradient norm,
 metrics (router load metrics included) and the updated weights must match to fp32 round-off. SGD, not
 Adam: Adam's first step is lr * sign(grad) and would hide gradient magnitudes. Router losses are off here:
 Megatron computes them per micro-batch, so their values depend on the micro-batch split by design.
@@ -103,20 +104,30 @@ def load(model, path):
     load_weights(model, path)
 
 
-def train_objectives(cfg, parallel, n_micro, init_dir, out_dir):
-    """One ObjectiveStep per objective from the init weights; updated weights saved under out_dir/<name>."""
+def packed_micro_batches(dp_rank, dp_size):
+    """This rank's members packed end to end into [1, T] rows of at most 2 x SEQ tokens (THD)."""
+    from gift_megatron.megatron.step import pack_global_batch
+
+    return pack_global_batch(global_batch(), micro_batch_tokens=2 * SEQ, dp_rank=dp_rank, dp_size=dp_size,
+                             keep_groups=False)
+
+
+def train_objectives(cfg, parallel, n_micro, init_dir, out_dir, packed=False):
+    """One ObjectiveStep per objective from the init weights; updated weights saved under out_dir/<name>.
+    ``packed``: packed rows instead of ``n_micro`` padded micro-batches."""
     from megatron.core import parallel_state as ps
 
     from gift_megatron.megatron.step import ObjectiveStep
     from gift_megatron.objectives import build_objective
 
     results = {}
+    dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
     for name, options in OBJECTIVES.items():
         model = build(cfg, parallel)
         load(model, init_dir)
         ddp, opt = ddp_and_sgd(model)
         step = ObjectiveStep(build_objective(name, **options), [ddp], opt)
-        res = step(my_micro_batches(ps.get_data_parallel_rank(), ps.get_data_parallel_world_size(), n_micro))
+        res = step(packed_micro_batches(dp_rank, dp_size) if packed else my_micro_batches(dp_rank, dp_size, n_micro))
         save(ddp.module, os.path.join(out_dir, name))
         results[name] = (res.loss, res.metrics, res.grad_norm)
     return results
@@ -183,7 +194,10 @@ def layout_worker(rank, world, root, parallel_fields, n_micro, tag):
     try:
         results = train_objectives(cfg, parallel, n_micro, os.path.join(root, "init"), os.path.join(root, tag))
         if parallel.expert_model_parallel_size > 1 and parallel.tensor_model_parallel_size == 1:
-            # Two more checks in this job (process start-up is most of a test's time on 2 cores).
+            # More checks in this job (process start-up is most of a test's time on 2 cores): packed rows,
+            # unequal micro-batch counts, the router-loss scale.
+            results["packed"] = train_objectives(cfg, parallel, None, os.path.join(root, "init"),
+                                                 os.path.join(root, tag + "_packed"), packed=True)
             results["uneven"] = uneven_micro_batches_error(cfg, parallel, os.path.join(root, "init"))
             from gift_megatron.megatron.moe import has_moe_grad_scale_func
 
@@ -194,6 +208,8 @@ def layout_worker(rank, world, root, parallel_fields, n_micro, tag):
     setup(ParallelConfig())  # every rank a whole model (data parallel) to read the sharded results back
     try:
         weights = full_weights(cfg, [os.path.join(root, tag, n) for n in OBJECTIVES])
+        if "packed" in results:
+            results["packed_weights"] = full_weights(cfg, [os.path.join(root, tag + "_packed", n) for n in OBJECTIVES])
     finally:
         destroy_model_parallel_cpu()
     return results, (weights if rank == 0 else None)
@@ -233,25 +249,35 @@ def test_one_moe_step_matches_single_process(reference, world, fields, n_micro):
     root, ref, ref_weights = reference
     per_rank = run_layout(root, world, fields, n_micro)
     weights = per_rank[0][1]
-    w0 = ref_weights[0]
     if "uneven" in per_rank[0][0]:  # EP=2 with 2 micro-batches on one rank and 1 on the other: error, no step
         for results, _ in per_rank:
             message, unchanged = results["uneven"]
             assert message is not None and "expert_model_parallel_size=2" in message, message
             assert "rank 0: 2, rank 1: 1" in message and unchanged, message
+    assert_same_step(ref, ref_weights, [results for results, _ in per_rank], weights)
+    if "packed" in per_rank[0][0]:
+        # Packed rows at EP=2: the same step, except the router metrics, which count every token the routers
+        # see: padded rows route their padding too, packed rows do not.
+        assert_same_step(ref, ref_weights, [results["packed"] for results, _ in per_rank],
+                         per_rank[0][0]["packed_weights"], router_metrics=False)
+
+
+def assert_same_step(ref, ref_weights, rank_results, weights, router_metrics=True):
+    """Every rank's (loss, metrics, grad norm) per objective and the updated weights equal the reference's."""
+    w0 = ref_weights[0]
     for i, name in enumerate(OBJECTIVES):
         loss1, metrics1, gnorm1 = ref[name]
         assert metrics1["moe/load_balance_layer0"] >= 1.0 and "moe/load_balance_layer1" in metrics1
         assert "moe/aux_loss" not in metrics1  # coefficient 0: Megatron tracks nothing
-        for results, _ in per_rank:  # every rank of every stage reports the same global numbers
+        compared = {k for k in metrics1 if not k.startswith("stats_source") and (router_metrics or
+                                                                                 not k.startswith("moe/"))}
+        for results in rank_results:  # every rank of every stage reports the same global numbers
             loss, metrics, gnorm = results[name]
             assert loss == pytest.approx(loss1, rel=1e-5, abs=1e-6), (name, loss, loss1)
             assert gnorm == pytest.approx(gnorm1, rel=1e-4), (name, gnorm, gnorm1)
-            assert {k for k in metrics if not k.startswith("stats_source")} == \
-                {k for k in metrics1 if not k.startswith("stats_source")}, name
-            for k, v in metrics1.items():
-                if not k.startswith("stats_source"):
-                    assert metrics[k] == pytest.approx(v, rel=1e-4, abs=1e-6, nan_ok=True), (name, k)
+            assert {k for k in metrics if k in compared or not k.startswith(("stats_source", "moe/"))} == compared, name
+            for k in compared:
+                assert metrics[k] == pytest.approx(metrics1[k], rel=1e-4, abs=1e-6, nan_ok=True), (name, k)
         single = ref_weights[1 + i]
         assert set(weights[i]) == set(w0)
         moved = 0.0
@@ -318,7 +344,7 @@ def test_router_loss_gradient_has_megatrons_intended_scale(reference):
 
     if not has_moe_grad_scale_func():
         pytest.skip("megatron-core 0.16 has no moe_grad_scale_func: non-zero router-loss coefficients are refused "
-                    "there (test_router_losses_refused_without_scale_hook)")
+                    "there (tests/test_moe_config.py::test_router_losses_are_refused_without_the_scale_hook)")
     root, _, _ = reference
     per_rank = [results["router_loss"] for results, _ in run_layout(root, *LAYOUTS[0].values)]
     for r in per_rank:

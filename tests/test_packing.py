@@ -232,3 +232,16 @@ def test_packed_rows_compute_each_sequence_as_if_alone(bf16):
     vs_alone, vs_padded = run_ranks(_model_worker, 1, bf16, timeout=180)[0]
     assert max(vs_alone) == 0.0, vs_alone
     assert max(vs_padded) <= (0.0 if bf16 else 1e-5), vs_padded
+
+
+def test_pipeline_rows_pad_to_the_largest_bin_not_the_budget():
+    from gift_megatron.parallel.packing import plan_row_tokens
+
+    rng = random.Random(5)
+    lengths, gids = _groups(rng, 24, 8, 50, 900)
+    plan = plan_bins(lengths, gids, budget=8192, dp_size=4)
+    row = plan_row_tokens(plan, lengths)
+    loads = [sum(lengths[i] for i in b) for bins in plan for b in bins]
+    assert row == max(loads) <= 8192
+    # bins are balanced within a rank: every row is padded by little
+    assert sum(row - load for load in loads) <= 0.1 * sum(loads), (row, loads)

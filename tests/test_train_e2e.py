@@ -96,7 +96,7 @@ def test_pipeline_parallel_run_completes_with_exact_weight_sync(toy_task, tmp_pa
     records = [json.loads(line) for line in open(run / "metrics.jsonl")]
     assert [r["step"] for r in records] == [0, 1, 2]
     for r in records[1:]:
-        assert r["perf/tokens_computed"] % 48 == 0 and r["perf/tokens_computed"] >= r["perf/tokens_real"]
+        assert r["perf/tokens_real"] <= r["perf/tokens_computed"] <= 2 * r["perf/tokens_real"]
         assert r["rollout/logprob_gap_max"] < 1e-4, r["rollout/logprob_gap_max"]
         assert "kl/reference" in r and abs(r["kl/reference"]) < 1e3
 

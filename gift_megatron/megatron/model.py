@@ -661,8 +661,9 @@ def _with_sequence_parallel_norms(block):
 def decoder_spec(model: ModelConfig, config, backend: Optional[str] = None):
     """What GPTModel's ``transformer_layer_spec`` gets: for a dense model without sequence parallelism on the
     local spec, :func:`layer_spec`; otherwise Megatron's decoder block spec for this pipeline stage (each
-    layer dense or MoE per ``config.moe_layer_freq``), with :class:`SequenceParallelRMSNorm` norms on the
-    local spec under sequence parallelism. ``config``: the TransformerConfig of :func:`transformer_config`."""
+    layer dense or MoE per ``config.moe_layer_freq``); on the local spec with the packed-row attention and,
+    under sequence parallelism, :class:`SequenceParallelRMSNorm` norms. ``config``: the TransformerConfig of
+    :func:`transformer_config`."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 
     if backend is None:
@@ -672,7 +673,12 @@ def decoder_spec(model: ModelConfig, config, backend: Optional[str] = None):
         return layer_spec(model, backend)
     block = get_gpt_decoder_block_spec(config, use_transformer_engine=backend == "transformer_engine",
                                        normalization="RMSNorm")
-    return _with_sequence_parallel_norms(block) if local_sp else block
+    if backend != "local":
+        return block
+    from gift_megatron.megatron.packed_attention import with_packed_attention
+
+    # As layer_spec: the local attention also takes packed (THD) rows (packed_attention.py).
+    return with_packed_attention(_with_sequence_parallel_norms(block) if local_sp else block)
 
 
 def layer_spec(model: ModelConfig, backend: Optional[str] = None):

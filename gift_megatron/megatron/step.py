@@ -351,10 +351,10 @@ def pack_global_batch(batch: dict[str, torch.Tensor], *, micro_batch_tokens: int
     members are balanced over the ``dp_size`` ranks (every rank computes the same plan, no collective) and
     packed into the same number of rows of at most ``micro_batch_tokens`` per rank, a group kept in one row
     when it fits. ``multiple``: :func:`gift_megatron.parallel.packing.pad_multiple` of the layout (CP, SP).
-    ``fixed_rows``: pad every row to the budget (pipeline parallelism). ValueError, before any compute, for
+    ``fixed_rows``: pad every row to the step's largest (pipeline parallelism; the same on every rank). ValueError, before any compute, for
     a member longer than the budget. Returns the micro-batch dicts ObjectiveStep takes ([1, T] rows).
     """
-    from gift_megatron.parallel.packing import pack_rows, plan_bins, sequence_lengths
+    from gift_megatron.parallel.packing import pack_rows, plan_bins, plan_row_tokens, sequence_lengths
 
     if "group_ids" not in batch or "loss_mask" not in batch:
         raise ValueError("pack_global_batch: the batch needs 'loss_mask' and 'group_ids'")
@@ -362,7 +362,7 @@ def pack_global_batch(batch: dict[str, torch.Tensor], *, micro_batch_tokens: int
     plan = plan_bins(lengths, batch["group_ids"].tolist(), budget=micro_batch_tokens, dp_size=dp_size,
                      multiple=multiple, keep_groups=keep_groups)
     return pack_rows(batch, plan[dp_rank], multiple=multiple, lengths=lengths,
-                     row_tokens=micro_batch_tokens if fixed_rows else None)
+                     row_tokens=plan_row_tokens(plan, lengths, multiple) if fixed_rows else None)
 
 
 def validate_micro_batches(objective: Objective, micro_batches: Sequence[dict[str, Any]], cp_size: int = 1,

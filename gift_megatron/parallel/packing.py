@@ -40,6 +40,7 @@ __all__ = [
     "karmarkar_karp",
     "first_fit_decreasing",
     "plan_bins",
+    "plan_row_tokens",
     "pack_rows",
     "trim_rows",
     "unpack",
@@ -239,10 +240,35 @@ def plan_bins(lengths: Sequence[int], group_ids: Sequence[int], *, budget: int, 
     k = max(1, max(len(b) for b in per_rank))
     k = _round_up(k, bins_multiple)
     plan = []
-    for rank, bins in enumerate(per_rank):
-        bins = _split_to(bins, sizes, k, rank)
+    for rank, (part, bins) in enumerate(zip(parts, per_rank)):
+        # Bins of near-equal load when the items allow it: pipeline stages then pad every row only to the
+        # step's largest bin (plan_row_tokens), and micro-batches take similar time.
+        even = _balanced_bins([items[i] for i in part], sizes, k, budget)
+        bins = even if even is not None else _split_to(bins, sizes, k, rank)
         plan.append([sorted(m for item in b for m in item) for b in bins])
     return plan
+
+
+def _balanced_bins(items: list[list[int]], sizes: Sequence[int], k: int, budget: int) -> list[list[list[int]]] | None:
+    """``items`` dealt into exactly ``k`` bins, largest first, each to the lightest bin with room; None
+    when an item fits no bin or a bin stays empty (the caller then splits first-fit-decreasing bins)."""
+    loads = [0] * k
+    bins: list[list[list[int]]] = [[] for _ in range(k)]
+    for item in sorted(items, key=lambda it: (-sum(sizes[m] for m in it), it[0])):
+        size = sum(sizes[m] for m in item)
+        fits = [b for b in range(k) if loads[b] + size <= budget]
+        if not fits:
+            return None
+        b = min(fits, key=lambda j: (loads[j], j))
+        bins[b].append(item)
+        loads[b] += size
+    return bins if all(bins) else None
+
+
+def plan_row_tokens(plan: Sequence[Sequence[Sequence[int]]], lengths: Sequence[int], multiple: int = 1) -> int:
+    """The largest bin of a plan (every rank's), in tokens with every slot padded to ``multiple``: the row
+    length pipeline parallelism pads every packed row to (all ranks compute the same number)."""
+    return max(sum(_round_up(int(lengths[i]), multiple) for i in b) for bins in plan for b in bins)
 
 
 # ---------------------------------------------------------------------------------------- tensors

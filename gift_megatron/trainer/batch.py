@@ -13,7 +13,7 @@ from typing import Sequence
 
 import torch
 
-from gift_megatron.parallel.packing import pack_rows, plan_bins, trim_rows
+from gift_megatron.parallel.packing import pack_rows, plan_bins, plan_row_tokens, trim_rows
 
 KINDS = ("expert", "teacher", "rollout")
 
@@ -112,7 +112,7 @@ def step_batch(members: Sequence[Member], *, seq_length: int, pad_id: int, micro
     are every replica's, in the same order on every rank; they are spread over the ``dp_size`` ranks with
     balanced token loads and packed into an equal number of bins per rank, a multiple of
     ``bins_multiple`` (:func:`gift_megatron.parallel.packing.plan_bins`); ``fixed_rows`` pads every bin to
-    the budget (pipeline parallelism). Errors (a member longer than the budget) come before any compute.
+    the step's largest one, on every rank (pipeline parallelism). Errors (a member longer than the budget) come before any compute.
     """
     if micro_batch_tokens is None:
         mine = list(members)
@@ -134,7 +134,7 @@ def step_batch(members: Sequence[Member], *, seq_length: int, pad_id: int, micro
             local.append(list(range(start, start + len(b))))
             start += len(b)
         mbs = pack_rows(rows, local, multiple=multiple, lengths=[lengths[i] for i in order],
-                        row_tokens=micro_batch_tokens if fixed_rows else None)
+                        row_tokens=plan_row_tokens(plan, lengths, multiple) if fixed_rows else None)
     engine = [mb.pop("engine_logp") for mb in mbs]
     return StepBatch(mbs, engine, mine, tokens_real=sum(member_length(m) for m in mine),
                      tokens_computed=sum(int(mb["tokens"].numel()) for mb in mbs))
