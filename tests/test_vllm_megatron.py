@@ -76,17 +76,6 @@ def _megatron_logprobs(model, cfg, prompt: list[int], response: list[int], tempe
                                    vocab_size=cfg.vocab_size)
 
 
-def _router_without_te_on_megatron_016() -> None:
-    """megatron-core 0.16.1 (the vLLM test venv's) calls ``te_general_gemm`` in its router's gating linear but
-    defines the name only when Transformer Engine imports, so without TE (CPU) an MoE forward raises
-    NameError; 0.19 defines it as None there. Set for this test process only; the CPU runtime
-    (gift_megatron/parallel/cpu_runtime.py) does not cover it yet."""
-    from megatron.core.transformer.moe import moe_utils
-
-    if not hasattr(moe_utils, "te_general_gemm"):
-        moe_utils.te_general_gemm = None
-
-
 def _direct_main(workdir: str, kind: str = "dense") -> None:
     from gift_megatron.checkpoint import (
         build_cpu_model,
@@ -99,8 +88,6 @@ def _direct_main(workdir: str, kind: str = "dense") -> None:
     from gift_megatron.rollout.vllm_engine import VLLMRolloutEngine
 
     cfg = _model_config(kind)
-    if kind == "moe":
-        _router_without_te_on_megatron_016()
     with single_process_megatron():
         model = build_cpu_model(cfg, torch.float32)
         assert model.output_layer.weight.shape[0] == 256  # padded: the kernel must leave 6 rows out
