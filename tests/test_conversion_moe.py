@@ -34,6 +34,7 @@ transformers = pytest.importorskip("transformers")
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 from tests.multiproc import run_ranks  # noqa: E402
+from tests.test_conversion import load_tool  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAMILIES = ("qwen3_moe", "qwen2_moe", "mixtral")
@@ -82,15 +83,6 @@ def hf_tensors(path) -> dict[str, torch.Tensor]:
     for f in sorted(glob.glob(os.path.join(str(path), "*.safetensors"))):
         out.update(load_file(f))
     return out
-
-
-def load_tool(name):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "tools", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")

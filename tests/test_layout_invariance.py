@@ -57,11 +57,13 @@ def _token_batch(b, rows=None, cols=None):
     )
 
 
-def _run(obj, batches, layout):
-    """Both phases over this rank's micro-batches; returns (loss sum, grads per micro-batch, metrics)."""
-    leaves = [mb.logp.clone().requires_grad_(True) for mb in batches]
-    for mb, leaf in zip(batches, leaves):
-        mb.logp = leaf
+def _run(obj, batches, layout, leaves=None):
+    """Both phases over this rank's micro-batches; returns (loss sum, grads per micro-batch, metrics).
+    ``leaves``: the tensors to differentiate (default: each micro-batch's logp, made a leaf here)."""
+    if leaves is None:
+        leaves = [mb.logp.clone().requires_grad_(True) for mb in batches]
+        for mb, leaf in zip(batches, leaves):
+            mb.logp = leaf
     stats = obj.statistics(O.Members.cat([obj.members(mb, layout) for mb in batches]), layout)
     outs = []
     for mb in batches:
@@ -149,16 +151,8 @@ def _packed_cp_worker(rank, world, b, obj):
         expected = [-(-_lengths(b["m"][r:r + 1])[0] // (2 * world)) * 2 * world for r in members]
         assert list(mb["packed"].padded) == expected, (mb["packed"], expected)
         places.append((members, list(mb["packed"].padded)))
-    stats = obj.statistics(O.Members.cat([obj.members(tb, layout) for tb in batches]), layout)
-    outs = []
-    for tb in batches:
-        out = obj.loss(tb, stats, layout)
-        out.loss.backward()
-        outs.append(out)
-    total = O.LossOutput.accumulate(outs)
-    metrics = {k: float(v) for k, v in total.finalize(layout).items()}
-    return float(total.loss.detach()), [(m, torch.nan_to_num(l.grad[0], nan=0.0), p, rank, world)
-                                        for (m, p), l in zip(places, leaves)], metrics
+    loss, grads, metrics = _run(obj, batches, layout, leaves)
+    return loss, [(m, g[0], p, rank, world) for (m, p), g in zip(places, grads)], metrics
 
 
 def _assemble(results, B, S, mode):
