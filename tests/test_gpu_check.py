@@ -42,7 +42,7 @@ def test_cpu_dry_run_runs_every_stage_and_writes_the_table(tmp_path):
     assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-3000:]
     report = json.loads((out / "gpu_check.json").read_text())
     stages = {s["name"]: s for s in report["stages"]}
-    assert list(stages) == ["setup", "gpu-tests", "trainer", "logprobs", "step"]
+    assert list(stages) == ["setup", "gpu-tests", "trainer", "logprobs", "step", "packing"]
     assert all(s["status"] == "ok" for s in stages.values()), stages
     rows = {name: {what: value for what, value in s["rows"]} for name, s in stages.items()}
     skipped = [value for what, value in stages["gpu-tests"]["rows"] if what == "skipped"]
@@ -51,6 +51,8 @@ def test_cpu_dry_run_runs_every_stage_and_writes_the_table(tmp_path):
     assert {"ours", "megatron", "naive", "bandwidth bound"} <= set(rows["logprobs"])
     assert "of the bound" in rows["logprobs"]["ours"]
     assert {"plain", "sft", "gft", "gift", "goal"} <= set(rows["step"])
+    assert {"plan a", "plan c", "step a", "step b", "step c"} <= set(rows["packing"])
+    assert "computed/real 1.000" in rows["packing"]["step c"]
     table = (out / "gpu_check.md").read_text()
     assert table in run.stdout  # the same table on stdout and in the file
     for name in stages:
