@@ -34,11 +34,23 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # torch and Megatron are imported inside main(): Megatron's checkpoint writer starts a helper process
 # with the spawn method, which imports this module again.
 
-SMALL = dict(hidden_size=256, intermediate_size=704, num_hidden_layers=4, num_attention_heads=8,
-             num_key_value_heads=4, vocab_size=32000)
+SMALL = dict(
+    hidden_size=256,
+    intermediate_size=704,
+    num_hidden_layers=4,
+    num_attention_heads=8,
+    num_key_value_heads=4,
+    vocab_size=32000,
+)
 # 0.49 B parameters: Qwen2.5-0.5B-like widths, Llama layout, untied embeddings.
-FULL = dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=36, num_attention_heads=16,
-            num_key_value_heads=8, vocab_size=32000)
+FULL = dict(
+    hidden_size=1024,
+    intermediate_size=2816,
+    num_hidden_layers=36,
+    num_attention_heads=16,
+    num_key_value_heads=8,
+    vocab_size=32000,
+)
 
 
 def synthesize(path: str, dims: dict, shard_bytes: int) -> int:
@@ -136,8 +148,14 @@ def main() -> None:
     try:
         hf, meg, meg_new, back, raw = (os.path.join(root, x) for x in ("hf", "meg", "meg_new", "back", "raw"))
         # Fixed costs: imports and a first conversion of a tiny model (Megatron's writer start-up).
-        tiny = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
-                    num_key_value_heads=2, vocab_size=128)
+        tiny = dict(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=128,
+        )
         synthesize(os.path.join(root, "tiny"), tiny, shard)
         hf_to_megatron(os.path.join(root, "tiny"), os.path.join(root, "tiny_meg"), progress=False)
         megatron_to_hf(os.path.join(root, "tiny_meg"), os.path.join(root, "tiny_back"), progress=False)
@@ -152,14 +170,16 @@ def main() -> None:
         os.sync()
         baseline = _rss_gb()
         hf_to_megatron(hf, meg, progress=False)  # the checkpoint the Megatron -> HF step reads
-        steps = {"raw": (raw, raw_read_write, (hf, raw), {}),
-                 "in": (meg_new, hf_to_megatron, (hf, meg_new), {"progress": False}),
-                 "out": (back, megatron_to_hf, (meg, back), {"max_shard_bytes": shard, "progress": False})}
+        steps = {
+            "raw": (raw, raw_read_write, (hf, raw), {}),
+            "in": (meg_new, hf_to_megatron, (hf, meg_new), {"progress": False}),
+            "out": (back, megatron_to_hf, (meg, back), {"max_shard_bytes": shard, "progress": False}),
+        }
         runs: dict[str, list[tuple[float, float]]] = {k: [] for k in steps}
         for r in range(a.repeat):
             # The order rotates, so no step always follows another's writes; each starts with its output
             # deleted (not conversion work) and the disk synced.
-            order = list(steps)[r % 3:] + list(steps)[:r % 3]
+            order = list(steps)[r % 3 :] + list(steps)[: r % 3]
             for key in order:
                 out, fn, args, kwargs = steps[key]
                 shutil.rmtree(out, ignore_errors=True)
@@ -168,11 +188,15 @@ def main() -> None:
         (t_raw, m_raw), (t_in, m_in), (t_out, m_out) = (min(runs[k]) for k in ("raw", "in", "out"))
         gb = size / 1e9
         limit = gb / t_raw
-        print(f"model: {n / 1e9:.3f} B parameters, {gb:.2f} GB bf16 in {len(files)} shard(s); torch threads "
-              f"{torch.get_num_threads()}, {os.cpu_count()} CPUs; best of {a.repeat} runs per step")
+        print(
+            f"model: {n / 1e9:.3f} B parameters, {gb:.2f} GB bf16 in {len(files)} shard(s); torch threads "
+            f"{torch.get_num_threads()}, {os.cpu_count()} CPUs; best of {a.repeat} runs per step"
+        )
         print(f"fixed per-process costs, excluded below (imports, tiny model, writer start-up): {fixed:.1f} s")
-        print(f"memory: resident before the steps {baseline:.2f} GB (libraries); the last column is the peak above "
-              "that (touched pages of memory-mapped files included), in GB and in model sizes")
+        print(
+            f"memory: resident before the steps {baseline:.2f} GB (libraries); the last column is the peak above "
+            "that (touched pages of memory-mapped files included), in GB and in model sizes"
+        )
 
         def mem(peak: float) -> str:
             return f"{peak - baseline:.2f} ({(peak - baseline) / gb:.1f}x)"
@@ -182,8 +206,10 @@ def main() -> None:
         print(f"| raw safetensors read + write (the limit) | {t_raw:.2f} | {limit:.2f} | 1.00 | {mem(m_raw)} |")
         print(f"| HF -> Megatron | {t_in:.2f} | {gb / t_in:.2f} | {gb / t_in / limit:.2f} | {mem(m_in)} |")
         print(f"| Megatron -> HF | {t_out:.2f} | {gb / t_out:.2f} | {gb / t_out / limit:.2f} | {mem(m_out)} |")
-        print(f"| HF -> Megatron -> HF | {t_in + t_out:.2f} | {2 * gb / (t_in + t_out):.2f} | "
-              f"{2 * gb / (t_in + t_out) / limit:.2f} | |")
+        print(
+            f"| HF -> Megatron -> HF | {t_in + t_out:.2f} | {2 * gb / (t_in + t_out):.2f} | "
+            f"{2 * gb / (t_in + t_out) / limit:.2f} | |"
+        )
     finally:
         if a.dir is None:
             shutil.rmtree(root, ignore_errors=True)

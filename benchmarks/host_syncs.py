@@ -30,8 +30,21 @@ sys.path.insert(0, ROOT)
 TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__))
 PACKAGE = os.path.join(ROOT, "gift_megatron")
 
-SYNC_METHODS = {"item", "tolist", "__bool__", "__float__", "__int__", "__index__", "nonzero", "unique",
-                "masked_select", "numpy", "cpu", "unique_consecutive", "argwhere"}
+SYNC_METHODS = {
+    "item",
+    "tolist",
+    "__bool__",
+    "__float__",
+    "__int__",
+    "__index__",
+    "nonzero",
+    "unique",
+    "masked_select",
+    "numpy",
+    "cpu",
+    "unique_consecutive",
+    "argwhere",
+}
 
 
 class SyncCounter(TorchFunctionMode):
@@ -80,15 +93,29 @@ def main() -> None:
     tmp = tempfile.mkdtemp(prefix="gift_syncs_")
     write_toy_task(os.path.join(tmp, "toy"), num_train=64, num_eval=8, seed=0)
     rows = []
-    cases = [(o, opt, size) for size in args.sizes
-             for o, opt in (("gift", "{reference: frozen}"), ("gift", "{reference: rollout}"), ("grpo", "{}"))]
+    cases = [
+        (o, opt, size)
+        for size in args.sizes
+        for o, opt in (("gift", "{reference: frozen}"), ("gift", "{reference: rollout}"), ("grpo", "{}"))
+    ]
     for objective, options, size in cases:
         task = os.path.join(tmp, "toy")
-        cfg = load_config(os.path.join(ROOT, "examples", "tiny_cpu_gift.yaml"), [
-            f"data.train_files=[{task}/train.jsonl]", f"data.eval_files=[{task}/eval.jsonl]",
-            f"data.tokenizer={task}/tokenizer", "run.progress=false", "run.tensorboard=false", "run.plots=false",
-            f"run.output_dir={tmp}/run_{objective}_{len(rows)}", f"train.micro_batch_size={size}",
-            f"objective.name={objective}", f"objective.options={options}", "optimizer.use_distributed_optimizer=false"])
+        cfg = load_config(
+            os.path.join(ROOT, "examples", "tiny_cpu_gift.yaml"),
+            [
+                f"data.train_files=[{task}/train.jsonl]",
+                f"data.eval_files=[{task}/eval.jsonl]",
+                f"data.tokenizer={task}/tokenizer",
+                "run.progress=false",
+                "run.tensorboard=false",
+                "run.plots=false",
+                f"run.output_dir={tmp}/run_{objective}_{len(rows)}",
+                f"train.micro_batch_size={size}",
+                f"objective.name={objective}",
+                f"objective.options={options}",
+                "optimizer.use_distributed_optimizer=false",
+            ],
+        )
         trainer = Trainer(cfg)
         try:
             step_counter, trainer_counter = SyncCounter(), SyncCounter()
@@ -114,11 +141,15 @@ def main() -> None:
             trainer.close()
 
     print("\nhost syncs (counted on CPU): per micro-batch inside ObjectiveStep, per step in the whole trainer step")
-    print(f"{'objective':<28}{'mb size':>8}{'step: ours/mb':>15}{'step: all/mb':>14}{'trainer: ours/step':>20}"
-          f"{'trainer: all/step':>19}")
+    print(
+        f"{'objective':<28}{'mb size':>8}{'step: ours/mb':>15}{'step: all/mb':>14}{'trainer: ours/step':>20}"
+        f"{'trainer: all/step':>19}"
+    )
     for name, size, per_mb, per_step in rows:
-        print(f"{name:<28}{size:>8}{per_mb.get('ours', 0):>15.2f}{sum(per_mb.values()):>14.2f}"
-              f"{per_step.get('ours', 0):>20.1f}{sum(per_step.values()):>19.1f}")
+        print(
+            f"{name:<28}{size:>8}{per_mb.get('ours', 0):>15.2f}{sum(per_mb.values()):>14.2f}"
+            f"{per_step.get('ours', 0):>20.1f}{sum(per_step.values()):>19.1f}"
+        )
     by_name = collections.defaultdict(list)
     for name, size, per_mb, _ in rows:
         by_name[name].append((size, per_mb.get("ours", 0)))
@@ -127,8 +158,10 @@ def main() -> None:
         # Per-step syncs (statistics, metrics) spread over fewer micro-batches at the larger size, so the
         # per-micro-batch count may rise a little; a per-member sync would multiply it by s1 / s0.
         holds = c1 <= c0 * 1.5 + 1
-        print(f"goal: {name}: no per-member host sync in the step ({c0:.2f}/mb at {s0} members, {c1:.2f}/mb at "
-              f"{s1}) -> {'holds' if holds else 'does not hold'}")
+        print(
+            f"goal: {name}: no per-member host sync in the step ({c0:.2f}/mb at {s0} members, {c1:.2f}/mb at "
+            f"{s1}) -> {'holds' if holds else 'does not hold'}"
+        )
 
 
 class _Wrapped:

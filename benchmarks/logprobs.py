@@ -59,7 +59,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Callable
+from collections.abc import Callable
 
 IMPLS = ("ours", "ours-chunk", "ours-1block", "megatron", "naive")
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
@@ -70,8 +70,15 @@ DEFAULT_SHAPE = {"cuda": (16384, 152064), "cpu": (8192, 32768)}
 # Nominal HBM bandwidth (bytes/s) from the vendors' data sheets, matched in this order (more specific names
 # first) against torch's device name; only printed beside the measured peak, which is what the bound uses.
 NOMINAL_BANDWIDTH = (
-    ("H100 PCIe", 2.0e12), ("H100 NVL", 3.9e12), ("H100", 3.35e12), ("GH200", 4.0e12), ("H200", 4.8e12),
-    ("A100-SXM4-80GB", 2.039e12), ("A100 80GB PCIe", 1.935e12), ("A100", 1.555e12), ("B200", 8.0e12),
+    ("H100 PCIe", 2.0e12),
+    ("H100 NVL", 3.9e12),
+    ("H100", 3.35e12),
+    ("GH200", 4.0e12),
+    ("H200", 4.8e12),
+    ("A100-SXM4-80GB", 2.039e12),
+    ("A100 80GB PCIe", 1.935e12),
+    ("A100", 1.555e12),
+    ("B200", 8.0e12),
 )
 
 
@@ -129,6 +136,7 @@ def _make_step(impl: str, chunk: int, device) -> Callable:
 
         return step
     if impl == "naive":
+
         def step(logits, labels, weights):
             logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, labels[:, None]).squeeze(1)
             (logp * weights).sum().backward()
@@ -156,8 +164,13 @@ def _megatron_cross_entropy(device) -> Callable:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        dist.init_process_group("nccl" if cuda else "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0,
-                                world_size=1, **({"device_id": device} if cuda else {}))
+        dist.init_process_group(
+            "nccl" if cuda else "gloo",
+            init_method=f"tcp://127.0.0.1:{port}",
+            rank=0,
+            world_size=1,
+            **({"device_id": device} if cuda else {}),
+        )
     if cuda:
         torch.cuda.set_device(device)
         parallel_state.initialize_model_parallel(1, 1)
@@ -190,8 +203,9 @@ def _allocator_peak(step: Callable, *inputs) -> int:
 class Worker:
     """One implementation with its own inputs, in its own process; the driver calls it step by step."""
 
-    def __init__(self, impl: str, tokens: int, vocab: int, dtype_name: str, chunk: int, device: str,
-                 warmup: int = 1) -> None:
+    def __init__(
+        self, impl: str, tokens: int, vocab: int, dtype_name: str, chunk: int, device: str, warmup: int = 1
+    ) -> None:
         import torch
 
         self.device = torch.device(device)
@@ -299,9 +313,22 @@ class _WorkerProcess:
         # CPU runtime (Megatron's TP=1 state in the megatron worker) must agree with --device on a GPU host too.
         env["GIFT_MEGATRON_DEVICE"] = "cuda" if args.device.startswith("cuda") else "cpu"
         cmd = [
-            sys.executable, os.path.abspath(__file__), "--worker", impl, "--tokens", str(args.tokens),
-            "--vocab", str(args.vocab), "--dtype", args.dtype, "--chunk", str(args.chunk),
-            "--device", args.device, "--warmup", str(args.warmup),
+            sys.executable,
+            os.path.abspath(__file__),
+            "--worker",
+            impl,
+            "--tokens",
+            str(args.tokens),
+            "--vocab",
+            str(args.vocab),
+            "--dtype",
+            args.dtype,
+            "--chunk",
+            str(args.chunk),
+            "--device",
+            args.device,
+            "--warmup",
+            str(args.warmup),
         ]
         self.impl = impl
         # The profiler and Megatron print warnings to stderr: keep them out of the table unless it fails.
@@ -423,24 +450,48 @@ def summarize(results: list[dict], args: argparse.Namespace, bandwidth: dict) ->
     meg = next((r for r in results if r["impl"] == "megatron"), None)
     rows = []
     for r in results:
-        rows.append({
-            **r, "peak_per_element": r["peak"] / elements,
-            "mem_vs_megatron": r["peak"] / meg["peak"] if meg and meg["peak"] else None,
-            "time_vs_megatron": r["time"] / meg["time"] if meg else None,
-            "bound_fraction": bound_s / r["time"] if bound_s else None,
-        })
+        rows.append(
+            {
+                **r,
+                "peak_per_element": r["peak"] / elements,
+                "mem_vs_megatron": r["peak"] / meg["peak"] if meg and meg["peak"] else None,
+                "time_vs_megatron": r["time"] / meg["time"] if meg else None,
+                "bound_fraction": bound_s / r["time"] if bound_s else None,
+            }
+        )
     goals = []
     target = next((r for r in rows if r["impl"] == "ours-chunk"), None) or next(
-        (r for r in rows if r["impl"] == "ours"), None)
+        (r for r in rows if r["impl"] == "ours"), None
+    )
     if meg and target:
-        goals.append({"goal": f"memory <= 0.5x megatron ({target['impl']})", "value": target["mem_vs_megatron"],
-                      "holds": target["peak"] <= 0.5 * meg["peak"]})
-        goals.append({"goal": f"time <= 1.2x megatron ({target['impl']})", "value": target["time_vs_megatron"],
-                      "holds": target["time"] <= 1.2 * meg["time"]})
-    return {"device": args.device, "device_name": bandwidth.get("device_name"), "tokens": args.tokens,
-            "vocab": args.vocab, "dtype": args.dtype, "chunk": args.chunk, "repeats": args.repeats,
-            "logits_bytes": logits_bytes, "bandwidth": bandwidth, "bound_s": bound_s, "results": rows,
-            "goals": goals}
+        goals.append(
+            {
+                "goal": f"memory <= 0.5x megatron ({target['impl']})",
+                "value": target["mem_vs_megatron"],
+                "holds": target["peak"] <= 0.5 * meg["peak"],
+            }
+        )
+        goals.append(
+            {
+                "goal": f"time <= 1.2x megatron ({target['impl']})",
+                "value": target["time_vs_megatron"],
+                "holds": target["time"] <= 1.2 * meg["time"],
+            }
+        )
+    return {
+        "device": args.device,
+        "device_name": bandwidth.get("device_name"),
+        "tokens": args.tokens,
+        "vocab": args.vocab,
+        "dtype": args.dtype,
+        "chunk": args.chunk,
+        "repeats": args.repeats,
+        "logits_bytes": logits_bytes,
+        "bandwidth": bandwidth,
+        "bound_s": bound_s,
+        "results": rows,
+        "goals": goals,
+    }
 
 
 def report(summary: dict) -> str:
@@ -455,11 +506,15 @@ def report(summary: dict) -> str:
         f"logits read once: {s['bound_s'] * 1e3:.3f} ms",
     ]
     if cuda:
-        lines.append(f"{'impl':<11} {'CUDA peak beyond logits':>24} {'B/elem':>7} {'time ms':>9} {'(min-max)':>17}"
-                     f" {'mem/meg':>8} {'time/meg':>9} {'bound/time':>10}")
+        lines.append(
+            f"{'impl':<11} {'CUDA peak beyond logits':>24} {'B/elem':>7} {'time ms':>9} {'(min-max)':>17}"
+            f" {'mem/meg':>8} {'time/meg':>9} {'bound/time':>10}"
+        )
     else:
-        lines.append(f"{'impl':<11} {'RSS peak beyond logits':>24} {'B/elem':>7} {'tensor peak':>14} {'B/elem':>7}"
-                     f" {'time s':>8} {'(min-max)':>13} {'mem/meg':>8} {'time/meg':>9} {'bound/time':>10}")
+        lines.append(
+            f"{'impl':<11} {'RSS peak beyond logits':>24} {'B/elem':>7} {'tensor peak':>14} {'B/elem':>7}"
+            f" {'time s':>8} {'(min-max)':>13} {'mem/meg':>8} {'time/meg':>9} {'bound/time':>10}"
+        )
     elements = s["tokens"] * s["vocab"]
 
     def ratio(v, width):
@@ -471,13 +526,15 @@ def report(summary: dict) -> str:
             lines.append(
                 f"{r['impl']:<11} {_fmt_bytes(r['peak']):>24} {r['peak'] / elements:7.2f} {r['time'] * 1e3:9.3f}"
                 f" {min(r['times']) * 1e3:8.3f}-{max(r['times']) * 1e3:<8.3f} {ratio(r['mem_vs_megatron'], 8)}"
-                f" {ratio(r['time_vs_megatron'], 9)} {frac}")
+                f" {ratio(r['time_vs_megatron'], 9)} {frac}"
+            )
         else:
             lines.append(
                 f"{r['impl']:<11} {_fmt_bytes(r['peak']):>24} {r['peak'] / elements:7.2f} "
                 f"{_fmt_bytes(r['alloc_peak']):>14} {r['alloc_peak'] / elements:7.2f} {r['time']:8.3f}"
                 f" {min(r['times']):6.3f}-{max(r['times']):<6.3f} {ratio(r['mem_vs_megatron'], 8)}"
-                f" {ratio(r['time_vs_megatron'], 9)} {frac}")
+                f" {ratio(r['time_vs_megatron'], 9)} {frac}"
+            )
     for g in s["goals"]:
         value = f"{g['value']:.2f}x" if g["value"] is not None else "megatron's peak is 0 at this shape"
         lines.append(f"goal {g['goal']}: {'HOLDS' if g['holds'] else 'MISSED'} ({value})")
@@ -488,15 +545,18 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda or cuda:N")
     parser.add_argument("--tokens", type=int, help="default: 16384 on CUDA, 8192 on CPU")
-    parser.add_argument("--vocab", type=int, help="vocab shard size (logits' last dimension); default: 152064 "
-                                                  "on CUDA, 32768 on CPU")
+    parser.add_argument(
+        "--vocab", type=int, help="vocab shard size (logits' last dimension); default: 152064 on CUDA, 32768 on CPU"
+    )
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     parser.add_argument("--chunk", type=int, default=1024, help="chunk_size of the ours-chunk row")
     parser.add_argument("--repeats", type=int, default=7, help="timed steps (median per implementation)")
     parser.add_argument("--warmup", type=int, help="untimed steps before measuring (default: 3 on CUDA, 1 on CPU)")
     parser.add_argument("--impls", default=",".join(IMPLS), help=f"comma-separated subset of {IMPLS}")
     parser.add_argument(
-        "--omp-wait-policy", choices=["passive", "active", "inherit"], default="passive",
+        "--omp-wait-policy",
+        choices=["passive", "active", "inherit"],
+        default="passive",
         help="OMP_WAIT_POLICY for the workers (see the method notes); inherit keeps the environment's",
     )
     parser.add_argument("--json", help="also write the results to this JSON file")
@@ -522,8 +582,11 @@ def main(argv: list[str] | None = None) -> None:
     if unknown:
         parser.error(f"unknown implementations {unknown}; choose from {IMPLS}")
     name = torch.cuda.get_device_name(args.device) if kind == "cuda" else "CPU"
-    bandwidth = {"measured": measure_bandwidth(args.device), "nominal": nominal_bandwidth(name) if kind == "cuda"
-                 else None, "device_name": name}
+    bandwidth = {
+        "measured": measure_bandwidth(args.device),
+        "nominal": nominal_bandwidth(name) if kind == "cuda" else None,
+        "device_name": name,
+    }
     results = measure(impls, args)
     summary = summarize(results, args, bandwidth)
     print(report(summary))

@@ -50,7 +50,7 @@ def workload(groups: int, seed: int, sigma: float, scale: float = 1.0) -> list[t
     for g in range(groups):
         p = max(2, int(rng.randint(*PROMPT) * scale))
         for _ in range(GROUP):
-            r = min(RESPONSE_CAP, max(1, int(round(rng.lognormvariate(math.log(RESPONSE_MEDIAN), sigma)))))
+            r = min(RESPONSE_CAP, max(1, round(rng.lognormvariate(math.log(RESPONSE_MEDIAN), sigma))))
             out.append((g, p, max(1, int(r * scale))))
     return out
 
@@ -82,9 +82,9 @@ def plan_part(args) -> dict:
         per_rank = len(lengths) // args.plan_dp
         computed = 0
         for r in range(args.plan_dp):
-            mine = lengths[r * per_rank:(r + 1) * per_rank]
+            mine = lengths[r * per_rank : (r + 1) * per_rank]
             for i in range(0, len(mine), args.plan_mbs):
-                chunk = mine[i:i + args.plan_mbs]
+                chunk = mine[i : i + args.plan_mbs]
                 computed += len(chunk) * max(chunk)
         rows["b"].append(computed / real)
         plan = plan_bins(lengths, gids, budget=args.plan_budget, dp_size=args.plan_dp)
@@ -108,7 +108,9 @@ def plan_part(args) -> dict:
         "whole_group_frac": {k: v / total_groups for k, v in whole_groups.items()},
         "group_tokens_mean": statistics.mean(
             sum(_lengths([m for m in workload(args.plan_prompts, 1000 + s, args.sigma) if m[0] == g]))
-            for s in range(min(args.plan_steps, 5)) for g in range(args.plan_prompts)),
+            for s in range(min(args.plan_steps, 5))
+            for g in range(args.plan_prompts)
+        ),
     }
 
 
@@ -130,11 +132,11 @@ def _micro_batches(case: str, args, device_rows):
     rows = device_rows
     n = rows["tokens"].shape[0]
     if case == "a":
-        return [{k: v[i:i + args.mbs] for k, v in rows.items()} for i in range(0, n, args.mbs)]
+        return [{k: v[i : i + args.mbs] for k, v in rows.items()} for i in range(0, n, args.mbs)]
     if case == "b":
         out = []
         for i in range(0, n, args.mbs):
-            out.append(trim_rows({k: v[i:i + args.mbs] for k, v in rows.items()}))
+            out.append(trim_rows({k: v[i : i + args.mbs] for k, v in rows.items()}))
         return out
     lengths = sequence_lengths(rows["loss_mask"])
     plan = plan_bins(lengths, rows["group_ids"].tolist(), budget=max(args.budget, max(lengths)))
@@ -144,12 +146,13 @@ def _micro_batches(case: str, args, device_rows):
 def step_case(rank, world, case: str, args_dict: dict) -> dict:
     """One case in its own process: build, one warm-up step, --repeats timed steps."""
     args = argparse.Namespace(**args_dict)
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
     from gift_megatron.device import use_cuda
     from gift_megatron.megatron.model import ModelConfig, ParallelConfig, PrecisionConfig, build_model, select_backend
     from gift_megatron.megatron.step import ObjectiveStep
     from gift_megatron.objectives import build_objective
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
     cuda = use_cuda()
     if cuda:
@@ -163,15 +166,26 @@ def step_case(rank, world, case: str, args_dict: dict) -> dict:
         initialize_model_parallel_cpu(seed=0)
     heads = max(1, args.hidden // 64)
     S = seq_length(args.scale)
-    cfg = ModelConfig(num_layers=args.layers, hidden_size=args.hidden, ffn_hidden_size=4 * args.hidden,
-                      num_attention_heads=heads, num_query_groups=max(1, heads // 2), vocab_size=args.vocab,
-                      seq_length=S, max_position_embeddings=S)
+    cfg = ModelConfig(
+        num_layers=args.layers,
+        hidden_size=args.hidden,
+        ffn_hidden_size=4 * args.hidden,
+        num_attention_heads=heads,
+        num_query_groups=max(1, heads // 2),
+        vocab_size=args.vocab,
+        seq_length=S,
+        max_position_embeddings=S,
+    )
     precision = PrecisionConfig(dtype="bf16" if cuda else "fp32")
     model = build_model(cfg, ParallelConfig(), precision)
-    ddp = DistributedDataParallel(config=model.config, ddp_config=DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True, overlap_grad_reduce=False), module=model)
-    opt = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=1e-6, clip_grad=1.0, bf16=cuda,
-                                                 params_dtype=precision.torch_dtype), [ddp])
+    ddp = DistributedDataParallel(
+        config=model.config,
+        ddp_config=DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False),
+        module=model,
+    )
+    opt = get_megatron_optimizer(
+        OptimizerConfig(optimizer="adam", lr=1e-6, clip_grad=1.0, bf16=cuda, params_dtype=precision.torch_dtype), [ddp]
+    )
     step = ObjectiveStep(build_objective("gift", beta=1.0, reference="rollout"), [ddp], opt)
 
     members = workload(args.groups, args.seed, args.sigma, args.scale)
@@ -180,10 +194,15 @@ def step_case(rank, world, case: str, args_dict: dict) -> dict:
     tokens = torch.randint(0, args.vocab, (n, S + 1), generator=g)
     mask = torch.zeros(n, S)
     for i, (_, p, r) in enumerate(members):
-        mask[i, p - 1:p - 1 + r] = 1.0
-    rows = {"tokens": tokens[:, :-1].contiguous(), "labels": tokens[:, 1:].contiguous(), "loss_mask": mask,
-            "old_logp": -torch.rand(n, S, generator=g) * mask,
-            "rewards": torch.randn(n, generator=g), "group_ids": torch.tensor([m[0] for m in members])}
+        mask[i, p - 1 : p - 1 + r] = 1.0
+    rows = {
+        "tokens": tokens[:, :-1].contiguous(),
+        "labels": tokens[:, 1:].contiguous(),
+        "loss_mask": mask,
+        "old_logp": -torch.rand(n, S, generator=g) * mask,
+        "rewards": torch.randn(n, generator=g),
+        "group_ids": torch.tensor([m[0] for m in members]),
+    }
     mbs = _micro_batches(case, args, rows)
     prepared = step.prepare(mbs)
     real = sum(_lengths(members))
@@ -208,42 +227,65 @@ def step_case(rank, world, case: str, args_dict: dict) -> dict:
             times.append(seconds)
             peaks.append(peak)
     backend = select_backend(ParallelConfig(), precision)
-    return {"case": case, "seconds": statistics.median(times), "peak_bytes": max(peaks), "real": real,
-            "computed": computed, "micro_batches": len(mbs), "stats_source": source, "device": str(device),
-            "backend": backend}
+    return {
+        "case": case,
+        "seconds": statistics.median(times),
+        "peak_bytes": max(peaks),
+        "real": real,
+        "computed": computed,
+        "micro_batches": len(mbs),
+        "stats_source": source,
+        "device": str(device),
+        "backend": backend,
+    }
 
 
 def report(plan: dict, steps: dict, args) -> str:
-    names = {"a": "(a) rows padded to seq_length", "b": f"(b) rows padded per micro-batch ({args.plan_mbs} rows)",
-             "c": f"(c) packed, {args.plan_budget}-token budget",
-             "c_pp": "(c) packed, every row padded to the largest (pipeline parallelism)"}
-    lines = [f"Plan: {args.plan_steps} seeded steps of {args.plan_prompts} prompts x {GROUP} over {args.plan_dp} DP "
-             f"ranks (sigma {args.sigma}); mean group {plan['group_tokens_mean']:.0f} tokens",
-             "| layout | computed / real tokens (min-max over steps) |", "|---|---|"]
+    names = {
+        "a": "(a) rows padded to seq_length",
+        "b": f"(b) rows padded per micro-batch ({args.plan_mbs} rows)",
+        "c": f"(c) packed, {args.plan_budget}-token budget",
+        "c_pp": "(c) packed, every row padded to the largest (pipeline parallelism)",
+    }
+    lines = [
+        f"Plan: {args.plan_steps} seeded steps of {args.plan_prompts} prompts x {GROUP} over {args.plan_dp} DP "
+        f"ranks (sigma {args.sigma}); mean group {plan['group_tokens_mean']:.0f} tokens",
+        "| layout | computed / real tokens (min-max over steps) |",
+        "|---|---|",
+    ]
     for k, (lo, hi) in plan["computed_over_real"].items():
         lines.append(f"| {names[k]} | {lo:.2f}-{hi:.2f} |")
     for budget in (16384, 32768):
-        lines.append(f"GIFT at a {budget // 1024}k budget: groups whole in one micro-batch "
-                     f"{100 * plan['whole_group_frac'][budget]:.1f}%, steps needing the fallback statistics pass "
-                     f"{100 * plan['fallback_step_frac'][budget]:.0f}%")
+        lines.append(
+            f"GIFT at a {budget // 1024}k budget: groups whole in one micro-batch "
+            f"{100 * plan['whole_group_frac'][budget]:.1f}%, steps needing the fallback statistics pass "
+            f"{100 * plan['fallback_step_frac'][budget]:.0f}%"
+        )
     if steps:
         first = next(iter(steps.values()))
         names["b"] = f"(b) rows padded per micro-batch ({args.mbs} rows)"
         names["c"] = f"(c) packed, {args.budget}-token budget"
-        lines += ["", f"Step: GIFT, {args.groups} groups of {GROUP} (lengths x {args.scale}), {args.layers} layers x {args.hidden}, "
-                      f"{first['device']} ({first['backend']} spec), micro_batch_size {args.mbs} for (a)/(b)",
-                  "| layout | step s | x (a) | peak MiB | computed / real | micro-batches | stats |",
-                  "|---|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            f"Step: GIFT, {args.groups} groups of {GROUP} (lengths x {args.scale}), {args.layers} layers x {args.hidden}, "
+            f"{first['device']} ({first['backend']} spec), micro_batch_size {args.mbs} for (a)/(b)",
+            "| layout | step s | x (a) | peak MiB | computed / real | micro-batches | stats |",
+            "|---|---|---|---|---|---|---|",
+        ]
         base = steps["a"]["seconds"] if "a" in steps else None
         for k, r in steps.items():
             ratio = f"{r['seconds'] / base:.2f}" if base else "-"
-            lines.append(f"| {names[k]} | {r['seconds']:.2f} | {ratio} | {r['peak_bytes'] / 2 ** 20:.0f} | "
-                         f"{r['computed'] / r['real']:.3f} | {r['micro_batches']} | {r['stats_source']} |")
+            lines.append(
+                f"| {names[k]} | {r['seconds']:.2f} | {ratio} | {r['peak_bytes'] / 2**20:.0f} | "
+                f"{r['computed'] / r['real']:.3f} | {r['micro_batches']} | {r['stats_source']} |"
+            )
     c_ratio = max(plan["computed_over_real"]["c"])
     if steps and "c" in steps:
         c_ratio = max(c_ratio, steps["c"]["computed"] / steps["c"]["real"])
-    lines.append(f"goal computed/real of (c) <= {COMPUTED_GOAL}: {c_ratio:.3f} -> "
-                 f"{'HOLDS' if c_ratio <= COMPUTED_GOAL else 'FAILS'}")
+    lines.append(
+        f"goal computed/real of (c) <= {COMPUTED_GOAL}: {c_ratio:.3f} -> "
+        f"{'HOLDS' if c_ratio <= COMPUTED_GOAL else 'FAILS'}"
+    )
     if steps and "a" in steps and "c" in steps:
         t = steps["c"]["seconds"] / steps["a"]["seconds"]
         lines.append(f"goal step time (c) <= {TIME_GOAL}x (a): {t:.2f}x -> {'HOLDS' if t <= TIME_GOAL else 'FAILS'}")
@@ -281,8 +323,9 @@ def main(argv=None):
 
         backend = "nccl" if args.device == "cuda" else "gloo"
         for case in args.cases:
-            steps[case] = run_ranks(step_case, 1, case, vars(args), timeout=3000, backend=backend,
-                                    env={"GIFT_MEGATRON_DEVICE": args.device})[0]
+            steps[case] = run_ranks(
+                step_case, 1, case, vars(args), timeout=3000, backend=backend, env={"GIFT_MEGATRON_DEVICE": args.device}
+            )[0]
     text = report(plan, steps, args)
     print(text)
     if args.json:

@@ -57,9 +57,16 @@ def build(args, device: torch.device):
     """(spec, zero-argument model builder) with Megatron's parallel state set up for TP=PP=1 on ``device``."""
     from tests.tiny_gpt import Layout, TinyGPT, build_model, transformer_config
 
-    spec = TinyGPT(num_layers=args.layers, hidden_size=args.hidden, num_attention_heads=args.hidden // 64,
-                   num_query_groups=max(1, args.hidden // 128), ffn_hidden_size=4 * args.hidden,
-                   vocab_size=args.vocab, seq_length=args.seq, bf16=args.dtype == "bf16")
+    spec = TinyGPT(
+        num_layers=args.layers,
+        hidden_size=args.hidden,
+        num_attention_heads=args.hidden // 64,
+        num_query_groups=max(1, args.hidden // 128),
+        ffn_hidden_size=4 * args.hidden,
+        vocab_size=args.vocab,
+        seq_length=args.seq,
+        bf16=args.dtype == "bf16",
+    )
     if device.type != "cuda":
         from gift_megatron.parallel import initialize_model_parallel_cpu
 
@@ -77,9 +84,15 @@ def build(args, device: torch.device):
     config = dataclasses.replace(transformer_config(spec, Layout()), use_cpu_initialization=False)
 
     def make():
-        model = GPTModel(config=config, transformer_layer_spec=get_gpt_layer_local_spec(normalization="RMSNorm"),
-                         vocab_size=spec.vocab_size, max_sequence_length=spec.seq_length, pre_process=True,
-                         post_process=True, position_embedding_type="rope")
+        model = GPTModel(
+            config=config,
+            transformer_layer_spec=get_gpt_layer_local_spec(normalization="RMSNorm"),
+            vocab_size=spec.vocab_size,
+            max_sequence_length=spec.seq_length,
+            pre_process=True,
+            post_process=True,
+            position_embedding_type="rope",
+        )
         return model.to(device)
 
     return spec, make
@@ -92,20 +105,29 @@ def make_batch(args, device: torch.device, seed=0):
     tokens = torch.randint(0, args.vocab, (n, args.seq + 1), generator=g)
     mask = torch.ones(n, args.seq)
     mask[:, : args.seq // 4] = 0  # a prompt part that does not count
-    batch = {"tokens": tokens[:, :-1].contiguous(), "labels": tokens[:, 1:].contiguous(), "loss_mask": mask,
-             "rewards": torch.randn(n, generator=g), "group_ids": torch.arange(n) // args.mbs}
+    batch = {
+        "tokens": tokens[:, :-1].contiguous(),
+        "labels": tokens[:, 1:].contiguous(),
+        "loss_mask": mask,
+        "rewards": torch.randn(n, generator=g),
+        "group_ids": torch.arange(n) // args.mbs,
+    }
     batch = {k: v.to(device) for k, v in batch.items()}
-    return [{k: v[i * args.mbs:(i + 1) * args.mbs] for k, v in batch.items()} for i in range(args.micro)]
+    return [{k: v[i * args.mbs : (i + 1) * args.mbs] for k, v in batch.items()} for i in range(args.micro)]
 
 
 def ddp_and_adam(model, spec):
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
-    ddp = DistributedDataParallel(config=model.config, ddp_config=DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True, overlap_grad_reduce=False), module=model)
-    opt = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=1e-5, clip_grad=1.0, bf16=spec.bf16,
-                                                 params_dtype=spec.params_dtype), [ddp])
+    ddp = DistributedDataParallel(
+        config=model.config,
+        ddp_config=DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False),
+        module=model,
+    )
+    opt = get_megatron_optimizer(
+        OptimizerConfig(optimizer="adam", lr=1e-5, clip_grad=1.0, bf16=spec.bf16, params_dtype=spec.params_dtype), [ddp]
+    )
     model.config.finalize_model_grads_func = finalize_model_grads
     model.config.no_sync_func = ddp.no_sync
     return ddp, opt
@@ -126,9 +148,15 @@ def plain_megatron_sft_step(ddp, opt, mbs, seq):
 
     ddp.zero_grad_buffer()
     opt.zero_grad()
-    get_forward_backward_func()(forward_step_func=forward_step, data_iterator=iter(mbs), model=[ddp],
-                                num_microbatches=len(mbs), seq_length=seq, micro_batch_size=mbs[0]["tokens"].shape[0],
-                                forward_only=False)
+    get_forward_backward_func()(
+        forward_step_func=forward_step,
+        data_iterator=iter(mbs),
+        model=[ddp],
+        num_microbatches=len(mbs),
+        seq_length=seq,
+        micro_batch_size=mbs[0]["tokens"].shape[0],
+        forward_only=False,
+    )
     opt.step()
 
 
@@ -184,8 +212,7 @@ def main(argv=None):
         port = s.getsockname()[1]
     if device.type == "cuda":
         torch.cuda.set_device(device)
-        dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1,
-                                device_id=device)
+        dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1, device_id=device)
     else:
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
     try:
@@ -217,7 +244,7 @@ def run(args, device: torch.device) -> dict:
                 variants[name] = partial(plain_megatron_sft_step, ddp, opt, seq=args.seq)
             else:
                 variants[name] = ObjectiveStep(build_objective(name), [ddp], opt)
-        except Exception as exc:  # noqa: BLE001 - reported per variant; the others still run
+        except Exception as exc:
             errors[name] = _error(exc)
     del init
     meter = Meter(device)
@@ -226,9 +253,9 @@ def run(args, device: torch.device) -> dict:
     ref_pass = None
     try:
         reference = FrozenReference([build_model()], lambda i: build_model())
-        ref_pass = lambda batch: forward_logprobs(reference, batch)  # noqa: E731
+        ref_pass = lambda batch: forward_logprobs(reference, batch)
         inputs["gift"] = [dict(mb, ref_logp=lp) for mb, lp in zip(mbs, ref_pass(mbs))]
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         errors["gift_reference_pass"] = _error(exc)
         if "gift" in variants:
             errors["gift"] = "no reference log-probs (the reference pass failed)"
@@ -239,7 +266,7 @@ def run(args, device: torch.device) -> dict:
     for name in list(variants):  # warm-up; a variant that fails here is reported and dropped
         try:
             meter(variants[name], inputs[name])
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             errors[name] = _error(exc)
             del variants[name]
             if device.type == "cuda":
@@ -260,39 +287,65 @@ def run(args, device: torch.device) -> dict:
         if name in times:
             med = statistics.median(times[name])
             peak = max(peaks[name]) if device.type == "cuda" else None
-            rows.append({"variant": name, "s_per_step": med, "tokens_per_s": tokens / med,
-                         "time_vs_plain": med / base if base else None, "peak_bytes": peak,
-                         "peak_vs_plain": peak / base_peak if base_peak else None, "times": times[name]})
+            rows.append(
+                {
+                    "variant": name,
+                    "s_per_step": med,
+                    "tokens_per_s": tokens / med,
+                    "time_vs_plain": med / base if base else None,
+                    "peak_bytes": peak,
+                    "peak_vs_plain": peak / base_peak if base_peak else None,
+                    "times": times[name],
+                }
+            )
         elif name in errors:
             rows.append({"variant": name, "error": errors[name]})
     goals = []
     for name in OURS:
         row = next(r for r in rows if r["variant"] == name) if any(r["variant"] == name for r in rows) else None
         ok_row = row is not None and "error" not in row and base is not None
-        goals.append({"goal": f"{name} step time <= {TIME_GOAL}x plain Megatron-Core",
-                      "holds": ok_row and row["time_vs_plain"] <= TIME_GOAL,
-                      "value": row["time_vs_plain"] if ok_row else None,
-                      "why_not": None if ok_row else (errors.get(name) or errors.get("plain") or "not run")})
+        goals.append(
+            {
+                "goal": f"{name} step time <= {TIME_GOAL}x plain Megatron-Core",
+                "holds": ok_row and row["time_vs_plain"] <= TIME_GOAL,
+                "value": row["time_vs_plain"] if ok_row else None,
+                "why_not": None if ok_row else (errors.get(name) or errors.get("plain") or "not run"),
+            }
+        )
         if device.type == "cuda":
-            goals.append({"goal": f"{name} step peak memory <= plain Megatron-Core's",
-                          "holds": ok_row and base_peak is not None and row["peak_bytes"] <= base_peak,
-                          "value": row["peak_vs_plain"] if ok_row else None,
-                          "why_not": None if ok_row else (errors.get(name) or errors.get("plain") or "not run")})
-    return {"device": str(device), "device_name": torch.cuda.get_device_name(device) if device.type == "cuda"
-            else "CPU", "shape": {k: getattr(args, k) for k in ("layers", "hidden", "vocab", "seq", "mbs", "micro",
-                                                                  "dtype", "repeats")},
-            "threads": args.threads, "tokens_per_step": tokens, "rows": rows, "goals": goals, "errors": errors}
+            goals.append(
+                {
+                    "goal": f"{name} step peak memory <= plain Megatron-Core's",
+                    "holds": ok_row and base_peak is not None and row["peak_bytes"] <= base_peak,
+                    "value": row["peak_vs_plain"] if ok_row else None,
+                    "why_not": None if ok_row else (errors.get(name) or errors.get("plain") or "not run"),
+                }
+            )
+    return {
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU",
+        "shape": {
+            k: getattr(args, k) for k in ("layers", "hidden", "vocab", "seq", "mbs", "micro", "dtype", "repeats")
+        },
+        "threads": args.threads,
+        "tokens_per_step": tokens,
+        "rows": rows,
+        "goals": goals,
+        "errors": errors,
+    }
 
 
 def report(summary: dict) -> str:
     sh = summary["shape"]
     cuda = summary["device"].startswith("cuda")
     threads = "" if cuda else f", {summary['threads']} threads"
-    lines = [f"model: {sh['layers']} layers, hidden {sh['hidden']}, vocab {sh['vocab']}, {sh['dtype']}; batch "
-             f"{sh['micro']} x {sh['mbs']} x {sh['seq']} tokens; on {summary['device_name']}{threads}; "
-             f"median of {sh['repeats']}",
-             f"{'variant':<22}{'s/step':>10}{'tokens/s':>12}{'vs plain':>10}"
-             + (f"{'peak MiB':>11}{'mem vs plain':>14}" if cuda else "")]
+    lines = [
+        f"model: {sh['layers']} layers, hidden {sh['hidden']}, vocab {sh['vocab']}, {sh['dtype']}; batch "
+        f"{sh['micro']} x {sh['mbs']} x {sh['seq']} tokens; on {summary['device_name']}{threads}; "
+        f"median of {sh['repeats']}",
+        f"{'variant':<22}{'s/step':>10}{'tokens/s':>12}{'vs plain':>10}"
+        + (f"{'peak MiB':>11}{'mem vs plain':>14}" if cuda else ""),
+    ]
     for r in summary["rows"]:
         if "error" in r:
             lines.append(f"{r['variant']:<22}FAILED: {r['error']}")

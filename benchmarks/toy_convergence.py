@@ -33,27 +33,50 @@ VARIANTS = {
 
 def run(variant: str, seed: int, steps: int, task: str, out: str, port: int) -> dict:
     run_dir = os.path.join(out, f"{variant}_seed{seed}")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(port),
-           "-m", "gift_megatron.train", os.path.join(ROOT, "examples", "tiny_cpu_gift.yaml"),
-           f"run.output_dir={run_dir}", "run.resume=none", "run.progress=false", "run.plots=false",
-           "run.tensorboard=false", f"run.seed={seed}", f"train.steps={steps}", "run.save_interval=0",
-           f"data.train_files=[{task}/train.jsonl]", f"data.eval_files=[{task}/eval.jsonl]",
-           f"data.tokenizer={task}/tokenizer", *VARIANTS[variant]]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1800,
-                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-port",
+        str(port),
+        "-m",
+        "gift_megatron.train",
+        os.path.join(ROOT, "examples", "tiny_cpu_gift.yaml"),
+        f"run.output_dir={run_dir}",
+        "run.resume=none",
+        "run.progress=false",
+        "run.plots=false",
+        "run.tensorboard=false",
+        f"run.seed={seed}",
+        f"train.steps={steps}",
+        "run.save_interval=0",
+        f"data.train_files=[{task}/train.jsonl]",
+        f"data.eval_files=[{task}/eval.jsonl]",
+        f"data.tokenizer={task}/tokenizer",
+        *VARIANTS[variant],
+    ]
+    proc = subprocess.run(
+        cmd, cwd=ROOT, capture_output=True, text=True, timeout=1800, env=dict(os.environ, OMP_NUM_THREADS="1")
+    )
     if proc.returncode:
         raise RuntimeError(f"{variant} seed {seed} failed:\n{proc.stderr[-3000:]}")
     with open(os.path.join(run_dir, "metrics.jsonl")) as fh:
         records = [json.loads(line) for line in fh]
     rewards = [r["rollout/reward_mean"] for r in records if r.get("rollout/reward_mean") is not None]
     evals = [r["eval/reward"] for r in records if r.get("eval/reward") is not None]
-    return {"rewards": rewards, "eval_start": evals[0], "eval_end": evals[-1],
-            "step_s": statistics.median(r["perf/step_s"] for r in records if "perf/step_s" in r)}
+    return {
+        "rewards": rewards,
+        "eval_start": evals[0],
+        "eval_end": evals[-1],
+        "step_s": statistics.median(r["perf/step_s"] for r in records if "perf/step_s" in r),
+    }
 
 
 def first_step(rewards: list[float], threshold: float, window: int = 10) -> int | None:
     for i in range(window, len(rewards) + 1):
-        if sum(rewards[i - window:i]) / window >= threshold:
+        if sum(rewards[i - window : i]) / window >= threshold:
             return i
     return None
 
@@ -87,19 +110,26 @@ def main() -> None:
             r = run(variant, seed, a.steps, task, out, port)
             r["to_threshold"] = first_step(r["rewards"], a.threshold)
             results.setdefault(variant, []).append(r)
-            print(f"{variant:12s} seed {seed}: eval {r['eval_start']:.3f} -> {r['eval_end']:.3f}, rollout reward "
-                  f"(last 20) {statistics.mean(r['rewards'][-20:]):.3f}, steps to {a.threshold}: "
-                  f"{r['to_threshold']}, {r['step_s']:.3f} s/step", flush=True)
+            print(
+                f"{variant:12s} seed {seed}: eval {r['eval_start']:.3f} -> {r['eval_end']:.3f}, rollout reward "
+                f"(last 20) {statistics.mean(r['rewards'][-20:]):.3f}, steps to {a.threshold}: "
+                f"{r['to_threshold']}, {r['step_s']:.3f} s/step",
+                flush=True,
+            )
     print(f"\n{a.steps} steps, seeds {a.seeds}, runs in {out}")
-    print(f"| objective | greedy eval reward, end | rollout reward, last 20 steps | steps to rollout reward "
-          f"{a.threshold} (10-step avg) | s/step |")
+    print(
+        f"| objective | greedy eval reward, end | rollout reward, last 20 steps | steps to rollout reward "
+        f"{a.threshold} (10-step avg) | s/step |"
+    )
     print("|---|---|---|---|---|")
     for variant, rs in results.items():
         reached = [r["to_threshold"] for r in rs if r["to_threshold"] is not None]
         steps = f"{fmt(reached)} ({len(reached)}/{len(rs)} seeds reached)"
-        print(f"| {variant} | {fmt([r['eval_end'] for r in rs])} | "
-              f"{fmt([statistics.mean(r['rewards'][-20:]) for r in rs])} | {steps} | "
-              f"{statistics.mean(r['step_s'] for r in rs):.3f} |")
+        print(
+            f"| {variant} | {fmt([r['eval_end'] for r in rs])} | "
+            f"{fmt([statistics.mean(r['rewards'][-20:]) for r in rs])} | {steps} | "
+            f"{statistics.mean(r['step_s'] for r in rs):.3f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -26,17 +26,49 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import torch  # noqa: E402
+import torch
 
 DIMS = {
-    "7b": dict(model_type="qwen2", architectures=["Qwen2ForCausalLM"], hidden_size=3584, intermediate_size=18944,
-               num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4, vocab_size=152064),
-    "8b": dict(model_type="llama", architectures=["LlamaForCausalLM"], hidden_size=4096, intermediate_size=14336,
-               num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, vocab_size=128256),
-    "0.5b": dict(model_type="qwen2", architectures=["Qwen2ForCausalLM"], hidden_size=896, intermediate_size=4864,
-                 num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2, vocab_size=151936),
-    "tiny": dict(model_type="qwen2", architectures=["Qwen2ForCausalLM"], hidden_size=64, intermediate_size=128,
-                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=256),
+    "7b": dict(
+        model_type="qwen2",
+        architectures=["Qwen2ForCausalLM"],
+        hidden_size=3584,
+        intermediate_size=18944,
+        num_hidden_layers=28,
+        num_attention_heads=28,
+        num_key_value_heads=4,
+        vocab_size=152064,
+    ),
+    "8b": dict(
+        model_type="llama",
+        architectures=["LlamaForCausalLM"],
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+    ),
+    "0.5b": dict(
+        model_type="qwen2",
+        architectures=["Qwen2ForCausalLM"],
+        hidden_size=896,
+        intermediate_size=4864,
+        num_hidden_layers=24,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+        vocab_size=151936,
+    ),
+    "tiny": dict(
+        model_type="qwen2",
+        architectures=["Qwen2ForCausalLM"],
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=256,
+    ),
 }
 
 
@@ -46,9 +78,12 @@ def main() -> None:
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--bucket-mb", type=int, default=1024)
     p.add_argument("--separate-process", action="store_true")
-    p.add_argument("--bytes-in-message", action="store_true",
-                   help="with --separate-process and no CUDA IPC: send host tensors as bytes inside the RPC "
-                        "message instead of through a /dev/shm file (the slower fallback, for comparison)")
+    p.add_argument(
+        "--bytes-in-message",
+        action="store_true",
+        help="with --separate-process and no CUDA IPC: send host tensors as bytes inside the RPC "
+        "message instead of through a /dev/shm file (the slower fallback, for comparison)",
+    )
     a = p.parse_args()
     import transformers
 
@@ -62,15 +97,24 @@ def main() -> None:
     if not gpu and not current_platform.is_cpu():
         sys.exit("benchmarks/weight_sync.py: no CUDA GPU, and this vLLM is not a CPU build; nothing to measure.")
     if not gpu and a.model_dims in ("7b", "8b"):
-        sys.exit(f"benchmarks/weight_sync.py: --model-dims {a.model_dims} is the GPU measurement; on CPU use 0.5b or tiny")
+        sys.exit(
+            f"benchmarks/weight_sync.py: --model-dims {a.model_dims} is the GPU measurement; on CPU use 0.5b or tiny"
+        )
     device = "cuda" if gpu else "cpu"
     if a.bytes_in_message:
         vllm_engine.SEGMENT_DIR = None
     sync = torch.cuda.synchronize if gpu else (lambda: None)
 
     d = tempfile.mkdtemp(prefix="weight_sync_")
-    cfg = dict(DIMS[a.model_dims], max_position_embeddings=4096, rms_norm_eps=1e-6, rope_theta=1e6,
-               hidden_act="silu", tie_word_embeddings=False, torch_dtype="bfloat16")
+    cfg = dict(
+        DIMS[a.model_dims],
+        max_position_embeddings=4096,
+        rms_norm_eps=1e-6,
+        rope_theta=1e6,
+        hidden_act="silu",
+        tie_word_embeddings=False,
+        torch_dtype="bfloat16",
+    )
     with open(os.path.join(d, "config.json"), "w") as fh:
         json.dump(cfg, fh)
     config = transformers.AutoConfig.from_pretrained(d)
@@ -78,9 +122,16 @@ def main() -> None:
         meta = transformers.AutoModelForCausalLM.from_config(config)
     state = [(n, torch.randn(p.shape, dtype=torch.bfloat16, device=device) * 0.02) for n, p in meta.named_parameters()]
     nbytes = sum(t.numel() * t.element_size() for _, t in state)
-    engine = VLLMRolloutEngine(d, tensor_parallel_size=a.tp, gpu_memory_utilization=0.6, enable_sleep_mode=gpu,
-                               dtype="bf16", skip_tokenizer_init=True, max_model_len=4096,
-                               separate_process=a.separate_process)
+    engine = VLLMRolloutEngine(
+        d,
+        tensor_parallel_size=a.tp,
+        gpu_memory_utilization=0.6,
+        enable_sleep_mode=gpu,
+        dtype="bf16",
+        skip_tokenizer_init=True,
+        max_model_len=4096,
+        separate_process=a.separate_process,
+    )
     times = []
     for _ in range(3):
         sync()
@@ -101,8 +152,10 @@ def main() -> None:
     if a.separate_process and not (gpu and a.tp == 1):  # else CUDA IPC handles
         mode += ", bytes in the RPC message" if a.bytes_in_message else ", tensors through /dev/shm"
     size = f"{nbytes / 1e9:.2f} GB" if nbytes >= 1e8 else f"{nbytes / 1e6:.2f} MB"
-    print(f"{a.model_dims}-shaped ({size} bf16) on {device}, rollout TP {a.tp}, {mode}: weight sync "
-          f"{s:.3f} s ({nbytes / 1e9 / s:.2f} GB/s); runs {[round(x, 3) for x in times]}; {slept_woke}")
+    print(
+        f"{a.model_dims}-shaped ({size} bf16) on {device}, rollout TP {a.tp}, {mode}: weight sync "
+        f"{s:.3f} s ({nbytes / 1e9 / s:.2f} GB/s); runs {[round(x, 3) for x in times]}; {slept_woke}"
+    )
 
 
 if __name__ == "__main__":

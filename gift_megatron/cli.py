@@ -1,10 +1,10 @@
 """``gift-megatron``: the command line.
 
-    gift-megatron train CONFIG.yaml [key=value ...] [--nproc-per-node N]
-                                                         train (--nproc-per-node: starts torchrun itself)
-    gift-megatron validate CONFIG.yaml [key=value ...] [--world-size N] [--layout-only]   check a config, run nothing
-    gift-megatron plot RUN_DIR                           PNG plots of a run's metrics
-    gift-megatron plot RUN_A RUN_B ... --out DIR         the runs overlaid (legend: name and objective)
+gift-megatron train CONFIG.yaml [key=value ...] [--nproc-per-node N]
+                                                     train (--nproc-per-node: starts torchrun itself)
+gift-megatron validate CONFIG.yaml [key=value ...] [--world-size N] [--layout-only]   check a config, run nothing
+gift-megatron plot RUN_DIR                           PNG plots of a run's metrics
+gift-megatron plot RUN_A RUN_B ... --out DIR         the runs overlaid (legend: name and objective)
 """
 
 from __future__ import annotations
@@ -21,23 +21,43 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("config", help="YAML config file (see examples/)")
     t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=10 objective.name=grpo")
     t.add_argument("--resume", choices=["auto", "none"], help="shorthand for run.resume=auto|none")
-    t.add_argument("--nproc-per-node", type=int, default=None,
-                   help="start N ranks on this machine (torchrun --standalone, run inside this process): a "
-                        "failure is one line instead of torchrun's error table")
+    t.add_argument(
+        "--nproc-per-node",
+        type=int,
+        default=None,
+        help="start N ranks on this machine (torchrun --standalone, run inside this process): a "
+        "failure is one line instead of torchrun's error table",
+    )
     v = sub.add_parser("validate", help="load and validate a config without training")
     v.add_argument("config")
     v.add_argument("overrides", nargs="*")
-    v.add_argument("--layout-only", action="store_true",
-                   help="check the config, layout and memory plan only, not the checkpoint / data / tokenizer paths "
-                        "and the reward (for a machine that does not see the job's filesystems)")
-    v.add_argument("--world-size", type=int, default=None, help="also check the parallel layout for this many ranks "
-                   "and print the per-GPU memory plan")
-    v.add_argument("--gpus-per-node", type=int, default=None,
-                   help="ranks (GPUs) per node for the rollout engines' placement (default: min(world size, 8))")
-    v.add_argument("--gpu-memory-gib", type=float, default=None,
-                   help="memory of one GPU in GiB for the plan (default: 79.6, an H100 80 GB)")
-    pl = sub.add_parser("plot", help="write PNG plots of RUN_DIR/metrics.jsonl to RUN_DIR/plots; several runs: "
-                                     "overlaid, to --out")
+    v.add_argument(
+        "--layout-only",
+        action="store_true",
+        help="check the config, layout and memory plan only, not the checkpoint / data / tokenizer paths "
+        "and the reward (for a machine that does not see the job's filesystems)",
+    )
+    v.add_argument(
+        "--world-size",
+        type=int,
+        default=None,
+        help="also check the parallel layout for this many ranks and print the per-GPU memory plan",
+    )
+    v.add_argument(
+        "--gpus-per-node",
+        type=int,
+        default=None,
+        help="ranks (GPUs) per node for the rollout engines' placement (default: min(world size, 8))",
+    )
+    v.add_argument(
+        "--gpu-memory-gib",
+        type=float,
+        default=None,
+        help="memory of one GPU in GiB for the plan (default: 79.6, an H100 80 GB)",
+    )
+    pl = sub.add_parser(
+        "plot", help="write PNG plots of RUN_DIR/metrics.jsonl to RUN_DIR/plots; several runs: overlaid, to --out"
+    )
     pl.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     pl.add_argument("--out", default=None, help="output directory (one run: default RUN_DIR/plots; several: required)")
     return p
@@ -68,11 +88,15 @@ def main(argv: list[str] | None = None) -> int:
         from gift_megatron.trainer.metrics import plot_run, plot_runs
 
         if len(args.run_dirs) > 1 and not args.out:
-            print("error: plot: --out DIR is required with several run directories (where the overlay goes)",
-                  file=sys.stderr)
+            print(
+                "error: plot: --out DIR is required with several run directories (where the overlay goes)",
+                file=sys.stderr,
+            )
             return 2
         try:
-            files = plot_run(args.run_dirs[0], args.out) if len(args.run_dirs) == 1 else plot_runs(args.run_dirs, args.out)
+            files = (
+                plot_run(args.run_dirs[0], args.out) if len(args.run_dirs) == 1 else plot_runs(args.run_dirs, args.out)
+            )
         except (FileNotFoundError, ValueError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
@@ -83,8 +107,11 @@ def main(argv: list[str] | None = None) -> int:
         overrides.append(f"run.resume={args.resume}")
     try:
         cfg = load_config(args.config, overrides)
-        world = (getattr(args, "world_size", None) or getattr(args, "nproc_per_node", None)
-                 or int(os.environ.get("WORLD_SIZE", "0") or 0))
+        world = (
+            getattr(args, "world_size", None)
+            or getattr(args, "nproc_per_node", None)
+            or int(os.environ.get("WORLD_SIZE", "0") or 0)
+        )
         if world:
             check_world_size(cfg, world)
         if args.command == "validate" and not args.layout_only:
@@ -98,8 +125,12 @@ def main(argv: list[str] | None = None) -> int:
             from gift_megatron.config import H100_GPU_GIB
 
             try:
-                plan = layout_plan(cfg, args.world_size, gpu_memory_gib=args.gpu_memory_gib or H100_GPU_GIB,
-                                   gpus_per_node=args.gpus_per_node)
+                plan = layout_plan(
+                    cfg,
+                    args.world_size,
+                    gpu_memory_gib=args.gpu_memory_gib or H100_GPU_GIB,
+                    gpus_per_node=args.gpus_per_node,
+                )
             except ConfigError as exc:
                 print(f"config error: {exc}", file=sys.stderr)
                 return 2

@@ -16,7 +16,8 @@ collective. ``group=None`` means the default (world) group for the functions who
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -44,7 +45,7 @@ def group_rank(group: ProcessGroup | None) -> int:
 
 
 def backend_device_type(backend_config: str) -> str:
-    """"cpu" when a backend configuration string accepts CPU tensors, else "cuda".
+    """ "cpu" when a backend configuration string accepts CPU tensors, else "cuda".
 
     ``backend_config`` is what ``torch.distributed.get_backend_config`` returns: "cpu:gloo,cuda:gloo" for
     gloo, "cuda:nccl" for NCCL, "cuda:gloo" for a gloo group restricted to CUDA tensors (which reproduces
@@ -206,8 +207,9 @@ def send_tensor(x: torch.Tensor, dst: int, group: Any = WORLD) -> None:
     dist.send(x.to(group_device(group)).contiguous(), dst=dst, group=_pg(group))
 
 
-def recv_tensor(shape: Sequence[int], dtype: torch.dtype, src: int, group: Any = WORLD, *,
-                device: torch.device | None = None) -> torch.Tensor:
+def recv_tensor(
+    shape: Sequence[int], dtype: torch.dtype, src: int, group: Any = WORLD, *, device: torch.device | None = None
+) -> torch.Tensor:
     """Receive a tensor of ``shape`` / ``dtype`` from global rank ``src``; returned on ``device`` (default:
     the group's device)."""
     dev = group_device(group)

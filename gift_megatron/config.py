@@ -19,12 +19,11 @@ import os
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, Union
 
 import yaml
 
 from gift_megatron.megatron.model import ModelConfig, ParallelConfig, PrecisionConfig
-
 
 # Objectives trained on demonstrations only (expert / teacher members), never on their own rollouts.
 SUPERVISED = ("sft", "dft")
@@ -59,10 +58,10 @@ class RunConfig:
     seed: int = 1234
     resume: str = "none"
     save_interval: int = 50
-    keep_last: Optional[int] = 3
+    keep_last: int | None = 3
     log_interval: int = 1
     tensorboard: bool = True
-    wandb_project: Optional[str] = None
+    wandb_project: str | None = None
     plots: bool = True
     progress: bool = True
     show_warnings: bool = False
@@ -78,8 +77,8 @@ class InitConfig:
         ``tools/convert_hf_to_megatron.py``) whose weights start the run; None starts from random weights.
     """
 
-    hf_config: Optional[str] = None
-    checkpoint: Optional[str] = None
+    hf_config: str | None = None
+    checkpoint: str | None = None
 
 
 @dataclass
@@ -96,7 +95,7 @@ class DataConfig:
 
     train_files: list[str] = field(default_factory=list)
     eval_files: list[str] = field(default_factory=list)
-    tokenizer: Optional[str] = None
+    tokenizer: str | None = None
     use_chat_template: bool = False
     chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
     fields: dict[str, str] = field(default_factory=dict)
@@ -134,10 +133,10 @@ class RolloutConfig:
     max_tokens: int = 256
     tensor_parallel_size: int = 1
     gpu_memory_utilization: float = 0.5
-    kv_cache_bytes: Optional[int] = None
+    kv_cache_bytes: int | None = None
     sleep_during_training: bool = True
     sleep_level: int = 2
-    offload_training_states: Optional[bool] = None
+    offload_training_states: bool | None = None
     enforce_eager: bool = True
     sync_bucket_mb: int = 512
 
@@ -152,8 +151,8 @@ class GroupsConfig:
     n_teacher: teacher responses per group (from the dataset's ``teachers`` list).
     """
 
-    n_expert: Optional[int] = None
-    n_teacher: Optional[int] = None
+    n_expert: int | None = None
+    n_teacher: int | None = None
 
 
 @dataclass
@@ -214,11 +213,11 @@ class LoopConfig:
     steps: int = 100
     prompts_per_step: int = 32
     updates_per_step: int = 1
-    micro_batch_size: Optional[int] = None
-    micro_batch_tokens: Optional[int] = None
+    micro_batch_size: int | None = None
+    micro_batch_tokens: int | None = None
     eval_interval: int = 0
     eval_prompts: int = 64
-    logprob_chunk_size: Optional[int] = None
+    logprob_chunk_size: int | None = None
 
     def __post_init__(self) -> None:
         if self.micro_batch_size is None and self.micro_batch_tokens is None:
@@ -332,8 +331,9 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
     unknown = [k for k in data if k not in names]
     if unknown:
         where = prefix + "." if prefix else ""
-        raise ConfigError(f"unknown key {where}{unknown[0]} (known keys of {prefix or 'the config'}: "
-                          f"{', '.join(names)})")
+        raise ConfigError(
+            f"unknown key {where}{unknown[0]} (known keys of {prefix or 'the config'}: {', '.join(names)})"
+        )
     kwargs = {k: _convert(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in data.items()}
     try:
         return cls(**kwargs)
@@ -369,7 +369,7 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
             if child is None:
                 child = node[part] = {}
             if not isinstance(child, dict):
-                raise ConfigError(f"override {text!r}: {'.'.join(path[:i + 1])} is not a section")
+                raise ConfigError(f"override {text!r}: {'.'.join(path[: i + 1])} is not a section")
             node = child
         node[path[-1]] = value
     return data
@@ -439,14 +439,20 @@ def _model_from_checkpoint(data: dict) -> None:
     for key, value in given.items():
         if key in RUN_MODEL_FIELDS or key not in record:
             continue
-        same = value == record[key] or (isinstance(value, (int, float)) and isinstance(record[key], (int, float))
-                                         and not isinstance(value, bool) and float(value) == float(record[key]))
+        same = value == record[key] or (
+            isinstance(value, (int, float))
+            and isinstance(record[key], (int, float))
+            and not isinstance(value, bool)
+            and float(value) == float(record[key])
+        )
         if not same:
             differ.append(f"model.{key}={value!r} (checkpoint: {record[key]!r})")
     if differ:
-        raise ConfigError(f"the model section contradicts the architecture of init.checkpoint ({file}): "
-                          f"{'; '.join(differ)}. Remove these keys to use the checkpoint's, or convert the right "
-                          "model")
+        raise ConfigError(
+            f"the model section contradicts the architecture of init.checkpoint ({file}): "
+            f"{'; '.join(differ)}. Remove these keys to use the checkpoint's, or convert the right "
+            "model"
+        )
     data["model"] = {**record, **given}
 
 
@@ -500,14 +506,18 @@ def _check_token_budget(cfg: TrainConfig) -> None:
     budget, p = cfg.train.micro_batch_tokens, cfg.parallel
     multiple = pad_multiple(p.tensor_model_parallel_size, p.context_parallel_size, p.sequence_parallel)
     if budget < 1 or budget % multiple:
-        raise ConfigError(f"train.micro_batch_tokens ({budget}) must be a positive multiple of {multiple}: every "
-                          "packed sequence is padded to a multiple of 2 x parallel.context_parallel_size (times "
-                          "tensor_model_parallel_size with sequence parallelism)")
+        raise ConfigError(
+            f"train.micro_batch_tokens ({budget}) must be a positive multiple of {multiple}: every "
+            "packed sequence is padded to a multiple of 2 x parallel.context_parallel_size (times "
+            "tensor_model_parallel_size with sequence parallelism)"
+        )
     longest = -(-cfg.model.seq_length // multiple) * multiple
     if budget < longest:
-        raise ConfigError(f"train.micro_batch_tokens ({budget}) is smaller than a member of model.seq_length "
-                          f"({cfg.model.seq_length}) tokens padded to a multiple of {multiple} ({longest}); raise the "
-                          "budget or lower model.seq_length")
+        raise ConfigError(
+            f"train.micro_batch_tokens ({budget}) is smaller than a member of model.seq_length "
+            f"({cfg.model.seq_length}) tokens padded to a multiple of {multiple} ({longest}); raise the "
+            "budget or lower model.seq_length"
+        )
 
 
 def validate(cfg: TrainConfig) -> None:
@@ -516,16 +526,22 @@ def validate(cfg: TrainConfig) -> None:
 
     t, r = cfg.train, cfg.rollout
     if t.micro_batch_size is not None and t.micro_batch_tokens is not None:
-        raise ConfigError(f"train.micro_batch_size ({t.micro_batch_size}) and train.micro_batch_tokens "
-                          f"({t.micro_batch_tokens}) are both set; set one (rows per micro-batch, or a token budget "
-                          "for packed micro-batches), e.g. train.micro_batch_size=null")
+        raise ConfigError(
+            f"train.micro_batch_size ({t.micro_batch_size}) and train.micro_batch_tokens "
+            f"({t.micro_batch_tokens}) are both set; set one (rows per micro-batch, or a token budget "
+            "for packed micro-batches), e.g. train.micro_batch_size=null"
+        )
     if t.micro_batch_tokens is not None:
         _check_token_budget(cfg)
-    for key, value in (("train.steps", t.steps), ("train.prompts_per_step", t.prompts_per_step),
-                       ("train.updates_per_step", t.updates_per_step),
-                       ("train.micro_batch_size", t.micro_batch_size or 1),
-                       ("rollout.n", r.n), ("rollout.max_tokens", r.max_tokens),
-                       ("rollout.tensor_parallel_size", r.tensor_parallel_size)):
+    for key, value in (
+        ("train.steps", t.steps),
+        ("train.prompts_per_step", t.prompts_per_step),
+        ("train.updates_per_step", t.updates_per_step),
+        ("train.micro_batch_size", t.micro_batch_size or 1),
+        ("rollout.n", r.n),
+        ("rollout.max_tokens", r.max_tokens),
+        ("rollout.tensor_parallel_size", r.tensor_parallel_size),
+    ):
         if value < 1:
             raise ConfigError(f"{key} must be >= 1, got {value}")
     if cfg.run.save_interval < 0 or cfg.run.log_interval < 1:
@@ -535,49 +551,63 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.run.resume not in ("none", "auto") and not os.path.exists(cfg.run.resume):
         raise ConfigError(f"run.resume: expected none, auto or an existing checkpoint path, got {cfg.run.resume!r}")
     if cfg.objective.name not in OBJECTIVES:
-        raise ConfigError(f"objective.name: unknown objective {cfg.objective.name!r}; registered: "
-                          f"{', '.join(sorted(OBJECTIVES))}")
+        raise ConfigError(
+            f"objective.name: unknown objective {cfg.objective.name!r}; registered: {', '.join(sorted(OBJECTIVES))}"
+        )
     try:
         objective = build_objective(cfg.objective.name, **cfg.objective.options)
     except (ValueError, TypeError) as exc:
         hint = ""
         if "unknown option" in str(exc):
             # The usual cause: objective.name switched on the command line, the file's options kept.
-            hint = (f" (if objective.name was switched to {cfg.objective.name!r} on the command line, the file's "
-                    "options belong to the previous objective: reset them with objective.options={} or give "
-                    f"{cfg.objective.name}'s own)")
+            hint = (
+                f" (if objective.name was switched to {cfg.objective.name!r} on the command line, the file's "
+                "options belong to the previous objective: reset them with objective.options={} or give "
+                f"{cfg.objective.name}'s own)"
+            )
         raise ConfigError(f"objective.options: {exc}{hint}") from exc
     n_expert, n_teacher, n_rollout = cfg.group_composition()
     if min(n_expert, n_teacher) < 0:
         raise ConfigError("groups.n_expert and groups.n_teacher must be >= 0")
     group = n_expert + n_teacher + n_rollout
     if group < 1:
-        raise ConfigError(f"objective {objective.name}: a group has no trained member (groups.n_expert={n_expert}, "
-                          f"groups.n_teacher={n_teacher})")
+        raise ConfigError(
+            f"objective {objective.name}: a group has no trained member (groups.n_expert={n_expert}, "
+            f"groups.n_teacher={n_teacher})"
+        )
     if getattr(objective, "group_relative", False) and group < 2:
-        raise ConfigError(f"objective {objective.name} compares members of a group, but a group has {group} member "
-                          f"(rollout.n={n_rollout}, groups.n_expert={n_expert}, groups.n_teacher={n_teacher}): "
-                          "set rollout.n >= 2")
+        raise ConfigError(
+            f"objective {objective.name} compares members of a group, but a group has {group} member "
+            f"(rollout.n={n_rollout}, groups.n_expert={n_expert}, groups.n_teacher={n_teacher}): "
+            "set rollout.n >= 2"
+        )
     if (t.prompts_per_step * group) % t.updates_per_step:
-        raise ConfigError(f"train.updates_per_step ({t.updates_per_step}) must divide train.prompts_per_step "
-                          f"({t.prompts_per_step}) so every mini-batch holds whole groups")
+        raise ConfigError(
+            f"train.updates_per_step ({t.updates_per_step}) must divide train.prompts_per_step "
+            f"({t.prompts_per_step}) so every mini-batch holds whole groups"
+        )
     if not 0 <= cfg.data.max_skipped_fraction <= 1:
         raise ConfigError(f"data.max_skipped_fraction must be in [0, 1], got {cfg.data.max_skipped_fraction}")
     if not 0 < r.top_p <= 1 or r.temperature < 0:
         raise ConfigError("rollout.top_p must be in (0, 1] and rollout.temperature >= 0")
     if cfg.model.seq_length > cfg.model.max_position_embeddings:
-        raise ConfigError(f"model.seq_length ({cfg.model.seq_length}) exceeds model.max_position_embeddings "
-                          f"({cfg.model.max_position_embeddings}), the positions the model was trained for")
+        raise ConfigError(
+            f"model.seq_length ({cfg.model.seq_length}) exceeds model.max_position_embeddings "
+            f"({cfg.model.max_position_embeddings}), the positions the model was trained for"
+        )
     if not 0 < r.gpu_memory_utilization <= 1:
         raise ConfigError(f"rollout.gpu_memory_utilization must be in (0, 1], got {r.gpu_memory_utilization}")
     if r.kv_cache_bytes is not None and r.kv_cache_bytes <= 0:
         raise ConfigError(f"rollout.kv_cache_bytes must be > 0 (bytes of KV cache per GPU), got {r.kv_cache_bytes}")
     if r.sleep_level not in (1, 2):
-        raise ConfigError(f"rollout.sleep_level must be 1 (weights kept in host memory) or 2 (weights dropped), "
-                          f"got {r.sleep_level}")
+        raise ConfigError(
+            f"rollout.sleep_level must be 1 (weights kept in host memory) or 2 (weights dropped), got {r.sleep_level}"
+        )
     if cfg.data.max_prompt_tokens + r.max_tokens > cfg.model.seq_length:
-        raise ConfigError(f"data.max_prompt_tokens ({cfg.data.max_prompt_tokens}) + rollout.max_tokens "
-                          f"({r.max_tokens}) exceeds model.seq_length ({cfg.model.seq_length})")
+        raise ConfigError(
+            f"data.max_prompt_tokens ({cfg.data.max_prompt_tokens}) + rollout.max_tokens "
+            f"({r.max_tokens}) exceeds model.seq_length ({cfg.model.seq_length})"
+        )
 
 
 def check_inputs(cfg: TrainConfig, paths: bool = True) -> None:
@@ -648,22 +678,33 @@ def check_world_size(cfg: TrainConfig, world_size: int, gpus_per_node: int | Non
 
         p = cfg.parallel
         try:
-            check_layout(world_size, gpus_per_node, p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
-                         p.context_parallel_size, cfg.rollout.tensor_parallel_size)
+            check_layout(
+                world_size,
+                gpus_per_node,
+                p.tensor_model_parallel_size,
+                p.pipeline_model_parallel_size,
+                p.context_parallel_size,
+                cfg.rollout.tensor_parallel_size,
+            )
         except PlacementError as exc:
-            raise ConfigError(f"{exc} (world size {world_size}, {min(gpus_per_node, world_size)} GPUs per node)") \
-                from exc
+            raise ConfigError(
+                f"{exc} (world size {world_size}, {min(gpus_per_node, world_size)} GPUs per node)"
+            ) from exc
     t = cfg.train
     n_expert, n_teacher, n_rollout = cfg.group_composition()
     group = n_expert + n_teacher + n_rollout
     if t.prompts_per_step % (dp * t.updates_per_step):
-        raise ConfigError(f"train.prompts_per_step ({t.prompts_per_step}) must be a multiple of data-parallel size "
-                          f"({dp}) x train.updates_per_step ({t.updates_per_step})")
+        raise ConfigError(
+            f"train.prompts_per_step ({t.prompts_per_step}) must be a multiple of data-parallel size "
+            f"({dp}) x train.updates_per_step ({t.updates_per_step})"
+        )
     per_rank = t.prompts_per_step // (dp * t.updates_per_step) * group
     if t.micro_batch_size is not None and per_rank % t.micro_batch_size:
-        raise ConfigError(f"each data-parallel rank gets {per_rank} members per update ({t.prompts_per_step} prompts "
-                          f"x {group} members / {dp} ranks / {t.updates_per_step} updates), not a multiple of "
-                          f"train.micro_batch_size ({t.micro_batch_size})")
+        raise ConfigError(
+            f"each data-parallel rank gets {per_rank} members per update ({t.prompts_per_step} prompts "
+            f"x {group} members / {dp} ranks / {t.updates_per_step} updates), not a multiple of "
+            f"train.micro_batch_size ({t.micro_batch_size})"
+        )
     return dp
 
 
@@ -676,13 +717,15 @@ CONTEXT_RESERVE_GIB = 4.0
 #: sizes its activations uses this many batched tokens and sequences.
 VLLM_PROFILE_TOKENS = 16384
 VLLM_PROFILE_SEQS = 1024
-_GIB = 1024 ** 3
+_GIB = 1024**3
 
 
 def _micro_batch_tokens(cfg: TrainConfig) -> int:
     """The most tokens one micro-batch computes: its token budget, or rows x model.seq_length."""
     t = cfg.train
-    return t.micro_batch_tokens if t.micro_batch_tokens is not None else (t.micro_batch_size or 4) * cfg.model.seq_length
+    return (
+        t.micro_batch_tokens if t.micro_batch_tokens is not None else (t.micro_batch_size or 4) * cfg.model.seq_length
+    )
 
 
 def _activation_bytes(cfg: TrainConfig) -> float:
@@ -699,9 +742,12 @@ def _activation_bytes(cfg: TrainConfig) -> float:
     # (2 x 2 E values in the training dtype's units), and for each of its top-k experts the dispatched copy of
     # the token (h), the expert's gate/up (2 f_e) and SwiGLU (f_e) outputs and its output (h); plus the shared
     # expert's 3 f_s. Averaged over ranks: the all-to-all moves tokens, balanced routing keeps the count.
-    moe_mlp = (2 * m.hidden_size + 4 * m.num_experts
-               + m.moe_router_topk * (2 * m.hidden_size + 3 * m.expert_ffn_hidden_size)
-               + 3 * (m.moe_shared_expert_intermediate_size or 0))
+    moe_mlp = (
+        2 * m.hidden_size
+        + 4 * m.num_experts
+        + m.moe_router_topk * (2 * m.hidden_size + 3 * m.expert_ffn_hidden_size)
+        + 3 * (m.moe_shared_expert_intermediate_size or 0)
+    )
     per_layer = sum(attention + (moe_mlp if moe else dense_mlp) for moe in m.moe_layers())
     dtype_bytes = 4 if cfg.precision.dtype == "fp32" else 2
     tokens = _micro_batch_tokens(cfg)
@@ -727,8 +773,9 @@ def _engine_plan(cfg: TrainConfig, gpu_gib: float) -> dict[str, Any]:
     # MoE: vLLM's fused-MoE kernel holds top-k expert intermediates per token (its experts are TP-sharded too).
     mlp = m.moe_router_topk * 3 * m.expert_ffn_hidden_size if m.is_moe else 3 * m.ffn_hidden_size
     per_token = 4 * m.hidden_size + (q + kv + mlp) / rtp
-    activations = (VLLM_PROFILE_TOKENS * per_token * dtype_bytes
-                   + VLLM_PROFILE_SEQS * m.padded_vocab_size(rtp) / rtp * 4 * 2) / _GIB
+    activations = (
+        VLLM_PROFILE_TOKENS * per_token * dtype_bytes + VLLM_PROFILE_SEQS * m.padded_vocab_size(rtp) / rtp * 4 * 2
+    ) / _GIB
     kv_heads_per_gpu = max(m.num_query_groups // rtp, 1)  # vLLM replicates KV heads when rtp > their count
     kv_token_bytes = 2 * m.num_layers * kv_heads_per_gpu * m.head_dim * dtype_bytes
     if r.kv_cache_bytes is not None:
@@ -737,13 +784,23 @@ def _engine_plan(cfg: TrainConfig, gpu_gib: float) -> dict[str, Any]:
     else:
         engine = r.gpu_memory_utilization * gpu_gib
         kv_gib = engine - weights - activations
-    return {"rollout_weights_gib": weights, "rollout_activations_gib": activations, "rollout_kv_cache_gib": kv_gib,
-            "rollout_kv_bytes_per_token": kv_token_bytes,
-            "rollout_kv_tokens": max(int(kv_gib * _GIB // kv_token_bytes), 0), "rollout_engine_gib": engine}
+    return {
+        "rollout_weights_gib": weights,
+        "rollout_activations_gib": activations,
+        "rollout_kv_cache_gib": kv_gib,
+        "rollout_kv_bytes_per_token": kv_token_bytes,
+        "rollout_kv_tokens": max(int(kv_gib * _GIB // kv_token_bytes), 0),
+        "rollout_engine_gib": engine,
+    }
 
 
-def layout_plan(cfg: TrainConfig, world_size: int, gpu_memory_gib: float = H100_GPU_GIB,
-                gpus_per_node: int | None = None, check_memory: bool = True) -> dict[str, Any]:
+def layout_plan(
+    cfg: TrainConfig,
+    world_size: int,
+    gpu_memory_gib: float = H100_GPU_GIB,
+    gpus_per_node: int | None = None,
+    check_memory: bool = True,
+) -> dict[str, Any]:
     """The parallel layout of ``cfg`` on ``world_size`` ranks and a per-GPU memory plan (GiB), the dry run
     of a recipe (``gift-megatron validate --world-size N``; the arithmetic is explained in docs/cluster.md).
 
@@ -773,27 +830,46 @@ def layout_plan(cfg: TrainConfig, world_size: int, gpu_memory_gib: float = H100_
     optim_ranks = dp if distributed else 1
     expert_optim_ranks = world_size // expert_split if distributed else 1
     plan: dict[str, Any] = {
-        "world_size": world_size, "gpus_per_node": min(gpus_per_node, world_size), "gpu_memory_gib": gpu_memory_gib,
-        "tp": p.tensor_model_parallel_size, "pp": p.pipeline_model_parallel_size,
-        "cp": p.context_parallel_size, "dp": dp, "parameters_b": m.parameter_count() / 1e9,
+        "world_size": world_size,
+        "gpus_per_node": min(gpus_per_node, world_size),
+        "gpu_memory_gib": gpu_memory_gib,
+        "tp": p.tensor_model_parallel_size,
+        "pp": p.pipeline_model_parallel_size,
+        "cp": p.context_parallel_size,
+        "dp": dp,
+        "parameters_b": m.parameter_count() / 1e9,
     }
     if m.is_moe:
-        plan.update({"ep": p.expert_model_parallel_size, "etp": p.etp, "expert_dp": world_size // expert_split,
-                     "active_parameters_b": m.active_parameter_count() / 1e9,
-                     "expert_parameters_per_gpu_b": expert_shard / 1e9})
-    plan.update({
-        "weights_gib": shard * weight_bytes / _GIB,
-        "grads_gib": shard * 4 / _GIB,
-        "optimizer_gib": (dense_shard * 12 / optim_ranks + expert_shard * 12 / expert_optim_ranks) / _GIB,
-    })
+        plan.update(
+            {
+                "ep": p.expert_model_parallel_size,
+                "etp": p.etp,
+                "expert_dp": world_size // expert_split,
+                "active_parameters_b": m.active_parameter_count() / 1e9,
+                "expert_parameters_per_gpu_b": expert_shard / 1e9,
+            }
+        )
+    plan.update(
+        {
+            "weights_gib": shard * weight_bytes / _GIB,
+            "grads_gib": shard * 4 / _GIB,
+            "optimizer_gib": (dense_shard * 12 / optim_ranks + expert_shard * 12 / expert_optim_ranks) / _GIB,
+        }
+    )
     from gift_megatron.objectives import build_objective
 
     if "ref_logp" in build_objective(cfg.objective.name, **cfg.objective.options).uses:
         plan["reference_gib_offloaded_between_passes"] = shard * weight_bytes / _GIB
     plan["train_states_gib"] = plan["weights_gib"] + plan["grads_gib"] + plan["optimizer_gib"]
     plan["activations_gib"] = _activation_bytes(cfg) / _GIB
-    plan["logits_gib"] = (_micro_batch_tokens(cfg) * m.padded_vocab_size(p.tensor_model_parallel_size)
-                          * 2 / p.tensor_model_parallel_size / p.context_parallel_size / _GIB)
+    plan["logits_gib"] = (
+        _micro_batch_tokens(cfg)
+        * m.padded_vocab_size(p.tensor_model_parallel_size)
+        * 2
+        / p.tensor_model_parallel_size
+        / p.context_parallel_size
+        / _GIB
+    )
     plan["train_peak_gib"] = plan["train_states_gib"] + plan["activations_gib"] + plan["logits_gib"]
     plan["reserve_gib"] = CONTEXT_RESERVE_GIB
     if cfg.rollout.engine not in ("auto", "vllm"):
@@ -802,8 +878,14 @@ def layout_plan(cfg: TrainConfig, world_size: int, gpu_memory_gib: float = H100_
     r = cfg.rollout
     from gift_megatron.rollout.placement import check_layout
 
-    local = check_layout(world_size, plan["gpus_per_node"], p.tensor_model_parallel_size,
-                         p.pipeline_model_parallel_size, p.context_parallel_size, r.tensor_parallel_size)
+    local = check_layout(
+        world_size,
+        plan["gpus_per_node"],
+        p.tensor_model_parallel_size,
+        p.pipeline_model_parallel_size,
+        p.context_parallel_size,
+        r.tensor_parallel_size,
+    )
     offload = offload_enabled(cfg, cuda=True)
     plan["rollout_tp"] = r.tensor_parallel_size
     plan["rollout_gpus_of_first_replica"] = ",".join(local)
@@ -813,11 +895,13 @@ def layout_plan(cfg: TrainConfig, world_size: int, gpu_memory_gib: float = H100_
     plan["awake_trainer_gib_without_offload"] = plan["train_states_gib"]
     plan["generation_peak_gib_with_offload"] = plan["weights_gib"] + plan["rollout_engine_gib"]
     plan["generation_peak_gib_without_offload"] = plan["train_states_gib"] + plan["rollout_engine_gib"]
-    plan["generation_peak_gib"] = plan["generation_peak_gib_with_offload" if offload else
-                                       "generation_peak_gib_without_offload"]
+    plan["generation_peak_gib"] = plan[
+        "generation_peak_gib_with_offload" if offload else "generation_peak_gib_without_offload"
+    ]
     # The engine asleep frees its weights and KV cache (both levels); awake through training it holds it all.
     plan["training_peak_gib_with_engine"] = plan["train_peak_gib"] + (
-        0.0 if r.sleep_during_training else plan["rollout_engine_gib"])
+        0.0 if r.sleep_during_training else plan["rollout_engine_gib"]
+    )
     if check_memory:
         _check_memory_plan(cfg, plan)
     return plan
@@ -826,29 +910,38 @@ def layout_plan(cfg: TrainConfig, world_size: int, gpu_memory_gib: float = H100_
 def _check_memory_plan(cfg: TrainConfig, plan: dict[str, Any]) -> None:
     r = cfg.rollout
     gpu, reserve = plan["gpu_memory_gib"], plan["reserve_gib"]
-    budget_key = ("rollout.kv_cache_bytes" if r.kv_cache_bytes is not None else "rollout.gpu_memory_utilization")
-    budget = (f"rollout.kv_cache_bytes={r.kv_cache_bytes}" if r.kv_cache_bytes is not None else
-              f"rollout.gpu_memory_utilization={r.gpu_memory_utilization} ({plan['rollout_engine_gib']:.1f} GiB of a "
-              f"{gpu:.1f} GiB GPU)")
+    budget_key = "rollout.kv_cache_bytes" if r.kv_cache_bytes is not None else "rollout.gpu_memory_utilization"
+    budget = (
+        f"rollout.kv_cache_bytes={r.kv_cache_bytes}"
+        if r.kv_cache_bytes is not None
+        else f"rollout.gpu_memory_utilization={r.gpu_memory_utilization} ({plan['rollout_engine_gib']:.1f} GiB of a "
+        f"{gpu:.1f} GiB GPU)"
+    )
     if plan["rollout_kv_cache_gib"] <= 0 or plan["rollout_kv_tokens"] < cfg.model.seq_length:
         raise ConfigError(
             f"{budget} leaves the vLLM engine {max(plan['rollout_kv_cache_gib'], 0):.1f} GiB of KV cache "
             f"({plan['rollout_kv_tokens']} tokens, fewer than one model.seq_length={cfg.model.seq_length} sequence) "
             f"after its weights ({plan['rollout_weights_gib']:.1f} GiB at rollout.tensor_parallel_size="
-            f"{r.tensor_parallel_size}) and activations ({plan['rollout_activations_gib']:.1f} GiB): raise {budget_key}")
+            f"{r.tensor_parallel_size}) and activations ({plan['rollout_activations_gib']:.1f} GiB): raise {budget_key}"
+        )
     awake = plan["generation_peak_gib"]
     if awake + reserve > gpu:
-        held = ("its weights" if plan["offload_training_states"] else
-                "weights, gradient buffers and optimizer state (rollout.offload_training_states is off)")
+        held = (
+            "its weights"
+            if plan["offload_training_states"]
+            else "weights, gradient buffers and optimizer state (rollout.offload_training_states is off)"
+        )
         raise ConfigError(
             f"{budget} leaves the trainer too little memory while the engine is awake: the trainer holds {held}, "
             f"{awake - plan['rollout_engine_gib']:.1f} GiB, the engine {plan['rollout_engine_gib']:.1f} GiB, plus "
             f"{reserve:.0f} GiB of CUDA contexts and buffers = {awake + reserve:.1f} GiB > {gpu:.1f} GiB per GPU: "
-            f"lower {budget_key}" + ("" if plan["offload_training_states"] else
-                                     " or set rollout.offload_training_states=true"))
+            f"lower {budget_key}"
+            + ("" if plan["offload_training_states"] else " or set rollout.offload_training_states=true")
+        )
     if not r.sleep_during_training and plan["training_peak_gib_with_engine"] + reserve > gpu:
         raise ConfigError(
             f"rollout.sleep_during_training=false keeps the engine's {plan['rollout_engine_gib']:.1f} GiB ({budget}) "
             f"on the GPU while the trainer peaks at {plan['train_peak_gib']:.1f} GiB: "
             f"{plan['training_peak_gib_with_engine'] + reserve:.1f} GiB with {reserve:.0f} GiB of contexts > "
-            f"{gpu:.1f} GiB per GPU: set rollout.sleep_during_training=true or lower {budget_key}")
+            f"{gpu:.1f} GiB per GPU: set rollout.sleep_during_training=true or lower {budget_key}"
+        )

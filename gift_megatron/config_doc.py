@@ -17,6 +17,7 @@ import argparse
 import ast
 import dataclasses
 import inspect
+import itertools
 import json
 import os
 import re
@@ -57,16 +58,16 @@ def docstring_entries(cls: type) -> tuple[str, dict[str, str]]:
     names = sorted((f.name for f in dataclasses.fields(cls)), key=len, reverse=True)
     if not names or not doc:
         return _clean(doc), {}
-    name = r"`{0,2}(?:%s)`{0,2}" % "|".join(map(re.escape, names))
+    name = r"`{0,2}(?:" + "|".join(map(re.escape, names)) + r")`{0,2}"
     sep = r"(?:\s*,\s*|\s*/\s*|\s+with\s+|\s+and\s+)"
     # An entry's label starts the docstring, a line, or follows a sentence end / semicolon / parenthesis.
-    label = re.compile(r"(?:(?<=^)|(?<=[\s(]))(%s(?:%s%s)*)\s*:(?!:)(?=\s)" % (name, sep, name), re.M)
-    matches = [m for m in label.finditer(doc) if m.start() == 0 or re.search(r"(^|[.;:)]\s*|\n\s*)$", doc[:m.start()])]
-    intro = _clean(doc[:matches[0].start()]) if matches else _clean(doc)
+    label = re.compile(r"(?:(?<=^)|(?<=[\s(]))(" + name + "(?:" + sep + name + r")*)\s*:(?!:)(?=\s)", re.M)
+    matches = [m for m in label.finditer(doc) if m.start() == 0 or re.search(r"(^|[.;:)]\s*|\n\s*)$", doc[: m.start()])]
+    intro = _clean(doc[: matches[0].start()]) if matches else _clean(doc)
     entries: dict[str, str] = {}
     for i, m in enumerate(matches):
         end = matches[i + 1].start() if i + 1 < len(matches) else len(doc)
-        meaning = _clean(doc[m.end():end])
+        meaning = _clean(doc[m.end() : end])
         for key in re.findall(r"\w+", m.group(1)):
             if key in names and key not in ("with", "and") and key not in entries:
                 entries[key] = meaning
@@ -81,9 +82,14 @@ def attribute_docstrings(cls: type) -> dict[str, str]:
         return {}
     body = ast.parse(source).body[0].body
     out = {}
-    for prev, node in zip(body, body[1:]):
-        if (isinstance(prev, ast.AnnAssign) and isinstance(prev.target, ast.Name) and isinstance(node, ast.Expr)
-                and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str)):
+    for prev, node in itertools.pairwise(body):
+        if (
+            isinstance(prev, ast.AnnAssign)
+            and isinstance(prev.target, ast.Name)
+            and isinstance(node, ast.Expr)
+            and isinstance(node.value, ast.Constant)
+            and isinstance(node.value.value, str)
+        ):
             out[prev.target.id] = _clean(node.value.value)
     return out
 
@@ -172,7 +178,9 @@ def render() -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default=DEFAULT_OUT, help="the file to write (default docs/config.md)")
-    p.add_argument("--check", action="store_true", help="write nothing; exit 1 if --out differs or a key lacks a meaning")
+    p.add_argument(
+        "--check", action="store_true", help="write nothing; exit 1 if --out differs or a key lacks a meaning"
+    )
     a = p.parse_args(argv)
     text = render()
     missing = undocumented()

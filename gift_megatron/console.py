@@ -25,8 +25,21 @@ TRACEBACK_ENV = "GIFT_MEGATRON_TRACEBACK"
 
 # Loggers of the libraries a run imports. Their WARNING records are advice for their own developers
 # (deprecations, missing optional kernels); ERROR and above still show.
-THIRD_PARTY_LOGGERS = ("megatron", "torch", "transformers", "datasets", "huggingface_hub", "urllib3", "filelock",
-                       "matplotlib", "PIL", "sentencepiece", "vllm", "nemo_run", "tensorboard")
+THIRD_PARTY_LOGGERS = (
+    "megatron",
+    "torch",
+    "transformers",
+    "datasets",
+    "huggingface_hub",
+    "urllib3",
+    "filelock",
+    "matplotlib",
+    "PIL",
+    "sentencepiece",
+    "vllm",
+    "nemo_run",
+    "tensorboard",
+)
 
 _QUIET_ENV = {"TRANSFORMERS_VERBOSITY": "error", "TORCH_CPP_LOG_LEVEL": "ERROR"}
 
@@ -72,7 +85,7 @@ def show_third_party() -> None:
     for name in env:
         os.environ.pop(name, None)
     warnings.filters[:] = filters
-    warnings._filters_mutated()  # noqa: SLF001 (the documented functions all add; this restores)
+    warnings._filters_mutated()
     for name, level in levels.items():
         logging.getLogger(name).setLevel(level)
     _saved = None
@@ -109,16 +122,22 @@ def launch(nproc_per_node: int, worker_args: list[str], module: str = "gift_mega
     # The agent logs every failure as an ERROR table of its own; the line below replaces it.
     for name in ("torch.distributed.elastic", "torch.distributed.run", "torch.distributed.launcher"):
         logging.getLogger(name).setLevel(logging.CRITICAL)
-    args = get_args_parser().parse_args(["--standalone", "--nnodes", "1", "--nproc-per-node", str(nproc_per_node),
-                                         "-m", module, *worker_args])
+    args = get_args_parser().parse_args(
+        ["--standalone", "--nnodes", "1", "--nproc-per-node", str(nproc_per_node), "-m", module, *worker_args]
+    )
     try:
         run(args)
     except ChildFailedError as exc:
         failed_rank, failure = exc.get_first_failure()
-        how = (f"was killed by {failure.signal_name()}" if failure.exitcode < 0
-               else f"exited with code {failure.exitcode}")
+        how = (
+            f"was killed by {failure.signal_name()}" if failure.exitcode < 0 else f"exited with code {failure.exitcode}"
+        )
         where = " (its error is above)" if failure.exitcode == 2 else ""  # 2: a start-up error, printed once
-        print(f"error: training stopped: {len(exc.failures)} of {nproc_per_node} rank(s) failed, first rank "
-              f"{failed_rank}, which {how}{where}", file=sys.stderr, flush=True)
+        print(
+            f"error: training stopped: {len(exc.failures)} of {nproc_per_node} rank(s) failed, first rank "
+            f"{failed_rank}, which {how}{where}",
+            file=sys.stderr,
+            flush=True,
+        )
         return failure.exitcode if failure.exitcode > 0 else 1
     return 0

@@ -56,10 +56,10 @@ def default_backend() -> str:
     return "nccl" if use_cuda() else "gloo"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _te_importable() -> bool:
     try:
-        import transformer_engine  # noqa: F401
+        import transformer_engine
         import transformer_engine.pytorch  # noqa: F401
     except Exception:  # TE raises RuntimeError (not ImportError) when its CUDA libraries are missing
         return False
@@ -88,16 +88,23 @@ def to_host_floats(values: dict) -> dict[str, float]:
     keys = list(values)
     tensors = [v for v in values.values() if isinstance(v, torch.Tensor)]
     dev = tensors[0].device if tensors else torch.device("cpu")
-    stacked = torch.stack([
-        (v.detach().reshape(()).to(device=dev, dtype=torch.float64) if isinstance(v, torch.Tensor)
-         else torch.tensor(float(v), dtype=torch.float64, device=dev))
-        for v in values.values()])
+    stacked = torch.stack(
+        [
+            (
+                v.detach().reshape(()).to(device=dev, dtype=torch.float64)
+                if isinstance(v, torch.Tensor)
+                else torch.tensor(float(v), dtype=torch.float64, device=dev)
+            )
+            for v in values.values()
+        ]
+    )
     return dict(zip(keys, stacked.tolist()))
 
 
 def move_to(batch: dict, device: torch.device) -> dict:
     """A copy of the dict ``batch`` with every tensor on ``device`` (a tensor already there is not copied);
     other values unchanged. Host tensors in pinned memory are copied asynchronously."""
-    return {k: (v.to(device, non_blocking=v.is_pinned()) if isinstance(v, torch.Tensor) and v.device != device
-                else v)
-            for k, v in batch.items()}
+    return {
+        k: (v.to(device, non_blocking=v.is_pinned()) if isinstance(v, torch.Tensor) and v.device != device else v)
+        for k, v in batch.items()
+    }

@@ -10,8 +10,9 @@ import itertools
 import os
 import re
 import sys
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
 
 # `python launch/slurm.py` puts launch/ on sys.path, not the repository: make `launch.*` and
 # `gift_megatron` importable both ways (as a script and as `launch.common` from the tests).
@@ -51,8 +52,10 @@ def import_nemo_run():
         from nemo_run.config import set_nemorun_home
         from nemo_run.core.frontend.console.api import CONSOLE
     except ImportError as exc:
-        raise LaunchError(f"nemo-run is not importable ({exc}); install it with `pip install -e .[launch]` "
-                          "(nemo-run 0.11 also needs leptonai<0.47)") from exc
+        raise LaunchError(
+            f"nemo-run is not importable ({exc}); install it with `pip install -e .[launch]` "
+            "(nemo-run 0.11 also needs leptonai<0.47)"
+        ) from exc
     if os.environ.get("NEMORUN_HOME"):
         set_nemorun_home(os.environ["NEMORUN_HOME"])
     CONSOLE.file = sys.stderr
@@ -175,8 +178,7 @@ def with_resume_auto(overrides: Iterable[str]) -> list[str]:
 # the training config, checked before anything is submitted
 
 
-def check_training_config(config: str, overrides: Iterable[str], world_size: int, ranks: str,
-                          check_paths: bool = True):
+def check_training_config(config: str, overrides: Iterable[str], world_size: int, ranks: str, check_paths: bool = True):
     """Load ``config`` with ``overrides`` (gift_megatron.config.load_config) and check its parallel layout on
     ``world_size`` ranks; ``ranks`` says where that number comes from (``nodes (2) x gpus_per_node (8)``).
     Also checks the reward and (unless ``check_paths`` is False) the checkpoint, data and tokenizer paths
@@ -206,8 +208,9 @@ def check_training_config(config: str, overrides: Iterable[str], world_size: int
             check_world_size(cfg, world_size)
     except ValueError as exc:  # ConfigError is a ValueError, and so is ParallelConfig.validate's
         p = cfg.parallel
-        layout = (f"TP {p.tensor_model_parallel_size} x PP {p.pipeline_model_parallel_size} x "
-                  f"CP {p.context_parallel_size}")
+        layout = (
+            f"TP {p.tensor_model_parallel_size} x PP {p.pipeline_model_parallel_size} x CP {p.context_parallel_size}"
+        )
         raise LaunchError(f"{ranks} = {world_size} ranks do not fit the layout of {config} ({layout}): {exc}") from exc
     return cfg
 

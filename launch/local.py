@@ -20,9 +20,9 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from launch.common import (  # noqa: E402
-    LaunchError,
+from launch.common import (
     TRAIN_MODULE,
+    LaunchError,
     TrainingJob,
     check_jobs,
     check_training_config,
@@ -34,18 +34,27 @@ from launch.common import (  # noqa: E402
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python launch/local.py",
-                                description="Run gift-megatron training on this machine through nemo-run + torchrun.")
+    p = argparse.ArgumentParser(
+        prog="python launch/local.py",
+        description="Run gift-megatron training on this machine through nemo-run + torchrun.",
+    )
     p.add_argument("config", help="training config (YAML), as for `gift-megatron train`")
     p.add_argument("overrides", nargs="*", help="training config overrides key=value (e.g. train.steps=50)")
     p.add_argument("--nproc-per-node", type=int, default=1, help="processes: GPUs, or CPU ranks (default 1)")
     p.add_argument("--env", action="append", metavar="KEY=VALUE", help="environment variable (repeatable)")
     p.add_argument("--name", default="gift-megatron-local", help="nemo-run experiment name")
-    p.add_argument("--sweep", action="append", metavar="KEY=V1,V2",
-                   help="one run per value, one after the other (repeatable: the product)")
+    p.add_argument(
+        "--sweep",
+        action="append",
+        metavar="KEY=V1,V2",
+        help="one run per value, one after the other (repeatable: the product)",
+    )
     p.add_argument("--no-validate", action="store_true", help="do not load the training config before starting")
-    p.add_argument("--no-check-paths", action="store_true",
-                   help="validate the config but not its checkpoint / data / tokenizer paths")
+    p.add_argument(
+        "--no-check-paths",
+        action="store_true",
+        help="validate the config but not its checkpoint / data / tokenizer paths",
+    )
     p.add_argument("--quiet", action="store_true", help="do not stream the runs' logs here")
     p.add_argument("--dryrun", action="store_true", help="print the torchrun command(s); run nothing")
     return p
@@ -60,8 +69,11 @@ def planned_jobs(args: argparse.Namespace) -> list[TrainingJob]:
         raise LaunchError(f"training config {args.config}: no such file")
     ranks = f"--nproc-per-node ({args.nproc_per_node})"
     paths = not args.no_check_paths
-    cfg = None if args.no_validate else check_training_config(args.config, args.overrides, args.nproc_per_node, ranks,
-                                                              paths)
+    cfg = (
+        None
+        if args.no_validate
+        else check_training_config(args.config, args.overrides, args.nproc_per_node, ranks, paths)
+    )
     jobs = plan_jobs(args.overrides, args.sweep, output_dir_of(args.config, args.overrides, cfg))
     if not args.no_validate:
         check_jobs(args.config, jobs, args.nproc_per_node, ranks, paths)
@@ -76,8 +88,17 @@ def torchrun_script(run, nproc_per_node: int, config: str, overrides: tuple[str,
     renders, but its local scheduler starts the command without a shell, so an override such as
     ``objective.options={}`` or ``data.train_files=[a.jsonl]`` would reach the trainer with literal quotes.
     This interpreter runs torchrun, so the job uses the same environment as the launcher."""
-    args = ["--standalone", "--nnodes", "1", "--nproc-per-node", str(nproc_per_node), "-m", TRAIN_MODULE,
-            config, *overrides]
+    args = [
+        "--standalone",
+        "--nnodes",
+        "1",
+        "--nproc-per-node",
+        str(nproc_per_node),
+        "-m",
+        TRAIN_MODULE,
+        config,
+        *overrides,
+    ]
     return run.Script(path="torch.distributed.run", m=True, entrypoint=sys.executable, args=args)
 
 
@@ -107,8 +128,12 @@ def main(argv: list[str] | None = None) -> int:
     executor = run.LocalExecutor(env_vars=env)
     with run.Experiment(args.name, executor=executor) as exp:
         for job in jobs:
-            exp.add(torchrun_script(run, args.nproc_per_node, config, job.overrides), executor=executor,
-                    name=job.name, tail_logs=not args.quiet)
+            exp.add(
+                torchrun_script(run, args.nproc_per_node, config, job.overrides),
+                executor=executor,
+                name=job.name,
+                tail_logs=not args.quiet,
+            )
         if args.dryrun:
             exp.dryrun(log=False)
             for job, nemo_job in zip(jobs, exp.jobs):
@@ -123,7 +148,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"logs: {log_dir}")
     failed = [nemo_job for nemo_job in exp.jobs if not str(nemo_job.state).upper().endswith("SUCCEEDED")]
     for nemo_job in failed:
-        for log in sorted(glob.glob(os.path.join(nemo_job.executor.job_dir, "nemo_run", "*", "*", "*", "combined.log"))):
+        for log in sorted(
+            glob.glob(os.path.join(nemo_job.executor.job_dir, "nemo_run", "*", "*", "*", "combined.log"))
+        ):
             print(f"{nemo_job.id} failed, its log: {log}")
     return 1 if failed else 0
 

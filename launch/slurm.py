@@ -32,7 +32,7 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from launch.common import (  # noqa: E402
+from launch.common import (
     ROOT,
     LaunchError,
     TrainingJob,
@@ -49,14 +49,14 @@ from launch.common import (  # noqa: E402
 
 #: Every cluster setting with its default; the keys are also the YAML keys of --config-file.
 DEFAULTS: dict[str, Any] = {
-    "account": None,            # required
+    "account": None,  # required
     "partition": None,
     "qos": None,
     "nodes": 1,
     "gpus_per_node": 8,
     "cpus_per_task": None,
     "time": "04:00:00",
-    "container_image": None,    # required
+    "container_image": None,  # required
     "container_mounts": [],
     "env": {},
     "mpi": "pmix",
@@ -86,7 +86,8 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python launch/slurm.py",
         description="Launch gift-megatron training on SLURM through nemo-run (torchrun on every node).",
-        epilog="Every setting can also be given in --config-file (YAML, keys with underscores); flags win.")
+        epilog="Every setting can also be given in --config-file (YAML, keys with underscores); flags win.",
+    )
     p.add_argument("config", help="training config (YAML), as for `gift-megatron train`")
     p.add_argument("overrides", nargs="*", help="training config overrides key=value (e.g. train.steps=500)")
     p.add_argument("--config-file", help="cluster settings (YAML), e.g. a copy of launch/example_cluster.yaml")
@@ -95,53 +96,91 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--partition", help="SLURM partition")
     g.add_argument("--qos", help="SLURM quality of service")
     g.add_argument("--nodes", type=int, help=f"nodes (default {DEFAULTS['nodes']})")
-    g.add_argument("--gpus-per-node", type=int, help=f"GPUs per node = torchrun processes per node "
-                                                      f"(default {DEFAULTS['gpus_per_node']})")
-    g.add_argument("--cpus-per-task", type=int,
-                   help="CPUs of the one task per node (sbatch and srun); set it to the node's cores where a "
-                        "job step otherwise gets one CPU per task")
+    g.add_argument(
+        "--gpus-per-node",
+        type=int,
+        help=f"GPUs per node = torchrun processes per node (default {DEFAULTS['gpus_per_node']})",
+    )
+    g.add_argument(
+        "--cpus-per-task",
+        type=int,
+        help="CPUs of the one task per node (sbatch and srun); set it to the node's cores where a "
+        "job step otherwise gets one CPU per task",
+    )
     g.add_argument("--time", help=f"wall-time limit, SLURM format (default {DEFAULTS['time']})")
-    g.add_argument("--exclusive", action=argparse.BooleanOptionalAction, default=None,
-                   help="whole nodes (default: on)")
-    g.add_argument("--requeue", action="store_true", default=None,
-                   help="#SBATCH --requeue: a preempted job (or one whose node failed) goes back to the queue "
-                        "and continues from its newest checkpoint (the command carries run.resume=auto); "
-                        "nemo-run's own `sbatch --requeue` call asks for the same, the directive keeps it in "
-                        "the script")
-    g.add_argument("--retries", type=int,
-                   help="requeue a job whose training command failed up to N times (counts SLURM restarts)")
+    g.add_argument("--exclusive", action=argparse.BooleanOptionalAction, default=None, help="whole nodes (default: on)")
+    g.add_argument(
+        "--requeue",
+        action="store_true",
+        default=None,
+        help="#SBATCH --requeue: a preempted job (or one whose node failed) goes back to the queue "
+        "and continues from its newest checkpoint (the command carries run.resume=auto); "
+        "nemo-run's own `sbatch --requeue` call asks for the same, the directive keeps it in "
+        "the script",
+    )
+    g.add_argument(
+        "--retries", type=int, help="requeue a job whose training command failed up to N times (counts SLURM restarts)"
+    )
     g.add_argument("--signal", help="#SBATCH --signal, e.g. USR1@300 (see docs/cluster.md: time-limit requeue)")
-    g.add_argument("--extra-sbatch", action="append", metavar="KEY=VALUE",
-                   help="any other #SBATCH flag, e.g. reservation=r1 or constraint=h100 (repeatable)")
+    g.add_argument(
+        "--extra-sbatch",
+        action="append",
+        metavar="KEY=VALUE",
+        help="any other #SBATCH flag, e.g. reservation=r1 or constraint=h100 (repeatable)",
+    )
     c = p.add_argument_group("container and processes")
     c.add_argument("--container-image", help="Pyxis/enroot image with gift_megatron's dependencies (required)")
     c.add_argument("--container-mounts", help="comma-separated SRC:DST[:FLAGS] mounts")
-    c.add_argument("--env", action="append", metavar="KEY=VALUE",
-                   help="environment variable of the job (repeatable; added to the file's `env`)")
+    c.add_argument(
+        "--env",
+        action="append",
+        metavar="KEY=VALUE",
+        help="environment variable of the job (repeatable; added to the file's `env`)",
+    )
     c.add_argument("--mpi", help="srun --mpi value: pmix (default), pmi2, none, ...; `null` in YAML omits it")
-    c.add_argument("--rdzv-port", type=int, help=f"torchrun rendezvous port on the head node "
-                                                  f"(default {DEFAULTS['rdzv_port']})")
-    c.add_argument("--packager", choices=["git", "none"],
-                   help="git (default): run the committed code of --repo, shipped to the job; none: run the "
-                        "image's installed gift_megatron (the config path must then be absolute and mounted)")
+    c.add_argument(
+        "--rdzv-port", type=int, help=f"torchrun rendezvous port on the head node (default {DEFAULTS['rdzv_port']})"
+    )
+    c.add_argument(
+        "--packager",
+        choices=["git", "none"],
+        help="git (default): run the committed code of --repo, shipped to the job; none: run the "
+        "image's installed gift_megatron (the config path must then be absolute and mounted)",
+    )
     c.add_argument("--repo", help="git repository shipped by the git packager (default: this one)")
     t = p.add_argument_group("submission")
-    t.add_argument("--tunnel", choices=["local", "ssh"],
-                   help="local (default): sbatch on this machine (a login node); ssh: over SSH from a workstation")
+    t.add_argument(
+        "--tunnel",
+        choices=["local", "ssh"],
+        help="local (default): sbatch on this machine (a login node); ssh: over SSH from a workstation",
+    )
     t.add_argument("--host", help="SSH tunnel: login node")
     t.add_argument("--user", help="SSH tunnel: user")
     t.add_argument("--identity", help="SSH tunnel: private key file")
-    t.add_argument("--job-dir", help="job files (scripts, code, logs) on a filesystem every node sees; required "
-                                     "for ssh; local default: $NEMORUN_HOME/experiments")
+    t.add_argument(
+        "--job-dir",
+        help="job files (scripts, code, logs) on a filesystem every node sees; required "
+        "for ssh; local default: $NEMORUN_HOME/experiments",
+    )
     t.add_argument("--name", help=f"experiment name and SLURM job-name prefix (default {DEFAULTS['name']})")
-    t.add_argument("--sweep", action="append", metavar="KEY=V1,V2",
-                   help="one job per value, all in one nemo-run experiment (repeatable: the product)")
-    t.add_argument("--no-validate", action="store_true",
-                   help="do not load the training config here (when it reads files that exist only on the "
-                        "cluster, e.g. init.hf_config); the job still checks it at start-up")
-    t.add_argument("--no-check-paths", action="store_true",
-                   help="validate the config but not its checkpoint / data / tokenizer paths (when the job sees "
-                        "another filesystem than this machine, e.g. container mounts)")
+    t.add_argument(
+        "--sweep",
+        action="append",
+        metavar="KEY=V1,V2",
+        help="one job per value, all in one nemo-run experiment (repeatable: the product)",
+    )
+    t.add_argument(
+        "--no-validate",
+        action="store_true",
+        help="do not load the training config here (when it reads files that exist only on the "
+        "cluster, e.g. init.hf_config); the job still checks it at start-up",
+    )
+    t.add_argument(
+        "--no-check-paths",
+        action="store_true",
+        help="validate the config but not its checkpoint / data / tokenizer paths (when the job sees "
+        "another filesystem than this machine, e.g. container mounts)",
+    )
     t.add_argument("--dryrun", action="store_true", help="print the sbatch script(s); submit nothing")
     return p
 
@@ -178,9 +217,26 @@ def settings_from(args: argparse.Namespace) -> dict[str, Any]:
 
 #: sbatch flags the launcher derives from its own settings: extra_sbatch must not contradict them (a
 #: different --nodes there would no longer match torchrun's --nnodes).
-OWN_SBATCH_FLAGS = {"account", "partition", "qos", "nodes", "ntasks", "ntasks_per_node", "gpus_per_node", "gpus",
-                    "cpus_per_task", "time", "exclusive", "requeue", "no_requeue", "signal", "job_name", "output",
-                    "error", "open_mode"}
+OWN_SBATCH_FLAGS = {
+    "account",
+    "partition",
+    "qos",
+    "nodes",
+    "ntasks",
+    "ntasks_per_node",
+    "gpus_per_node",
+    "gpus",
+    "cpus_per_task",
+    "time",
+    "exclusive",
+    "requeue",
+    "no_requeue",
+    "signal",
+    "job_name",
+    "output",
+    "error",
+    "open_mode",
+}
 
 
 def _flag(key: str) -> str:
@@ -236,8 +292,14 @@ def check_settings(s: dict[str, Any]) -> None:
 # what runs
 
 
-def planned_jobs(config: str, overrides: list[str], sweeps: list[str] | None, s: dict[str, Any],
-                 validate: bool = True, check_paths: bool = True) -> list[TrainingJob]:
+def planned_jobs(
+    config: str,
+    overrides: list[str],
+    sweeps: list[str] | None,
+    s: dict[str, Any],
+    validate: bool = True,
+    check_paths: bool = True,
+) -> list[TrainingJob]:
     """The runs of the launch, each checked against nodes x gpus_per_node ranks before anything is
     submitted; every job resumes automatically (``run.resume=auto``)."""
     world = s["nodes"] * s["gpus_per_node"]
@@ -253,8 +315,14 @@ def git_repo(s: dict[str, Any]) -> str:
     """The top level of the repository the git packager ships (--repo, default the launcher's own)."""
     path = os.path.abspath(s["repo"] or ROOT)
     try:
-        out = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=path, check=True, text=True,
-                             capture_output=True, stdin=subprocess.DEVNULL)
+        out = subprocess.run(
+            ["git", "rev-parse", "--show-toplevel"],
+            cwd=path,
+            check=True,
+            text=True,
+            capture_output=True,
+            stdin=subprocess.DEVNULL,
+        )
     except (OSError, subprocess.CalledProcessError) as exc:
         raise LaunchError(f"{_flag('repo')}: {path} is not a git repository (needed by packager: git)") from exc
     return out.stdout.strip()
@@ -262,8 +330,13 @@ def git_repo(s: dict[str, Any]) -> str:
 
 def uncommitted_changes(repo: str) -> list[str]:
     """Tracked files of ``repo`` that differ from HEAD: the git packager ships HEAD, not these edits."""
-    out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo, text=True,
-                         capture_output=True, stdin=subprocess.DEVNULL)
+    out = subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=no"],
+        cwd=repo,
+        text=True,
+        capture_output=True,
+        stdin=subprocess.DEVNULL,
+    )
     return [line[3:] for line in out.stdout.splitlines() if line.strip()]
 
 
@@ -294,8 +367,11 @@ def make_executor(run, s: dict[str, Any], *, repo: str | None, stage_dir: str | 
         tunnel = run.LocalTunnel(job_dir=os.path.join(s["job_dir"], "experiments") if s["job_dir"] else "")
     if s["packager"] == "git":
         assert repo and stage_dir
-        packager = run.GitArchivePackager(basepath=repo, include_pattern=[os.path.join(stage_dir, STAGED_CONFIG_DIR)],
-                                          include_pattern_relative_path=[stage_dir])
+        packager = run.GitArchivePackager(
+            basepath=repo,
+            include_pattern=[os.path.join(stage_dir, STAGED_CONFIG_DIR)],
+            include_pattern_relative_path=[stage_dir],
+        )
     else:
         packager = run.Packager()
     extra = dict(s["extra_sbatch"])
@@ -308,15 +384,26 @@ def make_executor(run, s: dict[str, Any], *, repo: str | None, stage_dir: str | 
         # srun does not inherit --cpus-per-task from sbatch (SLURM >= 22.05): give it to the step too.
         srun_args.append(f"--cpus-per-task={s['cpus_per_task']}")
     executor = run.SlurmExecutor(
-        account=s["account"], partition=s["partition"], qos=s["qos"], time=str(s["time"]),
-        nodes=s["nodes"], gpus_per_node=s["gpus_per_node"], cpus_per_task=s["cpus_per_task"],
+        account=s["account"],
+        partition=s["partition"],
+        qos=s["qos"],
+        time=str(s["time"]),
+        nodes=s["nodes"],
+        gpus_per_node=s["gpus_per_node"],
+        cpus_per_task=s["cpus_per_task"],
         # torchrun on every node: one SLURM task per node that starts gpus_per_node processes and meets the
         # other nodes at a c10d rendezvous on the head node ($head_node_ip, resolved by the batch script).
-        ntasks_per_node=1, torchrun_nproc_per_node=s["gpus_per_node"],
-        exclusive=True if s["exclusive"] else None, signal=s["signal"],
-        container_image=s["container_image"], container_mounts=list(s["container_mounts"]),
-        env_vars={k: _env_value(v) for k, v in s["env"].items()}, srun_args=srun_args or None,
-        additional_parameters=extra or None, tunnel=tunnel, packager=packager,
+        ntasks_per_node=1,
+        torchrun_nproc_per_node=s["gpus_per_node"],
+        exclusive=True if s["exclusive"] else None,
+        signal=s["signal"],
+        container_image=s["container_image"],
+        container_mounts=list(s["container_mounts"]),
+        env_vars={k: _env_value(v) for k, v in s["env"].items()},
+        srun_args=srun_args or None,
+        additional_parameters=extra or None,
+        tunnel=tunnel,
+        packager=packager,
         job_name_prefix=f"{s['name']}-",
     )
     executor.launcher = run.Torchrun(rdzv_port=s["rdzv_port"])
@@ -337,8 +424,9 @@ def _working_directory(path: str | None):
         os.chdir(old)
 
 
-def launch(config: str, jobs: list[TrainingJob], s: dict[str, Any], *, dryrun: bool,
-           keep_dryrun_files: bool = False) -> list[str]:
+def launch(
+    config: str, jobs: list[TrainingJob], s: dict[str, Any], *, dryrun: bool, keep_dryrun_files: bool = False
+) -> list[str]:
     """Build one nemo-run Experiment with a task per job and submit it (detached), or with ``dryrun`` render
     it: returns the sbatch scripts nemo-run wrote, in job order (nothing is submitted). Without
     ``keep_dryrun_files`` the dry run's job directory is removed again."""
@@ -348,9 +436,12 @@ def launch(config: str, jobs: list[TrainingJob], s: dict[str, Any], *, dryrun: b
     if repo:
         changed = uncommitted_changes(repo)
         if changed:
-            print(f"note: the git packager ships the committed HEAD of {repo}; {len(changed)} changed file(s) "
-                  f"are not shipped ({', '.join(changed[:5])}{', ...' if len(changed) > 5 else ''}); the "
-                  "training config is shipped as it is now", file=sys.stderr)
+            print(
+                f"note: the git packager ships the committed HEAD of {repo}; {len(changed)} changed file(s) "
+                f"are not shipped ({', '.join(changed[:5])}{', ...' if len(changed) > 5 else ''}); the "
+                "training config is shipped as it is now",
+                file=sys.stderr,
+            )
     with tempfile.TemporaryDirectory(prefix="gift-launch-") as stage_dir, _working_directory(repo):
         job_config = stage_config(config, stage_dir) if repo else config
         executor = make_executor(run, s, repo=repo, stage_dir=stage_dir)
@@ -361,8 +452,10 @@ def launch(config: str, jobs: list[TrainingJob], s: dict[str, Any], *, dryrun: b
             if not dryrun:
                 exp.run(detach=True)
                 home = f"NEMORUN_HOME={base_dir} " if base_dir else ""
-                print(f"submitted {len(jobs)} job(s) as nemo-run experiment {exp._id}; logs: "
-                      f"`{home}nemo experiment logs {exp._id} 0`, status: `{home}nemo experiment status {exp._id}`")
+                print(
+                    f"submitted {len(jobs)} job(s) as nemo-run experiment {exp._id}; logs: "
+                    f"`{home}nemo experiment logs {exp._id} 0`, status: `{home}nemo experiment status {exp._id}`"
+                )
                 return []
             exp.dryrun(log=False, delete_exp_dir=False)
             scripts = []
@@ -381,12 +474,20 @@ def main(argv: list[str] | None = None) -> int:
     try:
         s = settings_from(args)
         if s["packager"] == "none" and not os.path.isabs(args.config):
-            raise LaunchError(f"packager none runs the image's gift_megatron in an empty directory: give the "
-                              f"training config as an absolute path mounted into the container, not {args.config!r}")
+            raise LaunchError(
+                f"packager none runs the image's gift_megatron in an empty directory: give the "
+                f"training config as an absolute path mounted into the container, not {args.config!r}"
+            )
         if not os.path.isfile(args.config):
             raise LaunchError(f"training config {args.config}: no such file")
-        jobs = planned_jobs(args.config, args.overrides, args.sweep, s, validate=not args.no_validate,
-                            check_paths=not args.no_check_paths)
+        jobs = planned_jobs(
+            args.config,
+            args.overrides,
+            args.sweep,
+            s,
+            validate=not args.no_validate,
+            check_paths=not args.no_check_paths,
+        )
         scripts = launch(args.config, jobs, s, dryrun=args.dryrun)
     except LaunchError as exc:
         print(f"error: {exc}", file=sys.stderr)

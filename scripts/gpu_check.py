@@ -55,7 +55,8 @@ import tempfile
 import time
 import traceback
 import zipfile
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WHEEL_DIR = os.path.join(ROOT, ".whl")
@@ -73,11 +74,18 @@ SYNC_WARNING = "called a synchronizing CUDA operation"
 # dependencies. Everything else setup.py and these wheels require is on the machine already (GPU_PACKAGES).
 CARRIED = ("megatron-core", "math-verify", "latex2sympy2_extended", "antlr4-python3-runtime")
 CONSTRAINTS = os.path.join(ROOT, "constraints", "dev-py312.txt")
-PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_24_x86_64", "manylinux_2_17_x86_64",
-             "manylinux2014_x86_64", "manylinux1_x86_64")
+PLATFORMS = (
+    "manylinux_2_28_x86_64",
+    "manylinux_2_27_x86_64",
+    "manylinux_2_24_x86_64",
+    "manylinux_2_17_x86_64",
+    "manylinux2014_x86_64",
+    "manylinux1_x86_64",
+)
 # The GPU machine's Python packages (image 'cuda', read 2026-11-17; /work/.library/device/KINDS.md): python3 is
 # 3.12 with torch 2.11 (CUDA 13), transformers 5.17, triton, safetensors, pytest, and these.
-GPU_PACKAGES = frozenset("""
+GPU_PACKAGES = frozenset(
+    """
 absl-py accelerate aiofiles aiohappyeyeballs aiohttp aiosignal annotated-doc anyio attrs botorch build certifi
 charset-normalizer chex click cloudpickle cmake colorama contourpy coverage cuda-bindings cuda-core cuda-pathfinder
 cuda-toolkit cupy-cuda13x cycler cython diffrax e3nn einops equinox etils execnet filelock flatbuffers flax fonttools
@@ -97,7 +105,8 @@ tabulate tensorboard tensorboard-data-server tensorstore threadpoolctl tifffile 
 torchaudio torchdiffeq torch-geometric torchmetrics torchvision tqdm transformers treescope triton typer
 typing-extensions typing-inspect urllib3 uvloop wadler-lindig werkzeug wheel wrapt xarray xxhash yarl zipp pygments
 pyparsing pyproject-hooks
-""".split())
+""".split()
+)
 
 # Stage timeouts (seconds) on the GPU and in the CPU dry run. GPU: 45 + 100 + 125 + 80 + 75 + 60 = 485 <= BUDGET_S.
 # setup pays the first imports of torch and its CUDA libraries on a fresh machine (cold page cache); gpu-tests
@@ -109,25 +118,110 @@ TIMEOUTS = {
 }
 STAGE_NAMES = ("setup", "gpu-tests", "trainer", "logprobs", "step", "packing")
 # The dry run's trainer: the recipe shrunk to a 2-layer model and 4 prompts a step (32 members, 4 micro-batches).
-DRY_TRAINER_OVERRIDES = ["model.num_layers=2", "model.hidden_size=64", "model.ffn_hidden_size=128",
-                         "model.num_attention_heads=4", "model.num_query_groups=2", "train.prompts_per_step=4",
-                         "train.micro_batch_size=8", "train.eval_prompts=4"]
+DRY_TRAINER_OVERRIDES = [
+    "model.num_layers=2",
+    "model.hidden_size=64",
+    "model.ffn_hidden_size=128",
+    "model.num_attention_heads=4",
+    "model.num_query_groups=2",
+    "train.prompts_per_step=4",
+    "train.micro_batch_size=8",
+    "train.eval_prompts=4",
+]
 LOGPROBS_ARGS = {
-    "gpu": ["--device", "cuda", "--tokens", "16384", "--vocab", "152064", "--dtype", "bf16",
-            "--impls", "ours,megatron,naive", "--repeats", "10", "--warmup", "3"],
-    "cpu-dry": ["--device", "cpu", "--tokens", "256", "--vocab", "2048", "--dtype", "bf16",
-                "--impls", "ours,megatron,naive", "--repeats", "2", "--warmup", "1"],
+    "gpu": [
+        "--device",
+        "cuda",
+        "--tokens",
+        "16384",
+        "--vocab",
+        "152064",
+        "--dtype",
+        "bf16",
+        "--impls",
+        "ours,megatron,naive",
+        "--repeats",
+        "10",
+        "--warmup",
+        "3",
+    ],
+    "cpu-dry": [
+        "--device",
+        "cpu",
+        "--tokens",
+        "256",
+        "--vocab",
+        "2048",
+        "--dtype",
+        "bf16",
+        "--impls",
+        "ours,megatron,naive",
+        "--repeats",
+        "2",
+        "--warmup",
+        "1",
+    ],
 }
 PACKING_ARGS = {
-    "gpu": ["--device", "cuda", "--groups", "2", "--layers", "4", "--hidden", "1024", "--vocab", "32768",
-            "--repeats", "2", "--plan-steps", "5"],
-    "cpu-dry": ["--device", "cpu", "--groups", "1", "--layers", "1", "--hidden", "64", "--vocab", "256",
-                "--repeats", "1", "--plan-steps", "2", "--scale", "0.05", "--budget", "1024"],
+    "gpu": [
+        "--device",
+        "cuda",
+        "--groups",
+        "2",
+        "--layers",
+        "4",
+        "--hidden",
+        "1024",
+        "--vocab",
+        "32768",
+        "--repeats",
+        "2",
+        "--plan-steps",
+        "5",
+    ],
+    "cpu-dry": [
+        "--device",
+        "cpu",
+        "--groups",
+        "1",
+        "--layers",
+        "1",
+        "--hidden",
+        "64",
+        "--vocab",
+        "256",
+        "--repeats",
+        "1",
+        "--plan-steps",
+        "2",
+        "--scale",
+        "0.05",
+        "--budget",
+        "1024",
+    ],
 }
 STEP_ARGS = {
     "gpu": ["--device", "cuda", "--repeats", "5"],  # benchmarks/step.py's CUDA defaults (its docstring)
-    "cpu-dry": ["--device", "cpu", "--layers", "2", "--hidden", "64", "--vocab", "256", "--seq", "32", "--mbs", "2",
-                "--micro", "2", "--repeats", "2", "--threads", "1"],
+    "cpu-dry": [
+        "--device",
+        "cpu",
+        "--layers",
+        "2",
+        "--hidden",
+        "64",
+        "--vocab",
+        "256",
+        "--seq",
+        "32",
+        "--mbs",
+        "2",
+        "--micro",
+        "2",
+        "--repeats",
+        "2",
+        "--threads",
+        "1",
+    ],
 }
 
 
@@ -171,9 +265,17 @@ def _wheel_requires(path: str) -> list[str]:
     """A wheel's Requires-Dist names that apply on the GPU machine's Python (3.12, Linux x86_64, no extras)."""
     from packaging.requirements import Requirement
 
-    target = {"python_version": "3.12", "python_full_version": "3.12.3", "sys_platform": "linux",
-              "platform_system": "Linux", "platform_machine": "x86_64", "os_name": "posix",
-              "implementation_name": "cpython", "platform_python_implementation": "CPython", "extra": ""}
+    target = {
+        "python_version": "3.12",
+        "python_full_version": "3.12.3",
+        "sys_platform": "linux",
+        "platform_system": "Linux",
+        "platform_machine": "x86_64",
+        "os_name": "posix",
+        "implementation_name": "cpython",
+        "platform_python_implementation": "CPython",
+        "extra": "",
+    }
     with zipfile.ZipFile(path) as zf:
         meta = next(n for n in zf.namelist() if n.endswith(".dist-info/METADATA"))
         text = zf.read(meta).decode()
@@ -197,9 +299,22 @@ def prepare() -> int:
         if wanted.get(name) != version:
             print(f"removing {os.path.basename(path)} (not a pinned carried wheel)")
             os.remove(path)
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--python-version", "3.12",
-           "--implementation", "cp", *[a for p in PLATFORMS for a in ("--platform", p)], "-d", WHEEL_DIR,
-           *[f"{n}=={pins[_norm(n)]}" for n in CARRIED]]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        "--python-version",
+        "3.12",
+        "--implementation",
+        "cp",
+        *[a for p in PLATFORMS for a in ("--platform", p)],
+        "-d",
+        WHEEL_DIR,
+        *[f"{n}=={pins[_norm(n)]}" for n in CARRIED],
+    ]
     print("$ " + " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True)
     wheels = sorted(glob.glob(os.path.join(WHEEL_DIR, "*.whl")))
@@ -221,7 +336,9 @@ def prepare() -> int:
         size = os.path.getsize(w)
         total += size
         print(f"{size / 2**20:8.2f} MiB  {os.path.basename(w)}")
-    print(f"{total / 2**20:8.2f} MiB  total in {os.path.relpath(WHEEL_DIR, ROOT)}/ (the device call carries at most 64 MiB)")
+    print(
+        f"{total / 2**20:8.2f} MiB  total in {os.path.relpath(WHEEL_DIR, ROOT)}/ (the device call carries at most 64 MiB)"
+    )
     if problems:
         print("problems:\n  " + "\n  ".join(problems))
         return 1
@@ -276,8 +393,21 @@ def stage_setup(res: StageResult, ctx: Context) -> None:
     wheels = sorted(glob.glob(os.path.join(WHEEL_DIR, "*.whl")))
     if wheels:
         t = time.perf_counter()
-        cmd = [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
-               "--no-cache-dir", "--upgrade", "--target", ctx.site, *wheels]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-index",
+            "--no-deps",
+            "--no-compile",
+            "--no-cache-dir",
+            "--upgrade",
+            "--target",
+            ctx.site,
+            *wheels,
+        ]
         if _run_child(cmd):
             raise RuntimeError(f"pip install of {len(wheels)} wheels into {ctx.site} failed (see the log)")
         names = ", ".join("{} {}".format(*_wheel_project(w)) for w in wheels)
@@ -286,8 +416,10 @@ def stage_setup(res: StageResult, ctx: Context) -> None:
         res.add("wheels", "none in .whl/ (`--prepare` fetches them); the dry run uses this environment's packages")
     else:
         if importlib.util.find_spec("megatron") is None:
-            raise RuntimeError("no wheels in .whl/ and megatron-core is not installed: run "
-                               "`python scripts/gpu_check.py --prepare` where pip can download, and carry .whl")
+            raise RuntimeError(
+                "no wheels in .whl/ and megatron-core is not installed: run "
+                "`python scripts/gpu_check.py --prepare` where pip can download, and carry .whl"
+            )
         res.add("wheels", "none in .whl/; megatron-core is installed already")
     if ctx.site not in sys.path:
         sys.path.insert(0, ctx.site)
@@ -298,10 +430,15 @@ def stage_setup(res: StageResult, ctx: Context) -> None:
 
     import gift_megatron  # noqa: F401 - the package imports against these versions
 
-    res.add("python / torch", f"Python {platform.python_version()}, torch {torch.__version__}, "
-                              f"CUDA {torch.version.cuda}, transformers {transformers.__version__}")
-    res.add("megatron-core", f"{megatron.core.__version__} from "
-                             f"{os.path.dirname(os.path.dirname(os.path.dirname(megatron.core.__file__)))}")
+    res.add(
+        "python / torch",
+        f"Python {platform.python_version()}, torch {torch.__version__}, "
+        f"CUDA {torch.version.cuda}, transformers {transformers.__version__}",
+    )
+    res.add(
+        "megatron-core",
+        f"{megatron.core.__version__} from {os.path.dirname(os.path.dirname(os.path.dirname(megatron.core.__file__)))}",
+    )
     absent = [m for m in ("transformer_engine", "vllm", "apex") if importlib.util.find_spec(m) is None]
     present = [m for m in ("transformer_engine", "vllm", "apex") if m not in absent]
     res.add("not installed", ", ".join(absent) + (f"; installed: {', '.join(present)}" if present else ""))
@@ -311,8 +448,11 @@ def stage_setup(res: StageResult, ctx: Context) -> None:
     if not torch.cuda.is_available():
         raise RuntimeError("torch sees no CUDA device: this check needs one GPU (use --cpu-dry on a CPU machine)")
     p = torch.cuda.get_device_properties(0)
-    res.add("device", f"{p.name}, {p.total_memory / 2**30:.1f} GiB, {p.multi_processor_count} SMs, compute "
-                      f"capability {p.major}.{p.minor}, {torch.cuda.device_count()} visible")
+    res.add(
+        "device",
+        f"{p.name}, {p.total_memory / 2**30:.1f} GiB, {p.multi_processor_count} SMs, compute "
+        f"capability {p.major}.{p.minor}, {torch.cuda.device_count()} visible",
+    )
 
 
 def _gpu_test_files() -> list[str]:
@@ -369,8 +509,7 @@ def stage_gpu_tests(res: StageResult, ctx: Context) -> None:
         return
     xml = os.path.join(ctx.workdir, "gpu_tests.xml")
     out_path = os.path.join(ctx.workdir, "gpu_tests.out")
-    cmd = [sys.executable, "-m", "pytest", "-m", "gpu", *files, f"--junitxml={xml}", "-o", "junit_family=xunit2",
-           "-v"]
+    cmd = [sys.executable, "-m", "pytest", "-m", "gpu", *files, f"--junitxml={xml}", "-o", "junit_family=xunit2", "-v"]
     # Stopped 10 s before the stage's deadline, so the tests that finished are still reported.
     limit = max(ctx.deadline - time.time() - 10, 1) if ctx.deadline else None
     print("$ " + " ".join(cmd), flush=True)
@@ -394,8 +533,11 @@ def stage_gpu_tests(res: StageResult, ctx: Context) -> None:
         r = parse_junit(xml)
     else:
         raise RuntimeError(f"pytest exited with code {rc} and wrote no JUnit XML (see the log)")
-    res.add("summary", f"{len(r['passed'])} passed, {len(r['failed'])} failed, {len(r['skipped'])} skipped "
-                       f"(pytest -m gpu over {len(files)} files: {', '.join(os.path.basename(f) for f in files)})")
+    res.add(
+        "summary",
+        f"{len(r['passed'])} passed, {len(r['failed'])} failed, {len(r['skipped'])} skipped "
+        f"(pytest -m gpu over {len(files)} files: {', '.join(os.path.basename(f) for f in files)})",
+    )
     for test, message in r["failed"]:
         res.add("FAILED " + test, message[:300])
     for test, _ in r["passed"]:
@@ -404,8 +546,11 @@ def stage_gpu_tests(res: StageResult, ctx: Context) -> None:
     for message, n in reasons.most_common():
         res.add("skipped", f"{n} x {message[:200]}")
     if rc is None:
-        res.fail(f"pytest stopped at the stage's deadline after {time.monotonic() - start:.0f} s"
-                 + (f", while running {running}" if running else "") + "; the tests above had finished")
+        res.fail(
+            f"pytest stopped at the stage's deadline after {time.monotonic() - start:.0f} s"
+            + (f", while running {running}" if running else "")
+            + "; the tests above had finished"
+        )
     elif rc not in (0, 5) or r["failed"]:
         res.fail(f"pytest exit code {rc}: {len(r['failed'])} gpu tests failed")
 
@@ -464,8 +609,10 @@ class SyncCounter:
 def _caller_outside_torch(filename: str, lineno: int) -> tuple[str, int]:
     """The first frame on the stack outside torch, the warnings module and this file: whose code asked for
     the sync (a warning raised inside torch's own Python code names a torch line otherwise)."""
-    skip = [os.path.abspath(__file__), os.path.dirname(os.path.abspath(__import__("warnings").__file__))
-            + os.sep + "warnings.py"]
+    skip = [
+        os.path.abspath(__file__),
+        os.path.dirname(os.path.abspath(__import__("warnings").__file__)) + os.sep + "warnings.py",
+    ]
     torch_module = sys.modules.get("torch")
     if torch_module is not None:
         skip.append(os.path.dirname(os.path.abspath(torch_module.__file__)) + os.sep)
@@ -480,8 +627,11 @@ def _caller_outside_torch(filename: str, lineno: int) -> tuple[str, int]:
 
 def _owner(filename: str) -> str:
     path = filename.replace(os.sep, "/")
-    for marker, owner in (("/gift_megatron/", "gift_megatron"), ("/megatron/core/", "megatron-core"),
-                          ("/transformers/", "transformers")):
+    for marker, owner in (
+        ("/gift_megatron/", "gift_megatron"),
+        ("/megatron/core/", "megatron-core"),
+        ("/transformers/", "transformers"),
+    ):
         if marker in path:
             return owner
     return "other"
@@ -582,14 +732,21 @@ def stage_trainer(res: StageResult, ctx: Context) -> None:
     from gift_megatron.data.toy import write_toy_task
 
     paths = write_toy_task(os.path.join(ctx.workdir, "toy_task"))
-    overrides = [f"data.train_files={paths['train']}", f"data.eval_files={paths['eval']}",
-                 f"data.tokenizer={paths['tokenizer']}", f"run.output_dir={os.path.join(ctx.workdir, 'trainer_run')}"]
+    overrides = [
+        f"data.train_files={paths['train']}",
+        f"data.eval_files={paths['eval']}",
+        f"data.tokenizer={paths['tokenizer']}",
+        f"run.output_dir={os.path.join(ctx.workdir, 'trainer_run')}",
+    ]
     cfg = load_config(os.path.join(ROOT, TRAINER_CONFIG), overrides + (DRY_TRAINER_OVERRIDES if ctx.dry else []))
     m, t, r = cfg.model, cfg.train, cfg.rollout
-    res.add("config", f"{TRAINER_CONFIG}{' (dry: shrunk)' if ctx.dry else ''}: {_count(m.parameter_count())} "
-                      f"parameters ({m.num_layers} layers, hidden {m.hidden_size}, ffn {m.ffn_hidden_size}, vocab "
-                      f"{m.vocab_size}), {cfg.precision.dtype}, {cfg.objective.name}, {t.steps} steps x "
-                      f"{t.prompts_per_step} prompts x {r.n} rollouts, engine {r.engine}, eval on {t.eval_prompts} prompts")
+    res.add(
+        "config",
+        f"{TRAINER_CONFIG}{' (dry: shrunk)' if ctx.dry else ''}: {_count(m.parameter_count())} "
+        f"parameters ({m.num_layers} layers, hidden {m.hidden_size}, ffn {m.ffn_hidden_size}, vocab "
+        f"{m.vocab_size}), {cfg.precision.dtype}, {cfg.objective.name}, {t.steps} steps x "
+        f"{t.prompts_per_step} prompts x {r.n} rollouts, engine {r.engine}, eval on {t.eval_prompts} prompts",
+    )
 
     from gift_megatron.trainer.loop import Trainer
 
@@ -599,8 +756,11 @@ def stage_trainer(res: StageResult, ctx: Context) -> None:
     try:
         init_s = time.perf_counter() - t0
         after_init = torch.cuda.memory_allocated() if cuda else None
-        res.add("init", f"{init_s:.1f} s (process group, data, model, optimizer, rollout engine, first weight sync)"
-                        + (f"; {_gib(after_init)} allocated after it" if cuda else ""))
+        res.add(
+            "init",
+            f"{init_s:.1f} s (process group, data, model, optimizer, rollout engine, first weight sync)"
+            + (f"; {_gib(after_init)} allocated after it" if cuda else ""),
+        )
         _instrument(trainer, counter, timings, missing)
         original_step = trainer.train_one_step
 
@@ -617,11 +777,13 @@ def stage_trainer(res: StageResult, ctx: Context) -> None:
             peak = torch.cuda.max_memory_allocated() if cuda else None
             steps.append({"wall": wall, "metrics": metrics, "syncs": syncs, "peak": peak})
             detail = ", ".join(f"{p} {n}" for p, n in syncs.items() if n)
-            res.add(f"step {len(steps)}", f"{wall:.2f} s, {metrics.get('perf/tokens_per_s', float('nan')):.0f} tokens/s, "
-                                          f"loss {metrics.get('loss', float('nan')):.4f}, reward "
-                                          f"{metrics.get('rollout/reward_mean', float('nan')):.3f}"
-                                          + (f", peak {_gib(peak)}, {sum(syncs.values())} host syncs ({detail or 'none'})"
-                                             if cuda else ""))
+            res.add(
+                f"step {len(steps)}",
+                f"{wall:.2f} s, {metrics.get('perf/tokens_per_s', float('nan')):.0f} tokens/s, "
+                f"loss {metrics.get('loss', float('nan')):.4f}, reward "
+                f"{metrics.get('rollout/reward_mean', float('nan')):.3f}"
+                + (f", peak {_gib(peak)}, {sum(syncs.values())} host syncs ({detail or 'none'})" if cuda else ""),
+            )
             return metrics
 
         trainer.train_one_step = counted_step
@@ -637,31 +799,55 @@ def stage_trainer(res: StageResult, ctx: Context) -> None:
     finally:
         trainer.close()
 
-    res.add("eval reward", f"{out['first_eval']:.3f} -> {out['last_eval']:.3f} (greedy, start and end)"
-            if out["first_eval"] is not None else "no eval set")
+    res.add(
+        "eval reward",
+        f"{out['first_eval']:.3f} -> {out['last_eval']:.3f} (greedy, start and end)"
+        if out["first_eval"] is not None
+        else "no eval set",
+    )
     tps = [s["metrics"].get("perf/tokens_per_s", 0.0) for s in steps]
     later = tps[1:] or tps
-    res.add("tokens/s", f"{statistics.median(later):.0f} median of steps 2-{len(steps)} (step 1: {tps[0]:.0f}); the "
-                        "trainer's perf/tokens_per_s: prompt + response tokens / step wall time")
-    parts = {k: statistics.median(s["metrics"].get(f"perf/{k}_s", 0.0) for s in steps[1:] or steps)
-             for k in ("rollout", "train", "sync")}
-    res.add("step time", f"{statistics.median(s['wall'] for s in steps[1:] or steps):.2f} s median: rollout "
-                         f"{parts['rollout']:.2f}, train {parts['train']:.2f}, weight sync {parts['sync']:.2f}")
+    res.add(
+        "tokens/s",
+        f"{statistics.median(later):.0f} median of steps 2-{len(steps)} (step 1: {tps[0]:.0f}); the "
+        "trainer's perf/tokens_per_s: prompt + response tokens / step wall time",
+    )
+    parts = {
+        k: statistics.median(s["metrics"].get(f"perf/{k}_s", 0.0) for s in steps[1:] or steps)
+        for k in ("rollout", "train", "sync")
+    }
+    res.add(
+        "step time",
+        f"{statistics.median(s['wall'] for s in steps[1:] or steps):.2f} s median: rollout "
+        f"{parts['rollout']:.2f}, train {parts['train']:.2f}, weight sync {parts['sync']:.2f}",
+    )
     if timings.get("eval") or timings.get("checkpoint"):
-        res.add("eval / checkpoint", f"eval {statistics.median(timings.get('eval') or [0]):.2f} s a call; final "
-                                     f"checkpoint save {sum(timings.get('checkpoint') or [0]):.2f} s")
+        res.add(
+            "eval / checkpoint",
+            f"eval {statistics.median(timings.get('eval') or [0]):.2f} s a call; final "
+            f"checkpoint save {sum(timings.get('checkpoint') or [0]):.2f} s",
+        )
     if cuda:
-        res.add("peak memory", f"{_gib(max(s['peak'] for s in steps))} during steps (max_memory_allocated), "
-                               f"{_gib(after_init)} after init, {_gib(torch.cuda.max_memory_reserved())} reserved peak")
+        res.add(
+            "peak memory",
+            f"{_gib(max(s['peak'] for s in steps))} during steps (max_memory_allocated), "
+            f"{_gib(after_init)} after init, {_gib(torch.cuda.max_memory_reserved())} reserved peak",
+        )
         per_step = [sum(s["syncs"].values()) for s in steps]
         by_phase = {p: statistics.median(s["syncs"][p] for s in steps) for p in STEP_PHASES}
         evals = len(timings.get("eval") or []) or 1
-        res.add("host syncs/step", f"{statistics.median(per_step):.0f} median ({min(per_step)}-{max(per_step)}): "
-                + ", ".join(f"{p} {v:.0f}" for p, v in by_phase.items())
-                + f"; eval {counter.counts['eval'] / evals:.0f} a call; checkpoint {counter.counts['checkpoint']}")
+        res.add(
+            "host syncs/step",
+            f"{statistics.median(per_step):.0f} median ({min(per_step)}-{max(per_step)}): "
+            + ", ".join(f"{p} {v:.0f}" for p, v in by_phase.items())
+            + f"; eval {counter.counts['eval'] / evals:.0f} a call; checkpoint {counter.counts['checkpoint']}",
+        )
         # Owners and sites over the whole run (steps, evals, the save): the first caller outside torch.
         res.add("sync owners (whole run)", ", ".join(f"{o} {n}" for o, n in counter.owners.most_common()) or "none")
-        res.add("top sync sites (whole run)", "; ".join(f"{site} x{n}" for site, n in counter.sites.most_common(6)) or "none")
+        res.add(
+            "top sync sites (whole run)",
+            "; ".join(f"{site} x{n}" for site, n in counter.sites.most_common(6)) or "none",
+        )
     else:
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         res.add("peak memory", f"host RSS high-water mark {_gib(rss)} (CPU run)")
@@ -674,32 +860,48 @@ def stage_trainer(res: StageResult, ctx: Context) -> None:
 def stage_logprobs(res: StageResult, ctx: Context) -> None:
     out = os.path.join(ctx.workdir, "logprobs.json")
     mode = "cpu-dry" if ctx.dry else "gpu"
-    rc = _run_child([sys.executable, os.path.join(ROOT, "benchmarks", "logprobs.py"), *LOGPROBS_ARGS[mode],
-                     "--json", out])
+    rc = _run_child(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "logprobs.py"), *LOGPROBS_ARGS[mode], "--json", out]
+    )
     if rc or not os.path.exists(out):
         raise RuntimeError(f"benchmarks/logprobs.py exited with code {rc} (see the log)")
     with open(out) as fh:
         s = json.load(fh)
     bw = s["bandwidth"]
     nominal = f"{bw['nominal'] / 1e12:.2f} TB/s nominal" if bw.get("nominal") else "nominal unknown"
-    res.add("shape", f"{s['tokens']} tokens x {s['vocab']} vocab, {s['dtype']} logits ({_gib(s['logits_bytes'])}), "
-                     f"TP=1, forward+backward, on {s['device_name']}")
-    res.add("bandwidth bound", f"{bw['measured'] / 1e12:.3f} TB/s measured (device-to-device copy), {nominal}; "
-                               f"logits read once: {s['bound_s'] * 1e3:.3f} ms")
+    res.add(
+        "shape",
+        f"{s['tokens']} tokens x {s['vocab']} vocab, {s['dtype']} logits ({_gib(s['logits_bytes'])}), "
+        f"TP=1, forward+backward, on {s['device_name']}",
+    )
+    res.add(
+        "bandwidth bound",
+        f"{bw['measured'] / 1e12:.3f} TB/s measured (device-to-device copy), {nominal}; "
+        f"logits read once: {s['bound_s'] * 1e3:.3f} ms",
+    )
     cuda = s["device"].startswith("cuda")
     label = "CUDA peak" if cuda else "RSS peak"
     for r in s["results"]:
-        rel = (f"; x{r['time_vs_megatron']:.2f} time, x{r['mem_vs_megatron']:.2f} memory of megatron"
-               if r.get("mem_vs_megatron") is not None else "")
+        rel = (
+            f"; x{r['time_vs_megatron']:.2f} time, x{r['mem_vs_megatron']:.2f} memory of megatron"
+            if r.get("mem_vs_megatron") is not None
+            else ""
+        )
         frac = f", {r['bound_fraction']:.1%} of the bound" if r.get("bound_fraction") is not None else ""
         # On CPU the RSS peak is what the benchmark judges; at the dry run's tiny shapes malloc's reuse of
         # freed pages hides it, so the profiler's tensor peak is shown beside it.
         tensors = "" if cuda else f", tensor peak {_gib(r['alloc_peak'])}"
-        res.add(r["impl"], f"{r['time'] * 1e3:.2f} ms{frac}; {label} {_gib(r['peak'])} beyond the logits "
-                           f"({r['peak_per_element']:.2f} B/elem{tensors}){rel}")
+        res.add(
+            r["impl"],
+            f"{r['time'] * 1e3:.2f} ms{frac}; {label} {_gib(r['peak'])} beyond the logits "
+            f"({r['peak_per_element']:.2f} B/elem{tensors}){rel}",
+        )
     for g in s["goals"]:
-        res.add("goal", f"{g['goal']}: {'HOLDS' if g['holds'] else 'MISSED'}"
-                        + (f" ({g['value']:.2f}x)" if g["value"] is not None else ""))
+        res.add(
+            "goal",
+            f"{g['goal']}: {'HOLDS' if g['holds'] else 'MISSED'}"
+            + (f" ({g['value']:.2f}x)" if g["value"] is not None else ""),
+        )
 
 
 def stage_step(res: StageResult, ctx: Context) -> None:
@@ -711,9 +913,12 @@ def stage_step(res: StageResult, ctx: Context) -> None:
     with open(out) as fh:
         s = json.load(fh)
     sh = s["shape"]
-    res.add("shape", f"{sh['layers']} layers, hidden {sh['hidden']}, vocab {sh['vocab']}, {sh['dtype']}, "
-                     f"{sh['micro']} x {sh['mbs']} x {sh['seq']} tokens a step, Adam, median of {sh['repeats']}, "
-                     f"on {s['device_name']}")
+    res.add(
+        "shape",
+        f"{sh['layers']} layers, hidden {sh['hidden']}, vocab {sh['vocab']}, {sh['dtype']}, "
+        f"{sh['micro']} x {sh['mbs']} x {sh['seq']} tokens a step, Adam, median of {sh['repeats']}, "
+        f"on {s['device_name']}",
+    )
     for r in s["rows"]:
         if "error" in r:
             res.add(r["variant"], "FAILED: " + r["error"])
@@ -723,8 +928,15 @@ def stage_step(res: StageResult, ctx: Context) -> None:
         rel = f", x{r['time_vs_plain']:.3f} time of plain" if r.get("time_vs_plain") is not None else ""
         res.add(r["variant"], f"{r['s_per_step']:.3f} s/step, {r['tokens_per_s']:.0f} tokens/s{mem}{rel}{mem_rel}")
     for g in s["goals"]:
-        res.add("goal", f"{g['goal']}: " + (f"{'HOLDS' if g['holds'] else 'MISSES'} ({g['value']:.3f}x)"
-                                            if g["value"] is not None else f"NOT MEASURED ({g['why_not']})"))
+        res.add(
+            "goal",
+            f"{g['goal']}: "
+            + (
+                f"{'HOLDS' if g['holds'] else 'MISSES'} ({g['value']:.3f}x)"
+                if g["value"] is not None
+                else f"NOT MEASURED ({g['why_not']})"
+            ),
+        )
     if rc:
         res.fail(f"benchmarks/step.py exited with code {rc}: {', '.join(s['errors']) or 'see the log'} failed")
 
@@ -732,8 +944,9 @@ def stage_step(res: StageResult, ctx: Context) -> None:
 def stage_packing(res: StageResult, ctx: Context) -> None:
     out = os.path.join(ctx.workdir, "packing.json")
     mode = "cpu-dry" if ctx.dry else "gpu"
-    rc = _run_child([sys.executable, os.path.join(ROOT, "benchmarks", "packing.py"), *PACKING_ARGS[mode],
-                     "--json", out])
+    rc = _run_child(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "packing.py"), *PACKING_ARGS[mode], "--json", out]
+    )
     if rc or not os.path.exists(out):
         raise RuntimeError(f"benchmarks/packing.py exited with code {rc} (see the log)")
     with open(out) as fh:
@@ -743,14 +956,21 @@ def stage_packing(res: StageResult, ctx: Context) -> None:
     base = s["steps"].get("a", {}).get("seconds")
     for case, r in s["steps"].items():
         rel = f", x{r['seconds'] / base:.2f} time of (a)" if base else ""
-        res.add(f"step {case}", f"{r['seconds']:.3f} s, peak {_gib(r['peak_bytes'])}, computed/real "
-                                f"{r['computed'] / r['real']:.3f}, {r['micro_batches']} micro-batches, "
-                                f"{r['stats_source']}, {r['backend']} spec{rel}")
+        res.add(
+            f"step {case}",
+            f"{r['seconds']:.3f} s, peak {_gib(r['peak_bytes'])}, computed/real "
+            f"{r['computed'] / r['real']:.3f}, {r['micro_batches']} micro-batches, "
+            f"{r['stats_source']}, {r['backend']} spec{rel}",
+        )
 
 
 STAGES: dict[str, Callable[[StageResult, Context], None]] = {
-    "setup": stage_setup, "gpu-tests": stage_gpu_tests, "trainer": stage_trainer, "logprobs": stage_logprobs,
-    "step": stage_step, "packing": stage_packing,
+    "setup": stage_setup,
+    "gpu-tests": stage_gpu_tests,
+    "trainer": stage_trainer,
+    "logprobs": stage_logprobs,
+    "step": stage_step,
+    "packing": stage_packing,
 }
 
 
@@ -758,7 +978,7 @@ def stage_main(name: str, result_path: str, ctx: Context) -> int:
     res = StageResult(result_path)
     try:
         STAGES[name](res, ctx)
-    except BaseException as exc:  # noqa: BLE001 - every failure goes into the table, with its traceback in the log
+    except BaseException as exc:
         traceback.print_exc()
         text = str(exc).strip()
         res.fail(f"{type(exc).__name__}: {text}" if text else type(exc).__name__)
@@ -803,8 +1023,15 @@ def run_stage(stage: Stage, timeout: float, env: dict, workdir: str) -> dict:
     argv = [a.replace("{result}", result_path).replace("{deadline}", deadline) for a in stage.argv]
     start = time.monotonic()
     with open(log_path, "w") as log:
-        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                                cwd=ROOT, start_new_session=True)
+        proc = subprocess.Popen(
+            argv,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            cwd=ROOT,
+            start_new_session=True,
+        )
         try:
             rc = proc.wait(timeout=timeout)
             timed_out = False
@@ -830,31 +1057,51 @@ def run_stage(stage: Stage, timeout: float, env: dict, workdir: str) -> dict:
     else:
         status = "FAILED"
         error = data.get("error") or f"exit code {rc}; last log line: {_last_line(tail) or '(no output)'}"
-    return {"name": stage.name, "status": status, "seconds": round(seconds, 1), "timeout": round(timeout, 1),
-            "rows": data.get("rows", []), "error": error, "log_tail": tail}
+    return {
+        "name": stage.name,
+        "status": status,
+        "seconds": round(seconds, 1),
+        "timeout": round(timeout, 1),
+        "rows": data.get("rows", []),
+        "error": error,
+        "log_tail": tail,
+    }
 
 
 def _last_line(lines: list[str]) -> str:
     return next((l.strip() for l in reversed(lines) if l.strip()), "")
 
 
-def run_stages(stages: list[Stage], budget: float, env: dict, workdir: str,
-               on_stage: Callable[[list[dict]], None] | None = None) -> list[dict]:
+def run_stages(
+    stages: list[Stage], budget: float, env: dict, workdir: str, on_stage: Callable[[list[dict]], None] | None = None
+) -> list[dict]:
     """Run ``stages`` in order, each under min(its timeout, what is left of ``budget``); never stops early."""
     start = time.monotonic()
     results: list[dict] = []
     for stage in stages:
         left = budget - (time.monotonic() - start)
         timeout = min(stage.timeout, left)
-        print(f"[{time.monotonic() - start:6.1f} s] {stage.name}: running (timeout {max(timeout, 0):.0f} s)", flush=True)
+        print(
+            f"[{time.monotonic() - start:6.1f} s] {stage.name}: running (timeout {max(timeout, 0):.0f} s)", flush=True
+        )
         if left < MIN_STAGE_S:
-            result = {"name": stage.name, "status": "SKIPPED", "seconds": 0.0, "timeout": round(max(timeout, 0), 1),
-                      "rows": [], "error": f"the check's {budget:.0f} s budget is spent", "log_tail": []}
+            result = {
+                "name": stage.name,
+                "status": "SKIPPED",
+                "seconds": 0.0,
+                "timeout": round(max(timeout, 0), 1),
+                "rows": [],
+                "error": f"the check's {budget:.0f} s budget is spent",
+                "log_tail": [],
+            }
         else:
             result = run_stage(stage, timeout, env, workdir)
         results.append(result)
-        print(f"[{time.monotonic() - start:6.1f} s] {stage.name}: {result['status']} ({result['seconds']:.1f} s)"
-              + (f": {result['error']}" if result["error"] else ""), flush=True)
+        print(
+            f"[{time.monotonic() - start:6.1f} s] {stage.name}: {result['status']} ({result['seconds']:.1f} s)"
+            + (f": {result['error']}" if result["error"] else ""),
+            flush=True,
+        )
         if on_stage:
             on_stage(results)
     return results
@@ -874,7 +1121,9 @@ def render_table(results: list[dict], title: str) -> str:
         if not rows:
             rows = [["", ""]]
         for i, (what, value) in enumerate(rows):
-            lines.append(f"| {r['name'] if i == 0 else ''} | {status if i == 0 else ''} | {_cell(what)} | {_cell(value)} |")
+            lines.append(
+                f"| {r['name'] if i == 0 else ''} | {status if i == 0 else ''} | {_cell(what)} | {_cell(value)} |"
+            )
     return "\n".join(lines)
 
 
@@ -885,8 +1134,9 @@ def _write_outputs(out_dir: str | None, results: list[dict], meta: dict, title: 
         with open(os.path.join(out_dir, "gpu_check.md"), "w") as fh:
             fh.write(table + "\n")
         with open(os.path.join(out_dir, "gpu_check.json"), "w") as fh:
-            json.dump({**meta, "stages": [{k: v for k, v in r.items() if k != "log_tail"} for r in results]},
-                      fh, indent=1)
+            json.dump(
+                {**meta, "stages": [{k: v for k, v in r.items() if k != "log_tail"} for r in results]}, fh, indent=1
+            )
         with open(os.path.join(out_dir, "gpu_check_logs.txt"), "w") as fh:
             for r in results:
                 fh.write(f"===== {r['name']}: {r['status']} ({r['seconds']} s), last {len(r['log_tail'])} log lines\n")
@@ -897,8 +1147,9 @@ def _write_outputs(out_dir: str | None, results: list[dict], meta: dict, title: 
 def _git_commit() -> str | None:
     """The checkout's commit, or None: the device machine gets the working tree, maybe without .git or git."""
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                             timeout=10)
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10
+        )
     except (OSError, subprocess.TimeoutExpired):
         return None
     return out.stdout.strip() or None
@@ -906,9 +1157,24 @@ def _git_commit() -> str | None:
 
 def build_stages(mode: str, names: list[str], workdir: str, site: str) -> list[Stage]:
     common = ["--workdir", workdir, "--site", site] + (["--dry"] if mode == "cpu-dry" else [])
-    return [Stage(n, [sys.executable, os.path.abspath(__file__), "--stage", n, "--result", "{result}",
-                      "--deadline", "{deadline}", *common],
-                  TIMEOUTS[mode][n]) for n in names]
+    return [
+        Stage(
+            n,
+            [
+                sys.executable,
+                os.path.abspath(__file__),
+                "--stage",
+                n,
+                "--result",
+                "{result}",
+                "--deadline",
+                "{deadline}",
+                *common,
+            ],
+            TIMEOUTS[mode][n],
+        )
+        for n in names
+    ]
 
 
 def run_check(args: argparse.Namespace) -> int:
@@ -923,8 +1189,11 @@ def run_check(args: argparse.Namespace) -> int:
     if "setup" not in names:
         names.insert(0, "setup")  # every other stage imports what setup installs
     if mode == "gpu" and shutil.which("nvidia-smi") is None and not os.path.exists("/dev/nvidia0"):
-        print("no NVIDIA GPU on this machine (no nvidia-smi, no /dev/nvidia0): run this check on the GPU machine, "
-              "or `python scripts/gpu_check.py --cpu-dry` here", file=sys.stderr)
+        print(
+            "no NVIDIA GPU on this machine (no nvidia-smi, no /dev/nvidia0): run this check on the GPU machine, "
+            "or `python scripts/gpu_check.py --cpu-dry` here",
+            file=sys.stderr,
+        )
         return 2
     workdir = tempfile.mkdtemp(prefix="gift_gpu_check_")
     site = GPU_SITE if mode == "gpu" else os.path.join(workdir, "site")
@@ -937,20 +1206,34 @@ def run_check(args: argparse.Namespace) -> int:
         env["CUDA_VISIBLE_DEVICES"] = ""  # the dry run is a CPU run, also on a machine with a GPU
         env.setdefault("OMP_NUM_THREADS", "1")
     out_dir = args.out or os.environ.get("OUT")
-    started = datetime.datetime.now(datetime.timezone.utc)
-    meta = {"mode": mode, "started_utc": started.isoformat(timespec="seconds"), "budget_s": args.budget,
-            "git": _git_commit()}
+    started = datetime.datetime.now(datetime.UTC)
+    meta = {
+        "mode": mode,
+        "started_utc": started.isoformat(timespec="seconds"),
+        "budget_s": args.budget,
+        "git": _git_commit(),
+    }
     t0 = time.monotonic()
 
     def title(done: bool) -> str:
-        return (f"gift_megatron GPU check ({mode}, commit {meta['git'] or 'unknown (no git here)'}, {started:%Y-%m-%d %H:%M} UTC, "
-                f"{time.monotonic() - t0:.0f} s of a {args.budget:.0f} s budget{'' if done else ', running'})"
-                + (": tiny shapes on CPU, a smoke test of the script; its numbers and goals mean nothing"
-                   if mode == "cpu-dry" else ""))
+        return (
+            f"gift_megatron GPU check ({mode}, commit {meta['git'] or 'unknown (no git here)'}, {started:%Y-%m-%d %H:%M} UTC, "
+            f"{time.monotonic() - t0:.0f} s of a {args.budget:.0f} s budget{'' if done else ', running'})"
+            + (
+                ": tiny shapes on CPU, a smoke test of the script; its numbers and goals mean nothing"
+                if mode == "cpu-dry"
+                else ""
+            )
+        )
 
     try:
-        results = run_stages(build_stages(mode, names, workdir, site), args.budget, env, workdir,
-                             on_stage=lambda rs: _write_outputs(out_dir, rs, meta, title(False)))
+        results = run_stages(
+            build_stages(mode, names, workdir, site),
+            args.budget,
+            env,
+            workdir,
+            on_stage=lambda rs: _write_outputs(out_dir, rs, meta, title(False)),
+        )
         meta["total_s"] = round(time.monotonic() - t0, 1)
         table = _write_outputs(out_dir, results, meta, title(True))
     finally:
@@ -959,7 +1242,9 @@ def run_check(args: argparse.Namespace) -> int:
     print()
     print(table)
     if out_dir:
-        print(f"\nwritten: {', '.join(os.path.join(out_dir, f) for f in ('gpu_check.md', 'gpu_check.json', 'gpu_check_logs.txt'))}")
+        print(
+            f"\nwritten: {', '.join(os.path.join(out_dir, f) for f in ('gpu_check.md', 'gpu_check.json', 'gpu_check_logs.txt'))}"
+        )
     return 0 if all(r["status"] == "ok" for r in results) else 1
 
 
@@ -968,8 +1253,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prepare", action="store_true", help="download the carried wheels into .whl/ (needs pip access)")
     p.add_argument("--cpu-dry", action="store_true", help="the same stages at tiny shapes on CPU")
     p.add_argument("--out", help="write gpu_check.md/.json and the logs here (default: $OUT when set)")
-    p.add_argument("--budget", type=float, help=f"total seconds for all stages (default {BUDGET_S}; "
-                                                  f"{DRY_BUDGET_S} with --cpu-dry)")
+    p.add_argument(
+        "--budget", type=float, help=f"total seconds for all stages (default {BUDGET_S}; {DRY_BUDGET_S} with --cpu-dry)"
+    )
     p.add_argument("--stages", help=f"comma-separated subset of {','.join(STAGE_NAMES)} (setup always runs)")
     p.add_argument("--keep-workdir", action="store_true", help="keep the scratch directory (logs, run dirs)")
     p.add_argument("--stage", help=argparse.SUPPRESS)
@@ -982,8 +1268,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.prepare:
         return prepare()
     if args.stage:
-        return stage_main(args.stage, args.result, Context(dry=args.dry, workdir=args.workdir, site=args.site,
-                                                           deadline=args.deadline))
+        return stage_main(
+            args.stage, args.result, Context(dry=args.dry, workdir=args.workdir, site=args.site, deadline=args.deadline)
+        )
     return run_check(args)
 
 

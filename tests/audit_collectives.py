@@ -24,11 +24,34 @@ COMM = os.path.join(PACKAGE, "comm.py")
 TORCH = os.path.dirname(os.path.abspath(torch.__file__))
 
 # Tensor collectives: (name, positional index of the group argument or None when keyword-only).
-TENSOR_OPS = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter_tensor", "broadcast", "send",
-              "recv", "isend", "irecv", "gather", "scatter", "reduce", "all_to_all_single", "all_to_all",
-              "reduce_scatter", "batch_isend_irecv")
-OBJECT_OPS = ("all_gather_object", "broadcast_object_list", "send_object_list", "recv_object_list",
-              "gather_object", "scatter_object_list", "barrier", "new_group")
+TENSOR_OPS = (
+    "all_reduce",
+    "all_gather",
+    "all_gather_into_tensor",
+    "reduce_scatter_tensor",
+    "broadcast",
+    "send",
+    "recv",
+    "isend",
+    "irecv",
+    "gather",
+    "scatter",
+    "reduce",
+    "all_to_all_single",
+    "all_to_all",
+    "reduce_scatter",
+    "batch_isend_irecv",
+)
+OBJECT_OPS = (
+    "all_gather_object",
+    "broadcast_object_list",
+    "send_object_list",
+    "recv_object_list",
+    "gather_object",
+    "scatter_object_list",
+    "barrier",
+    "new_group",
+)
 
 _state = threading.local()
 records: list[dict] = []
@@ -60,8 +83,7 @@ def _wrap(name: str, fn):
             return fn(*args, **kwargs)
         where = _caller()
         path = where.rsplit(":", 1)[0]
-        rec = {"op": name, "caller": where,
-               "bypass": path.startswith(PACKAGE) and path != COMM}
+        rec = {"op": name, "caller": where, "bypass": path.startswith(PACKAGE) and path != COMM}
         if name in TENSOR_OPS:
             from gift_megatron.comm import group_device
 

@@ -16,14 +16,19 @@ def pytest_collection_modifyitems(config, items):
 
     on_gpu = torch.cuda.is_available() and os.environ["GIFT_MEGATRON_DEVICE"] != "cpu"
     if on_gpu:
-        skip = pytest.mark.skip(reason="a CPU test: this process runs the gpu-marked tests (GIFT_MEGATRON_DEVICE"
-                                       f"={os.environ['GIFT_MEGATRON_DEVICE']}); `make test` runs both")
+        skip = pytest.mark.skip(
+            reason="a CPU test: this process runs the gpu-marked tests (GIFT_MEGATRON_DEVICE"
+            f"={os.environ['GIFT_MEGATRON_DEVICE']}); `make test` runs both"
+        )
         for item in items:
             if "gpu" not in item.keywords:
                 item.add_marker(skip)
         return
-    reason = ("needs a CUDA GPU" if not torch.cuda.is_available() else
-              "gpu test in a CPU process: run `make test` or GIFT_MEGATRON_DEVICE=cuda pytest -m gpu")
+    reason = (
+        "needs a CUDA GPU"
+        if not torch.cuda.is_available()
+        else "gpu test in a CPU process: run `make test` or GIFT_MEGATRON_DEVICE=cuda pytest -m gpu"
+    )
     skip = pytest.mark.skip(reason=reason)
     for item in items:
         if "gpu" in item.keywords:

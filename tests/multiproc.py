@@ -11,7 +11,8 @@ import os
 import pickle
 import socket
 import traceback
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 
 def free_port() -> int:
@@ -92,7 +93,7 @@ def run_ranks(
                 dead = [p for p in procs if p.exitcode not in (None, 0)]
                 if dead and not errors:
                     # A rank died without reporting (segfault, OOM kill): its peers would wait forever.
-                    raise RuntimeError(f"rank process exited with code {dead[0].exitcode} without a result")
+                    raise RuntimeError(f"rank process exited with code {dead[0].exitcode} without a result") from None
                 continue
             if status == "ok":
                 results[rank] = pickle.loads(payload)

@@ -25,8 +25,9 @@ def zscore(x: torch.Tensor, gid: torch.Tensor, eps: float = 1e-6, unbiased: bool
     return out
 
 
-def gift(lp, rlp, m, R, gid, beta=1.0, eps=1e-6, detach_stats=True, implicit_reward="sum", std_floor=0.0,
-         unbiased=True):
+def gift(
+    lp, rlp, m, R, gid, beta=1.0, eps=1e-6, detach_stats=True, implicit_reward="sum", std_floor=0.0, unbiased=True
+):
     u = ((lp - rlp) * m).sum(1)
     if implicit_reward == "mean":
         u = u / m.sum(1)
@@ -54,8 +55,9 @@ def gft(lp, m, R, gid, tau=0.1, eps=1e-6):
     return (-(A[:, None] * c * lp) * m).sum() / m.sum()
 
 
-def grpo(lp, olp, m, R, gid, rlp=None, eps_low=0.2, eps_high=0.2, kl_coef=0.0, aggregation="seq_mean_token_mean",
-         eps=1e-6):
+def grpo(
+    lp, olp, m, R, gid, rlp=None, eps_low=0.2, eps_high=0.2, kl_coef=0.0, aggregation="seq_mean_token_mean", eps=1e-6
+):
     A = zscore(R, gid, eps).detach()[:, None]
     r = (lp - olp).exp()
     l = -torch.min(r * A, r.clamp(1 - eps_low, 1 + eps_high) * A)

@@ -96,8 +96,16 @@ class Job:
             group["max_lr"], group["min_lr"] = 1e-2, 1e-3
         # Warmup then cosine decay: a scheduler that was not restored gives another LR at steps 3-4.
         self.scheduler = OptimizerParamScheduler(
-            self.trainer.optimizer, init_lr=2e-3, max_lr=1e-2, min_lr=1e-3, lr_warmup_steps=1,
-            lr_decay_steps=6, lr_decay_style="cosine", start_wd=0.01, end_wd=0.01, wd_incr_steps=6,
+            self.trainer.optimizer,
+            init_lr=2e-3,
+            max_lr=1e-2,
+            min_lr=1e-3,
+            lr_warmup_steps=1,
+            lr_decay_steps=6,
+            lr_decay_style="cosine",
+            start_wd=0.01,
+            end_wd=0.01,
+            wd_incr_steps=6,
             wd_incr_style="constant",
         )
         self.consumed = 0
@@ -118,14 +126,26 @@ class Job:
         from gift_megatron.megatron.checkpoint import save_checkpoint
 
         with _child_processes_allowed():  # Megatron's writer starts processes; run_ranks' ranks are daemons
-            return save_checkpoint(root, step, [self.trainer.model], self.trainer.optimizer, self.scheduler,
-                                   data_state={"consumed_samples": self.consumed}, extra=EXTRA, **kwargs)
+            return save_checkpoint(
+                root,
+                step,
+                [self.trainer.model],
+                self.trainer.optimizer,
+                self.scheduler,
+                data_state={"consumed_samples": self.consumed},
+                extra=EXTRA,
+                **kwargs,
+            )
 
     def load(self, path: str, *, optimizer: bool = True) -> dict:
         from gift_megatron.megatron.checkpoint import load_checkpoint
 
-        info = load_checkpoint(path, [self.trainer.model], self.trainer.optimizer if optimizer else None,
-                               self.scheduler if optimizer else None)
+        info = load_checkpoint(
+            path,
+            [self.trainer.model],
+            self.trainer.optimizer if optimizer else None,
+            self.scheduler if optimizer else None,
+        )
         self.consumed = info["data_state"]["consumed_samples"]
         return info
 
@@ -140,8 +160,12 @@ def rng_fingerprint() -> tuple:
     from megatron.core import tensor_parallel
 
     tracker = tensor_parallel.get_cuda_rng_tracker().get_states()
-    return (pickle.dumps(random.getstate()), pickle.dumps(np.random.get_state()), torch.get_rng_state().clone(),
-            {name: state.clone() for name, state in tracker.items()})
+    return (
+        pickle.dumps(random.getstate()),
+        pickle.dumps(np.random.get_state()),
+        torch.get_rng_state().clone(),
+        {name: state.clone() for name, state in tracker.items()},
+    )
 
 
 def weights(model) -> dict[str, torch.Tensor]:
@@ -355,8 +379,9 @@ def single_rank_worker(rank, world, final_tp2, step2_tp2, distopt_dp2, scratch):
         wider = build(TinyGPT(seq_length=16, hidden_size=96, ffn_hidden_size=192), Layout())
         out["shape_error"], out["shape_unchanged"] = _load_error(wider, final_tp2)
         plain = Job(Layout())
-        out["kind_error"], out["kind_unchanged"] = _load_error(plain.trainer.model, distopt_dp2,
-                                                               optimizer=plain.trainer.optimizer)
+        out["kind_error"], out["kind_unchanged"] = _load_error(
+            plain.trainer.model, distopt_dp2, optimizer=plain.trainer.optimizer
+        )
         out["missing_error"], _ = _load_error(model, os.path.join(scratch, "step_00000042"))
         truncated = os.path.join(scratch, "truncated")
         shutil.copytree(final_tp2, truncated)
@@ -364,15 +389,15 @@ def single_rank_worker(rank, world, final_tp2, step2_tp2, distopt_dp2, scratch):
         out["truncated_error"], out["truncated_unchanged"] = _load_error(model, truncated)
         with _child_processes_allowed():
             weights_only = save_checkpoint(os.path.join(scratch, "weights_only"), 0, [model])
-        out["no_optimizer_error"], _ = _load_error(plain.trainer.model, weights_only,
-                                                   optimizer=plain.trainer.optimizer)
+        out["no_optimizer_error"], _ = _load_error(plain.trainer.model, weights_only, optimizer=plain.trainer.optimizer)
         out["no_scheduler_error"], _ = _load_error(plain.trainer.model, weights_only, scheduler=plain.scheduler)
         # Tied embeddings: the model has no output_layer.weight, the checkpoint has one.
         tied = build(TinyGPT(seq_length=16, tie_embeddings=True), Layout())
         out["strict_error"], out["strict_unchanged"] = _load_error(tied, final_tp2)
         load_checkpoint(final_tp2, [tied], strict=False)
         out["non_strict_embedding_equal"] = torch.equal(
-            tied.embedding.word_embeddings.weight, model.embedding.word_embeddings.weight)
+            tied.embedding.word_embeddings.weight, model.embedding.word_embeddings.weight
+        )
         return out
     finally:
         teardown_parallel()
@@ -395,8 +420,9 @@ def pipeline_worker(rank, world, final_tp2, step2_tp2, distopt_dp2):
         out["no_dropout_losses"] = [job.step(), job.step()]
 
         job = Job(Layout(pp=2, distributed_optimizer=True))
-        out["distopt_error"], out["distopt_unchanged"] = _load_error(job.trainer.model, distopt_dp2,
-                                                                     optimizer=job.trainer.optimizer)
+        out["distopt_error"], out["distopt_unchanged"] = _load_error(
+            job.trainer.model, distopt_dp2, optimizer=job.trainer.optimizer
+        )
 
         # The same two ranks as DP=2: Adam's state from TP=2 continues there too.
         teardown_parallel()
@@ -480,8 +506,12 @@ def test_killed_job_resumes_with_the_uninterrupted_losses(uninterrupted, resumed
     for rank in range(2):
         r = resumed[rank]
         assert r["resumed_from"] == "step_00000002"
-        assert r["info"] == {"step": 2, "data_state": {"consumed_samples": 2 * BATCH}, "extra": EXTRA,
-                             "rng_restored": True}
+        assert r["info"] == {
+            "step": 2,
+            "data_state": {"consumed_samples": 2 * BATCH},
+            "extra": EXTRA,
+            "rng_restored": True,
+        }
         assert r["scheduler_steps"] == 2
         assert r["losses"] == pytest.approx(full[2:], rel=1e-5), (r["losses"], full)
         # Without Adam's moments/step and the LR schedule, step 4 differs (step 3's loss is computed
@@ -517,8 +547,10 @@ def test_kill_mid_save_leaves_latest_at_the_previous_checkpoint(killed):
 def test_failed_save_keeps_latest_loadable_and_the_next_save_cleans_up(resumed):
     r = resumed[0]
     # The save after step 3 removed the killed job's temp dir; keep_last=3 kept steps 1-3.
-    assert r["after_save_3"] == {"latest": "step_00000003",
-                                 "entries": ["latest", "step_00000001", "step_00000002", "step_00000003"]}
+    assert r["after_save_3"] == {
+        "latest": "step_00000003",
+        "entries": ["latest", "step_00000001", "step_00000002", "step_00000003"],
+    }
     for rank in range(2):
         assert resumed[rank]["failed_save_error"] == "No space left on device (simulated)"
     failed = r["after_failed_save"]
@@ -527,8 +559,10 @@ def test_failed_save_keeps_latest_loadable_and_the_next_save_cleans_up(resumed):
     assert any(e.startswith(".tmp_step_00000004_") for e in failed["entries"]), failed
     assert r["loaded_after_failure"] == 3 and r["weights_after_failure_equal"]
     # The retry succeeded, removed the failed attempt's temp dir and, keeping 3, step 1.
-    assert r["after_retry"] == {"latest": "step_00000004",
-                                "entries": ["latest", "step_00000002", "step_00000003", "step_00000004"]}
+    assert r["after_retry"] == {
+        "latest": "step_00000004",
+        "entries": ["latest", "step_00000002", "step_00000003", "step_00000004"],
+    }
 
 
 # --------------------------------------------------------------------------------------------------
@@ -558,7 +592,9 @@ def test_adam_state_reshards_from_tp2_to_tp1_pp2_and_dp2(resumed, resharded):
 
 
 @pytest.mark.timeout(CHAIN_TIMEOUT)
-def test_distributed_optimizer_resumes_and_reshards_across_dp_but_refuses_tp_pp_changes(distributed_optimizer, resharded):
+def test_distributed_optimizer_resumes_and_reshards_across_dp_but_refuses_tp_pp_changes(
+    distributed_optimizer, resharded
+):
     single, pipeline = resharded
     assert distributed_optimizer["saved"] == [0, 1]  # a step-0 checkpoint works too
     # Same layout (DP=2): a fresh job continues exactly; without the optimizer state it does not.
@@ -619,8 +655,10 @@ def test_state_that_was_not_saved_is_an_error(resharded):
 @pytest.mark.timeout(CHAIN_TIMEOUT)
 def test_strict_and_non_strict_key_matching(resharded):
     single, _ = resharded
-    assert "1 model tensor(s) of the checkpoint are not in the model (strict): output_layer.weight" in \
-        single["strict_error"]
+    assert (
+        "1 model tensor(s) of the checkpoint are not in the model (strict): output_layer.weight"
+        in single["strict_error"]
+    )
     assert single["strict_unchanged"]
     assert single["non_strict_embedding_equal"]  # strict=False loads what both have
 

@@ -73,19 +73,33 @@ FAMILIES = {
 TE_ONLY_EXTRA_STATE = {
     "llama": ["decoder.final_layernorm._extra_state"],
     "qwen2": ["decoder.final_layernorm._extra_state"],
-    "qwen3": ["decoder.final_layernorm._extra_state", "decoder.layers.self_attention.k_layernorm._extra_state",
-              "decoder.layers.self_attention.q_layernorm._extra_state"],
+    "qwen3": [
+        "decoder.final_layernorm._extra_state",
+        "decoder.layers.self_attention.k_layernorm._extra_state",
+        "decoder.layers.self_attention.q_layernorm._extra_state",
+    ],
 }
 # A TE model's fused-norm parameter -> the local model's parameter of the same weight (layer-local names).
-FUSED_NORMS = {"self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
-               "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight"}
+FUSED_NORMS = {
+    "self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
+    "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight",
+}
 
 
 def model_config(family: str):
     from gift_megatron.megatron.model import ModelConfig
 
-    return ModelConfig(num_layers=2, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4, num_query_groups=2,
-                       vocab_size=100, seq_length=16, max_position_embeddings=64, **FAMILIES[family])
+    return ModelConfig(
+        num_layers=2,
+        hidden_size=64,
+        ffn_hidden_size=128,
+        num_attention_heads=4,
+        num_query_groups=2,
+        vocab_size=100,
+        seq_length=16,
+        max_position_embeddings=64,
+        **FAMILIES[family],
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -122,9 +136,13 @@ def _te_sharded_state_dict(module, prefix, sharded_offsets, metadata, axis_map):
     from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 
     return make_sharded_tensors_for_checkpoint(
-        module.state_dict(prefix="", keep_vars=True), prefix, axis_map, sharded_offsets,
+        module.state_dict(prefix="", keep_vars=True),
+        prefix,
+        axis_map,
+        sharded_offsets,
         tp_group=ps.get_tensor_model_parallel_group(),
-        dp_cp_group=(metadata or {}).get("dp_cp_group") or ps.get_data_parallel_group(with_context_parallel=True))
+        dp_cp_group=(metadata or {}).get("dp_cp_group") or ps.get_data_parallel_group(with_context_parallel=True),
+    )
 
 
 def _emulated_classes():
@@ -138,8 +156,7 @@ def _emulated_classes():
 
         def __init__(self, input_size, output_size, *, config, **kwargs):
             super().__init__(input_size, output_size, config=config, **kwargs)
-            self.layer_norm_weight = torch.nn.Parameter(
-                torch.ones(input_size, dtype=config.params_dtype, device="cpu"))
+            self.layer_norm_weight = torch.nn.Parameter(torch.ones(input_size, dtype=config.params_dtype, device="cpu"))
             self.norm_eps = config.layernorm_epsilon
             self._init_extra_state()
 
@@ -196,8 +213,12 @@ def te_block_spec(cfg):
     layer = spec.submodules
     attn = layer.self_attention
     attn.submodules = dataclasses.replace(
-        attn.submodules, linear_qkv=ln_linear, core_attention=attention, linear_proj=row_linear,
-        **({"q_layernorm": norm, "k_layernorm": norm} if cfg.qk_layernorm else {}))
+        attn.submodules,
+        linear_qkv=ln_linear,
+        core_attention=attention,
+        linear_proj=row_linear,
+        **({"q_layernorm": norm, "k_layernorm": norm} if cfg.qk_layernorm else {}),
+    )
     if isinstance(layer.mlp, functools.partial):  # megatron-core 0.19: MLP.as_mlp_submodule
         mlp = dataclasses.replace(layer.mlp.keywords["submodules"], linear_fc1=ln_linear, linear_fc2=row_linear)
         layer.mlp = functools.partial(layer.mlp.func, *layer.mlp.args, **{**layer.mlp.keywords, "submodules": mlp})
@@ -219,8 +240,11 @@ def build(cfg, spec: str, seed: int):
     parallel = model_module.ParallelConfig(tensor_model_parallel_size=ps.get_tensor_model_parallel_world_size())
     precision = model_module.PrecisionConfig(dtype="fp32")
     _EXTRA_STATE_COUNTER[:] = [seed, 0]
-    patch = mock.patch.object(model_module, "layer_spec", lambda c, backend=None: te_block_spec(c)) if spec == "te" \
+    patch = (
+        mock.patch.object(model_module, "layer_spec", lambda c, backend=None: te_block_spec(c))
+        if spec == "te"
         else contextlib.nullcontext()
+    )
     with patch:
         model = model_module.build_model(cfg, parallel, precision)
     tp_rank = ps.get_tensor_model_parallel_rank()
@@ -339,7 +363,12 @@ def round_trips(family: str, root: str) -> dict:
 def converter_output_into_te(meg_root: str, hf_dir: str) -> dict:
     """Load the converter's checkpoint into the TE model of this layout; the export (HF names, TP-gathered)
     and the fused norms against the HF tensors."""
-    from gift_megatron.checkpoint import iter_hf_tensors, model_config_from_info, read_conversion_info, resolve_checkpoint
+    from gift_megatron.checkpoint import (
+        iter_hf_tensors,
+        model_config_from_info,
+        read_conversion_info,
+        resolve_checkpoint,
+    )
     from gift_megatron.megatron.checkpoint import load_checkpoint
     from tests.test_conversion import hf_tensors
 
@@ -350,8 +379,11 @@ def converter_output_into_te(meg_root: str, hf_dir: str) -> dict:
     exported = {n: t.clone() for n, t in iter_hf_tensors(te, cfg)}
     layer = te.decoder.layers[0]
     return {
-        "export_mismatch": sorted(set(hf) ^ set(exported)) + [n for n in hf if n in exported and not torch.equal(hf[n], exported[n])],
-        "fused_norms_equal": torch.equal(layer.self_attention.linear_qkv.layer_norm_weight, hf["model.layers.0.input_layernorm.weight"])
+        "export_mismatch": sorted(set(hf) ^ set(exported))
+        + [n for n in hf if n in exported and not torch.equal(hf[n], exported[n])],
+        "fused_norms_equal": torch.equal(
+            layer.self_attention.linear_qkv.layer_norm_weight, hf["model.layers.0.input_layernorm.weight"]
+        )
         and torch.equal(layer.mlp.linear_fc1.layer_norm_weight, hf["model.layers.0.post_attention_layernorm.weight"]),
         "info": {k: info[k] for k in ("spec", "extra_state_not_loaded")},
     }
@@ -418,8 +450,10 @@ def check_local_to_te(out, family: str) -> None:
     assert out["differs_before"], "every weight of the TE model must start with another value"
     assert out["mismatch"] == []  # every weight bit-identical to the saving local model's (norms renamed)
     assert out["manifest_spec"] == "local"
-    assert out["info"] == {"spec": {"checkpoint": "local", "model": "transformer_engine"},
-                           "extra_state_not_loaded": TE_ONLY_EXTRA_STATE[family]}
+    assert out["info"] == {
+        "spec": {"checkpoint": "local", "model": "transformer_engine"},
+        "extra_state_not_loaded": TE_ONLY_EXTRA_STATE[family],
+    }
     assert out["extra_state_kept"]  # TE-only extra state (and the local linears' None) left as it was
     assert out["logits_equal"]  # the fused norms act where the local norms did
 
@@ -429,11 +463,15 @@ def check_from_te(out, family: str) -> None:
     assert out["differs_before"], "every weight of the local model must start with another value"
     assert out["manifest_spec"] == "transformer_engine"
     assert out["to_local"] == [] and out["to_te"] == []
-    assert out["to_local_info"] == {"spec": {"checkpoint": "transformer_engine", "model": "local"},
-                                    "extra_state_not_loaded": []}
+    assert out["to_local_info"] == {
+        "spec": {"checkpoint": "transformer_engine", "model": "local"},
+        "extra_state_not_loaded": [],
+    }
     assert out["to_local_logits_equal"]
-    assert out["to_te_info"] == {"spec": {"checkpoint": "transformer_engine", "model": "transformer_engine"},
-                                 "extra_state_not_loaded": []}
+    assert out["to_te_info"] == {
+        "spec": {"checkpoint": "transformer_engine", "model": "transformer_engine"},
+        "extra_state_not_loaded": [],
+    }
     # TE -> TE restores every extra state Megatron saves; TE's DotProductAttention's it never saves.
     attention = [f"decoder.layers.{i}.self_attention.core_attention" for i in range(2)]
     assert out["extra_state_kept"] == attention
@@ -476,11 +514,14 @@ def test_converter_output_loads_into_te_model(converted, tp1, tp2):
         assert out["fused_norms_equal"]
         # The converter writes one layer at a time, each under its own keys (non_homogeneous_layers), so the
         # TE-only extra state it lacks is named per layer (a training checkpoint stacks the layers).
-        per_layer = sorted(["decoder.final_layernorm._extra_state"]
-                           + [f"decoder.layers.{i}.self_attention.{n}_layernorm._extra_state"
-                              for i in range(2) for n in ("k", "q")])
-        assert out["info"] == {"spec": {"checkpoint": "local", "model": "transformer_engine"},
-                               "extra_state_not_loaded": per_layer}
+        per_layer = sorted(
+            ["decoder.final_layernorm._extra_state"]
+            + [f"decoder.layers.{i}.self_attention.{n}_layernorm._extra_state" for i in range(2) for n in ("k", "q")]
+        )
+        assert out["info"] == {
+            "spec": {"checkpoint": "local", "model": "transformer_engine"},
+            "extra_state_not_loaded": per_layer,
+        }
 
 
 @pytest.mark.timeout(RANKS_TIMEOUT)
@@ -497,8 +538,9 @@ def test_missing_weight_is_an_error_and_old_manifests_load(tmp_path):
         before = params(with_bias)
         with pytest.raises(CheckpointError) as error:
             load_checkpoint(ckpt, [with_bias])
-        assert "1 model tensor(s) are not in the checkpoint: decoder.layers.self_attention.linear_qkv.bias" \
-            in str(error.value), str(error.value)
+        assert "1 model tensor(s) are not in the checkpoint: decoder.layers.self_attention.linear_qkv.bias" in str(
+            error.value
+        ), str(error.value)
         assert compare(params(with_bias), before, lambda n: n) == []
 
         # A manifest that claims the bias: the reader's own failure is a CheckpointError naming it too.
@@ -506,10 +548,15 @@ def test_missing_weight_is_an_error_and_old_manifests_load(tmp_path):
         manifest = json.load(open(manifest_file))
         original = json.dumps(manifest)
         manifest["model"]["tensors"]["decoder.layers.self_attention.linear_qkv.bias"] = {
-            "shape": [2, 128], "allow_shape_mismatch": False}
+            "shape": [2, 128],
+            "allow_shape_mismatch": False,
+        }
         json.dump(manifest, open(manifest_file, "w"))
-        with pytest.raises(CheckpointError, match=r"reading checkpoint .* failed: rank 0: \w+Error: .*"
-                                                  r"decoder\.layers\.self_attention\.linear_qkv\.bias"):
+        with pytest.raises(
+            CheckpointError,
+            match=r"reading checkpoint .* failed: rank 0: \w+Error: .*"
+            r"decoder\.layers\.self_attention\.linear_qkv\.bias",
+        ):
             load_checkpoint(ckpt, [with_bias])
 
         manifest = json.loads(original)
@@ -546,8 +593,10 @@ def test_extra_state_missing_within_one_spec_is_a_warning(tmp_path, caplog):
         assert info["extra_state_not_loaded"] == ["decoder.final_layernorm._extra_state"]
         ours = "gift_megatron.megatron.checkpoint"
         warnings = [r for r in caplog.records if r.name == ours and r.levelno == logging.WARNING]
-        assert len(warnings) == 1 and "a resume is not exact: decoder.final_layernorm._extra_state" in \
-            warnings[0].getMessage()
+        assert (
+            len(warnings) == 1
+            and "a resume is not exact: decoder.final_layernorm._extra_state" in warnings[0].getMessage()
+        )
         caplog.clear()
         info = load_checkpoint(local_ckpt, [build(cfg, "te", seed=4)])
         assert info["extra_state_not_loaded"] == ["decoder.final_layernorm._extra_state"]

@@ -10,9 +10,12 @@ import yaml
 
 from gift_megatron.config import ConfigError, check_world_size, config_from_dict, load_config, save_config
 
-BASE = {"model": {"seq_length": 64, "num_layers": 2, "num_attention_heads": 4, "num_query_groups": 2},
-        "data": {"max_prompt_tokens": 16}, "rollout": {"n": 4, "max_tokens": 8},
-        "train": {"prompts_per_step": 8, "micro_batch_size": 4}}
+BASE = {
+    "model": {"seq_length": 64, "num_layers": 2, "num_attention_heads": 4, "num_query_groups": 2},
+    "data": {"max_prompt_tokens": 16},
+    "rollout": {"n": 4, "max_tokens": 8},
+    "train": {"prompts_per_step": 8, "micro_batch_size": 4},
+}
 
 
 def write(tmp_path, data, name="c.yaml"):
@@ -22,9 +25,18 @@ def write(tmp_path, data, name="c.yaml"):
 
 
 def test_yaml_and_overrides_typed(tmp_path):
-    cfg = load_config(write(tmp_path, BASE), ["train.steps=7", "optimizer.lr=3e-4", "objective.name=grpo",
-                                              "objective.options.kl_coef=0.1", "data.train_files=a.jsonl,b.jsonl",
-                                              "run.tensorboard=false", "model.tie_embeddings=true"])
+    cfg = load_config(
+        write(tmp_path, BASE),
+        [
+            "train.steps=7",
+            "optimizer.lr=3e-4",
+            "objective.name=grpo",
+            "objective.options.kl_coef=0.1",
+            "data.train_files=a.jsonl,b.jsonl",
+            "run.tensorboard=false",
+            "model.tie_embeddings=true",
+        ],
+    )
     assert cfg.train.steps == 7 and isinstance(cfg.train.steps, int)
     assert cfg.optimizer.lr == pytest.approx(3e-4) and isinstance(cfg.optimizer.lr, float)
     assert cfg.objective.name == "grpo" and cfg.objective.options == {"kl_coef": 0.1}
@@ -40,21 +52,24 @@ def test_resolved_config_round_trips(tmp_path):
     assert again == cfg
 
 
-@pytest.mark.parametrize("override, expected", [
-    ("trian.steps=3", "unknown key trian"),
-    ("train.stpes=3", "unknown key train.stpes"),
-    ("train.steps=three", "train.steps: expected an integer"),
-    ("train.steps=2.5", "train.steps: expected an integer"),
-    ("run.tensorboard=maybe", "run.tensorboard: expected true or false"),
-    ("rollout.engine=sglang", "rollout.engine: must be one of"),
-    ("model.num_layers=0", "model.num_layers must be >= 1"),
-    ("objective.name=ppo", "objective.name: unknown objective 'ppo'"),
-    ("objective.options.betta=1", "unknown option 'betta'"),
-    ("rollout.n=1", "set rollout.n >= 2"),
-    ("rollout.max_tokens=60", "exceeds model.seq_length"),
-    ("train.steps", "expected key=value"),
-    ("precision.fp8=e5m2", "precision.fp8 must be None or one of"),
-])
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("trian.steps=3", "unknown key trian"),
+        ("train.stpes=3", "unknown key train.stpes"),
+        ("train.steps=three", "train.steps: expected an integer"),
+        ("train.steps=2.5", "train.steps: expected an integer"),
+        ("run.tensorboard=maybe", "run.tensorboard: expected true or false"),
+        ("rollout.engine=sglang", "rollout.engine: must be one of"),
+        ("model.num_layers=0", "model.num_layers must be >= 1"),
+        ("objective.name=ppo", "objective.name: unknown objective 'ppo'"),
+        ("objective.options.betta=1", "unknown option 'betta'"),
+        ("rollout.n=1", "set rollout.n >= 2"),
+        ("rollout.max_tokens=60", "exceeds model.seq_length"),
+        ("train.steps", "expected key=value"),
+        ("precision.fp8=e5m2", "precision.fp8 must be None or one of"),
+    ],
+)
 def test_bad_keys_and_values_name_the_key(tmp_path, override, expected):
     path = write(tmp_path, BASE)
     with pytest.raises(ConfigError) as err:
@@ -69,8 +84,9 @@ def test_group_of_one_is_fine_for_sft_and_gft_counts_experts(tmp_path):
         load_config(write(tmp_path, BASE), ["objective.name=dft", "groups.n_expert=0"])
     gft = load_config(write(tmp_path, BASE), ["objective.name=gft"])
     assert gft.group_composition() == (1, 3, 4)  # docs/objectives.md GFT defaults: 1 expert, 3 teachers
-    gft1 = load_config(write(tmp_path, BASE), ["objective.name=gft", "rollout.n=1", "groups.n_teacher=0",
-                                                "groups.n_expert=1"])
+    gft1 = load_config(
+        write(tmp_path, BASE), ["objective.name=gft", "rollout.n=1", "groups.n_teacher=0", "groups.n_expert=1"]
+    )
     assert gft1.group_composition() == (1, 0, 1)
 
 
@@ -91,14 +107,28 @@ def test_world_size_checks_name_the_numbers(tmp_path):
 
 
 def test_model_from_hf_config_with_overrides(tmp_path):
-    hf = {"model_type": "qwen2", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 3,
-          "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 100, "rms_norm_eps": 1e-6,
-          "rope_theta": 1e6, "tie_word_embeddings": True, "hidden_act": "silu"}
+    hf = {
+        "model_type": "qwen2",
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 3,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "vocab_size": 100,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 1e6,
+        "tie_word_embeddings": True,
+        "hidden_act": "silu",
+    }
     (tmp_path / "hf").mkdir()
     (tmp_path / "hf" / "config.json").write_text(json.dumps(hf))
     cfg = config_from_dict({**BASE, "model": {"seq_length": 64}, "init": {"hf_config": str(tmp_path / "hf")}})
-    assert (cfg.model.family, cfg.model.num_layers, cfg.model.add_qkv_bias, cfg.model.tie_embeddings) == \
-        ("qwen2", 3, True, True)
+    assert (cfg.model.family, cfg.model.num_layers, cfg.model.add_qkv_bias, cfg.model.tie_embeddings) == (
+        "qwen2",
+        3,
+        True,
+        True,
+    )
     assert cfg.model.seq_length == 64  # the file's model keys override the HF config
     with pytest.raises(ConfigError, match="init.hf_config: cannot read"):
         config_from_dict({**BASE, "init": {"hf_config": str(tmp_path / "missing")}})
@@ -117,9 +147,14 @@ def test_missing_and_invalid_files(tmp_path):
         load_config(listy)
 
 
-RECIPES = [("examples/qwen2.5-7b-gift.yaml", 8), ("examples/qwen2.5-32b-gift.yaml", 32),
-           ("examples/qwen2.5-math-7b-gft.yaml", 8), ("examples/tiny_cpu_gift.yaml", 2),
-           ("examples/qwen3-30b-a3b-gift.yaml", 32), ("examples/tiny_cpu_moe_gift.yaml", 2)]
+RECIPES = [
+    ("examples/qwen2.5-7b-gift.yaml", 8),
+    ("examples/qwen2.5-32b-gift.yaml", 32),
+    ("examples/qwen2.5-math-7b-gft.yaml", 8),
+    ("examples/tiny_cpu_gift.yaml", 2),
+    ("examples/qwen3-30b-a3b-gift.yaml", 32),
+    ("examples/tiny_cpu_moe_gift.yaml", 2),
+]
 
 
 @pytest.mark.parametrize("path, world", RECIPES)
@@ -140,10 +175,15 @@ def test_recipe_parameter_count_matches_transformers(path):
     import torch
 
     m = load_config(path).model
-    hf = transformers.Qwen2Config(hidden_size=m.hidden_size, intermediate_size=m.ffn_hidden_size,
-                                  num_hidden_layers=m.num_layers, num_attention_heads=m.num_attention_heads,
-                                  num_key_value_heads=m.num_query_groups, vocab_size=m.vocab_size,
-                                  tie_word_embeddings=m.tie_embeddings)
+    hf = transformers.Qwen2Config(
+        hidden_size=m.hidden_size,
+        intermediate_size=m.ffn_hidden_size,
+        num_hidden_layers=m.num_layers,
+        num_attention_heads=m.num_attention_heads,
+        num_key_value_heads=m.num_query_groups,
+        vocab_size=m.vocab_size,
+        tie_word_embeddings=m.tie_embeddings,
+    )
     with torch.device("meta"):
         model = transformers.Qwen2ForCausalLM(hf)
     assert m.parameter_count() == sum(p.numel() for p in model.parameters())
@@ -151,9 +191,17 @@ def test_recipe_parameter_count_matches_transformers(path):
 
 # -- the colocated vLLM engine: keys, placement and the per-GPU memory plan ------------------------------------
 
+
 def test_rollout_engine_keys_are_typed(tmp_path):
-    cfg = load_config(write(tmp_path, BASE), ["rollout.kv_cache_bytes=8589934592", "rollout.enforce_eager=false",
-                                              "rollout.sleep_level=1", "rollout.offload_training_states=false"])
+    cfg = load_config(
+        write(tmp_path, BASE),
+        [
+            "rollout.kv_cache_bytes=8589934592",
+            "rollout.enforce_eager=false",
+            "rollout.sleep_level=1",
+            "rollout.offload_training_states=false",
+        ],
+    )
     r = cfg.rollout
     assert (r.kv_cache_bytes, r.enforce_eager, r.sleep_level, r.offload_training_states) == (8 << 30, False, 1, False)
     d = load_config(write(tmp_path, BASE)).rollout
@@ -161,13 +209,16 @@ def test_rollout_engine_keys_are_typed(tmp_path):
     assert (d.kv_cache_bytes, d.enforce_eager, d.sleep_level, d.offload_training_states) == (None, True, 2, None)
 
 
-@pytest.mark.parametrize("override, expected", [
-    ("rollout.sleep_level=3", "rollout.sleep_level must be 1"),
-    ("rollout.kv_cache_bytes=0", "rollout.kv_cache_bytes must be > 0"),
-    ("rollout.kv_cache_bytes=8GiB", "rollout.kv_cache_bytes: expected an integer"),
-    ("rollout.gpu_memory_utilization=1.5", "rollout.gpu_memory_utilization must be in (0, 1]"),
-    ("rollout.enforce_eager=sometimes", "rollout.enforce_eager: expected true or false"),
-])
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("rollout.sleep_level=3", "rollout.sleep_level must be 1"),
+        ("rollout.kv_cache_bytes=0", "rollout.kv_cache_bytes must be > 0"),
+        ("rollout.kv_cache_bytes=8GiB", "rollout.kv_cache_bytes: expected an integer"),
+        ("rollout.gpu_memory_utilization=1.5", "rollout.gpu_memory_utilization must be in (0, 1]"),
+        ("rollout.enforce_eager=sometimes", "rollout.enforce_eager: expected true or false"),
+    ],
+)
 def test_bad_rollout_engine_values_name_the_key(tmp_path, override, expected):
     with pytest.raises(ConfigError) as err:
         load_config(write(tmp_path, BASE), [override])
@@ -195,8 +246,9 @@ def test_7b_memory_plan_shows_the_engine_with_and_without_offload():
     assert plan["rollout_gpus_of_first_replica"] == "0,1"
     assert plan["rollout_weights_gib"] == pytest.approx(7.09, abs=0.01)
     assert plan["rollout_engine_gib"] == pytest.approx(0.45 * 79.6)
-    assert plan["rollout_kv_cache_gib"] == pytest.approx(plan["rollout_engine_gib"] - plan["rollout_weights_gib"]
-                                                         - plan["rollout_activations_gib"])
+    assert plan["rollout_kv_cache_gib"] == pytest.approx(
+        plan["rollout_engine_gib"] - plan["rollout_weights_gib"] - plan["rollout_activations_gib"]
+    )
     assert plan["rollout_kv_bytes_per_token"] == 2 * 28 * 2 * 128 * 2  # K and V, 28 layers, 4 KV heads / TP 2
     assert plan["offload_training_states"] is True
     assert plan["awake_trainer_gib_with_offload"] == plan["weights_gib"]
@@ -205,18 +257,28 @@ def test_7b_memory_plan_shows_the_engine_with_and_without_offload():
     assert plan["generation_peak_gib_without_offload"] == pytest.approx(67.74, abs=0.01)
 
 
-@pytest.mark.parametrize("overrides, expected", [
-    (["rollout.gpu_memory_utilization=0.95"],
-     r"rollout.gpu_memory_utilization=0.95 \(75.6 GiB of a 79.6 GiB GPU\) leaves the trainer too little memory"),
-    (["rollout.gpu_memory_utilization=0.6", "rollout.offload_training_states=false"],
-     r"trainer holds weights, gradient buffers and optimizer state \(rollout.offload_training_states is off\).*"
-     r"or set rollout.offload_training_states=true"),
-    (["rollout.kv_cache_bytes=75000000000"], r"rollout.kv_cache_bytes=75000000000 leaves the trainer too little"),
-    (["rollout.gpu_memory_utilization=0.1"], r"leaves the vLLM engine 0.0 GiB of KV cache.*raise "
-                                             r"rollout.gpu_memory_utilization"),
-    (["rollout.kv_cache_bytes=1000000"], r"KV cache \(34 tokens, fewer than one model.seq_length=4096 sequence\)"),
-    (["rollout.sleep_during_training=false"], r"rollout.sleep_during_training=false keeps the engine's 35.8 GiB"),
-])
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        (
+            ["rollout.gpu_memory_utilization=0.95"],
+            r"rollout.gpu_memory_utilization=0.95 \(75.6 GiB of a 79.6 GiB GPU\) leaves the trainer too little memory",
+        ),
+        (
+            ["rollout.gpu_memory_utilization=0.6", "rollout.offload_training_states=false"],
+            r"trainer holds weights, gradient buffers and optimizer state \(rollout.offload_training_states is off\).*"
+            r"or set rollout.offload_training_states=true",
+        ),
+        (["rollout.kv_cache_bytes=75000000000"], r"rollout.kv_cache_bytes=75000000000 leaves the trainer too little"),
+        (
+            ["rollout.gpu_memory_utilization=0.1"],
+            r"leaves the vLLM engine 0.0 GiB of KV cache.*raise "
+            r"rollout.gpu_memory_utilization",
+        ),
+        (["rollout.kv_cache_bytes=1000000"], r"KV cache \(34 tokens, fewer than one model.seq_length=4096 sequence\)"),
+        (["rollout.sleep_during_training=false"], r"rollout.sleep_during_training=false keeps the engine's 35.8 GiB"),
+    ],
+)
 def test_memory_plan_refuses_budgets_that_leave_the_trainer_too_little(overrides, expected):
     from gift_megatron.config import layout_plan
 
@@ -247,14 +309,20 @@ def test_cluster_doc_shows_the_numbers_validate_prints(path, world):
     from gift_megatron.config import layout_plan
 
     plan = layout_plan(load_config(path), world)
-    doc = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "cluster.md"),
-               encoding="utf-8").read()
-    row = (f"**{plan['train_states_gib']:.1f} GiB** | ", f"**{plan['train_peak_gib']:.1f} GiB** | ",
-           f"**{plan['generation_peak_gib_with_offload']:.1f} / {plan['generation_peak_gib_without_offload']:.1f} GiB**")
+    doc = open(
+        os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "cluster.md"),
+        encoding="utf-8",
+    ).read()
+    row = (
+        f"**{plan['train_states_gib']:.1f} GiB** | ",
+        f"**{plan['train_peak_gib']:.1f} GiB** | ",
+        f"**{plan['generation_peak_gib_with_offload']:.1f} / {plan['generation_peak_gib_without_offload']:.1f} GiB**",
+    )
     for text in row:
         assert text in doc, text
-    engine = (f"{plan['rollout_weights_gib']:.1f} GiB of weights, ~{plan['rollout_activations_gib']:.1f} GiB of "
-              f"activations")
+    engine = (
+        f"{plan['rollout_weights_gib']:.1f} GiB of weights, ~{plan['rollout_activations_gib']:.1f} GiB of activations"
+    )
     assert engine in doc and f"{plan['rollout_kv_cache_gib']:.1f} GiB of KV cache" in doc, engine
     assert f"({plan['rollout_engine_gib']:.1f} GiB)" in doc
 
@@ -263,13 +331,23 @@ def test_token_budget_keys(tmp_path):
     path = write(tmp_path, BASE)
     cfg = load_config(path, ["train.micro_batch_size=null", "train.micro_batch_tokens=128"])
     assert cfg.train.micro_batch_tokens == 128 and cfg.train.micro_batch_size is None
-    assert load_config(write(tmp_path, {k: v for k, v in BASE.items() if k != "train"}, "d.yaml")).train.micro_batch_size == 4
-    with pytest.raises(ConfigError, match=r"train.micro_batch_size \(4\) and train.micro_batch_tokens \(128\) are both "
-                                          r"set.*train.micro_batch_size=null"):
+    assert (
+        load_config(write(tmp_path, {k: v for k, v in BASE.items() if k != "train"}, "d.yaml")).train.micro_batch_size
+        == 4
+    )
+    with pytest.raises(
+        ConfigError,
+        match=r"train.micro_batch_size \(4\) and train.micro_batch_tokens \(128\) are both "
+        r"set.*train.micro_batch_size=null",
+    ):
         load_config(path, ["train.micro_batch_tokens=128"])
     with pytest.raises(ConfigError, match=r"train.micro_batch_tokens \(130\) must be a positive multiple of 4"):
-        load_config(path, ["train.micro_batch_size=null", "train.micro_batch_tokens=130",
-                           "parallel.context_parallel_size=2"])
-    with pytest.raises(ConfigError, match=r"train.micro_batch_tokens \(48\) is smaller than a member of "
-                                          r"model.seq_length \(64\)"):
+        load_config(
+            path, ["train.micro_batch_size=null", "train.micro_batch_tokens=130", "parallel.context_parallel_size=2"]
+        )
+    with pytest.raises(
+        ConfigError,
+        match=r"train.micro_batch_tokens \(48\) is smaller than a member of "
+        r"model.seq_length \(64\)",
+    ):
         load_config(path, ["train.micro_batch_size=null", "train.micro_batch_tokens=48"])

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal, Optional
+from typing import Literal
 
 from gift_megatron import config_doc
 
@@ -16,8 +16,7 @@ def test_committed_config_reference_is_current():
 
 def test_every_config_key_has_a_meaning():
     missing = config_doc.undocumented()
-    assert not missing, ("config keys without an entry ('key: meaning') in their class docstring: "
-                         + ", ".join(missing))
+    assert not missing, "config keys without an entry ('key: meaning') in their class docstring: " + ", ".join(missing)
 
 
 @dataclasses.dataclass
@@ -37,7 +36,7 @@ def test_generator_reads_entries_types_and_defaults_of_a_new_section(tmp_path, c
         """
 
         alpha: int = 3
-        beta: Optional[float] = None
+        beta: float | None = None
         gamma: Literal["a", "b"] = "a"
         delta: list[str] = dataclasses.field(default_factory=list)
         epsilon: bool = True

@@ -20,8 +20,11 @@ from tests.test_train_e2e import CONFIG, ROOT, data_overrides, torchrun, toy_tas
 PY = sys.executable
 # What third-party noise looks like: Python warnings ("...py:25: UserWarning: ..." and the source line
 # "  warnings.warn("), torch's rank-prefixed log records ("[rank0]:W1207 ..."), Megatron's log lines.
-NOISE = re.compile(r"Warning:|warnings\.warn|^\[rank\d+\]:[WE]\d|DEPRECATED|deprecated|Apex|Transformer Engine"
-                   r"|No CUDA runtime|MimoModelConfig|full_param_layout", re.M)
+NOISE = re.compile(
+    r"Warning:|warnings\.warn|^\[rank\d+\]:[WE]\d|DEPRECATED|deprecated|Apex|Transformer Engine"
+    r"|No CUDA runtime|MimoModelConfig|full_param_layout",
+    re.M,
+)
 
 
 def _env(**extra):
@@ -36,11 +39,22 @@ def gft_run(toy_task, tmp_path_factory):
     """A 2-rank GFT run under plain torchrun with stdout and stderr going to pipes (not a terminal)."""
     run = str(tmp_path_factory.mktemp("console") / "run")
     args = data_overrides(toy_task) + [
-        f"run.output_dir={run}", "train.steps=4", "run.log_interval=2", "run.save_interval=0",
-        "train.eval_interval=0", "train.eval_prompts=8", "run.plots=false", "objective.name=gft",
-        "objective.options={}", "train.prompts_per_step=4", "rollout.n=4", "run.progress=true"]
-    proc = subprocess.run(torchrun(args), cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300,
-                          start_new_session=True)
+        f"run.output_dir={run}",
+        "train.steps=4",
+        "run.log_interval=2",
+        "run.save_interval=0",
+        "train.eval_interval=0",
+        "train.eval_prompts=8",
+        "run.plots=false",
+        "objective.name=gft",
+        "objective.options={}",
+        "train.prompts_per_step=4",
+        "rollout.n=4",
+        "run.progress=true",
+    ]
+    proc = subprocess.run(
+        torchrun(args), cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300, start_new_session=True
+    )
     assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-3000:])
     return run, proc
 
@@ -68,8 +82,9 @@ def test_a_short_run_prints_plain_lines_and_a_summary_without_third_party_noise(
     assert re.match(r"done: step 4/4 \(4 steps this job\) in 0:\d\d:\d\d\n", summary), summary
     assert f"output dir:      {os.path.abspath(run)}" in summary
     assert f"last checkpoint: {os.path.join(run, 'checkpoints', 'step_00000004')}" in summary
-    assert (f"eval reward:     {records[0]['eval/reward']:.3f} at step 0 -> "
-            f"{records[4]['eval/reward']:.3f} at step 4") in summary
+    assert (
+        f"eval reward:     {records[0]['eval/reward']:.3f} at step 0 -> {records[4]['eval/reward']:.3f} at step 4"
+    ) in summary
     assert len(lines) == 1 + 2 + 4, lines  # start, two step lines, four summary lines
 
 
@@ -77,9 +92,24 @@ def test_a_short_run_prints_plain_lines_and_a_summary_without_third_party_noise(
 def test_a_start_up_error_is_one_line_from_the_launcher(toy_task, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "1+2=", "answer": "3"}\n{"answer": "4"}\n')
-    proc = subprocess.run([PY, "-m", "gift_megatron.train", CONFIG, "--nproc-per-node", "2",
-                           *data_overrides(toy_task), f"run.output_dir={tmp_path / 'r'}", f"data.train_files=[{bad}]"],
-                          cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=180)
+    proc = subprocess.run(
+        [
+            PY,
+            "-m",
+            "gift_megatron.train",
+            CONFIG,
+            "--nproc-per-node",
+            "2",
+            *data_overrides(toy_task),
+            f"run.output_dir={tmp_path / 'r'}",
+            f"data.train_files=[{bad}]",
+        ],
+        cwd=ROOT,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert proc.returncode == 2, (proc.stdout, proc.stderr)
     lines = proc.stderr.splitlines()
     assert len(lines) == 2, proc.stderr  # the error (rank 0 only) and the launcher's line
@@ -90,16 +120,24 @@ def test_a_start_up_error_is_one_line_from_the_launcher(toy_task, tmp_path):
 
 def test_show_warnings_switch_and_environment_variable():
     """Quiet by default; GIFT_MEGATRON_SHOW_WARNINGS=1 (and run.show_warnings, through configure) shows them."""
-    code = ("import logging, warnings; from gift_megatron import console; console.configure(); "
-            "warnings.warn_explicit('LOUD-WARNING', UserWarning, 'megatron/core/x.py', 1, module='megatron.core.x'); "
-            "logging.getLogger('megatron.core.x').warning('LOUD-LOG'); "
-            "console.configure(show_warnings=True); "
-            "logging.getLogger('megatron.core.y').warning('SHOWN-LOG')")
+    code = (
+        "import logging, warnings; from gift_megatron import console; console.configure(); "
+        "warnings.warn_explicit('LOUD-WARNING', UserWarning, 'megatron/core/x.py', 1, module='megatron.core.x'); "
+        "logging.getLogger('megatron.core.x').warning('LOUD-LOG'); "
+        "console.configure(show_warnings=True); "
+        "logging.getLogger('megatron.core.y').warning('SHOWN-LOG')"
+    )
     quiet = subprocess.run([PY, "-c", code], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
     assert quiet.returncode == 0, quiet.stderr
     assert "LOUD" not in quiet.stderr and "SHOWN-LOG" in quiet.stderr, quiet.stderr
-    loud = subprocess.run([PY, "-c", code], cwd=ROOT, env=_env(GIFT_MEGATRON_SHOW_WARNINGS="1"),
-                          capture_output=True, text=True, timeout=120)
+    loud = subprocess.run(
+        [PY, "-c", code],
+        cwd=ROOT,
+        env=_env(GIFT_MEGATRON_SHOW_WARNINGS="1"),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert "LOUD-WARNING" in loud.stderr and "LOUD-LOG" in loud.stderr, loud.stderr
 
 
@@ -117,19 +155,28 @@ def test_degenerate_groups_warn_once_per_streak():
 
 def test_reward_labels_and_plain_lines_without_a_terminal(tmp_path, capsys):
     metrics = {"rollout/reward_mean": 0.0, "reward/mean": 0.375, "loss": 0.5, "perf/tokens_per_s": 1000.0}
-    gft = MetricsLogger(str(tmp_path / "a"), enabled=True, tensorboard=False, total_steps=10, progress=True,
-                        demo_members=True, interactive=False)
+    gft = MetricsLogger(
+        str(tmp_path / "a"),
+        enabled=True,
+        tensorboard=False,
+        total_steps=10,
+        progress=True,
+        demo_members=True,
+        interactive=False,
+    )
     assert gft._bar is None  # no terminal: no bar, even with progress=True
     gft.log(1, metrics)
     line = capsys.readouterr().out.strip()
     assert line.startswith("step 1/10 | rollout reward 0.000 | trained-member reward 0.375 | loss 0.5"), line
-    gift = MetricsLogger(str(tmp_path / "b"), enabled=True, tensorboard=False, total_steps=10, progress=False,
-                         interactive=True)
+    gift = MetricsLogger(
+        str(tmp_path / "b"), enabled=True, tensorboard=False, total_steps=10, progress=False, interactive=True
+    )
     gift.log(1, metrics)
     line = capsys.readouterr().out.strip()
     assert "rollout reward 0.000" in line and "trained-member" not in line, line  # progress=false: lines too
-    bar = MetricsLogger(str(tmp_path / "c"), enabled=True, tensorboard=False, total_steps=10, progress=True,
-                        interactive=True)
+    bar = MetricsLogger(
+        str(tmp_path / "c"), enabled=True, tensorboard=False, total_steps=10, progress=True, interactive=True
+    )
     assert bar._bar is not None
     bar.log(1, metrics)
     bar.close()

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import glob
 import importlib.util
+import itertools
 import json
 import os
 import subprocess
@@ -33,8 +34,13 @@ from tests.multiproc import run_ranks  # noqa: E402
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VOCAB = 100
 BUCKET = 20_000  # bytes: between the sizes of the tiny models' tensors, so buckets hold 1 to a few
-LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-               "original_max_position_embeddings": 8192}
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192,
+}
 
 # case -> (family, tied embeddings, dtype, save the HF model in shards)
 CASES = {
@@ -50,15 +56,28 @@ FP32 = [c for c, (_, _, dtype, _) in CASES.items() if dtype == torch.float32]
 def make_hf(path, family, *, tie=False, dtype=torch.float32, seed=0, vocab=VOCAB, shard=None):
     """A random transformers model of ``family`` saved into ``path``; returns it. Norm weights and biases
     are randomized too (they start at ones / zeros, which would hide a mix-up)."""
-    config_cls, model_cls = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
-                             "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
-                             "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM)}[family]
-    extra = {"llama": {"rope_scaling": LLAMA3_ROPE, "max_position_embeddings": 16384},
-             "qwen3": {"head_dim": 24}}.get(family, {})
+    config_cls, model_cls = {
+        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+        "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
+    }[family]
+    extra = {"llama": {"rope_scaling": LLAMA3_ROPE, "max_position_embeddings": 16384}, "qwen3": {"head_dim": 24}}.get(
+        family, {}
+    )
     torch.manual_seed(seed)
-    cfg = config_cls(vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                     num_attention_heads=4, num_key_value_heads=2, rope_theta=10000.0, tie_word_embeddings=tie,
-                     rms_norm_eps=1e-6, initializer_range=0.1, **{"max_position_embeddings": 64, **extra})
+    cfg = config_cls(
+        vocab_size=vocab,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        rope_theta=10000.0,
+        tie_word_embeddings=tie,
+        rms_norm_eps=1e-6,
+        initializer_range=0.1,
+        **{"max_position_embeddings": 64, **extra},
+    )
     model = model_cls(cfg)
     with torch.no_grad():
         for n, p in model.named_parameters():
@@ -107,8 +126,14 @@ def converted(tmp_path_factory):
         model = make_hf(root / "hf", family, tie=tie, dtype=dtype, shard="60KB" if sharded else None)
         hf_to_megatron(root / "hf", root / "meg", progress=False)
         megatron_to_hf(root / "meg", root / "back", max_shard_bytes=100_000, progress=False)
-        out[case] = {"hf": str(root / "hf"), "meg": str(root / "meg"), "back": str(root / "back"),
-                     "model": model.float().eval(), "dtype": dtype, "tie": tie}
+        out[case] = {
+            "hf": str(root / "hf"),
+            "meg": str(root / "meg"),
+            "back": str(root / "back"),
+            "model": model.float().eval(),
+            "dtype": dtype,
+            "tie": tie,
+        }
     return out
 
 
@@ -173,24 +198,25 @@ def _megatron_greedy(model, cfg, prompt, steps):
         local = model(t, torch.arange(len(ids))[None], None)[0].float()  # [s, V_padded / tp]
         parts = [torch.empty_like(local) for _ in range(ps.get_tensor_model_parallel_world_size())]
         dist.all_gather(parts, local.contiguous(), group=ps.get_tensor_model_parallel_group())
-        return torch.cat(parts, -1)[:, :cfg.vocab_size]
+        return torch.cat(parts, -1)[:, : cfg.vocab_size]
 
     ids = list(prompt)
     with torch.no_grad():
         for _ in range(steps):
             ids.append(int(logits_of(ids)[-1].argmax()))
         lp = torch.log_softmax(logits_of(ids[:-1]), -1)
-    new = ids[len(prompt):]
-    return new, lp[len(prompt) - 1:].gather(-1, torch.tensor(new)[:, None])[:, 0]
+    new = ids[len(prompt) :]
+    return new, lp[len(prompt) - 1 :].gather(-1, torch.tensor(new)[:, None])[:, 0]
 
 
 def _exports(model, cfg, dst_ranks):
     """dst_rank -> this rank's buckets (cloned), for each dst_rank in ``dst_ranks``."""
     from gift_megatron.checkpoint import iter_hf_weights
 
-    return {dst: [[(n, t.clone()) for n, t in b]
-                  for b in iter_hf_weights(model, cfg, bucket_bytes=BUCKET, dst_rank=dst)]
-            for dst in dst_ranks}
+    return {
+        dst: [[(n, t.clone()) for n, t in b] for b in iter_hf_weights(model, cfg, bucket_bytes=BUCKET, dst_rank=dst)]
+        for dst in dst_ranks
+    }
 
 
 def _ranks_worker(rank, world, cases):
@@ -221,9 +247,11 @@ def _ranks_worker(rank, world, cases):
             # The same model filled from the HF tensors in memory at this layout.
             again = build_model(cfg, parallel, precision)
             load_hf_weights_into_model(again, cfg, hf_tensors(c["hf"]))
-            r[f"loader_equal_{tp}x{pp}"] = all(torch.equal(a, b) for a, b in
-                                               zip(model.state_dict().values(), again.state_dict().values())
-                                               if isinstance(a, torch.Tensor))
+            r[f"loader_equal_{tp}x{pp}"] = all(
+                torch.equal(a, b)
+                for a, b in zip(model.state_dict().values(), again.state_dict().values())
+                if isinstance(a, torch.Tensor)
+            )
             exported = model
             if precision.dtype == "bf16":  # the wrapper a bf16 trainer holds (DDP adds another .module)
                 from megatron.core.transformer.module import Float16Module
@@ -240,7 +268,8 @@ def _ranks_worker(rank, world, cases):
 
                     torch.manual_seed(123)
                     fresh = transformers.AutoModelForCausalLM.from_config(
-                        transformers.AutoConfig.for_model(**hf_config_dict(cfg, torch.float32)), dtype=torch.float32)
+                        transformers.AutoConfig.for_model(**hf_config_dict(cfg, torch.float32)), dtype=torch.float32
+                    )
                     engine = HFRolloutEngine(fresh, eos_token_id=None, pad_token_id=0)
                 from gift_megatron.checkpoint import iter_hf_tensors
 
@@ -269,14 +298,16 @@ def _megatron_greedy_logits(model, cfg, tokens):
         local = model(tokens, torch.arange(tokens.shape[1])[None].expand_as(tokens), None).float()
         parts = [torch.empty_like(local) for _ in range(ps.get_tensor_model_parallel_world_size())]
         dist.all_gather(parts, local.contiguous(), group=ps.get_tensor_model_parallel_group())
-    return torch.cat(parts, -1)[..., :cfg.vocab_size]
+    return torch.cat(parts, -1)[..., : cfg.vocab_size]
 
 
 @pytest.fixture(scope="module")
 def two_ranks(converted):
     tokens = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(1))
-    cases = {case: {"hf": c["hf"], "meg": c["meg"], "tokens": tokens, "prompts": [[5, 9, 13], [7, 2, 40, 41]]}
-             for case, c in converted.items()}
+    cases = {
+        case: {"hf": c["hf"], "meg": c["meg"], "tokens": tokens, "prompts": [[5, 9, 13], [7, 2, 40, 41]]}
+        for case, c in converted.items()
+    }
     return tokens, run_ranks(_ranks_worker, 2, cases, timeout=300)
 
 
@@ -312,7 +343,7 @@ def test_streaming_export_at_tp2_and_pp2(converted, two_ranks, case):
                 sizes = [[t.numel() * t.element_size() for _, t in b] for b in buckets]
                 for s in sizes:  # bounded: at most bucket_bytes, or one larger tensor alone
                     assert sum(s) <= BUCKET or len(s) == 1, (where, s)
-                for s, nxt in zip(sizes, sizes[1:]):  # and full: the next tensor would not have fitted
+                for s, nxt in itertools.pairwise(sizes):  # and full: the next tensor would not have fitted
                     assert sum(s) + nxt[0] > BUCKET, (where, s, nxt)
 
 
@@ -333,19 +364,57 @@ def test_tools_round_trip_and_verify_at_tp2(converted, tmp_path, capsys):
     c = converted["qwen3-untied-fp32"]
     to_hf, verify = load_tool("convert_megatron_to_hf"), load_tool("verify_conversion")
     # One real command line (Megatron's checkpoint writer starts a spawned helper that imports __main__).
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "convert_hf_to_megatron.py"), "--hf", c["hf"],
-                           "--out", str(tmp_path / "meg")], capture_output=True, text=True, timeout=300,
-                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    proc = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "tools", "convert_hf_to_megatron.py"),
+            "--hf",
+            c["hf"],
+            "--out",
+            str(tmp_path / "meg"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )
     assert proc.returncode == 0 and "wrote " in proc.stdout, proc.stderr[-3000:]
     assert "HF -> Megatron: 100%" in proc.stderr  # the progress bar
-    assert to_hf.main(["--megatron", str(tmp_path / "meg" / "step_00000000"), "--out", str(tmp_path / "back"),
-                       "--max-shard-size", "50KB", "--no-progress"]) == 0
+    assert (
+        to_hf.main(
+            [
+                "--megatron",
+                str(tmp_path / "meg" / "step_00000000"),
+                "--out",
+                str(tmp_path / "back"),
+                "--max-shard-size",
+                "50KB",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     original, again = hf_tensors(c["hf"]), hf_tensors(tmp_path / "back")
     assert sorted(again) == sorted(original) and all(torch.equal(again[n], t) for n, t in original.items())
     assert len(glob.glob(str(tmp_path / "back" / "model-*.safetensors"))) > 1
     capsys.readouterr()
-    assert verify.main(["--hf", c["hf"], "--megatron", str(tmp_path / "meg"), "--tp", "2",
-                        "--prompt-ids", "5,9,13,2;7,2,40,41", "--timeout", "240"]) == 0
+    assert (
+        verify.main(
+            [
+                "--hf",
+                c["hf"],
+                "--megatron",
+                str(tmp_path / "meg"),
+                "--tp",
+                "2",
+                "--prompt-ids",
+                "5,9,13,2;7,2,40,41",
+                "--timeout",
+                "240",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     print(out)
     assert "max |logit difference|" in out and "over 2x4 tokens, TP=2" in out
@@ -361,11 +430,27 @@ def test_training_checkpoint_needs_the_architecture(converted, tmp_path, capsys)
     c = converted["qwen2-tied-fp32"]
     shutil.copytree(os.path.join(c["meg"], "step_00000000"), tmp_path / "run" / "step_00000007")
     to_hf = load_tool("convert_megatron_to_hf")
-    assert to_hf.main(["--megatron", str(tmp_path / "run" / "step_00000007"), "--out", str(tmp_path / "a"),
-                       "--no-progress"]) == 2
+    assert (
+        to_hf.main(
+            ["--megatron", str(tmp_path / "run" / "step_00000007"), "--out", str(tmp_path / "a"), "--no-progress"]
+        )
+        == 2
+    )
     assert "pass the architecture with --hf-config" in capsys.readouterr().err
-    assert to_hf.main(["--megatron", str(tmp_path / "run" / "step_00000007"), "--out", str(tmp_path / "b"),
-                       "--hf-config", os.path.join(c["hf"], "config.json"), "--no-progress"]) == 0
+    assert (
+        to_hf.main(
+            [
+                "--megatron",
+                str(tmp_path / "run" / "step_00000007"),
+                "--out",
+                str(tmp_path / "b"),
+                "--hf-config",
+                os.path.join(c["hf"], "config.json"),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     original, again = hf_tensors(c["hf"]), hf_tensors(tmp_path / "b")
     assert all(torch.equal(again[n], t) for n, t in original.items())
     transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "b")  # config.json from hf_config_dict
@@ -380,8 +465,10 @@ def test_unsupported_architecture_lists_the_supported_ones(tmp_path, capsys):
     assert to_meg.main(["--hf", str(tmp_path / "gpt2"), "--out", str(tmp_path / "o"), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "unsupported architecture 'GPT2LMHeadModel'" in err
-    assert ("supported: LlamaForCausalLM, MixtralForCausalLM, Qwen2ForCausalLM, Qwen2MoeForCausalLM, "
-            "Qwen3ForCausalLM, Qwen3MoeForCausalLM") in err
+    assert (
+        "supported: LlamaForCausalLM, MixtralForCausalLM, Qwen2ForCausalLM, Qwen2MoeForCausalLM, "
+        "Qwen3ForCausalLM, Qwen3MoeForCausalLM"
+    ) in err
     assert not (tmp_path / "o").exists()  # refused before writing anything
 
 
@@ -393,15 +480,21 @@ def test_missing_truncated_and_inconsistent_shards(tmp_path):
     assert len(shards) > 2
     HFCheckpoint(tmp_path / "sharded")  # fine as saved
     os.remove(shards[1])
-    with pytest.raises(ConversionError, match=rf"model.safetensors.index.json: names shard "
-                                              rf"{os.path.basename(shards[1])}, which does not exist"):
+    with pytest.raises(
+        ConversionError,
+        match=rf"model.safetensors.index.json: names shard "
+        rf"{os.path.basename(shards[1])}, which does not exist",
+    ):
         HFCheckpoint(tmp_path / "sharded")
 
     make_hf(tmp_path / "trunc", "qwen2")
     f = tmp_path / "trunc" / "model.safetensors"
     f.write_bytes(f.read_bytes()[:-100])  # the last tensor loses its tail
-    with pytest.raises(ConversionError, match=r"trunc/model.safetensors: truncated safetensors file: tensor '.+' "
-                                              r"ends at byte"):
+    with pytest.raises(
+        ConversionError,
+        match=r"trunc/model.safetensors: truncated safetensors file: tensor '.+' "
+        r"ends at byte",
+    ):
         HFCheckpoint(tmp_path / "trunc")
     f.write_bytes(b"\x10\x00")
     with pytest.raises(ConversionError, match=r"model.safetensors: truncated safetensors file \(2 bytes, no header\)"):
@@ -422,8 +515,11 @@ def test_missing_truncated_and_inconsistent_shards(tmp_path):
 
     save_file(tensors, str(tmp_path / "bias" / "model.safetensors"))
     model.config.save_pretrained(tmp_path / "bias")
-    with pytest.raises(ConversionError, match=r"missing tensors \[model.layers.1.mlp.up_proj.weight\]; shapes that "
-                                              r"do not match config.json: \[model.norm.weight: \[65\]"):
+    with pytest.raises(
+        ConversionError,
+        match=r"missing tensors \[model.layers.1.mlp.up_proj.weight\]; shapes that "
+        r"do not match config.json: \[model.norm.weight: \[65\]",
+    ):
         HFCheckpoint(tmp_path / "bias")
 
 
@@ -440,8 +536,20 @@ def test_tokenizer_larger_than_the_model_vocabulary(converted, tmp_path, capsys)
 
     hf_to_megatron(tmp_path / "small2", tmp_path / "meg", progress=False)
     to_hf = load_tool("convert_megatron_to_hf")
-    assert to_hf.main(["--megatron", str(tmp_path / "meg"), "--out", str(tmp_path / "back"), "--tokenizer",
-                       str(tmp_path / "tok"), "--no-progress"]) == 2
+    assert (
+        to_hf.main(
+            [
+                "--megatron",
+                str(tmp_path / "meg"),
+                "--out",
+                str(tmp_path / "back"),
+                "--tokenizer",
+                str(tmp_path / "tok"),
+                "--no-progress",
+            ]
+        )
+        == 2
+    )
     assert "--tokenizer" in (err := capsys.readouterr().err) and "17 tokens" in err and "vocab_size is 12" in err
     # A fitting tokenizer is copied from the conversion record when --tokenizer is not given.
     make_hf(tmp_path / "fits", "qwen2", vocab=20)
@@ -456,8 +564,10 @@ def test_impossible_tp_and_bad_flags(converted, capsys):
     c = converted["qwen2-tied-fp32"]
     verify = load_tool("verify_conversion")
     assert verify.main(["--hf", c["hf"], "--megatron", c["meg"], "--tp", "4"]) == 2
-    assert "--tp 4: parallel.tensor_model_parallel_size (4) does not divide model.num_query_groups (2 KV heads)" in \
-        capsys.readouterr().err
+    assert (
+        "--tp 4: parallel.tensor_model_parallel_size (4) does not divide model.num_query_groups (2 KV heads)"
+        in capsys.readouterr().err
+    )
     assert verify.main(["--hf", c["hf"], "--megatron", c["meg"], "--prompt-ids", "1,2,300"]) == 2
     assert "token ids must lie in [0, 100)" in capsys.readouterr().err
     to_hf = load_tool("convert_megatron_to_hf")
@@ -476,14 +586,20 @@ def test_in_memory_loader_errors_name_the_tensor(converted):
     with single_process_megatron():
         model = build_cpu_model(cfg, torch.float32)
         bad = dict(tensors, **{"model.layers.0.self_attn.q_norm.weight": torch.ones(16)})
-        with pytest.raises(ConversionError, match=r"'model.layers.0.self_attn.q_norm.weight' has shape \[16\], the "
-                                                  r"config implies \[24\]"):
+        with pytest.raises(
+            ConversionError,
+            match=r"'model.layers.0.self_attn.q_norm.weight' has shape \[16\], the "
+            r"config implies \[24\]",
+        ):
             load_hf_weights_into_model(model, cfg, bad)
         with pytest.raises(ConversionError, match=r"'model.layers.9.mlp.up_proj.weight' is not part of"):
             load_hf_weights_into_model(model, cfg, {**tensors, "model.layers.9.mlp.up_proj.weight": torch.ones(1)})
         partial = {n: t for n, t in tensors.items() if "k_proj" not in n}
-        with pytest.raises(ConversionError, match=r"2 parameters were not set: the HF source has no "
-                                                  r"\['model.layers.0.self_attn.k_proj.weight'"):
+        with pytest.raises(
+            ConversionError,
+            match=r"2 parameters were not set: the HF source has no "
+            r"\['model.layers.0.self_attn.k_proj.weight'",
+        ):
             load_hf_weights_into_model(model, cfg, partial)
 
 
@@ -513,10 +629,12 @@ def test_transformer_engine_norm_names_load_and_export(converted):
                 p.zero_()
         load_hf_weights_into_model(model, cfg, tensors)
         for i, layer in enumerate(model.decoder.layers):
-            assert torch.equal(layer.self_attention.linear_qkv.layer_norm_weight,
-                               tensors[f"model.layers.{i}.input_layernorm.weight"])
-            assert torch.equal(layer.mlp.linear_fc1.layer_norm_weight,
-                               tensors[f"model.layers.{i}.post_attention_layernorm.weight"])
+            assert torch.equal(
+                layer.self_attention.linear_qkv.layer_norm_weight, tensors[f"model.layers.{i}.input_layernorm.weight"]
+            )
+            assert torch.equal(
+                layer.mlp.linear_fc1.layer_norm_weight, tensors[f"model.layers.{i}.post_attention_layernorm.weight"]
+            )
         exported = dict(iter_hf_tensors(model, cfg))
     assert sorted(exported) == sorted(tensors)
     for name, t in tensors.items():
@@ -525,8 +643,11 @@ def test_transformer_engine_norm_names_load_and_export(converted):
 
 # ------------------------------------------------------------------------------------- --out and --force
 def _tree_bytes(root) -> dict[str, bytes]:
-    return {os.path.relpath(os.path.join(d, f), root): open(os.path.join(d, f), "rb").read()
-            for d, _, files in os.walk(root) for f in files}
+    return {
+        os.path.relpath(os.path.join(d, f), root): open(os.path.join(d, f), "rb").read()
+        for d, _, files in os.walk(root)
+        for f in files
+    }
 
 
 def test_non_empty_out_is_refused_without_force_and_replaced_safely_with_it(converted, tmp_path, capsys, monkeypatch):
@@ -612,6 +733,8 @@ def test_bf16_verify_tolerance_is_relative_to_the_logits_scale(tmp_path, capsys)
     code, diff, scale = _verify(verify, capsys, tmp_path / "small-other", tmp_path / "small-meg")
     print(f"another model, small logits: max |diff| {diff:.3g}, scale {scale:.3g}, relative {diff / scale:.3g}")
     assert code == 1 and diff < 0.5
-    assert verify.main(["--hf", str(tmp_path / "small"), "--megatron", str(tmp_path / "small-meg"),
-                        "--tolerance", "0"]) == 2
+    assert (
+        verify.main(["--hf", str(tmp_path / "small"), "--megatron", str(tmp_path / "small-meg"), "--tolerance", "0"])
+        == 2
+    )
     assert "--tolerance 0.0: must be > 0" in capsys.readouterr().err

@@ -48,17 +48,38 @@ def make_moe(path, family, *, experts=4, layers=2, hidden=64, width=32, seed=0, 
     writes them, or ``fused``: its in-memory state dict as is); returns the model. Norms and biases are
     randomized too (they start at ones / zeros, which would hide a mix-up)."""
     torch.manual_seed(seed)
-    common = dict(vocab_size=VOCAB, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
-                  num_key_value_heads=2, rms_norm_eps=1e-6, initializer_range=0.1, max_position_embeddings=64,
-                  num_experts_per_tok=2, tie_word_embeddings=False)
+    common = dict(
+        vocab_size=VOCAB,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        rms_norm_eps=1e-6,
+        initializer_range=0.1,
+        max_position_embeddings=64,
+        num_experts_per_tok=2,
+        tie_word_embeddings=False,
+    )
     if family == "qwen3_moe":
-        cfg = transformers.Qwen3MoeConfig(intermediate_size=96, moe_intermediate_size=width, num_experts=experts,
-                                          head_dim=24, mlp_only_layers=[1] if layers > 1 else [],
-                                          norm_topk_prob=True, **common)
+        cfg = transformers.Qwen3MoeConfig(
+            intermediate_size=96,
+            moe_intermediate_size=width,
+            num_experts=experts,
+            head_dim=24,
+            mlp_only_layers=[1] if layers > 1 else [],
+            norm_topk_prob=True,
+            **common,
+        )
         model = transformers.Qwen3MoeForCausalLM(cfg)
     elif family == "qwen2_moe":
-        cfg = transformers.Qwen2MoeConfig(intermediate_size=96, moe_intermediate_size=width, num_experts=experts,
-                                          shared_expert_intermediate_size=48, norm_topk_prob=False, **common)
+        cfg = transformers.Qwen2MoeConfig(
+            intermediate_size=96,
+            moe_intermediate_size=width,
+            num_experts=experts,
+            shared_expert_intermediate_size=48,
+            norm_topk_prob=False,
+            **common,
+        )
         model = transformers.Qwen2MoeForCausalLM(cfg)
     else:
         cfg = transformers.MixtralConfig(intermediate_size=width, num_local_experts=experts, **common)
@@ -71,8 +92,11 @@ def make_moe(path, family, *, experts=4, layers=2, hidden=64, width=32, seed=0, 
     if fused:
         model.config.architectures = [type(model).__name__]  # what save_pretrained records
         model.config.save_pretrained(str(path))
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, os.path.join(str(path), "model.safetensors"),
-                  metadata={"format": "pt"})
+        save_file(
+            {k: v.contiguous() for k, v in model.state_dict().items()},
+            os.path.join(str(path), "model.safetensors"),
+            metadata={"format": "pt"},
+        )
     else:
         model.save_pretrained(str(path), **({"max_shard_size": shard} if shard else {}))
     return model
@@ -135,10 +159,16 @@ def test_fused_files_read_as_per_expert_tensors(converted, family):
     assert sorted(got) == sorted(per_expert) == sorted(hf.names)
     for name, t in per_expert.items():
         assert torch.equal(got[name], t), name
-    assert torch.equal(hf.tensor("model.layers.0." + ("block_sparse_moe.experts.3.w3.weight" if family == "mixtral"
-                                                      else "mlp.experts.3.up_proj.weight")),
-                       per_expert["model.layers.0." + ("block_sparse_moe.experts.3.w3.weight" if family == "mixtral"
-                                                       else "mlp.experts.3.up_proj.weight")])
+    assert torch.equal(
+        hf.tensor(
+            "model.layers.0."
+            + ("block_sparse_moe.experts.3.w3.weight" if family == "mixtral" else "mlp.experts.3.up_proj.weight")
+        ),
+        per_expert[
+            "model.layers.0."
+            + ("block_sparse_moe.experts.3.w3.weight" if family == "mixtral" else "mlp.experts.3.up_proj.weight")
+        ],
+    )
     if family == "mixtral":  # and end to end through a Megatron checkpoint
         again = hf_tensors(c["fused_back"])
         assert sorted(again) == sorted(per_expert) and all(torch.equal(again[n], t) for n, t in per_expert.items())
@@ -149,8 +179,10 @@ def test_logits_equal_transformers_at_tp1(converted, family):
     from gift_megatron.checkpoint.verify import compare_logits
 
     r = compare_logits(converted[family]["hf"], converted[family]["meg"], tp=1, batch=2, seq_length=12, seed=1)
-    print(f"{family} TP=1 EP=1: max |logit diff| vs transformers = {r.max_abs_diff:.2e} (logits up to "
-          f"{r.logit_scale:.2f})")
+    print(
+        f"{family} TP=1 EP=1: max |logit diff| vs transformers = {r.max_abs_diff:.2e} (logits up to "
+        f"{r.logit_scale:.2f})"
+    )
     assert r.max_abs_diff < 1e-5
 
 
@@ -163,7 +195,7 @@ def _gathered_logits(model, cfg, tokens):
 
     with torch.no_grad():
         local = model(tokens, torch.arange(tokens.shape[1])[None].expand_as(tokens), None).float()
-    return torch.cat(all_gather_tensors(local, ps.get_tensor_model_parallel_group()), -1)[..., :cfg.vocab_size]
+    return torch.cat(all_gather_tensors(local, ps.get_tensor_model_parallel_group()), -1)[..., : cfg.vocab_size]
 
 
 def _megatron_greedy(model, cfg, prompt, steps):
@@ -173,8 +205,8 @@ def _megatron_greedy(model, cfg, prompt, steps):
     for _ in range(steps):
         ids.append(int(_gathered_logits(model, cfg, torch.tensor([ids]))[0, -1].argmax()))
     lp = torch.log_softmax(_gathered_logits(model, cfg, torch.tensor([ids[:-1]]))[0], -1)
-    new = ids[len(prompt):]
-    return new, lp[len(prompt) - 1:].gather(-1, torch.tensor(new)[:, None])[:, 0]
+    new = ids[len(prompt) :]
+    return new, lp[len(prompt) - 1 :].gather(-1, torch.tensor(new)[:, None])[:, 0]
 
 
 def _ranks_worker(rank, world, cases, tokens):
@@ -200,8 +232,12 @@ def _ranks_worker(rank, world, cases, tokens):
         for family, c in cases.items():
             r = results[family]
             cfg = model_config_from_info(read_conversion_info(c["meg"]))
-            parallel = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-                                      expert_model_parallel_size=ep, sequence_parallel=tp > 1)
+            parallel = ParallelConfig(
+                tensor_model_parallel_size=tp,
+                pipeline_model_parallel_size=pp,
+                expert_model_parallel_size=ep,
+                sequence_parallel=tp > 1,
+            )
             model = build_model(cfg, parallel, PrecisionConfig(dtype="fp32")).eval()  # the trainer's builder
             load_checkpoint(resolve_checkpoint(c["meg"]), [model], restore_rng=False)
             for source in ("hf", "fused"):
@@ -209,17 +245,25 @@ def _ranks_worker(rank, world, cases, tokens):
                 tensors = hf_tensors(c[source]) if source == "hf" else c["fused_state"]
                 load_hf_weights_into_model(again, cfg, tensors)
                 r[f"loader_{source}_{name}"] = all(
-                    torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values())
-                    if isinstance(a, torch.Tensor))
-            r[f"export_{name}"] = {dst: [[(n, t.clone()) for n, t in b]
-                                         for b in iter_hf_weights(model, cfg, bucket_bytes=BUCKET, dst_rank=dst)]
-                                   for dst in (None, 0, 1)}
+                    torch.equal(a, b)
+                    for a, b in zip(model.state_dict().values(), again.state_dict().values())
+                    if isinstance(a, torch.Tensor)
+                )
+            r[f"export_{name}"] = {
+                dst: [
+                    [(n, t.clone()) for n, t in b]
+                    for b in iter_hf_weights(model, cfg, bucket_bytes=BUCKET, dst_rank=dst)
+                ]
+                for dst in (None, 0, 1)
+            }
             # Every replica to its own destination at once, as the trainer syncs each replica's engine owner:
             # at EP=2 each rank is a replica (and holds half of the other's experts); at TP=2 the two ranks are
             # one replica, so two destinations are an error.
             try:
-                r[f"export_own_{name}"] = [[(n, t.clone()) for n, t in b]
-                                           for b in iter_hf_weights(model, cfg, bucket_bytes=BUCKET, dst_rank=rank)]
+                r[f"export_own_{name}"] = [
+                    [(n, t.clone()) for n, t in b]
+                    for b in iter_hf_weights(model, cfg, bucket_bytes=BUCKET, dst_rank=rank)
+                ]
             except ValueError as exc:
                 r[f"export_own_{name}"] = str(exc)
             if pp == 1:
@@ -231,9 +275,11 @@ def _ranks_worker(rank, world, cases, tokens):
 
                     torch.manual_seed(123)
                     fresh = transformers.AutoModelForCausalLM.from_config(
-                        transformers.AutoConfig.for_model(**hf_config_dict(cfg, torch.float32, eos_token_id=None,
-                                                                           bos_token_id=None, pad_token_id=0)),
-                        dtype=torch.float32)
+                        transformers.AutoConfig.for_model(
+                            **hf_config_dict(cfg, torch.float32, eos_token_id=None, bos_token_id=None, pad_token_id=0)
+                        ),
+                        dtype=torch.float32,
+                    )
                     engine = HFRolloutEngine(fresh, eos_token_id=None, pad_token_id=0)
                 stream = iter_hf_tensors(model, cfg, bucket_bytes=BUCKET, dst_rank=0)
                 if engine is not None:
@@ -255,9 +301,15 @@ def _ranks_worker(rank, world, cases, tokens):
 @pytest.fixture(scope="module")
 def two_ranks(converted):
     tokens = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(1))
-    cases = {f: {"hf": c["hf"], "fused": c["fused"], "meg": c["meg"],
-                 "fused_state": {k: v.clone() for k, v in c["model"].state_dict().items()}}
-             for f, c in converted.items()}
+    cases = {
+        f: {
+            "hf": c["hf"],
+            "fused": c["fused"],
+            "meg": c["meg"],
+            "fused_state": {k: v.clone() for k, v in c["model"].state_dict().items()},
+        }
+        for f, c in converted.items()
+    }
     return tokens, run_ranks(_ranks_worker, 2, cases, tokens, timeout=420)
 
 
@@ -297,8 +349,7 @@ def test_logits_equal_transformers_at_tp2_and_ep2(converted, two_ranks, family):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_export_at_tp2_ep2_pp2_equals_the_single_process_export(converted, two_ranks, single_process_exports,
-                                                                family):
+def test_export_at_tp2_ep2_pp2_equals_the_single_process_export(converted, two_ranks, single_process_exports, family):
     reference = single_process_exports[family]
     original = hf_tensors(converted[family]["hf"])
     assert sorted(n for n, _ in reference) == sorted(original)  # the single-process export: the HF files' names
@@ -308,7 +359,9 @@ def test_export_at_tp2_ep2_pp2_equals_the_single_process_export(converted, two_r
         for rank in (0, 1):
             r = results[rank][family]
             for source in ("hf", "fused"):
-                assert r[f"loader_{source}_{layout}"], f"in-memory {source} loading differs from the checkpoint at {layout}"
+                assert r[f"loader_{source}_{layout}"], (
+                    f"in-memory {source} loading differs from the checkpoint at {layout}"
+                )
             for dst, buckets in r[f"export_{layout}"].items():
                 where = (layout, f"dst_rank={dst}", f"rank {rank}")
                 if dst is not None and dst != rank:
@@ -347,8 +400,23 @@ def test_cpu_rollout_engine_fed_by_the_ep2_export_decodes_like_megatron(two_rank
 def test_verify_tool_at_ep2(converted, capsys):
     c = converted["qwen2_moe"]
     verify = load_tool("verify_conversion")
-    assert verify.main(["--hf", c["hf"], "--megatron", c["meg"], "--ep", "2", "--prompt-ids", "5,9,13,2;7,2,40,41",
-                        "--timeout", "240"]) == 0
+    assert (
+        verify.main(
+            [
+                "--hf",
+                c["hf"],
+                "--megatron",
+                c["meg"],
+                "--ep",
+                "2",
+                "--prompt-ids",
+                "5,9,13,2;7,2,40,41",
+                "--timeout",
+                "240",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     print(out)
     assert "over 2x4 tokens, TP=1, EP=2" in out
@@ -432,18 +500,26 @@ def test_conversion_peak_memory_grows_by_one_layer_of_experts(tmp_path):
     for experts in (4, 16):
         make_moe(tmp_path / f"e{experts}" / "hf", "qwen3_moe", experts=experts, layers=4, hidden=256, width=384)
     env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1", MALLOC_MMAP_THRESHOLD_="65536")
-    run = subprocess.run([sys.executable, "-c", _MEASURE, str(tmp_path / "e4"), str(tmp_path / "e16")], cwd=ROOT,
-                         env=env, capture_output=True, text=True, timeout=300)
+    run = subprocess.run(
+        [sys.executable, "-c", _MEASURE, str(tmp_path / "e4"), str(tmp_path / "e16")],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     line = next((x for x in run.stdout.splitlines() if x.startswith("PEAKS ")), None)
     assert run.returncode == 0 and line, run.stderr[-3000:]
-    peaks = json.loads(line[len("PEAKS "):])
+    peaks = json.loads(line[len("PEAKS ") :])
     small, large = peaks[str(tmp_path / "e4")], peaks[str(tmp_path / "e16")]
     one_layer, whole = 12 * per_expert, 4 * 12 * per_expert
     for way in ("to_megatron", "to_hf"):
         growth = large[way] - small[way]
-        print(f"{way}: peak {small[way] / 1e6:.1f} MB (4 experts) -> {large[way] / 1e6:.1f} MB (16 experts): +"
-              f"{growth / 1e6:.1f} MB; one layer's 12 more experts {one_layer / 1e6:.1f} MB, the whole model's "
-              f"{whole / 1e6:.1f} MB")
+        print(
+            f"{way}: peak {small[way] / 1e6:.1f} MB (4 experts) -> {large[way] / 1e6:.1f} MB (16 experts): +"
+            f"{growth / 1e6:.1f} MB; one layer's 12 more experts {one_layer / 1e6:.1f} MB, the whole model's "
+            f"{whole / 1e6:.1f} MB"
+        )
         # One layer's experts and the writer's / reader's copies of their fc1 halves: about 1.7 x one_layer
         # (measured 1.8 x); the whole model would be 4 x one_layer before any copy.
         assert growth < 3 * one_layer, (way, growth, one_layer)
@@ -475,16 +551,30 @@ def test_megatron_checkpoint_with_another_expert_count(converted, tmp_path, caps
     cfg["num_local_experts"] = 8
     json.dump(cfg, open(tmp_path / "config.json", "w"))
     to_hf = load_tool("convert_megatron_to_hf")
-    assert to_hf.main(["--megatron", os.path.join(c["meg"], "step_00000000"), "--out", str(tmp_path / "o"),
-                       "--hf-config", str(tmp_path / "config.json"), "--no-progress"]) == 2
+    assert (
+        to_hf.main(
+            [
+                "--megatron",
+                os.path.join(c["meg"], "step_00000000"),
+                "--out",
+                str(tmp_path / "o"),
+                "--hf-config",
+                str(tmp_path / "config.json"),
+                "--no-progress",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert "the checkpoint has 4 experts per MoE layer, the model 8" in err and "step_00000000" in err
 
 
 def test_unsupported_moe_architecture_lists_the_supported_ones(tmp_path, capsys):
     os.makedirs(tmp_path / "ds")
-    json.dump({"architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3", "n_routed_experts": 8},
-              open(tmp_path / "ds" / "config.json", "w"))
+    json.dump(
+        {"architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3", "n_routed_experts": 8},
+        open(tmp_path / "ds" / "config.json", "w"),
+    )
     to_meg = load_tool("convert_hf_to_megatron")
     assert to_meg.main(["--hf", str(tmp_path / "ds"), "--out", str(tmp_path / "o"), "--no-progress"]) == 2
     err = capsys.readouterr().err
@@ -497,7 +587,9 @@ def test_impossible_expert_layouts_are_refused(converted, capsys):
     verify = load_tool("verify_conversion")
     c = converted["qwen3_moe"]
     assert verify.main(["--hf", c["hf"], "--megatron", c["meg"], "--ep", "3"]) == 2
-    assert "--ep 3: parallel.expert_model_parallel_size (3) does not divide model.num_experts (4)" in \
-        capsys.readouterr().err
+    assert (
+        "--ep 3: parallel.expert_model_parallel_size (3) does not divide model.num_experts (4)"
+        in capsys.readouterr().err
+    )
     assert verify.main(["--hf", c["hf"], "--megatron", c["meg"], "--tp", "2", "--prompt-ids", "1,2,3"]) == 2
     assert "sequence length 3 must be a multiple of 2" in capsys.readouterr().err

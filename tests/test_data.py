@@ -23,9 +23,18 @@ GOOD = {"prompt": "2+2=", "answer": "4", "expert": "4", "teachers": ["4", "5"]}
 
 # ------------------------------------------------------------------------------------------ schema
 def test_rows_fields_and_renames(tmp_path):
-    f = write_jsonl(tmp_path / "a.jsonl", [GOOD, {"question": "q?", "answer": 7, "extra": [1]},
-                                           {"messages": [{"role": "system", "content": "be brief"},
-                                                         {"role": "user", "content": "hi"}], "answer": "x", "id": 3}])
+    f = write_jsonl(
+        tmp_path / "a.jsonl",
+        [
+            GOOD,
+            {"question": "q?", "answer": 7, "extra": [1]},
+            {
+                "messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}],
+                "answer": "x",
+                "id": 3,
+            },
+        ],
+    )
     rows, report = load_prompts(f, fields={"prompt": "question"}, max_skipped_fraction=0.5)
     # With the rename, row 1 lacks 'question': skipped and reported, not silently dropped.
     assert report.rows == 3 and report.used == 2
@@ -41,21 +50,24 @@ def test_rows_fields_and_renames(tmp_path):
     assert (full[0].expert, full[0].teachers) == ("4", ("4", "5"))
 
 
-@pytest.mark.parametrize("row, reason", [
-    ('{"prompt": "x", ', "invalid JSON"),
-    ({"answer": "1"}, "needs 'prompt' or 'messages'"),
-    ({"prompt": 3}, "field 'prompt' must be a string, got int"),
-    ({"prompt": "  "}, "empty 'prompt'"),
-    ({"prompt": "p", "answer": True}, "field 'answer' must be a string, got bool"),
-    ({"prompt": "p", "answer": float("nan")}, "field 'answer' is nan"),
-    ({"prompt": "p", "expert": ["a"]}, "field 'expert' must be a string"),
-    ({"prompt": "p", "teachers": "t"}, "field 'teachers' must be a list of strings"),
-    ({"prompt": "p", "teachers": ["a", 1]}, "field 'teachers' must be a list of strings"),
-    ({"messages": [{"role": "user"}]}, "messages[0] must be"),
-    ({"messages": []}, "field 'messages' must be a non-empty list"),
-    ({"messages": [{"role": "user", "content": " "}]}, "field 'messages': every message is empty"),
-    ([1, 2], "expected an object, got list"),
-])
+@pytest.mark.parametrize(
+    "row, reason",
+    [
+        ('{"prompt": "x", ', "invalid JSON"),
+        ({"answer": "1"}, "needs 'prompt' or 'messages'"),
+        ({"prompt": 3}, "field 'prompt' must be a string, got int"),
+        ({"prompt": "  "}, "empty 'prompt'"),
+        ({"prompt": "p", "answer": True}, "field 'answer' must be a string, got bool"),
+        ({"prompt": "p", "answer": float("nan")}, "field 'answer' is nan"),
+        ({"prompt": "p", "expert": ["a"]}, "field 'expert' must be a string"),
+        ({"prompt": "p", "teachers": "t"}, "field 'teachers' must be a list of strings"),
+        ({"prompt": "p", "teachers": ["a", 1]}, "field 'teachers' must be a list of strings"),
+        ({"messages": [{"role": "user"}]}, "messages[0] must be"),
+        ({"messages": []}, "field 'messages' must be a non-empty list"),
+        ({"messages": [{"role": "user", "content": " "}]}, "field 'messages': every message is empty"),
+        ([1, 2], "expected an object, got list"),
+    ],
+)
 def test_malformed_rows_name_file_line_and_reason(tmp_path, row, reason):
     f = write_jsonl(tmp_path / "d.jsonl", [GOOD, GOOD, row])
     with pytest.raises(DatasetError) as err:
@@ -120,15 +132,20 @@ def test_parquet_round_trip(tmp_path):
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "d.parquet")
     got, report = load_prompts(tmp_path / "d.parquet")
     assert [(e.prompt, e.answer, e.expert, e.teachers, e.line) for e in got] == [
-        ("2+2=", "4", "4", ("4", "5"), 1), ("3+3=", "6", None, (), 2)]
+        ("2+2=", "4", "4", ("4", "5"), 1),
+        ("3+3=", "6", None, (), 2),
+    ]
     # Chat rows (a list<struct> column), renamed columns, numeric answers and a bad row with its row number.
-    chat = [{"conv": [{"role": "user", "content": "hi"}], "sol": 1.5},
-            {"conv": [{"role": "user", "content": "yo"}], "sol": float("nan")}]
+    chat = [
+        {"conv": [{"role": "user", "content": "hi"}], "sol": 1.5},
+        {"conv": [{"role": "user", "content": "yo"}], "sol": float("nan")},
+    ]
     pq.write_table(pa.Table.from_pylist(chat), tmp_path / "c.parquet", row_group_size=1)
     with pytest.raises(DatasetError, match=r"c.parquet:2: field 'sol' is nan"):
         load_prompts(str(tmp_path / "c.parquet"), fields={"messages": "conv", "answer": "sol"})
-    got, _ = load_prompts(str(tmp_path / "c.parquet"), fields={"messages": "conv", "answer": "sol"},
-                          max_skipped_fraction=0.5)
+    got, _ = load_prompts(
+        str(tmp_path / "c.parquet"), fields={"messages": "conv", "answer": "sol"}, max_skipped_fraction=0.5
+    )
     assert got[0].messages == (("user", "hi"),) and got[0].answer == "1.5" and got[0].line == 1
     (tmp_path / "bad.parquet").write_bytes(b"PAR1 not really")
     with pytest.raises(DatasetError, match="bad.parquet: cannot read Parquet"):
@@ -164,8 +181,9 @@ def test_bos_is_prepended_when_the_tokenizer_adds_one(tmp_path):
     from gift_megatron.data.toy import build_tokenizer
 
     hf = build_tokenizer()
-    hf.backend_tokenizer.post_processor = processors.TemplateProcessing(single="<bos> $A",
-                                                                        special_tokens=[("<bos>", 2)])
+    hf.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<bos> $A", special_tokens=[("<bos>", 2)]
+    )
     hf.save_pretrained(tmp_path / "bos")
     tok = Tokenizer.load(tmp_path / "bos")
     ex = PromptExample(prompt="1+2=", messages=None, answer="3")
@@ -178,13 +196,19 @@ def test_chat_template(tmp_path):
 
     hf = build_tokenizer()
     # Only characters of the toy vocabulary; the generation prompt and a template variable are visible.
-    hf.chat_template = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'system' %}-{% endif %}"
-                        "{{ m['content'] }}={% endfor %}{% if add_generation_prompt %} {% endif %}"
-                        "{% if flag is defined and flag %}+{% endif %}")
+    hf.chat_template = (
+        "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'system' %}-{% endif %}"
+        "{{ m['content'] }}={% endfor %}{% if add_generation_prompt %} {% endif %}"
+        "{% if flag is defined and flag %}+{% endif %}"
+    )
     hf.save_pretrained(tmp_path / "chat")
-    f = write_jsonl(tmp_path / "c.jsonl", [
-        {"messages": [{"role": "system", "content": "0"}, {"role": "user", "content": "1+2"}], "answer": "3"},
-        {"prompt": "4+4", "answer": "8"}])
+    f = write_jsonl(
+        tmp_path / "c.jsonl",
+        [
+            {"messages": [{"role": "system", "content": "0"}, {"role": "user", "content": "1+2"}], "answer": "3"},
+            {"prompt": "4+4", "answer": "8"},
+        ],
+    )
     a, b = load_prompts(f)[0]
     plain = Tokenizer.load(tmp_path / "chat")
     ids = plain.prompt_ids(a)
@@ -204,11 +228,20 @@ def test_chat_template(tmp_path):
 def test_sentencepiece_model(tmp_path):
     spm = pytest.importorskip("sentencepiece")
     rng = random.Random(0)
-    sentences = [" ".join(rng.choice(["alpha", "beta", "gamma", "delta", "one", "two"]) for _ in range(8))
-                 for _ in range(300)]
+    sentences = [
+        " ".join(rng.choice(["alpha", "beta", "gamma", "delta", "one", "two"]) for _ in range(8)) for _ in range(300)
+    ]
     buf = io.BytesIO()
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(sentences), model_writer=buf, vocab_size=20,
-                                   model_type="unigram", bos_id=1, eos_id=2, pad_id=0, unk_id=3)
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(sentences),
+        model_writer=buf,
+        vocab_size=20,
+        model_type="unigram",
+        bos_id=1,
+        eos_id=2,
+        pad_id=0,
+        unk_id=3,
+    )
     (tmp_path / "t.model").write_bytes(buf.getvalue())
     tok = Tokenizer.load(str(tmp_path / "t.model"))
     assert tok.kind == "sentencepiece" and (tok.bos_id, tok.eos_id, tok.pad_id, tok.vocab_size) == (1, 2, 0, 20)
@@ -252,8 +285,9 @@ def test_toy_task_rows(tmp_path, task, answers):
 def test_toy_cli(tmp_path, monkeypatch, capsys):
     from gift_megatron.data import toy
 
-    monkeypatch.setattr("sys.argv", ["toy", "--out", str(tmp_path), "--num-train", "5", "--num-eval", "1",
-                                     "--task", "add_mod10"])
+    monkeypatch.setattr(
+        "sys.argv", ["toy", "--out", str(tmp_path), "--num-train", "5", "--num-eval", "1", "--task", "add_mod10"]
+    )
     toy.main()
     assert "train: " in capsys.readouterr().out
     assert len((tmp_path / "train.jsonl").read_text().splitlines()) == 5

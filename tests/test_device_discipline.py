@@ -77,23 +77,34 @@ def batch(B=6, S=7, seed=0, groups=2):
     mask = torch.zeros(B, S)
     mask[:, 2:] = 1.0
     mask[0, -1] = 0.0
-    return TokenBatch(logp=logp, mask=mask, rewards=torch.rand(B, generator=g),
-                      group_ids=torch.arange(B) % groups, ref_logp=-torch.rand(B, S, generator=g) * 3,
-                      old_logp=logp.detach() - 0.05 * torch.rand(B, S, generator=g))
+    return TokenBatch(
+        logp=logp,
+        mask=mask,
+        rewards=torch.rand(B, generator=g),
+        group_ids=torch.arange(B) % groups,
+        ref_logp=-torch.rand(B, S, generator=g) * 3,
+        old_logp=logp.detach() - 0.05 * torch.rand(B, S, generator=g),
+    )
 
 
 OBJECTIVE_CASES = [
-    ("gift", {}), ("gift", {"detach_stats": False}), ("gift", {"implicit_reward": "mean", "std_floor": 0.1}),
-    ("gift", {"reference": "rollout", "detach_stats": False}), ("gft", {}), ("grpo", {}), ("grpo", {"kl_coef": 0.1}),
-    ("dapo", {}), ("gspo", {}), ("sft", {}), ("dft", {}),
+    ("gift", {}),
+    ("gift", {"detach_stats": False}),
+    ("gift", {"implicit_reward": "mean", "std_floor": 0.1}),
+    ("gift", {"reference": "rollout", "detach_stats": False}),
+    ("gft", {}),
+    ("grpo", {}),
+    ("grpo", {"kl_coef": 0.1}),
+    ("dapo", {}),
+    ("gspo", {}),
+    ("sft", {}),
+    ("dft", {}),
 ]
 
 
 @pytest.mark.parametrize("name,options", OBJECTIVE_CASES, ids=[f"{n}-{o}" for n, o in OBJECTIVE_CASES])
 def test_objectives_make_no_default_device_tensor(name, options):
-    from gift_megatron.objectives import build_objective
-
-    from gift_megatron.objectives import SINGLE_PROCESS
+    from gift_megatron.objectives import SINGLE_PROCESS, build_objective
 
     obj = build_objective(name, **options)
 
@@ -120,7 +131,11 @@ def test_gift_loss_full_gradient_statistics_under_meta():
 def test_group_statistics_helpers_under_meta():
     from gift_megatron.objectives.groups import group_statistics, group_zscore, segment_mean_std
 
-    v, ids, inverse = torch.tensor([0.3, 0.1, 0.7, 0.2, 0.9]), torch.tensor([4, 4, 1, 1, 9]), torch.tensor([0, 0, 1, 1, 2])
+    v, ids, inverse = (
+        torch.tensor([0.3, 0.1, 0.7, 0.2, 0.9]),
+        torch.tensor([4, 4, 1, 1, 9]),
+        torch.tensor([0, 0, 1, 1, 2]),
+    )
     assert_same_on_cpu(*guarded(lambda: group_zscore(v, ids)))
     assert_same_on_cpu(*guarded(lambda: group_statistics(v, ids)))
     assert_same_on_cpu(*guarded(lambda: segment_mean_std(v, inverse, 3)))
@@ -157,27 +172,42 @@ def test_trainer_batch_helpers_under_meta():
         rollout_logprob_gap,
     )
 
-    members = [Member(0, [1, 2, 3], [4, 5, 6], "rollout", reward=0.5, rollout_logprobs=[-0.1, -0.2, -0.3]),
-               Member(0, [1, 2, 3], [7, 8], "expert", reward=1.0),
-               Member(1, [1, 2], [5, 6, 7, 2], "rollout", reward=0.0, rollout_logprobs=[-1.0, -0.5, -0.25, -2.0]),
-               Member(1, [1, 2], [9], "teacher", reward=0.25)]
+    members = [
+        Member(0, [1, 2, 3], [4, 5, 6], "rollout", reward=0.5, rollout_logprobs=[-0.1, -0.2, -0.3]),
+        Member(0, [1, 2, 3], [7, 8], "expert", reward=1.0),
+        Member(1, [1, 2], [5, 6, 7, 2], "rollout", reward=0.0, rollout_logprobs=[-1.0, -0.5, -0.25, -2.0]),
+        Member(1, [1, 2], [9], "teacher", reward=0.25),
+    ]
 
     def run():
         b = pack(members, 8, pad_id=0)
         eng = engine_logprobs(members, 8)
         trainer = torch.where(b["loss_mask"] > 0, -0.3 * b["labels"].float(), torch.full_like(b["loss_mask"], 9.0))
-        return b, micro_batches(b, 2), eng, rollout_logprob_gap(trainer, eng, b["loss_mask"]), \
-            rollout_kl_to_reference(trainer, eng, b["loss_mask"])
+        return (
+            b,
+            micro_batches(b, 2),
+            eng,
+            rollout_logprob_gap(trainer, eng, b["loss_mask"]),
+            rollout_kl_to_reference(trainer, eng, b["loss_mask"]),
+        )
 
     guarded_out, plain = guarded(run)
     assert_same_on_cpu(guarded_out, plain)
     # Independent reference for the vectorized gap and KL: per member, by hand.
-    b, eng = plain[0], plain[2]
-    gap = max(abs(-0.3 * lab - e) for m, row, labs in zip(members, range(4), b["labels"].tolist()) if m.kind == "rollout"
-              for lab, e in zip(labs[len(m.prompt_ids) - 1:], m.rollout_logprobs))
+    b = plain[0]
+    gap = max(
+        abs(-0.3 * lab - e)
+        for m, row, labs in zip(members, range(4), b["labels"].tolist())
+        if m.kind == "rollout"
+        for lab, e in zip(labs[len(m.prompt_ids) - 1 :], m.rollout_logprobs)
+    )
     assert plain[3].tolist() == pytest.approx([gap, 1.0], abs=1e-6)
-    kl = sum(e - (-0.3 * lab) for m, labs in zip(members, b["labels"].tolist()) if m.kind == "rollout"
-             for lab, e in zip(labs[len(m.prompt_ids) - 1:], m.rollout_logprobs))
+    kl = sum(
+        e - (-0.3 * lab)
+        for m, labs in zip(members, b["labels"].tolist())
+        if m.kind == "rollout"
+        for lab, e in zip(labs[len(m.prompt_ids) - 1 :], m.rollout_logprobs)
+    )
     assert plain[4].tolist() == pytest.approx([kl, 2.0], abs=1e-5)
 
 
@@ -248,16 +278,36 @@ def test_every_collective_of_a_trainer_run_goes_through_comm(tmp_path):
     task = tmp_path / "toy"
     write_toy_task(str(task), num_train=64, num_eval=8, seed=0)
     audit = tmp_path / "audit"
-    args = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
-            "-m", "tests.audit_collectives", os.path.join(ROOT, "examples", "tiny_cpu_gift.yaml"),
-            f"data.train_files=[{task}/train.jsonl]", f"data.eval_files=[{task}/eval.jsonl]",
-            f"data.tokenizer={task}/tokenizer", "run.progress=false", "run.tensorboard=false", "run.plots=false",
-            f"run.output_dir={tmp_path / 'run'}", "parallel.tensor_model_parallel_size=2", "train.steps=2",
-            "run.save_interval=1", "train.eval_interval=1", "train.eval_prompts=4", "train.prompts_per_step=4",
-            "train.micro_batch_size=8", "objective.name=grpo", "objective.options={kl_coef: 0.05}"]
+    args = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-port",
+        str(free_port()),
+        "-m",
+        "tests.audit_collectives",
+        os.path.join(ROOT, "examples", "tiny_cpu_gift.yaml"),
+        f"data.train_files=[{task}/train.jsonl]",
+        f"data.eval_files=[{task}/eval.jsonl]",
+        f"data.tokenizer={task}/tokenizer",
+        "run.progress=false",
+        "run.tensorboard=false",
+        "run.plots=false",
+        f"run.output_dir={tmp_path / 'run'}",
+        "parallel.tensor_model_parallel_size=2",
+        "train.steps=2",
+        "run.save_interval=1",
+        "train.eval_interval=1",
+        "train.eval_prompts=4",
+        "train.prompts_per_step=4",
+        "train.micro_batch_size=8",
+        "objective.name=grpo",
+        "objective.options={kl_coef: 0.05}",
+    ]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", GIFT_AUDIT_OUT=str(audit))
-    proc = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400,
-                          start_new_session=True)
+    proc = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400, start_new_session=True)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     files = sorted(glob.glob(str(audit / "rank*.json")))
     assert len(files) == 2
@@ -311,8 +361,9 @@ def test_cuda_config_without_transformer_engine_is_valid_for_megatron(monkeypatc
     assert not config.gradient_accumulation_fusion and not config.use_cpu_initialization
     assert config.bias_activation_fusion  # Megatron's own jit fusion: no TE needed
     with pytest.raises(Exception, match="apply_rope_fusion"):
-        model_mod.transformer_config(cfg, model_mod.ParallelConfig(), model_mod.PrecisionConfig(dtype="bf16"),
-                                     apply_rope_fusion=True)
+        model_mod.transformer_config(
+            cfg, model_mod.ParallelConfig(), model_mod.PrecisionConfig(dtype="bf16"), apply_rope_fusion=True
+        )
     from megatron.core.transformer.dot_product_attention import DotProductAttention
 
     core = model_mod.layer_spec(cfg, "local").submodules.self_attention.submodules.core_attention
@@ -347,18 +398,34 @@ def test_packing_and_step_batch_under_meta():
     from gift_megatron.parallel.packing import sequence_lengths, trim_rows, unpack, zigzag_positions
     from gift_megatron.trainer.batch import Member, step_batch
 
-    members = [Member(g, [1, 2, 3][: 2 + g % 2], [4 + i, 5, 6][: 1 + i], "rollout", reward=float(i),
-                      rollout_logprobs=[-0.1] * (1 + i)) for g in range(3) for i in range(3)]
+    members = [
+        Member(
+            g,
+            [1, 2, 3][: 2 + g % 2],
+            [4 + i, 5, 6][: 1 + i],
+            "rollout",
+            reward=float(i),
+            rollout_logprobs=[-0.1] * (1 + i),
+        )
+        for g in range(3)
+        for i in range(3)
+    ]
 
     def run():
         packed = step_batch(members, seq_length=8, pad_id=0, micro_batch_tokens=16, dp_size=2, dp_rank=1, multiple=4)
         rows = step_batch(members, seq_length=8, pad_id=0, micro_batch_size=3, multiple=2)
         mb = packed.micro_batches[0]
         layout = mb["packed"]
-        return (packed.micro_batches, packed.engine, rows.micro_batches, rows.engine,
-                unpack(mb["loss_mask"], layout), zigzag_positions(layout, 2, 1, torch.device("cpu")),
-                torch.tensor(sequence_lengths(rows.micro_batches[0]["loss_mask"]), device="cpu"),
-                trim_rows(rows.micro_batches[0], multiple=4))
+        return (
+            packed.micro_batches,
+            packed.engine,
+            rows.micro_batches,
+            rows.engine,
+            unpack(mb["loss_mask"], layout),
+            zigzag_positions(layout, 2, 1, torch.device("cpu")),
+            torch.tensor(sequence_lengths(rows.micro_batches[0]["loss_mask"]), device="cpu"),
+            trim_rows(rows.micro_batches[0], multiple=4),
+        )
 
     assert_same_on_cpu(*guarded(run))
 

@@ -16,11 +16,10 @@ import os
 import re
 import tokenize
 
-import pytest
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MARKDOWN = ["README.md", "tools/README.md", "launch/README.md", "examples/README.md"] + sorted(
-    os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "docs", "*.md")))
+    os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "docs", "*.md"))
+)
 PY_DIRS = ("gift_megatron", "tools", "launch", "examples", "benchmarks", "tests", "scripts")
 TOP = ("docs", "gift_megatron", "examples", "tools", "launch", "benchmarks", "tests", "scripts", "constraints")
 LINK = re.compile(r"(?<!!)\[[^\]]*\]\(([^)\s]+)\)")
@@ -62,7 +61,7 @@ def broken_paths(where: str, text: str, root: str = ROOT) -> list[str]:
     bad = []
     for m in PATH.finditer(text):
         path = m.group(1).rstrip(".")
-        follows = text[m.end():m.end() + 1]
+        follows = text[m.end() : m.end() + 1]
         if "..." in path or follows in ("*", "{", "<") or "X" in os.path.basename(path).split(".")[0].split("_"):
             continue  # a pattern (tools/convert_*.py, tests/test_X.py, gift_megatron/...), not a file
         if not os.path.exists(os.path.join(root, path)):
@@ -118,14 +117,16 @@ def test_paths_in_yaml_comments_resolve():
             with open(path, encoding="utf-8") as fh:
                 for n, line in enumerate(fh, 1):
                     if "#" in line:
-                        bad += broken_paths(f"{os.path.relpath(path, ROOT)}:{n}", line[line.index("#"):])
+                        bad += broken_paths(f"{os.path.relpath(path, ROOT)}:{n}", line[line.index("#") :])
     assert not bad, "\n".join(bad)
 
 
 def test_the_checks_catch_broken_links_and_paths():
     """The checker itself: a missing file, a missing heading and a missing path are reported."""
-    text = ("see [objectives](objectives.md#gift), [gone](missing.md), [bad anchor](objectives.md#no-such-heading),"
-            " [web](https://example.com) and docs/objectives.md, docs/nope.md")
+    text = (
+        "see [objectives](objectives.md#gift), [gone](missing.md), [bad anchor](objectives.md#no-such-heading),"
+        " [web](https://example.com) and docs/objectives.md, docs/nope.md"
+    )
     bad = broken_links("docs/x.md", text) + broken_paths("docs/x.md", text)
     assert len(bad) == 3, bad
     assert "missing.md" in bad[0] and "no-such-heading" in bad[1] and "docs/nope.md" in bad[2]

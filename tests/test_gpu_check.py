@@ -37,8 +37,14 @@ def test_cpu_dry_run_runs_every_stage_and_writes_the_table(tmp_path):
     out = tmp_path / "out"
     env = dict(os.environ, OMP_NUM_THREADS="1")
     env.pop("OUT", None)
-    run = subprocess.run([sys.executable, SCRIPT, "--cpu-dry", "--out", str(out)], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=930)
+    run = subprocess.run(
+        [sys.executable, SCRIPT, "--cpu-dry", "--out", str(out)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=930,
+    )
     assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-3000:]
     report = json.loads((out / "gpu_check.json").read_text())
     stages = {s["name"]: s for s in report["stages"]}
@@ -87,13 +93,17 @@ def _gone(pid: int) -> bool:
 
 def test_a_failing_stage_is_reported_and_the_next_stages_run(tmp_path):
     grandchild_pid = tmp_path / "grandchild.pid"
-    hang = ("import subprocess, sys, time\n"
-            "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'])\n"
-            f"open({str(grandchild_pid)!r}, 'w').write(str(child.pid))\n"
-            "print('hanging on purpose', flush=True)\n"
-            "time.sleep(120)\n")
-    good = ("import json, sys\n"
-            "json.dump({'rows': [['answer', '42'], ['deadline', sys.argv[2]]], 'error': None}, open(sys.argv[1], 'w'))\n")
+    hang = (
+        "import subprocess, sys, time\n"
+        "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'])\n"
+        f"open({str(grandchild_pid)!r}, 'w').write(str(child.pid))\n"
+        "print('hanging on purpose', flush=True)\n"
+        "time.sleep(120)\n"
+    )
+    good = (
+        "import json, sys\n"
+        "json.dump({'rows': [['answer', '42'], ['deadline', sys.argv[2]]], 'error': None}, open(sys.argv[1], 'w'))\n"
+    )
     stages = [
         gc.Stage("boom", _py("import sys; print('working'); sys.exit('broken on purpose')"), 60),
         gc.Stage("hang", _py(hang), 3),
@@ -123,8 +133,7 @@ def test_a_failing_stage_is_reported_and_the_next_stages_run(tmp_path):
 
 
 def test_the_budget_caps_and_then_skips_stages(tmp_path):
-    stages = [gc.Stage("slow", _py("import time; time.sleep(120)"), 100),
-              gc.Stage("late", _py("print('never')"), 100)]
+    stages = [gc.Stage("slow", _py("import time; time.sleep(120)"), 100), gc.Stage("late", _py("print('never')"), 100)]
     start = time.monotonic()
     results = gc.run_stages(stages, budget=6, env=dict(os.environ), workdir=str(tmp_path))
     assert time.monotonic() - start < 30
@@ -147,8 +156,9 @@ def test_a_stage_that_raises_keeps_its_rows_and_reports_the_error(tmp_path, monk
 
 
 def test_table_cells_cannot_break_the_markdown_table():
-    table = gc.render_table([{"name": "s", "status": "FAILED", "seconds": 1.0, "rows": [["a|b", "x\ny"]],
-                              "error": "e|f"}], "t")
+    table = gc.render_table(
+        [{"name": "s", "status": "FAILED", "seconds": 1.0, "rows": [["a|b", "x\ny"]], "error": "e|f"}], "t"
+    )
     body = [l for l in table.splitlines() if l.startswith("| s |") or l.startswith("|  |")]
     assert all(l.count("|") - l.count("\\|") == 5 for l in body), body
 
@@ -160,7 +170,8 @@ def test_junit_outcomes_are_read(tmp_path):
         '<testcase classname="tests.test_a" name="test_ok"/>'
         '<testcase classname="tests.test_a" name="test_bad"><failure message="assert 1 == 2">tb</failure></testcase>'
         '<testcase classname="tests.test_b" name="test_te"><skipped message="could not import te"/></testcase>'
-        '</testsuite></testsuites>')
+        "</testsuite></testsuites>"
+    )
     r = gc.parse_junit(str(xml))
     assert r["passed"] == [("tests/test_a.py::test_ok", "")]
     assert r["failed"] == [("tests/test_a.py::test_bad", "assert 1 == 2")]
@@ -168,14 +179,18 @@ def test_junit_outcomes_are_read(tmp_path):
 
 
 def test_a_pytest_run_cut_at_the_deadline_still_reports_the_finished_tests():
-    text = ("tests/test_a.py::test_one PASSED                                       [ 20%]\n"
-            "tests/test_a.py::test_two[gift] SKIPPED (needs 2 CUDA GPUs)            [ 40%]\n"
-            "tests/test_a.py::test_three FAILED                                     [ 60%]\n"
-            "tests/test_b.py::test_slow \n")
+    text = (
+        "tests/test_a.py::test_one PASSED                                       [ 20%]\n"
+        "tests/test_a.py::test_two[gift] SKIPPED (needs 2 CUDA GPUs)            [ 40%]\n"
+        "tests/test_a.py::test_three FAILED                                     [ 60%]\n"
+        "tests/test_b.py::test_slow \n"
+    )
     r, running = gc.parse_verbose(text)
-    assert r == {"passed": [("tests/test_a.py::test_one", "")],
-                 "skipped": [("tests/test_a.py::test_two[gift]", "needs 2 CUDA GPUs")],
-                 "failed": [("tests/test_a.py::test_three", "")]}
+    assert r == {
+        "passed": [("tests/test_a.py::test_one", "")],
+        "skipped": [("tests/test_a.py::test_two[gift]", "needs 2 CUDA GPUs")],
+        "failed": [("tests/test_a.py::test_three", "")],
+    }
     assert running == "tests/test_b.py::test_slow"
 
 

@@ -7,8 +7,6 @@ loss-level CP contract is pinned by test_layout_invariance.py (packed too).
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
@@ -21,28 +19,44 @@ pytestmark = [
 
 
 def cp_worker(rank, world, cp, objective, packed=False):
-    import torch.distributed as dist
     from megatron.core import parallel_state as ps
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
-    from gift_megatron.megatron import FrozenReference, ModelConfig, ObjectiveStep, ParallelConfig, PrecisionConfig
-    from gift_megatron.megatron import build_model, pack_global_batch, split_global_batch
-    from gift_megatron.parallel.packing import pad_multiple
+    from gift_megatron.megatron import (
+        FrozenReference,
+        ModelConfig,
+        ObjectiveStep,
+        ParallelConfig,
+        PrecisionConfig,
+        build_model,
+        pack_global_batch,
+        split_global_batch,
+    )
     from gift_megatron.objectives import build_objective
+    from gift_megatron.parallel.packing import pad_multiple
 
     ps.initialize_model_parallel(1, 1, context_parallel_size=cp)
     model_parallel_cuda_manual_seed(0)
     try:
-        cfg = ModelConfig(family="qwen2", add_qkv_bias=True, hidden_size=128, ffn_hidden_size=256,
-                          num_attention_heads=4, num_query_groups=2, vocab_size=512, seq_length=64)
+        cfg = ModelConfig(
+            family="qwen2",
+            add_qkv_bias=True,
+            hidden_size=128,
+            ffn_hidden_size=256,
+            num_attention_heads=4,
+            num_query_groups=2,
+            vocab_size=512,
+            seq_length=64,
+        )
         parallel = ParallelConfig(context_parallel_size=cp)
         torch.manual_seed(0)
         model = build_model(cfg, parallel, PrecisionConfig(dtype="bf16"))
         # identical weights in both runs: the same seeds on the same GPU model give the same initialization
-        ddp = DistributedDataParallel(config=model.config, module=model,
-                                      ddp_config=DistributedDataParallelConfig(grad_reduce_in_fp32=True))
+        ddp = DistributedDataParallel(
+            config=model.config, module=model, ddp_config=DistributedDataParallelConfig(grad_reduce_in_fp32=True)
+        )
         opt = get_megatron_optimizer(OptimizerConfig(optimizer="sgd", lr=0.1, bf16=True, clip_grad=1e9), [ddp])
         ref = FrozenReference([ddp], lambda i: build_model(cfg, parallel, PrecisionConfig(dtype="bf16")))
         g = torch.Generator().manual_seed(1)
@@ -50,16 +64,29 @@ def cp_worker(rank, world, cp, objective, packed=False):
         tokens = torch.randint(0, 512, (n, 65), generator=g)
         ends = torch.randint(24, 65, (n,), generator=g)  # ragged responses
         pos = torch.arange(64)[None]
-        batch = {"tokens": tokens[:, :-1], "labels": tokens[:, 1:],
-                 "loss_mask": ((pos >= 16) & (pos < ends[:, None])).float(),
-                 "rewards": torch.randn(n, generator=g), "group_ids": torch.arange(n) // 4}
+        batch = {
+            "tokens": tokens[:, :-1],
+            "labels": tokens[:, 1:],
+            "loss_mask": ((pos >= 16) & (pos < ends[:, None])).float(),
+            "rewards": torch.randn(n, generator=g),
+            "group_ids": torch.arange(n) // 4,
+        }
         step = ObjectiveStep(build_objective(objective), [ddp], opt, reference=ref)
         if packed:
-            mbs = pack_global_batch(batch, micro_batch_tokens=128, dp_rank=ps.get_data_parallel_rank(),
-                                    dp_size=ps.get_data_parallel_world_size(), multiple=pad_multiple(1, cp))
+            mbs = pack_global_batch(
+                batch,
+                micro_batch_tokens=128,
+                dp_rank=ps.get_data_parallel_rank(),
+                dp_size=ps.get_data_parallel_world_size(),
+                multiple=pad_multiple(1, cp),
+            )
         else:
-            mbs = split_global_batch(batch, micro_batch_size=2, dp_rank=ps.get_data_parallel_rank(),
-                                     dp_size=ps.get_data_parallel_world_size())
+            mbs = split_global_batch(
+                batch,
+                micro_batch_size=2,
+                dp_rank=ps.get_data_parallel_rank(),
+                dp_size=ps.get_data_parallel_world_size(),
+            )
         res = step(mbs)
         return res.loss, res.grad_norm
     finally:

@@ -20,7 +20,6 @@ pytestmark = pytest.mark.gpu
 
 
 def _step_worker(rank, world, objective_name):
-    import torch.nn.functional as F
     from megatron.core import parallel_state as ps
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
@@ -32,23 +31,36 @@ def _step_worker(rank, world, objective_name):
     ps.initialize_model_parallel(1, 1)
     model_parallel_cuda_manual_seed(0)
     try:
-        cfg = ModelConfig(num_layers=2, hidden_size=128, ffn_hidden_size=256, num_attention_heads=4,
-                          num_query_groups=2, vocab_size=300, seq_length=32)
+        cfg = ModelConfig(
+            num_layers=2,
+            hidden_size=128,
+            ffn_hidden_size=256,
+            num_attention_heads=4,
+            num_query_groups=2,
+            vocab_size=300,
+            seq_length=32,
+        )
         torch.manual_seed(0)
         model = build_model(cfg, ParallelConfig(), PrecisionConfig(dtype="fp32"))
         assert next(model.parameters()).is_cuda
-        ddp = DistributedDataParallel(config=model.config, module=model,
-                                      ddp_config=DistributedDataParallelConfig(grad_reduce_in_fp32=True))
+        ddp = DistributedDataParallel(
+            config=model.config, module=model, ddp_config=DistributedDataParallelConfig(grad_reduce_in_fp32=True)
+        )
         opt = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=0.0, clip_grad=0.0), [ddp])
         g = torch.Generator().manual_seed(1)
         n, s = 8, 32
         tokens = torch.randint(0, 300, (n, s + 1), generator=g)
         mask = torch.zeros(n, s)
-        mask[:, s // 2:] = 1.0
-        batch = {"tokens": tokens[:, :-1], "labels": tokens[:, 1:], "loss_mask": mask,
-                 "rewards": torch.rand(n, generator=g), "group_ids": torch.arange(n) // 4}
+        mask[:, s // 2 :] = 1.0
+        batch = {
+            "tokens": tokens[:, :-1],
+            "labels": tokens[:, 1:],
+            "loss_mask": mask,
+            "rewards": torch.rand(n, generator=g),
+            "group_ids": torch.arange(n) // 4,
+        }
         # Host tensors in, as the trainer builds them: the step moves them.
-        mbs = [{k: v[i:i + 2] for k, v in batch.items()} for i in range(0, n, 2)]
+        mbs = [{k: v[i : i + 2] for k, v in batch.items()} for i in range(0, n, 2)]
         options = {"reference": "rollout"} if objective_name == "gift" else {}
         step = ObjectiveStep(build_objective(objective_name, **options), [ddp], opt)
         result = step(mbs)
@@ -56,10 +68,15 @@ def _step_worker(rank, world, objective_name):
         with torch.no_grad():
             dev = torch.device("cuda", torch.cuda.current_device())
             pos = torch.arange(s, device=dev)[None].expand(n, s)
-            logits = model(batch["tokens"].to(dev), pos, None)[..., :cfg.vocab_size].float()
+            logits = model(batch["tokens"].to(dev), pos, None)[..., : cfg.vocab_size].float()
             lp = torch.log_softmax(logits, -1).gather(-1, batch["labels"].to(dev)[..., None])[..., 0]
-            tb = TokenBatch(logp=lp, mask=batch["loss_mask"].to(dev), rewards=batch["rewards"].to(dev),
-                            group_ids=batch["group_ids"].to(dev), old_logp=lp)
+            tb = TokenBatch(
+                logp=lp,
+                mask=batch["loss_mask"].to(dev),
+                rewards=batch["rewards"].to(dev),
+                group_ids=batch["group_ids"].to(dev),
+                old_logp=lp,
+            )
             ref = build_objective(objective_name, **options)(tb, SINGLE_PROCESS)
         return result.loss, float(ref.loss), result.stats_source
     finally:
@@ -69,8 +86,9 @@ def _step_worker(rank, world, objective_name):
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("objective", ["gift", "grpo", "gft"])
 def test_objective_step_on_cuda_with_nccl_and_the_local_spec(objective):
-    loss, ref, source = run_ranks(_step_worker, 1, objective, timeout=250, backend="nccl",
-                                  env={"GIFT_MEGATRON_DEVICE": "cuda"})[0]
+    loss, ref, source = run_ranks(
+        _step_worker, 1, objective, timeout=250, backend="nccl", env={"GIFT_MEGATRON_DEVICE": "cuda"}
+    )[0]
     assert loss == pytest.approx(ref, rel=1e-4, abs=1e-5), (loss, ref, source)
 
 
@@ -101,11 +119,23 @@ def test_one_rank_trainer_run_on_cuda(tmp_path):
     task = tmp_path / "toy"
     write_toy_task(str(task), num_train=64, num_eval=8, seed=0)
     run = tmp_path / "run"
-    args = [sys.executable, "-m", "gift_megatron.train", os.path.join(ROOT, "examples", "tiny_cpu_gift.yaml"),
-            f"data.train_files=[{task}/train.jsonl]", f"data.eval_files=[{task}/eval.jsonl]",
-            f"data.tokenizer={task}/tokenizer", "run.progress=false", "run.tensorboard=false", "run.plots=false",
-            f"run.output_dir={run}", "train.steps=3", "run.save_interval=2", "precision.dtype=bf16",
-            "optimizer.use_distributed_optimizer=false"]
+    args = [
+        sys.executable,
+        "-m",
+        "gift_megatron.train",
+        os.path.join(ROOT, "examples", "tiny_cpu_gift.yaml"),
+        f"data.train_files=[{task}/train.jsonl]",
+        f"data.eval_files=[{task}/eval.jsonl]",
+        f"data.tokenizer={task}/tokenizer",
+        "run.progress=false",
+        "run.tensorboard=false",
+        "run.plots=false",
+        f"run.output_dir={run}",
+        "train.steps=3",
+        "run.save_interval=2",
+        "precision.dtype=bf16",
+        "optimizer.use_distributed_optimizer=false",
+    ]
     env = dict(os.environ, GIFT_MEGATRON_DEVICE="cuda", PYTHONUNBUFFERED="1")
     proc = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=380)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]

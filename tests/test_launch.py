@@ -25,13 +25,13 @@ import yaml
 
 pytest.importorskip("nemo_run")
 
-from launch import local as local_launch  # noqa: E402
-from launch import slurm  # noqa: E402
-from launch.common import LaunchError, plan_jobs, sweep_points  # noqa: E402
+from launch import local as local_launch
+from launch import slurm
+from launch.common import LaunchError, plan_jobs, sweep_points
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RECIPE_7B = os.path.join(ROOT, "examples", "qwen2.5-7b-gift.yaml")     # TP 2
-RECIPE_32B = os.path.join(ROOT, "examples", "qwen2.5-32b-gift.yaml")   # TP 8 x PP 2
+RECIPE_7B = os.path.join(ROOT, "examples", "qwen2.5-7b-gift.yaml")  # TP 2
+RECIPE_32B = os.path.join(ROOT, "examples", "qwen2.5-32b-gift.yaml")  # TP 8 x PP 2
 TINY = os.path.join(ROOT, "examples", "tiny_cpu_gift.yaml")
 IMAGE = "nvcr.io/nvidia/pytorch:25.01-py3"
 HEAD_IP = "10.1.2.3"
@@ -70,10 +70,16 @@ def repo(tmp_path):
 
 
 def cluster_file(tmp_path, repo, drop=(), **extra):
-    data = {"account": "acct", "partition": "batch", "container_image": IMAGE,
-            "container_mounts": ["/lustre/data:/data", "/lustre/results:/results"],
-            "env": {"NCCL_IB_TIMEOUT": "22", "CUDA_DEVICE_MAX_CONNECTIONS": "1"},
-            "job_dir": str(tmp_path / "jobs"), "repo": repo, **extra}
+    data = {
+        "account": "acct",
+        "partition": "batch",
+        "container_image": IMAGE,
+        "container_mounts": ["/lustre/data:/data", "/lustre/results:/results"],
+        "env": {"NCCL_IB_TIMEOUT": "22", "CUDA_DEVICE_MAX_CONNECTIONS": "1"},
+        "job_dir": str(tmp_path / "jobs"),
+        "repo": repo,
+        **extra,
+    }
     for key in drop:
         data.pop(key)
     path = tmp_path / "cluster.yaml"
@@ -126,8 +132,14 @@ echo "$@" >> {fake}/scontrol_calls
         os.chmod(fake / name, os.stat(fake / name).st_mode | stat.S_IEXEC)
     path = fake / "job.sbatch"
     path.write_text(script)
-    env = {"PATH": f"{fake}:{os.environ['PATH']}", "SLURM_JOB_NODELIST": "node-[a-b]", "SLURM_JOB_ID": "4242",
-           "SLURM_NODEID": "0", "SLURM_RESTART_COUNT": str(restart_count), "HOME": str(tmp_path)}
+    env = {
+        "PATH": f"{fake}:{os.environ['PATH']}",
+        "SLURM_JOB_NODELIST": "node-[a-b]",
+        "SLURM_JOB_ID": "4242",
+        "SLURM_NODEID": "0",
+        "SLURM_RESTART_COUNT": str(restart_count),
+        "HOME": str(tmp_path),
+    }
     proc = subprocess.run(["bash", str(path)], env=env, capture_output=True, text=True, timeout=60)
     import json
 
@@ -143,7 +155,7 @@ def torchrun_args(argv):
     i = argv.index("torchrun")
     # The literal script passes `--node-rank $SLURM_NODEID`, which the batch shell expands (to the head
     # node's 0 on every node: c10d rendezvous ignores it and assigns ranks itself).
-    rest = ["0" if a == "$SLURM_NODEID" else a for a in argv[i + 1:]]
+    rest = ["0" if a == "$SLURM_NODEID" else a for a in argv[i + 1 :]]
     return argv[:i], get_args_parser().parse_args(rest)
 
 
@@ -153,9 +165,26 @@ def torchrun_args(argv):
 
 def test_two_nodes_by_eight_gpus(tmp_path, capsys, repo, training_config):
     cfg_file = cluster_file(tmp_path, repo)
-    s = slurm.settings_from(slurm.parser().parse_args(
-        ["--config-file", cfg_file, "--nodes", "2", "--time", "02:30:00", "--requeue", "--retries", "2",
-         "--env", "WANDB_MODE=offline", "--env", "GREETING=hello world", RECIPE_7B]))
+    s = slurm.settings_from(
+        slurm.parser().parse_args(
+            [
+                "--config-file",
+                cfg_file,
+                "--nodes",
+                "2",
+                "--time",
+                "02:30:00",
+                "--requeue",
+                "--retries",
+                "2",
+                "--env",
+                "WANDB_MODE=offline",
+                "--env",
+                "GREETING=hello world",
+                RECIPE_7B,
+            ]
+        )
+    )
     overrides = ["train.steps=7", "optimizer.lr=2e-6", "objective.options={beta: 0.5, reference: rollout}"]
     jobs = slurm.planned_jobs(RECIPE_7B, overrides, None, s)
     (script,) = slurm.launch(RECIPE_7B, jobs, s, dryrun=True, keep_dryrun_files=True)
@@ -184,7 +213,7 @@ def test_two_nodes_by_eight_gpus(tmp_path, capsys, repo, training_config):
     # The rendezvous host is the first node of the allocation, resolved once by the batch script.
     assert "head_node=${nodes_array[0]}" in script
     assert 'head_node_ip=$(srun --nodes=1 --ntasks=1 -w "$head_node" hostname --ip-address)' in script
-    assert "export TORCHX_MAX_RETRIES=2" in script and "export GREETING=\"hello world\"" in script
+    assert "export TORCHX_MAX_RETRIES=2" in script and 'export GREETING="hello world"' in script
 
     # What the container would run: the shipped config, loaded with the shipped overrides, validates for
     # the 16 ranks and is the file the launcher read.
@@ -213,16 +242,31 @@ def test_submission_through_a_fake_sbatch(tmp_path, repo, training_config):
     fake = tmp_path / "fake_bin"
     fake.mkdir()
     (fake / "sbatch").write_text(f'#!/usr/bin/env bash\necho "$@" >> {fake}/sbatch_calls\necho 4242\n')
-    (fake / "sacct").write_text("#!/usr/bin/env bash\necho 'JobID|JobName|State|ExitCode'\n"
-                                "echo '4242|gift-megatron-train|PENDING|0:0'\n")
+    (fake / "sacct").write_text(
+        "#!/usr/bin/env bash\necho 'JobID|JobName|State|ExitCode'\necho '4242|gift-megatron-train|PENDING|0:0'\n"
+    )
     (fake / "squeue").write_text("#!/usr/bin/env bash\nexit 0\n")
     for name in ("sbatch", "sacct", "squeue"):
         os.chmod(fake / name, 0o755)
     proc = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "launch", "slurm.py"), "--config-file", cluster_file(tmp_path, repo),
-         "--nodes", "2", "--no-check-paths", RECIPE_7B, "train.steps=3"], cwd=tmp_path, capture_output=True,
-        text=True, timeout=120,
-        stdin=subprocess.DEVNULL, env=dict(os.environ, PATH=f"{fake}:{os.environ['PATH']}"))
+        [
+            sys.executable,
+            os.path.join(ROOT, "launch", "slurm.py"),
+            "--config-file",
+            cluster_file(tmp_path, repo),
+            "--nodes",
+            "2",
+            "--no-check-paths",
+            RECIPE_7B,
+            "train.steps=3",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        stdin=subprocess.DEVNULL,
+        env=dict(os.environ, PATH=f"{fake}:{os.environ['PATH']}"),
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "submitted 1 job(s) as nemo-run experiment gift-megatron_" in proc.stdout
     (call,) = (fake / "sbatch_calls").read_text().splitlines()
@@ -230,8 +274,11 @@ def test_submission_through_a_fake_sbatch(tmp_path, repo, training_config):
     assert (flag1, flag2) == ("--requeue", "--parsable") and path.startswith(str(tmp_path / "jobs"))
     script = open(path).read()
     srun_part, targs = torchrun_args(srun_of(script))
-    mounted = [m.split(":")[0] for m in srun_part[srun_part.index("--container-mounts") + 1].split(",")
-               if m.endswith(":/nemo_run")]
+    mounted = [
+        m.split(":")[0]
+        for m in srun_part[srun_part.index("--container-mounts") + 1].split(",")
+        if m.endswith(":/nemo_run")
+    ]
     assert mounted == [os.path.dirname(sbatch_flags(script)["output"])]
     assert open(os.path.join(mounted[0], "code", targs.training_script_args[0])).read() == open(RECIPE_7B).read()
 
@@ -245,8 +292,18 @@ def test_failed_command_requeues_until_retries_are_spent(tmp_path, capsys, repo,
 
 
 def test_requeue_only_when_asked_and_explicit_resume_wins(tmp_path, capsys, repo, training_config):
-    scripts = dryrun(capsys, "--config-file", cluster_file(tmp_path, repo), "--mpi", "none", "--no-exclusive",
-                     "--cpus-per-task", "64", RECIPE_7B, "run.resume=none")
+    scripts = dryrun(
+        capsys,
+        "--config-file",
+        cluster_file(tmp_path, repo),
+        "--mpi",
+        "none",
+        "--no-exclusive",
+        "--cpus-per-task",
+        "64",
+        RECIPE_7B,
+        "run.resume=none",
+    )
     flags = sbatch_flags(scripts["train"])
     assert "requeue" not in flags and "exclusive" not in flags and flags["cpus-per-task"] == "64"
     srun_part, targs = torchrun_args(srun_of(scripts["train"]))
@@ -256,15 +313,28 @@ def test_requeue_only_when_asked_and_explicit_resume_wins(tmp_path, capsys, repo
 
 
 def test_sweep_is_one_experiment_with_a_job_per_value(tmp_path, capsys, repo, training_config):
-    scripts = dryrun(capsys, "--config-file", cluster_file(tmp_path, repo), "--sweep", "objective.name=gift,grpo",
-                     RECIPE_7B, "objective.options={}", "train.steps=3")
+    scripts = dryrun(
+        capsys,
+        "--config-file",
+        cluster_file(tmp_path, repo),
+        "--sweep",
+        "objective.name=gift,grpo",
+        RECIPE_7B,
+        "objective.options={}",
+        "train.steps=3",
+    )
     assert list(scripts) == ["objective.name-gift", "objective.name-grpo"]
     experiments = set()
     for (name, script), value in zip(scripts.items(), ("gift", "grpo")):
         _, targs = torchrun_args(srun_of(script))
         assert targs.training_script_args == [
-            "launch_configs/qwen2.5-7b-gift.yaml", "objective.options={}", "train.steps=3",
-            f"objective.name={value}", f"run.output_dir=/results/qwen2.5-7b-gift/{name}", "run.resume=auto"]
+            "launch_configs/qwen2.5-7b-gift.yaml",
+            "objective.options={}",
+            "train.steps=3",
+            f"objective.name={value}",
+            f"run.output_dir=/results/qwen2.5-7b-gift/{name}",
+            "run.resume=auto",
+        ]
         assert sbatch_flags(script)["job-name"] == f"gift-megatron-{name}"
         experiments.add(os.path.dirname(os.path.dirname(sbatch_flags(script)["output"])))
     assert len(experiments) == 1
@@ -274,16 +344,22 @@ def test_sweep_points_and_plan():
     assert sweep_points(None) == [()]
     assert sweep_points(["a=1,2", "b=x"]) == [(("a", "1"), ("b", "x")), (("a", "2"), ("b", "x"))]
     jobs = plan_jobs(["a=0", "run.output_dir=/old", "c=3"], ["a=1,2"], "/out")
-    assert [j.overrides for j in jobs] == [("c=3", "a=1", "run.output_dir=/out/a-1"),
-                                           ("c=3", "a=2", "run.output_dir=/out/a-2")]
+    assert [j.overrides for j in jobs] == [
+        ("c=3", "a=1", "run.output_dir=/out/a-1"),
+        ("c=3", "a=2", "run.output_dir=/out/a-2"),
+    ]
     for bad in (["a"], ["a="], ["a=1,1"], ["a=1", "a=2"]):
         with pytest.raises(LaunchError):
             sweep_points(bad)
 
 
 def test_ssh_tunnel_dry_run_needs_no_cluster(tmp_path, capsys, repo, training_config):
-    scripts = dryrun(capsys, "--config-file", cluster_file(tmp_path, repo, tunnel="ssh", host="login.example.com",
-                                                           user="me", job_dir="/lustre/me/nemo_run"), RECIPE_7B)
+    scripts = dryrun(
+        capsys,
+        "--config-file",
+        cluster_file(tmp_path, repo, tunnel="ssh", host="login.example.com", user="me", job_dir="/lustre/me/nemo_run"),
+        RECIPE_7B,
+    )
     flags = sbatch_flags(scripts["train"])
     assert flags["output"].startswith("/lustre/me/nemo_run/gift-megatron/gift-megatron_")
     _, targs = torchrun_args(srun_of(scripts["train"]))
@@ -309,38 +385,63 @@ def test_packager_none_runs_the_images_code_with_an_absolute_config(tmp_path, ca
 
 def test_entry_point_from_another_directory(tmp_path, repo, training_config):
     proc = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "launch", "slurm.py"), "--config-file", cluster_file(tmp_path, repo),
-         "--nodes", "2", "--no-check-paths", "--dryrun", os.path.relpath(RECIPE_7B, tmp_path), "train.steps=5"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+        [
+            sys.executable,
+            os.path.join(ROOT, "launch", "slurm.py"),
+            "--config-file",
+            cluster_file(tmp_path, repo),
+            "--nodes",
+            "2",
+            "--no-check-paths",
+            "--dryrun",
+            os.path.relpath(RECIPE_7B, tmp_path),
+            "train.steps=5",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        stdin=subprocess.DEVNULL,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.startswith("# ===== train: ") and proc.stdout.count("#!/bin/bash") == 1
     assert "-m gift_megatron.train launch_configs/qwen2.5-7b-gift.yaml train.steps=5 run.resume=auto" in proc.stdout
 
 
 def test_default_repo_is_this_one():
-    assert slurm.git_repo({"repo": None}) == subprocess.run(
-        ["git", "rev-parse", "--show-toplevel"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    assert (
+        slurm.git_repo({"repo": None})
+        == subprocess.run(
+            ["git", "rev-parse", "--show-toplevel"], cwd=ROOT, capture_output=True, text=True
+        ).stdout.strip()
+    )
 
 
-@pytest.mark.parametrize("drop, extra, args, message", [
-    (["account"], {}, [], "needs --account (or 'account' in --config-file)"),
-    (["container_image"], {}, [], "needs --container-image (or 'container_image' in --config-file)"),
-    ([], {}, ["--nodes", "1", "--gpus-per-node", "3"],
-     "nodes (1) x gpus_per_node (3) = 3 ranks do not fit the layout of"),
-    ([], {}, ["--nodes", "1", "--gpus-per-node", "3"], "(2 x 1 x 1 = 2)"),
-    ([], {"gpus": 8}, [], "unknown key 'gpus'"),
-    ([], {}, ["--env", "NOVALUE"], "--env: 'NOVALUE' is not KEY=VALUE"),
-    ([], {"env": {"1X": "a"}}, [], "'1X' is not a valid environment variable name"),
-    ([], {}, ["--tunnel", "ssh", "--host", "login"], "--tunnel ssh needs --user"),
-    ([], {}, ["--time", "4h"], "'4h' is not a SLURM time"),
-    ([], {}, ["--container-mounts", "/lustre"], "'/lustre' is not SRC:DST"),
-    ([], {}, ["--sweep", "objective.name"], "expected key=value1,value2"),
-    ([], {"nodes": 0}, [], "--nodes (or 'nodes' in --config-file) must be an integer >= 1, got 0"),
-    ([], {"extra_sbatch": {"nodes": 4}}, [], "extra_sbatch: nodes is set by the launcher; use --nodes"),
-    ([], {"exclusive": "yes"}, [], "--exclusive (or 'exclusive' in --config-file) must be true or false"),
-])
-def test_bad_slurm_input_fails_before_submission(tmp_path, capsys, repo, training_config, drop, extra, args,
-                                                 message):
+@pytest.mark.parametrize(
+    "drop, extra, args, message",
+    [
+        (["account"], {}, [], "needs --account (or 'account' in --config-file)"),
+        (["container_image"], {}, [], "needs --container-image (or 'container_image' in --config-file)"),
+        (
+            [],
+            {},
+            ["--nodes", "1", "--gpus-per-node", "3"],
+            "nodes (1) x gpus_per_node (3) = 3 ranks do not fit the layout of",
+        ),
+        ([], {}, ["--nodes", "1", "--gpus-per-node", "3"], "(2 x 1 x 1 = 2)"),
+        ([], {"gpus": 8}, [], "unknown key 'gpus'"),
+        ([], {}, ["--env", "NOVALUE"], "--env: 'NOVALUE' is not KEY=VALUE"),
+        ([], {"env": {"1X": "a"}}, [], "'1X' is not a valid environment variable name"),
+        ([], {}, ["--tunnel", "ssh", "--host", "login"], "--tunnel ssh needs --user"),
+        ([], {}, ["--time", "4h"], "'4h' is not a SLURM time"),
+        ([], {}, ["--container-mounts", "/lustre"], "'/lustre' is not SRC:DST"),
+        ([], {}, ["--sweep", "objective.name"], "expected key=value1,value2"),
+        ([], {"nodes": 0}, [], "--nodes (or 'nodes' in --config-file) must be an integer >= 1, got 0"),
+        ([], {"extra_sbatch": {"nodes": 4}}, [], "extra_sbatch: nodes is set by the launcher; use --nodes"),
+        ([], {"exclusive": "yes"}, [], "--exclusive (or 'exclusive' in --config-file) must be true or false"),
+    ],
+)
+def test_bad_slurm_input_fails_before_submission(tmp_path, capsys, repo, training_config, drop, extra, args, message):
     path = cluster_file(tmp_path, repo, drop=drop, **extra)
     if "--tunnel" in args:
         os.remove(path)
@@ -358,8 +459,10 @@ def test_bad_training_config_fails_before_submission(tmp_path, capsys, repo, tra
     assert "= 8 ranks do not fit the layout" in (err := capsys.readouterr().err) and "(8 x 2 x 1 = 16)" in err
     assert slurm.main(["--config-file", path, "--dryrun", str(tmp_path / "missing.yaml")]) == 2
     assert "no such file" in capsys.readouterr().err
-    assert slurm.main(["--config-file", path, "--packager", "none", "--dryrun",
-                       os.path.relpath(RECIPE_7B, os.getcwd())]) == 2
+    assert (
+        slurm.main(["--config-file", path, "--packager", "none", "--dryrun", os.path.relpath(RECIPE_7B, os.getcwd())])
+        == 2
+    )
     assert "absolute path" in capsys.readouterr().err
     assert slurm.main(["--config-file", path, "--sweep", "objective.name=gift,nope", "--dryrun", RECIPE_7B]) == 2
     assert "sweep point objective.name-nope" in capsys.readouterr().err
@@ -380,10 +483,10 @@ def test_local_dry_run_passes_overrides_verbatim(tmp_path, capsys, training_conf
     argv = shlex.split(command)
     assert "FOO=bar" in argv
     i = argv.index("torch.distributed.run")
-    assert argv[i - 2:i] == [sys.executable, "-m"]
+    assert argv[i - 2 : i] == [sys.executable, "-m"]
     from torch.distributed.run import get_args_parser
 
-    targs = get_args_parser().parse_args(argv[i + 1:])
+    targs = get_args_parser().parse_args(argv[i + 1 :])
     assert targs.standalone and targs.nproc_per_node == "2" and targs.module
     assert targs.training_script == "gift_megatron.train" and targs.training_script_args == [TINY, *overrides]
 
@@ -402,12 +505,29 @@ def test_local_launcher_runs_the_cpu_demo_config(tmp_path):
 
     task = write_toy_task(str(tmp_path / "toy"), num_train=50, num_eval=8, seed=0)
     out = tmp_path / "run"
-    cmd = [sys.executable, os.path.join(ROOT, "launch", "local.py"), "--nproc-per-node", "2", TINY,
-           "train.steps=2", f"run.output_dir={out}", f"data.train_files=[{task['train']}]",
-           f"data.eval_files={task['eval']}", f"data.tokenizer={task['tokenizer']}", "run.progress=false",
-           "train.eval_prompts=4"]
-    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=280, stdin=subprocess.DEVNULL,
-                          env=dict(os.environ, NEMORUN_HOME=str(tmp_path / "nemorun")))
+    cmd = [
+        sys.executable,
+        os.path.join(ROOT, "launch", "local.py"),
+        "--nproc-per-node",
+        "2",
+        TINY,
+        "train.steps=2",
+        f"run.output_dir={out}",
+        f"data.train_files=[{task['train']}]",
+        f"data.eval_files={task['eval']}",
+        f"data.tokenizer={task['tokenizer']}",
+        "run.progress=false",
+        "train.eval_prompts=4",
+    ]
+    proc = subprocess.run(
+        cmd,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=280,
+        stdin=subprocess.DEVNULL,
+        env=dict(os.environ, NEMORUN_HOME=str(tmp_path / "nemorun")),
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "finished 1 run(s): train SUCCEEDED" in proc.stdout
     assert (out / "metrics.jsonl").is_file() and (out / "metrics.jsonl").read_text().strip()

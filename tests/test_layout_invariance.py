@@ -52,8 +52,12 @@ def _token_batch(b, rows=None, cols=None):
         return x
 
     return O.TokenBatch(
-        logp=sel(b["lp"]), mask=sel(b["m"]), rewards=sel(b["R"]), group_ids=sel(b["gid"]),
-        ref_logp=sel(b["rlp"]), old_logp=sel(b["olp"]),
+        logp=sel(b["lp"]),
+        mask=sel(b["m"]),
+        rewards=sel(b["R"]),
+        group_ids=sel(b["gid"]),
+        ref_logp=sel(b["rlp"]),
+        old_logp=sel(b["olp"]),
     )
 
 
@@ -132,8 +136,13 @@ def _packed_cp_worker(rank, world, b, obj):
     from gift_megatron.parallel.packing import pack_rows, unpack, zigzag_positions
 
     B, S = b["lp"].shape
-    rows = {"tokens": torch.zeros(B, S, dtype=torch.long), "loss_mask": b["m"], "lp": b["lp"], "R": b["R"],
-            "gid": b["gid"]}
+    rows = {
+        "tokens": torch.zeros(B, S, dtype=torch.long),
+        "loss_mask": b["m"],
+        "lp": b["lp"],
+        "R": b["R"],
+        "gid": b["gid"],
+    }
     for key in ("rlp", "olp"):
         if b[key] is not None:
             rows[key] = b[key]
@@ -145,10 +154,18 @@ def _packed_cp_worker(rank, world, b, obj):
         local = mb["packed"].for_cp_rank(world)
         leaf = mb["lp"][:, idx].clone().requires_grad_(True)
         cut = {k: (unpack(mb[k][:, idx], local) if k in mb else None) for k in ("loss_mask", "rlp", "olp")}
-        batches.append(O.TokenBatch(logp=unpack(leaf, local), mask=cut["loss_mask"], rewards=mb["R"],
-                                    group_ids=mb["gid"], ref_logp=cut["rlp"], old_logp=cut["olp"]))
+        batches.append(
+            O.TokenBatch(
+                logp=unpack(leaf, local),
+                mask=cut["loss_mask"],
+                rewards=mb["R"],
+                group_ids=mb["gid"],
+                ref_logp=cut["rlp"],
+                old_logp=cut["olp"],
+            )
+        )
         leaves.append(leaf)
-        expected = [-(-_lengths(b["m"][r:r + 1])[0] // (2 * world)) * 2 * world for r in members]
+        expected = [-(-_lengths(b["m"][r : r + 1])[0] // (2 * world)) * 2 * world for r in members]
         assert list(mb["packed"].padded) == expected, (mb["packed"], expected)
         places.append((members, list(mb["packed"].padded)))
     loss, grads, metrics = _run(obj, batches, layout, leaves)
@@ -191,8 +208,9 @@ def test_layouts_match_single_process(mode):
         grad = _assemble(per_rank, B, S, mode if mode.startswith("cp") else "dp")
         scale = float(grad1.abs().max())
         assert scale > 0, case
-        torch.testing.assert_close(grad, grad1, rtol=1e-4, atol=1e-6 * max(1.0, scale) + 1e-5 * scale,
-                                   msg=lambda m: f"{case}/{mode}: {m}")
+        torch.testing.assert_close(
+            grad, grad1, rtol=1e-4, atol=1e-6 * max(1.0, scale) + 1e-5 * scale, msg=lambda m: f"{case}/{mode}: {m}"
+        )
         for r in per_rank:
             assert set(r[2]) == set(metrics1), case
             for k, v in metrics1.items():

@@ -297,7 +297,7 @@ def _padded_tp_worker(rank: int, world: int, vocab_size: int):
     logits, _, weights = make_case(11, (3, 4), 64, torch.float32)
     labels = torch.randint(0, vocab_size, (3, 4), generator=torch.Generator().manual_seed(2))
     shard = 64 // world
-    leaf = logits[..., rank * shard:(rank + 1) * shard].clone().requires_grad_()
+    leaf = logits[..., rank * shard : (rank + 1) * shard].clone().requires_grad_()
     logp = vocab_parallel_logprobs(leaf, labels, tp_group=dist.group.WORLD, vocab_size=vocab_size)
     (logp * weights).sum().backward()
     return logp.detach(), leaf.grad

@@ -12,7 +12,6 @@ import os
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from tests.multiproc import run_ranks
 from tests.tiny_gpt import Layout, TinyGPT, build_model, load_weights, save_weights, setup_parallel, teardown_parallel
@@ -85,18 +84,28 @@ def make_optimizer(model, config):
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
-    ddp = DistributedDataParallel(config=config, ddp_config=DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=False), module=model)
-    opt = get_megatron_optimizer(OptimizerConfig(optimizer="sgd", lr=LR, sgd_momentum=0.0, weight_decay=0.0,
-                                                 clip_grad=1e9, params_dtype=torch.float32), [ddp])
+    ddp = DistributedDataParallel(
+        config=config,
+        ddp_config=DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=False
+        ),
+        module=model,
+    )
+    opt = get_megatron_optimizer(
+        OptimizerConfig(
+            optimizer="sgd", lr=LR, sgd_momentum=0.0, weight_decay=0.0, clip_grad=1e9, params_dtype=torch.float32
+        ),
+        [ddp],
+    )
     return ddp, opt
 
 
 def step_worker(rank, world, tp, pp, n_micro, whole_groups, init_dir, out_dir, cases, budget=None):
+    from megatron.core import parallel_state as ps
+
     from gift_megatron.megatron.reference import FrozenReference
     from gift_megatron.megatron.step import ObjectiveStep
     from gift_megatron.objectives import build_objective
-    from megatron.core import parallel_state as ps
 
     layout = Layout(tp=tp, pp=pp)
     setup_parallel(layout)
@@ -113,11 +122,13 @@ def step_worker(rank, world, tp, pp, n_micro, whole_groups, init_dir, out_dir, c
             obj = build_objective(case.split("_")[0], **OBJECTIVES[case])
             step = ObjectiveStep(obj, [ddp], opt, reference=reference)
             if budget is None:
-                mbs = my_micro_batches(ps.get_data_parallel_rank(), ps.get_data_parallel_world_size(), n_micro,
-                                       whole_groups)
+                mbs = my_micro_batches(
+                    ps.get_data_parallel_rank(), ps.get_data_parallel_world_size(), n_micro, whole_groups
+                )
             else:
-                mbs, whole = packed_micro_batches(ps.get_data_parallel_rank(), ps.get_data_parallel_world_size(),
-                                                  budget, pp)
+                mbs, whole = packed_micro_batches(
+                    ps.get_data_parallel_rank(), ps.get_data_parallel_world_size(), budget, pp
+                )
                 assert whole == whole_groups, (budget, whole)
                 assert "packed" in mbs[0] and mbs[0]["tokens"].shape[0] == 1
             res = step(mbs)
@@ -146,8 +157,13 @@ def full_weights_worker(rank, world, dirs):
         for d in dirs:
             model = build_model(SPEC, Layout())
             load_weights(model, d)
-            out.append({k: v.detach().clone() for k, v in model.state_dict().items() if v is not None
-                        and isinstance(v, torch.Tensor) and v.dtype.is_floating_point})
+            out.append(
+                {
+                    k: v.detach().clone()
+                    for k, v in model.state_dict().items()
+                    if v is not None and isinstance(v, torch.Tensor) and v.dtype.is_floating_point
+                }
+            )
     finally:
         teardown_parallel()
     return out
@@ -211,9 +227,9 @@ def _check_against_reference(ref, ref_out, init, out, res, whole):
         for name, before in w0.items():
             d1, d2 = single[name] - before, layout_w[name] - before
             scale = float(d1.abs().max())
-            torch.testing.assert_close(d2, d1, rtol=1e-3, atol=1e-4 * scale + 1e-7,
-                                       msg=lambda m: f"{case} {name}: {m}")
+            torch.testing.assert_close(d2, d1, rtol=1e-3, atol=1e-4 * scale + 1e-7, msg=lambda m: f"{case} {name}: {m}")
         assert max(float((single[n] - w0[n]).abs().max()) for n in w0) > 1e-4, case  # the step did move
+
 
 @pytest.mark.timeout(400)
 @pytest.mark.parametrize("world,tp,pp,budget,whole", PACKED_LAYOUTS)
@@ -286,8 +302,9 @@ def test_single_process_step_equals_plain_autograd(reference_run):
         for name, upd in updates.items():
             got = weights[1 + i][name] - weights[0][name]
             scale = float(upd.abs().max())
-            torch.testing.assert_close(got, upd, rtol=1e-3, atol=1e-4 * scale + 1e-7,
-                                       msg=lambda m: f"{case} {name}: {m}")
+            torch.testing.assert_close(
+                got, upd, rtol=1e-3, atol=1e-4 * scale + 1e-7, msg=lambda m: f"{case} {name}: {m}"
+            )
 
 
 def test_batching_errors_name_the_problem():
@@ -305,9 +322,13 @@ def test_batching_errors_name_the_problem():
     validate_micro_batches(gift, mbs)
     with pytest.raises(ValueError, match="needs 'rewards'"):
         validate_micro_batches(gift, [{k: v for k, v in mbs[0].items() if k != "rewards"}])
-    bad = dict(mbs[1], tokens=mbs[1]["tokens"][:, :-1], labels=mbs[1]["labels"][:, :-1], loss_mask=mbs[1]["loss_mask"][:, :-1])
+    bad = dict(
+        mbs[1], tokens=mbs[1]["tokens"][:, :-1], labels=mbs[1]["labels"][:, :-1], loss_mask=mbs[1]["loss_mask"][:, :-1]
+    )
     validate_micro_batches(gift, [mbs[0], bad])  # without pipeline parallelism shapes may differ
-    with pytest.raises(ValueError, match="micro-batch 1: tokens of shape \\[4, 15\\], expected \\[4, 16\\] \\(pipeline"):
+    with pytest.raises(
+        ValueError, match="micro-batch 1: tokens of shape \\[4, 15\\], expected \\[4, 16\\] \\(pipeline"
+    ):
         validate_micro_batches(gift, [mbs[0], bad], pp_size=2)
     with pytest.raises(ValueError, match="micro-batch 0: 'labels' has shape"):
         validate_micro_batches(gift, [dict(mbs[0], labels=bad["labels"])])

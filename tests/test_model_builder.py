@@ -43,7 +43,13 @@ def build_worker(rank, world, tp, name):
 def test_parameter_shapes_and_logits_contract(tp):
     for name, cfg in FAMILIES.items():
         shapes, logits = run_ranks(build_worker, tp, tp, name, timeout=150)[0]
-        h, d, nq, nkv, f = cfg.hidden_size, cfg.head_dim, cfg.num_attention_heads, cfg.num_query_groups, cfg.ffn_hidden_size
+        h, d, nq, nkv, f = (
+            cfg.hidden_size,
+            cfg.head_dim,
+            cfg.num_attention_heads,
+            cfg.num_query_groups,
+            cfg.ffn_hidden_size,
+        )
         V = cfg.padded_vocab_size(tp)
         assert V % (128 * tp) == 0 and V >= 200 and V - 200 < 128 * tp
         pre = "decoder.layers.0."
@@ -66,39 +72,72 @@ def test_parameter_shapes_and_logits_contract(tp):
 
 def test_from_hf_config_maps_transformers_configs():
     transformers = pytest.importorskip("transformers")
-    llama = transformers.LlamaConfig(hidden_size=64, intermediate_size=160, num_hidden_layers=3,
-                                     num_attention_heads=8, num_key_value_heads=2, vocab_size=300,
-                                     rope_theta=500000.0, rms_norm_eps=1e-5, tie_word_embeddings=False,
-                                     rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                                   "high_freq_factor": 4.0,
-                                                   "original_max_position_embeddings": 8192})
+    llama = transformers.LlamaConfig(
+        hidden_size=64,
+        intermediate_size=160,
+        num_hidden_layers=3,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        vocab_size=300,
+        rope_theta=500000.0,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        },
+    )
     m = ModelConfig.from_hf_config(llama)
     assert (m.family, m.num_layers, m.hidden_size, m.ffn_hidden_size) == ("llama", 3, 64, 160)
     assert (m.num_attention_heads, m.num_query_groups, m.vocab_size) == (8, 2, 300)
     assert m.rotary_base == 500000.0 and m.rope_scaling_factor == 8.0 and m.norm_epsilon == 1e-5
     assert not m.add_qkv_bias and not m.qk_layernorm and not m.tie_embeddings
-    q2 = ModelConfig.from_hf_config(transformers.Qwen2Config(hidden_size=64, intermediate_size=128,
-                                    num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                    vocab_size=100, tie_word_embeddings=True))
+    q2 = ModelConfig.from_hf_config(
+        transformers.Qwen2Config(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=100,
+            tie_word_embeddings=True,
+        )
+    )
     assert q2.family == "qwen2" and q2.add_qkv_bias and q2.tie_embeddings and not q2.qk_layernorm
-    q3 = ModelConfig.from_hf_config(transformers.Qwen3Config(hidden_size=64, intermediate_size=128,
-                                    num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                    head_dim=32, vocab_size=100))
+    q3 = ModelConfig.from_hf_config(
+        transformers.Qwen3Config(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=32,
+            vocab_size=100,
+        )
+    )
     assert q3.family == "qwen3" and q3.qk_layernorm and not q3.add_qkv_bias and q3.head_dim == 32
-    with pytest.raises(ValueError, match="unsupported Hugging Face model_type 'gpt2'; supported: .*llama.*qwen2.*qwen3"):
+    with pytest.raises(
+        ValueError, match="unsupported Hugging Face model_type 'gpt2'; supported: .*llama.*qwen2.*qwen3"
+    ):
         ModelConfig.from_hf_config(transformers.GPT2Config())
 
 
 def test_layout_validation_errors_name_the_field():
-    m = ModelConfig(num_layers=3, num_attention_heads=6, num_query_groups=3, hidden_size=96, ffn_hidden_size=96,
-                    seq_length=30)
+    m = ModelConfig(
+        num_layers=3, num_attention_heads=6, num_query_groups=3, hidden_size=96, ffn_hidden_size=96, seq_length=30
+    )
     P = ParallelConfig
     with pytest.raises(ValueError, match="world size 6 is not divisible"):
         P(tensor_model_parallel_size=4).validate(6, m)
     with pytest.raises(ValueError, match="does not divide model.num_attention_heads"):
         P(tensor_model_parallel_size=4).validate(8, m)
     with pytest.raises(ValueError, match="does not divide model.num_query_groups"):
-        P(tensor_model_parallel_size=2).validate(2, ModelConfig(num_attention_heads=6, num_query_groups=3, hidden_size=96))
+        P(tensor_model_parallel_size=2).validate(
+            2, ModelConfig(num_attention_heads=6, num_query_groups=3, hidden_size=96)
+        )
     with pytest.raises(ValueError, match="does not divide model.num_layers"):
         P(pipeline_model_parallel_size=2).validate(2, m)
     with pytest.raises(ValueError, match="seq_length \\(30\\) is not divisible by 2 x parallel.context_parallel_size"):
@@ -106,7 +145,9 @@ def test_layout_validation_errors_name_the_field():
     with pytest.raises(ValueError, match="sequence_parallel needs tensor_model_parallel_size > 1"):
         P(sequence_parallel=True).validate(1, m)
     assert P(tensor_model_parallel_size=3).validate(6, m) == 2
-    with pytest.raises(ValueError, match="model.num_attention_heads \\(6\\) must be a multiple of model.num_query_groups"):
+    with pytest.raises(
+        ValueError, match="model.num_attention_heads \\(6\\) must be a multiple of model.num_query_groups"
+    ):
         ModelConfig(num_attention_heads=6, num_query_groups=4)
     with pytest.raises(ValueError, match="model.family"):
         ModelConfig(family="gpt2")
@@ -125,7 +166,9 @@ def test_precision_and_fp8_support_errors():
     check_fp8_support(PrecisionConfig(fp8="e4m3"), capability=(9, 0))
     check_fp8_support(PrecisionConfig(fp8="hybrid", fp8_recipe="blockwise"), capability=(9, 0))
     check_fp8_support(PrecisionConfig(fp8="e4m3", fp8_recipe="mxfp8"), capability=(10, 0))
-    with pytest.raises(RuntimeError, match="'mxfp8' needs compute capability >= 10.0, the GPU found has compute capability 9.0"):
+    with pytest.raises(
+        RuntimeError, match="'mxfp8' needs compute capability >= 10.0, the GPU found has compute capability 9.0"
+    ):
         check_fp8_support(PrecisionConfig(fp8="e4m3", fp8_recipe="mxfp8"), capability=(9, 0))
     with pytest.raises(RuntimeError, match="'blockwise' needs compute capability >= 9.0"):
         check_fp8_support(PrecisionConfig(fp8="e4m3", fp8_recipe="blockwise"), capability=(8, 9))
@@ -148,8 +191,16 @@ def gpu_fp8_worker(rank, world, precision):
         from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
         model_parallel_cuda_manual_seed(0)
-        cfg = ModelConfig(family="qwen3", hidden_size=256, ffn_hidden_size=512, num_attention_heads=4,
-                          num_query_groups=2, vocab_size=1024, seq_length=128, qk_layernorm=True)
+        cfg = ModelConfig(
+            family="qwen3",
+            hidden_size=256,
+            ffn_hidden_size=512,
+            num_attention_heads=4,
+            num_query_groups=2,
+            vocab_size=1024,
+            seq_length=128,
+            qk_layernorm=True,
+        )
         model = build_model(cfg, ParallelConfig(), precision)
         import transformer_engine.pytorch as te
 
@@ -170,9 +221,15 @@ def gpu_fp8_worker(rank, world, precision):
 
 @pytest.mark.gpu
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("precision", [PrecisionConfig(dtype="bf16"), PrecisionConfig(fp8="e4m3"),
-                                       PrecisionConfig(fp8="hybrid", fp8_recipe="tensorwise")],
-                         ids=["bf16", "fp8-e4m3-delayed", "fp8-hybrid-tensorwise"])
+@pytest.mark.parametrize(
+    "precision",
+    [
+        PrecisionConfig(dtype="bf16"),
+        PrecisionConfig(fp8="e4m3"),
+        PrecisionConfig(fp8="hybrid", fp8_recipe="tensorwise"),
+    ],
+    ids=["bf16", "fp8-e4m3-delayed", "fp8-hybrid-tensorwise"],
+)
 def test_transformer_engine_bf16_and_fp8_train_step(precision):
     """On a GPU: the TE spec builds and runs forward+backward in BF16 and FP8 with finite gradients."""
     pytest.importorskip("transformer_engine")

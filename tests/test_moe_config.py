@@ -9,8 +9,14 @@ import torch
 from gift_megatron.megatron import moe
 from gift_megatron.megatron.model import ModelConfig, ParallelConfig
 
-TINY = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-            vocab_size=300)
+TINY = dict(
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=300,
+)
 
 
 def _transformers():
@@ -20,10 +26,25 @@ def _transformers():
 def hf_configs():
     t = _transformers()
     return {
-        "qwen3_moe": t.Qwen3MoeConfig(**TINY, head_dim=32, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=24,
-                                      norm_topk_prob=True, mlp_only_layers=[0], decoder_sparse_step=1),
-        "qwen2_moe": t.Qwen2MoeConfig(**TINY, num_experts=6, num_experts_per_tok=3, moe_intermediate_size=16,
-                                      shared_expert_intermediate_size=40, norm_topk_prob=False, decoder_sparse_step=2),
+        "qwen3_moe": t.Qwen3MoeConfig(
+            **TINY,
+            head_dim=32,
+            num_experts=8,
+            num_experts_per_tok=2,
+            moe_intermediate_size=24,
+            norm_topk_prob=True,
+            mlp_only_layers=[0],
+            decoder_sparse_step=1,
+        ),
+        "qwen2_moe": t.Qwen2MoeConfig(
+            **TINY,
+            num_experts=6,
+            num_experts_per_tok=3,
+            moe_intermediate_size=16,
+            shared_expert_intermediate_size=40,
+            norm_topk_prob=False,
+            decoder_sparse_step=2,
+        ),
         "mixtral": t.MixtralConfig(**TINY, num_local_experts=4, num_experts_per_tok=2, tie_word_embeddings=True),
     }
 
@@ -57,9 +78,18 @@ def test_from_hf_config_maps_the_three_moe_families():
 
 
 def test_both_expert_count_spellings_are_read():
-    base = dict(model_type="qwen3_moe", hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                num_attention_heads=4, num_key_value_heads=2, vocab_size=300, moe_intermediate_size=24,
-                num_experts_per_tok=2, norm_topk_prob=True)
+    base = dict(
+        model_type="qwen3_moe",
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=300,
+        moe_intermediate_size=24,
+        num_experts_per_tok=2,
+        norm_topk_prob=True,
+    )
     assert ModelConfig.from_hf_config({**base, "num_experts": 8}).num_experts == 8  # config.json on disk
     assert ModelConfig.from_hf_config({**base, "num_local_experts": 16}).num_experts == 16  # transformers 5 to_dict
     with pytest.raises(ValueError, match="no expert count"):
@@ -90,11 +120,25 @@ def test_qwen3_30b_a3b_recipe_parameter_count_equals_transformers():
     from gift_megatron.config import load_config
 
     t = _transformers()
-    hf = t.Qwen3MoeConfig(vocab_size=151936, hidden_size=2048, intermediate_size=6144, num_hidden_layers=48,
-                          num_attention_heads=32, num_key_value_heads=4, head_dim=128, num_experts=128,
-                          num_experts_per_tok=8, moe_intermediate_size=768, norm_topk_prob=True,
-                          decoder_sparse_step=1, mlp_only_layers=[], tie_word_embeddings=False,
-                          rope_theta=1000000.0, rms_norm_eps=1e-6, max_position_embeddings=40960)
+    hf = t.Qwen3MoeConfig(
+        vocab_size=151936,
+        hidden_size=2048,
+        intermediate_size=6144,
+        num_hidden_layers=48,
+        num_attention_heads=32,
+        num_key_value_heads=4,
+        head_dim=128,
+        num_experts=128,
+        num_experts_per_tok=8,
+        moe_intermediate_size=768,
+        norm_topk_prob=True,
+        decoder_sparse_step=1,
+        mlp_only_layers=[],
+        tie_word_embeddings=False,
+        rope_theta=1000000.0,
+        rms_norm_eps=1e-6,
+        max_position_embeddings=40960,
+    )
     cfg = load_config("examples/qwen3-30b-a3b-gift.yaml")
     assert cfg.model == ModelConfig.from_hf_config(hf, seq_length=cfg.model.seq_length)
     count = meta_parameter_count(hf)
@@ -104,40 +148,74 @@ def test_qwen3_30b_a3b_recipe_parameter_count_equals_transformers():
 
 def test_moe_model_config_errors_name_the_key():
     moe_cfg = dict(family="qwen3_moe", num_experts=4)
-    with pytest.raises(ValueError, match="model.family='qwen3_moe' is a Mixture-of-Experts family: set model.num_experts"):
+    with pytest.raises(
+        ValueError, match="model.family='qwen3_moe' is a Mixture-of-Experts family: set model.num_experts"
+    ):
         ModelConfig(family="qwen3_moe")
     with pytest.raises(ValueError, match="model.num_experts=4 needs a Mixture-of-Experts model.family"):
         ModelConfig(family="qwen3", num_experts=4)
     with pytest.raises(ValueError, match="model.moe_router_topk must lie in \\[1, model.num_experts=4\\]"):
         ModelConfig(**moe_cfg, moe_router_topk=5)
-    with pytest.raises(ValueError, match="model.moe_layer_freq must list 0 \\(dense\\) or 1 \\(MoE\\) for each of the 2"):
+    with pytest.raises(
+        ValueError, match="model.moe_layer_freq must list 0 \\(dense\\) or 1 \\(MoE\\) for each of the 2"
+    ):
         ModelConfig(**moe_cfg, moe_layer_freq=[1])
     with pytest.raises(ValueError, match="model.moe_aux_loss_coeff is set on a dense model"):
         ModelConfig(moe_aux_loss_coeff=0.01)
-    with pytest.raises(ValueError, match="model.moe_shared_expert_gate needs model.moe_shared_expert_intermediate_size"):
+    with pytest.raises(
+        ValueError, match="model.moe_shared_expert_gate needs model.moe_shared_expert_intermediate_size"
+    ):
         ModelConfig(**moe_cfg, moe_shared_expert_gate=True)
 
 
 def test_expert_layout_validation_errors_name_the_field():
-    m = ModelConfig(family="qwen3_moe", num_experts=6, num_attention_heads=4, num_query_groups=2, hidden_size=64,
-                    moe_ffn_hidden_size=24)
+    m = ModelConfig(
+        family="qwen3_moe",
+        num_experts=6,
+        num_attention_heads=4,
+        num_query_groups=2,
+        hidden_size=64,
+        moe_ffn_hidden_size=24,
+    )
     P = ParallelConfig
-    with pytest.raises(ValueError, match="parallel.expert_model_parallel_size \\(4\\) does not divide model.num_experts \\(6\\)"):
+    with pytest.raises(
+        ValueError, match="parallel.expert_model_parallel_size \\(4\\) does not divide model.num_experts \\(6\\)"
+    ):
         P(expert_model_parallel_size=4).validate(4, m)
-    with pytest.raises(ValueError, match="with parallel.tensor_model_parallel_size=2 needs parallel.sequence_parallel=true"):
+    with pytest.raises(
+        ValueError, match="with parallel.tensor_model_parallel_size=2 needs parallel.sequence_parallel=true"
+    ):
         P(tensor_model_parallel_size=2).validate(2, m)
     with pytest.raises(ValueError, match="parallel.expert_model_parallel_size=2 needs a Mixture-of-Experts model"):
         P(expert_model_parallel_size=2).validate(2, ModelConfig())
     # world 6 = TP 2 x DP 3 is fine for attention, but ETP 2 x EP 2 x PP 1 = 4 does not divide it
-    m8 = ModelConfig(family="qwen3_moe", num_experts=8, num_attention_heads=4, num_query_groups=2, hidden_size=64,
-                     moe_ffn_hidden_size=24)
-    with pytest.raises(ValueError, match="world size 6 is not divisible by expert tensor x expert x pipeline parallel sizes \\(2 x 2 x 1 = 4"):
+    m8 = ModelConfig(
+        family="qwen3_moe",
+        num_experts=8,
+        num_attention_heads=4,
+        num_query_groups=2,
+        hidden_size=64,
+        moe_ffn_hidden_size=24,
+    )
+    with pytest.raises(
+        ValueError,
+        match="world size 6 is not divisible by expert tensor x expert x pipeline parallel sizes \\(2 x 2 x 1 = 4",
+    ):
         P(tensor_model_parallel_size=2, sequence_parallel=True, expert_model_parallel_size=2).validate(6, m8)
-    with pytest.raises(ValueError, match="parallel.expert_tensor_parallel_size \\(5\\) does not divide the expert width"):
+    with pytest.raises(
+        ValueError, match="parallel.expert_tensor_parallel_size \\(5\\) does not divide the expert width"
+    ):
         P(expert_tensor_parallel_size=5).validate(5, m8)
     # what does fit: 8 ranks = TP 2 x DP 4; experts over EP 4 x ETP 1, or EP 2 x ETP 2 (ETP defaults to TP)
-    assert P(tensor_model_parallel_size=2, sequence_parallel=True, expert_model_parallel_size=4,
-             expert_tensor_parallel_size=1).validate(8, m8) == 4
+    assert (
+        P(
+            tensor_model_parallel_size=2,
+            sequence_parallel=True,
+            expert_model_parallel_size=4,
+            expert_tensor_parallel_size=1,
+        ).validate(8, m8)
+        == 4
+    )
     assert P(tensor_model_parallel_size=2, sequence_parallel=True, expert_model_parallel_size=2).validate(8, m8) == 4
 
 
@@ -169,10 +247,14 @@ def test_router_loss_scale_is_members_times_cp_over_router_tokens():
 
 
 def test_load_balance_metric():
-    counts = torch.tensor([[10.0, 10.0, 10.0, 10.0],   # perfectly balanced: 1
-                           [40.0, 0.0, 0.0, 0.0],      # one expert takes everything: E = 4
-                           [0.0, 0.0, 0.0, 0.0]],      # no tokens: 0
-                          dtype=torch.float64)
+    counts = torch.tensor(
+        [
+            [10.0, 10.0, 10.0, 10.0],  # perfectly balanced: 1
+            [40.0, 0.0, 0.0, 0.0],  # one expert takes everything: E = 4
+            [0.0, 0.0, 0.0, 0.0],
+        ],  # no tokens: 0
+        dtype=torch.float64,
+    )
     assert moe.load_balance(counts).tolist() == [1.0, 4.0, 0.0]
 
 

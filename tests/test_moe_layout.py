@@ -35,10 +35,21 @@ OBJECTIVES = {"gift": dict(beta=1.0), "gft": dict(tau=0.5), "grpo": dict(kl_coef
 def model_config(**overrides):
     from gift_megatron.megatron.model import ModelConfig
 
-    fields = dict(family="qwen3_moe", num_layers=2, hidden_size=32, ffn_hidden_size=64, num_attention_heads=4,
-                  num_query_groups=2, vocab_size=128, seq_length=SEQ, qk_layernorm=True, num_experts=4,
-                  moe_router_topk=2, moe_ffn_hidden_size=16,
-                  make_vocab_size_divisible_by=64)  # 128 rows at TP=1 and at TP=2: no padded rows
+    fields = dict(
+        family="qwen3_moe",
+        num_layers=2,
+        hidden_size=32,
+        ffn_hidden_size=64,
+        num_attention_heads=4,
+        num_query_groups=2,
+        vocab_size=128,
+        seq_length=SEQ,
+        qk_layernorm=True,
+        num_experts=4,
+        moe_router_topk=2,
+        moe_ffn_hidden_size=16,
+        make_vocab_size_divisible_by=64,
+    )  # 128 rows at TP=1 and at TP=2: no padded rows
     fields.update(overrides)
     return ModelConfig(**fields)
 
@@ -55,9 +66,14 @@ def global_batch(seed=3):
     # A reference policy's log-probs given with the batch (GIFT's implicit rewards and GRPO's KL are then not
     # degenerate at the first step, as they are when the reference is the initial policy).
     ref_logp = -3.0 + 0.5 * torch.randn(N_MEMBERS, SEQ, generator=g)
-    return {"tokens": tokens[:, :-1].contiguous(), "labels": tokens[:, 1:].contiguous(), "loss_mask": mask,
-            "rewards": torch.randn(N_MEMBERS, generator=g), "group_ids": torch.arange(N_MEMBERS) // GROUP + 100,
-            "ref_logp": ref_logp}
+    return {
+        "tokens": tokens[:, :-1].contiguous(),
+        "labels": tokens[:, 1:].contiguous(),
+        "loss_mask": mask,
+        "rewards": torch.randn(N_MEMBERS, generator=g),
+        "group_ids": torch.arange(N_MEMBERS) // GROUP + 100,
+        "ref_logp": ref_logp,
+    }
 
 
 def my_micro_batches(dp_rank, dp_size, n_micro):
@@ -70,9 +86,12 @@ def my_micro_batches(dp_rank, dp_size, n_micro):
 def setup(parallel):
     from gift_megatron.parallel import initialize_model_parallel_cpu
 
-    initialize_model_parallel_cpu(parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size,
-                                  expert_model_parallel_size=parallel.expert_model_parallel_size,
-                                  expert_tensor_parallel_size=parallel.expert_tensor_parallel_size)
+    initialize_model_parallel_cpu(
+        parallel.tensor_model_parallel_size,
+        parallel.pipeline_model_parallel_size,
+        expert_model_parallel_size=parallel.expert_model_parallel_size,
+        expert_tensor_parallel_size=parallel.expert_tensor_parallel_size,
+    )
 
 
 def build(cfg, parallel):
@@ -85,10 +104,19 @@ def ddp_and_sgd(model):
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
-    ddp = DistributedDataParallel(config=model.config, ddp_config=DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=False), module=model)
-    opt = get_megatron_optimizer(OptimizerConfig(optimizer="sgd", lr=LR, sgd_momentum=0.0, weight_decay=0.0,
-                                                 clip_grad=1e9, params_dtype=torch.float32), [ddp])
+    ddp = DistributedDataParallel(
+        config=model.config,
+        ddp_config=DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=False
+        ),
+        module=model,
+    )
+    opt = get_megatron_optimizer(
+        OptimizerConfig(
+            optimizer="sgd", lr=LR, sgd_momentum=0.0, weight_decay=0.0, clip_grad=1e9, params_dtype=torch.float32
+        ),
+        [ddp],
+    )
     return ddp, opt
 
 
@@ -108,8 +136,9 @@ def packed_micro_batches(dp_rank, dp_size):
     """This rank's members packed end to end into [1, T] rows of at most 2 x SEQ tokens (THD)."""
     from gift_megatron.megatron.step import pack_global_batch
 
-    return pack_global_batch(global_batch(), micro_batch_tokens=2 * SEQ, dp_rank=dp_rank, dp_size=dp_size,
-                             keep_groups=False)
+    return pack_global_batch(
+        global_batch(), micro_batch_tokens=2 * SEQ, dp_rank=dp_rank, dp_size=dp_size, keep_groups=False
+    )
 
 
 def train_objectives(cfg, parallel, n_micro, init_dir, out_dir, packed=False):
@@ -196,8 +225,9 @@ def layout_worker(rank, world, root, parallel_fields, n_micro, tag):
         if parallel.expert_model_parallel_size > 1 and parallel.tensor_model_parallel_size == 1:
             # More checks in this job (process start-up is most of a test's time on 2 cores): packed rows,
             # unequal micro-batch counts, the router-loss scale.
-            results["packed"] = train_objectives(cfg, parallel, None, os.path.join(root, "init"),
-                                                 os.path.join(root, tag + "_packed"), packed=True)
+            results["packed"] = train_objectives(
+                cfg, parallel, None, os.path.join(root, "init"), os.path.join(root, tag + "_packed"), packed=True
+            )
             results["uneven"] = uneven_micro_batches_error(cfg, parallel, os.path.join(root, "init"))
             from gift_megatron.megatron.moe import has_moe_grad_scale_func
 
@@ -224,10 +254,20 @@ def reference(tmp_path_factory):
 
 LAYOUTS = [  # (world, parallel fields, micro-batches per data-parallel rank)
     pytest.param(2, dict(expert_model_parallel_size=2), 2, id="ep2"),
-    pytest.param(4, dict(tensor_model_parallel_size=2, sequence_parallel=True, expert_model_parallel_size=2,
-                         expert_tensor_parallel_size=1), 2, id="tp2-ep2-etp1"),
-    pytest.param(2, dict(tensor_model_parallel_size=2, sequence_parallel=True, expert_tensor_parallel_size=2), 2,
-                 id="tp2-etp2"),
+    pytest.param(
+        4,
+        dict(
+            tensor_model_parallel_size=2,
+            sequence_parallel=True,
+            expert_model_parallel_size=2,
+            expert_tensor_parallel_size=1,
+        ),
+        2,
+        id="tp2-ep2-etp1",
+    ),
+    pytest.param(
+        2, dict(tensor_model_parallel_size=2, sequence_parallel=True, expert_tensor_parallel_size=2), 2, id="tp2-etp2"
+    ),
     pytest.param(2, dict(pipeline_model_parallel_size=2), 4, id="pp2"),
 ]
 
@@ -258,8 +298,13 @@ def test_one_moe_step_matches_single_process(reference, world, fields, n_micro):
     if "packed" in per_rank[0][0]:
         # Packed rows at EP=2: the same step, except the router metrics, which count every token the routers
         # see: padded rows route their padding too, packed rows do not.
-        assert_same_step(ref, ref_weights, [results["packed"] for results, _ in per_rank],
-                         per_rank[0][0]["packed_weights"], router_metrics=False)
+        assert_same_step(
+            ref,
+            ref_weights,
+            [results["packed"] for results, _ in per_rank],
+            per_rank[0][0]["packed_weights"],
+            router_metrics=False,
+        )
 
 
 def assert_same_step(ref, ref_weights, rank_results, weights, router_metrics=True):
@@ -269,8 +314,9 @@ def assert_same_step(ref, ref_weights, rank_results, weights, router_metrics=Tru
         loss1, metrics1, gnorm1 = ref[name]
         assert metrics1["moe/load_balance_layer0"] >= 1.0 and "moe/load_balance_layer1" in metrics1
         assert "moe/aux_loss" not in metrics1  # coefficient 0: Megatron tracks nothing
-        compared = {k for k in metrics1 if not k.startswith("stats_source") and (router_metrics or
-                                                                                 not k.startswith("moe/"))}
+        compared = {
+            k for k in metrics1 if not k.startswith("stats_source") and (router_metrics or not k.startswith("moe/"))
+        }
         for results in rank_results:  # every rank of every stage reports the same global numbers
             loss, metrics, gnorm = results[name]
             assert loss == pytest.approx(loss1, rel=1e-5, abs=1e-6), (name, loss, loss1)
@@ -331,9 +377,15 @@ def router_loss_grads(init_dir):
         lp = model_logprobs(m, next(it))
         return lp, lambda x: ((x * 0.0).sum(), torch.tensor(x.numel(), dtype=torch.int), {})
 
-    get_forward_backward_func()(forward_step_func=forward_step, data_iterator=iter(mbs), model=[ddp],
-                                num_microbatches=len(mbs), seq_length=SEQ, micro_batch_size=mbs[0]["tokens"].shape[0],
-                                forward_only=False)
+    get_forward_backward_func()(
+        forward_step_func=forward_step,
+        data_iterator=iter(mbs),
+        model=[ddp],
+        num_microbatches=len(mbs),
+        seq_length=SEQ,
+        micro_batch_size=mbs[0]["tokens"].shape[0],
+        forward_only=False,
+    )
     out["megatron"] = _flat_grads(ddp)
     return out
 
@@ -343,8 +395,10 @@ def test_router_loss_gradient_has_megatrons_intended_scale(reference):
     from gift_megatron.megatron.moe import has_moe_grad_scale_func
 
     if not has_moe_grad_scale_func():
-        pytest.skip("megatron-core 0.16 has no moe_grad_scale_func: non-zero router-loss coefficients are refused "
-                    "there (tests/test_moe_config.py::test_router_losses_are_refused_without_the_scale_hook)")
+        pytest.skip(
+            "megatron-core 0.16 has no moe_grad_scale_func: non-zero router-loss coefficients are refused "
+            "there (tests/test_moe_config.py::test_router_losses_are_refused_without_the_scale_hook)"
+        )
     root, _, _ = reference
     per_rank = [results["router_loss"] for results, _ in run_layout(root, *LAYOUTS[0].values)]
     for r in per_rank:

@@ -132,9 +132,12 @@ def _finite_difference_check(fn, x, n_entries=12, h=1e-2, seed=0):
     "fn",
     [
         lambda b, lp: O.gift_loss(lp, b["rlp"], b["m"], b["R"], b["gid"], detach_stats=False)[0],
-        lambda b, lp: O.gift_loss(lp, b["rlp"], b["m"], b["R"], b["gid"], detach_stats=False, implicit_reward="mean")[0],
-        lambda b, lp: O.grpo_loss(lp, b["olp"], b["m"], b["R"], b["gid"], ref_logp=b["rlp"], kl_coef=0.3,
-                                  eps_low=10.0 - 9.5, eps_high=50.0)[0],
+        lambda b, lp: O.gift_loss(lp, b["rlp"], b["m"], b["R"], b["gid"], detach_stats=False, implicit_reward="mean")[
+            0
+        ],
+        lambda b, lp: O.grpo_loss(
+            lp, b["olp"], b["m"], b["R"], b["gid"], ref_logp=b["rlp"], kl_coef=0.3, eps_low=10.0 - 9.5, eps_high=50.0
+        )[0],
         lambda b, lp: O.gspo_loss(lp, b["olp"], b["m"], b["R"], b["gid"], eps_low=0.9, eps_high=50.0)[0],
         lambda b, lp: O.sft_loss(lp, b["m"])[0],
     ],
@@ -282,15 +285,20 @@ def test_bad_inputs_raise_naming_the_argument():
     _bad(lambda: O.gift_loss(lp[:, :-1], rlp, m, R, gid), "mask")
     _bad(lambda: O.gift_loss(lp, rlp[:, :-1], m, R, gid), "ref_logp")
     _bad(lambda: O.gift_loss(lp, rlp, m, R[:-1], gid), "rewards")
-    R_nan = R.clone(); R_nan[2] = float("nan")
+    R_nan = R.clone()
+    R_nan[2] = float("nan")
     _bad(lambda: O.gift_loss(lp, rlp, m, R_nan, gid), "rewards are not finite for members \\[2\\]")
-    R_inf = R.clone(); R_inf[0] = float("inf")
+    R_inf = R.clone()
+    R_inf[0] = float("inf")
     _bad(lambda: O.gft_loss(lp, m, R_inf, gid), "rewards")
-    lp_nan = lp.clone(); lp_nan[1, 0] = float("nan")
+    lp_nan = lp.clone()
+    lp_nan[1, 0] = float("nan")
     _bad(lambda: O.gft_loss(lp_nan, m, R, gid), "logp")
-    rlp_inf = rlp.clone(); rlp_inf[0, 0] = -float("inf")
+    rlp_inf = rlp.clone()
+    rlp_inf[0, 0] = -float("inf")
     _bad(lambda: O.gift_loss(lp, rlp_inf, m, R, gid), "ref_logp")
-    m0 = m.clone(); m0[4] = 0
+    m0 = m.clone()
+    m0[4] = 0
     _bad(lambda: O.gift_loss(lp, rlp, m0, R, gid), "mask: members \\[4\\] have no counted tokens")
     _bad(lambda: O.sft_loss(lp, m0), "mask")
     _bad(lambda: O.gift_loss(lp, rlp, m, R, gid.float()), "group_ids must hold integers")
@@ -323,7 +331,9 @@ def test_gift_metrics_against_direct_computation():
     A = ref.zscore(b["R"], b["gid"])
     z = ref.zscore(u, b["gid"])
     torch.testing.assert_close(metrics["gift/implicit_reward_mean"], u.mean())
-    torch.testing.assert_close(metrics["gift/corr_advantage_z"], torch.corrcoef(torch.stack([A, z]))[0, 1], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(
+        metrics["gift/corr_advantage_z"], torch.corrcoef(torch.stack([A, z]))[0, 1], rtol=1e-4, atol=1e-5
+    )
     torch.testing.assert_close(metrics["gift/abs_residual_mean"], (A - z).abs().mean(), rtol=1e-5, atol=1e-6)
     ratios = []
     for g in b["gid"].unique():
@@ -341,8 +351,13 @@ def test_gift_metrics_against_direct_computation():
 EQUAL_VALUES = (0.37, 0.1, 1000.1, 1e-3, 3.3, 123.456)
 EQUAL_SIZES = (7, 5, 8, 3, 16, 6)
 GROUP_OBJECTIVES = [
-    ("gift", dict()), ("gift", dict(reference="rollout", detach_stats=False)), ("gift", dict(implicit_reward="mean")),
-    ("gft", dict()), ("grpo", dict()), ("dapo", dict()), ("gspo", dict()),
+    ("gift", dict()),
+    ("gift", dict(reference="rollout", detach_stats=False)),
+    ("gift", dict(implicit_reward="mean")),
+    ("gft", dict()),
+    ("grpo", dict()),
+    ("dapo", dict()),
+    ("gspo", dict()),
 ]
 
 
@@ -354,7 +369,9 @@ def equal_reward_batch(S=6, seed=11):
     R = torch.cat([torch.full((n,), v) for v, n in zip(EQUAL_VALUES, EQUAL_SIZES)])
     row_lp = -torch.rand(len(EQUAL_SIZES), S, generator=g) * 3.0 - 0.1
     lp = row_lp[torch.repeat_interleave(torch.arange(len(EQUAL_SIZES)), torch.tensor(EQUAL_SIZES))]
-    offsets = torch.tensor(EQUAL_VALUES)[torch.repeat_interleave(torch.arange(len(EQUAL_SIZES)), torch.tensor(EQUAL_SIZES))]
+    offsets = torch.tensor(EQUAL_VALUES)[
+        torch.repeat_interleave(torch.arange(len(EQUAL_SIZES)), torch.tensor(EQUAL_SIZES))
+    ]
     m = torch.ones_like(lp)
     return dict(lp=lp, rlp=lp - 0.1 * offsets[:, None] / 1000.1, olp=lp + 0.37, m=m, R=R, gid=gid)
 
@@ -362,8 +379,10 @@ def equal_reward_batch(S=6, seed=11):
 def _equal_group_check(obj, batches, layout):
     """(max |A| over members, max |grad| of the loss) for ``batches`` (micro-batches of this rank)."""
     lps = [b.logp.clone().requires_grad_(True) for b in batches]
-    parts = [O.TokenBatch(lp, b.mask, b.rewards, b.group_ids, ref_logp=b.ref_logp, old_logp=b.old_logp)
-             for lp, b in zip(lps, batches)]
+    parts = [
+        O.TokenBatch(lp, b.mask, b.rewards, b.group_ids, ref_logp=b.ref_logp, old_logp=b.old_logp)
+        for lp, b in zip(lps, batches)
+    ]
     stats = obj.statistics(O.Members.cat([obj.members(p, layout) for p in parts]), layout)
     adv = max(float(stats.rewards.zscore(p.rewards, p.group_ids, obj.eps).abs().max()) for p in parts)
     if stats.implicit is not None:
@@ -376,8 +395,9 @@ def _equal_group_check(obj, batches, layout):
 
 def _token_batch(b, rows=None):
     rows = torch.arange(b["lp"].shape[0]) if rows is None else rows
-    return O.TokenBatch(b["lp"][rows], b["m"][rows], b["R"][rows], b["gid"][rows], ref_logp=b["rlp"][rows],
-                        old_logp=b["olp"][rows])
+    return O.TokenBatch(
+        b["lp"][rows], b["m"][rows], b["R"][rows], b["gid"][rows], ref_logp=b["rlp"][rows], old_logp=b["olp"][rows]
+    )
 
 
 @pytest.mark.parametrize("name,opts", GROUP_OBJECTIVES, ids=lambda x: x if isinstance(x, str) else str(x))
@@ -400,7 +420,9 @@ def equal_groups_dp_worker(rank, world):
     out = {}
     for name, opts in GROUP_OBJECTIVES:
         obj = O.build_objective(name, **opts)
-        out[f"{name}{opts}"] = _equal_group_check(obj, [_token_batch(b, mine[0::2]), _token_batch(b, mine[1::2])], layout)
+        out[f"{name}{opts}"] = _equal_group_check(
+            obj, [_token_batch(b, mine[0::2]), _token_batch(b, mine[1::2])], layout
+        )
     stats = O.group_statistics(b["R"][mine], b["gid"][mine], dp_group=dist.group.WORLD)
     out["group_statistics_std"] = (float(stats.std.abs().max()), 0.0, 0.0)
     return out
@@ -438,7 +460,9 @@ def test_dual_clip_matches_closed_form(name):
     fn = O.dapo_loss if name == "dapo" else O.grpo_loss
     eps_high = 0.28 if name == "dapo" else 0.2
     ours = _grad(lambda x: fn(x, olp, b["m"], b["R"], b["gid"], clip_ratio_c=c)[0], lp)
-    theirs = _grad(lambda x: _dual_clip_reference(x, olp, b["m"], b["R"], b["gid"], 0.2, eps_high, c, name == "dapo")[0], lp)
+    theirs = _grad(
+        lambda x: _dual_clip_reference(x, olp, b["m"], b["R"], b["gid"], 0.2, eps_high, c, name == "dapo")[0], lp
+    )
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-7)
     frac = fn(lp, olp, b["m"], b["R"], b["gid"], clip_ratio_c=c)[1]["clip_frac_dual"]
     expected = _dual_clip_reference(lp, olp, b["m"], b["R"], b["gid"], 0.2, eps_high, c, name == "dapo")[1]

@@ -79,8 +79,16 @@ def _train_worker(rank, world, distributed, bf16, steps):
     """Two identical models trained side by side on this rank: A plainly, B with offload after every step and
     onload before the next (as the trainer does around the engine's wake and sleep), plus a state read inside
     ``onloaded()`` (the checkpoint save) at step 1. Returns what must be bit-identical, and what offload freed."""
-    from tests.tiny_gpt import Layout, TinyGPT, Trainer, build_model, global_batch, micro_batches, setup_parallel
-    from tests.tiny_gpt import teardown_parallel
+    from tests.tiny_gpt import (
+        Layout,
+        TinyGPT,
+        Trainer,
+        build_model,
+        global_batch,
+        micro_batches,
+        setup_parallel,
+        teardown_parallel,
+    )
 
     spec, layout = TinyGPT(bf16=bf16), Layout(distributed_optimizer=distributed)
     setup_parallel(layout)
@@ -102,10 +110,13 @@ def _train_worker(rank, world, distributed, bf16, steps):
             out["copied"] = sum(h.numel() for h in off._host.values())
             out["grad_bytes"] = sum(t.numel() * t.element_size() for t in grad_buffers([b.model]))
             out["freed_all"] &= all(t.untyped_storage().nbytes() == 0 for t in grad_buffers([b.model]))
-            out["freed_all"] &= all(t.untyped_storage().nbytes() == 0 for t in optimizer_tensors(b.optimizer)
-                                    if t.device.type == "cpu" and t.numel() > 1
-                                    and t.untyped_storage()._cdata not in {p.untyped_storage()._cdata
-                                                                           for p in b.model.parameters()})
+            out["freed_all"] &= all(
+                t.untyped_storage().nbytes() == 0
+                for t in optimizer_tensors(b.optimizer)
+                if t.device.type == "cpu"
+                and t.numel() > 1
+                and t.untyped_storage()._cdata not in {p.untyped_storage()._cdata for p in b.model.parameters()}
+            )
             out["weights_kept"] &= all(p.untyped_storage().nbytes() > 0 for p in b.model.parameters())
             if step == 1:
                 with off.onloaded():
@@ -127,8 +138,11 @@ def _same(xs, ys):
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("distributed, bf16", [(False, True), (True, True), (True, False)],
-                         ids=["plain-bf16", "distributed-bf16", "distributed-fp32"])
+@pytest.mark.parametrize(
+    "distributed, bf16",
+    [(False, True), (True, True), (True, False)],
+    ids=["plain-bf16", "distributed-bf16", "distributed-fp32"],
+)
 def test_training_with_offload_is_bit_identical(distributed, bf16):
     results = run_ranks(_train_worker, 2, distributed, bf16, 3, timeout=240)
     for rank, r in enumerate(results):
@@ -158,8 +172,13 @@ def test_trainer_with_offload_gives_the_same_losses_and_a_complete_checkpoint(tm
 
     task = str(tmp_path / "toy")
     write_toy_task(task, num_train=200, num_eval=20, seed=0)
-    common = data_overrides(task) + ["train.steps=3", "run.save_interval=2", "train.eval_interval=0",
-                                     "train.eval_prompts=4", "run.plots=false"]
+    common = data_overrides(task) + [
+        "train.steps=3",
+        "run.save_interval=2",
+        "train.eval_interval=0",
+        "train.eval_prompts=4",
+        "run.plots=false",
+    ]
     plain, offloaded, resumed = (str(tmp_path / n) for n in ("plain", "offloaded", "resumed"))
     run_job(common + [f"run.output_dir={plain}", "rollout.offload_training_states=false"], timeout=400)
     run_job(common + [f"run.output_dir={offloaded}", "rollout.offload_training_states=true"], timeout=400)
@@ -167,8 +186,10 @@ def test_trainer_with_offload_gives_the_same_losses_and_a_complete_checkpoint(tm
     assert sorted(expected) == [1, 2, 3]
     assert losses(offloaded) == expected  # exactly
     step2 = os.path.join(offloaded, "checkpoints", "step_00000002")
-    run_job(common + [f"run.output_dir={resumed}", f"run.resume={step2}", "rollout.offload_training_states=true"],
-            timeout=400)
+    run_job(
+        common + [f"run.output_dir={resumed}", f"run.resume={step2}", "rollout.offload_training_states=true"],
+        timeout=400,
+    )
     assert losses(resumed)[3] == expected[3]
 
 

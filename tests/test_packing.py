@@ -108,8 +108,11 @@ def test_plan_bins_keeps_groups_whole_when_they_fit():
 
 
 def test_plan_bins_errors_name_the_numbers():
-    with pytest.raises(ValueError, match=r"member 2 \(group 7\) needs 104 tokens \(length 101, padded to a multiple "
-                                         r"of 4\), more than train.micro_batch_tokens \(100\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"member 2 \(group 7\) needs 104 tokens \(length 101, padded to a multiple "
+        r"of 4\), more than train.micro_batch_tokens \(100\)",
+    ):
         plan_bins([10, 20, 101], [7, 7, 7], budget=100, multiple=4)
     with pytest.raises(ValueError, match=r"train.micro_batch_tokens \(102\) must be a positive multiple of 4"):
         plan_bins([10], [1], budget=102, multiple=4)
@@ -130,10 +133,15 @@ def _rows(seed=0, n=6, s=12):
     mask = torch.zeros(n, s)
     ends = torch.randint(1, s + 1, (n,), generator=g).tolist()
     for i, e in enumerate(ends):
-        mask[i, max(0, e - 4):e] = 1.0
-    return {"tokens": torch.randint(0, 50, (n, s), generator=g), "labels": torch.randint(0, 50, (n, s), generator=g),
-            "loss_mask": mask, "ref_logp": -torch.rand(n, s, generator=g), "rewards": torch.randn(n, generator=g),
-            "group_ids": torch.tensor([0, 0, 1, 1, 2, 2])}, ends
+        mask[i, max(0, e - 4) : e] = 1.0
+    return {
+        "tokens": torch.randint(0, 50, (n, s), generator=g),
+        "labels": torch.randint(0, 50, (n, s), generator=g),
+        "loss_mask": mask,
+        "ref_logp": -torch.rand(n, s, generator=g),
+        "rewards": torch.randn(n, generator=g),
+        "group_ids": torch.tensor([0, 0, 1, 1, 2, 2]),
+    }, ends
 
 
 def test_sequence_lengths_trim_and_pack_roundtrip():
@@ -153,19 +161,20 @@ def test_sequence_lengths_trim_and_pack_roundtrip():
             assert list(layout.padded) == slots and list(layout.lengths) == [ends[i] for i in b]
             assert mb["tokens"].shape == (1, sum(slots))
             assert torch.equal(mb["rewards"], rows["rewards"][b]) and torch.equal(mb["group_ids"], rows["group_ids"][b])
-            assert layout.cu_seqlens(torch.device("cpu")).tolist() == [0] + [sum(ends[i] for i in b[:j + 1])
-                                                                            for j in range(len(b))]
+            assert layout.cu_seqlens(torch.device("cpu")).tolist() == [0] + [
+                sum(ends[i] for i in b[: j + 1]) for j in range(len(b))
+            ]
             pos = mb["position_ids"][0].tolist()
             start = 0
             for slot in slots:  # positions restart at 0 in every slot
-                assert pos[start:start + slot] == list(range(slot))
+                assert pos[start : start + slot] == list(range(slot))
                 start += slot
             for key in ("tokens", "labels", "loss_mask", "ref_logp"):
                 per_member = unpack(mb[key], layout)
                 for j, i in enumerate(b):
-                    assert torch.equal(per_member[j, :ends[i]], rows[key][i, :ends[i]]), (key, i)
+                    assert torch.equal(per_member[j, : ends[i]], rows[key][i, : ends[i]]), (key, i)
                     if key == "loss_mask":
-                        assert per_member[j, ends[i]:].sum() == 0
+                        assert per_member[j, ends[i] :].sum() == 0
 
 
 def test_unpack_gradient_is_a_scatter():
@@ -202,24 +211,37 @@ def _model_worker(rank, world, bf16):
 
     initialize_model_parallel_cpu(seed=3)
     try:
-        cfg = ModelConfig(num_layers=2, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4,
-                          num_query_groups=2, vocab_size=128, seq_length=32, max_position_embeddings=64)
+        cfg = ModelConfig(
+            num_layers=2,
+            hidden_size=64,
+            ffn_hidden_size=128,
+            num_attention_heads=4,
+            num_query_groups=2,
+            vocab_size=128,
+            seq_length=32,
+            max_position_embeddings=64,
+        )
         model = build_model(cfg, ParallelConfig(), PrecisionConfig(dtype="bf16" if bf16 else "fp32"))
         g = torch.Generator().manual_seed(5)
         n, s = 5, 32
         ends = [7, 32, 12, 1, 20]
         mask = torch.zeros(n, s)
         for i, e in enumerate(ends):
-            mask[i, max(0, e - 5):e] = 1
-        rows = {"tokens": torch.randint(0, 128, (n, s), generator=g),
-                "labels": torch.randint(0, 128, (n, s), generator=g), "loss_mask": mask}
+            mask[i, max(0, e - 5) : e] = 1
+        rows = {
+            "tokens": torch.randint(0, 128, (n, s), generator=g),
+            "labels": torch.randint(0, 128, (n, s), generator=g),
+            "loss_mask": mask,
+        }
         with torch.no_grad():
             padded = model_logprobs(model, rows)
             mb = pack_rows(rows, [list(range(n))], multiple=4)[0]
             packed = unpack(model_logprobs(model, mb), mb["packed"])
-            alone = [model_logprobs(model, {k: v[i:i + 1, :ends[i]] for k, v in rows.items()})[0] for i in range(n)]
-        return ([float((packed[i, :e] - alone[i]).abs().max()) for i, e in enumerate(ends)],
-                [float((packed[i, :e] - padded[i, :e]).abs().max()) for i, e in enumerate(ends)])
+            alone = [model_logprobs(model, {k: v[i : i + 1, : ends[i]] for k, v in rows.items()})[0] for i in range(n)]
+        return (
+            [float((packed[i, :e] - alone[i]).abs().max()) for i, e in enumerate(ends)],
+            [float((packed[i, :e] - padded[i, :e]).abs().max()) for i, e in enumerate(ends)],
+        )
     finally:
         destroy_model_parallel_cpu()
 

@@ -4,11 +4,22 @@ from __future__ import annotations
 
 import pytest
 
-from gift_megatron.rollout.placement import (PlacementError, check_layout, engine_devices, megatron_replica_ranks,
-                                             replica_engine_devices, replica_local_ranks, visible_devices)
+from gift_megatron.rollout.placement import (
+    PlacementError,
+    check_layout,
+    engine_devices,
+    megatron_replica_ranks,
+    replica_engine_devices,
+    replica_local_ranks,
+    visible_devices,
+)
 
-UUIDS = ["GPU-0a1b2c3d-0000-1111-2222-333344445555", "GPU-1a1b2c3d-0000-1111-2222-333344445555",
-         "GPU-2a1b2c3d-0000-1111-2222-333344445555", "GPU-3a1b2c3d-0000-1111-2222-333344445555"]
+UUIDS = [
+    "GPU-0a1b2c3d-0000-1111-2222-333344445555",
+    "GPU-1a1b2c3d-0000-1111-2222-333344445555",
+    "GPU-2a1b2c3d-0000-1111-2222-333344445555",
+    "GPU-3a1b2c3d-0000-1111-2222-333344445555",
+]
 
 
 def _owners(world, tp, pp=1, cp=1):
@@ -56,8 +67,11 @@ def test_multi_node_32b_recipe():
         assert replica_local_ranks(ranks, owner, owner % 8, 8) == list(range(8))  # stage 1 is on another node
         assert replica_engine_devices(ranks, owner, owner % 8, 8, 4, None) == ["0", "1", "2", "3"]
     assert check_layout(32, 8, 8, 2, 1, 8) == [str(i) for i in range(8)]
-    with pytest.raises(PlacementError, match=r"rollout.tensor_parallel_size=16 does not fit .* has 8 GPU\(s\) on its "
-                                             r"engine owner's node \(of its 16 ranks\)"):
+    with pytest.raises(
+        PlacementError,
+        match=r"rollout.tensor_parallel_size=16 does not fit .* has 8 GPU\(s\) on its "
+        r"engine owner's node \(of its 16 ranks\)",
+    ):
         check_layout(32, 8, 8, 2, 1, 16)
 
 
@@ -84,13 +98,17 @@ def test_tp_1_2_4_on_a_replica_of_four(rollout_tp):
 
 @pytest.mark.parametrize("world, tp, pp, rollout_tp", [(8, 1, 1, 2), (8, 2, 1, 4), (16, 8, 2, 16)])
 def test_rollout_tp_that_does_not_fit_is_a_clear_error(world, tp, pp, rollout_tp):
-    with pytest.raises(PlacementError, match=rf"rollout.tensor_parallel_size={rollout_tp} does not fit the "
-                                             r"data-parallel replica's GPUs.*set rollout.tensor_parallel_size <="):
+    with pytest.raises(
+        PlacementError,
+        match=rf"rollout.tensor_parallel_size={rollout_tp} does not fit the "
+        r"data-parallel replica's GPUs.*set rollout.tensor_parallel_size <=",
+    ):
         check_layout(world, 8, tp, pp, 1, rollout_tp)
     owner = 0
     with pytest.raises(PlacementError, match="does not fit"):
-        replica_engine_devices(megatron_replica_ranks(owner, world, tp, pp), owner, owner, min(world, 8), rollout_tp,
-                               None)
+        replica_engine_devices(
+            megatron_replica_ranks(owner, world, tp, pp), owner, owner, min(world, 8), rollout_tp, None
+        )
 
 
 def test_visible_list_too_short_and_malformed_values():
@@ -113,18 +131,25 @@ def test_config_validation_refuses_it_where_the_layout_is_known(tmp_path):
     from gift_megatron.config import ConfigError, check_world_size, layout_plan, load_config
 
     path = tmp_path / "c.yaml"
-    path.write_text(yaml.safe_dump({
-        "model": {"seq_length": 64, "num_layers": 2, "num_attention_heads": 4, "num_query_groups": 2},
-        "data": {"max_prompt_tokens": 16}, "rollout": {"n": 4, "max_tokens": 8, "engine": "vllm"},
-        "train": {"prompts_per_step": 8, "micro_batch_size": 4}}))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "model": {"seq_length": 64, "num_layers": 2, "num_attention_heads": 4, "num_query_groups": 2},
+                "data": {"max_prompt_tokens": 16},
+                "rollout": {"n": 4, "max_tokens": 8, "engine": "vllm"},
+                "train": {"prompts_per_step": 8, "micro_batch_size": 4},
+            }
+        )
+    )
     cfg = load_config(path, ["parallel.tensor_model_parallel_size=2", "rollout.tensor_parallel_size=4"])
     assert check_world_size(cfg, 8) == 4  # no node size given: nothing to check against
     with pytest.raises(ConfigError, match=r"rollout.tensor_parallel_size=4 does not fit.*8 GPUs per node"):
         check_world_size(cfg, 8, gpus_per_node=8)
     with pytest.raises(ConfigError, match="rollout.tensor_parallel_size=4 does not fit"):
         layout_plan(cfg, 8)
-    hf = load_config(path, ["parallel.tensor_model_parallel_size=2", "rollout.tensor_parallel_size=4",
-                            "rollout.engine=hf"])
+    hf = load_config(
+        path, ["parallel.tensor_model_parallel_size=2", "rollout.tensor_parallel_size=4", "rollout.engine=hf"]
+    )
     assert check_world_size(hf, 8, gpus_per_node=8) == 4  # the CPU engine places nothing on GPUs
 
 

@@ -17,8 +17,17 @@ def _run(path, objective, options, rewards):
     os.makedirs(path)
     with open(os.path.join(path, "metrics.jsonl"), "w") as fh:
         for step, r in enumerate(rewards, 1):
-            fh.write(json.dumps({"step": step, "rollout/reward_mean": r, "loss": 1.0 / step,
-                                 **({"gift/beta_x_mean": 2.0} if objective == "gift" else {})}) + "\n")
+            fh.write(
+                json.dumps(
+                    {
+                        "step": step,
+                        "rollout/reward_mean": r,
+                        "loss": 1.0 / step,
+                        **({"gift/beta_x_mean": 2.0} if objective == "gift" else {}),
+                    }
+                )
+                + "\n"
+            )
     with open(os.path.join(path, "config.yaml"), "w") as fh:
         yaml.safe_dump({"objective": {"name": objective, "options": options}}, fh)
     return str(path)
@@ -31,8 +40,9 @@ def legends(monkeypatch):
     original = matplotlib.figure.Figure.savefig
 
     def savefig(fig, fname, *args, **kwargs):
-        seen[os.path.basename(str(fname))] = [[t.get_text() for t in ax.get_legend().get_texts()]
-                                              if ax.get_legend() else [] for ax in fig.axes]
+        seen[os.path.basename(str(fname))] = [
+            [t.get_text() for t in ax.get_legend().get_texts()] if ax.get_legend() else [] for ax in fig.axes
+        ]
         return original(fig, fname, *args, **kwargs)
 
     monkeypatch.setattr(matplotlib.figure.Figure, "savefig", savefig)

@@ -22,19 +22,22 @@ def S(response, answer, prompt="q", example=None):
 
 
 # ------------------------------------------------------------------------------------------ math_verify
-@pytest.mark.parametrize("response, answer, expected", [
-    ("so the result is \\boxed{1/2}", "0.5", 1.0),
-    ("The answer is 42", "42", 1.0),
-    ("The answer is 41", "42", 0.0),
-    ("The answer is 41, not 42", "42", 0.0),
-    ("\\boxed{2} and later 5", "2", 1.0),
-    ("$\\frac{3}{4}$", "0.75", 1.0),
-    ("\\boxed{x^2+1}", "\\boxed{1+x^2}", 1.0),
-    ("first 3, then 7, so \\boxed{7}", "7", 1.0),
-    ("we get \\boxed{8}", "\\frac{1}{2}", 0.0),
-    ("no answer here", "7", 0.0),
-    ("", "7", 0.0),
-])
+@pytest.mark.parametrize(
+    "response, answer, expected",
+    [
+        ("so the result is \\boxed{1/2}", "0.5", 1.0),
+        ("The answer is 42", "42", 1.0),
+        ("The answer is 41", "42", 0.0),
+        ("The answer is 41, not 42", "42", 0.0),
+        ("\\boxed{2} and later 5", "2", 1.0),
+        ("$\\frac{3}{4}$", "0.75", 1.0),
+        ("\\boxed{x^2+1}", "\\boxed{1+x^2}", 1.0),
+        ("first 3, then 7, so \\boxed{7}", "7", 1.0),
+        ("we get \\boxed{8}", "\\frac{1}{2}", 0.0),
+        ("no answer here", "7", 0.0),
+        ("", "7", 0.0),
+    ],
+)
 def test_math_verify(response, answer, expected):
     reward = build_reward("math_verify")
     assert isinstance(reward, RewardFunction)
@@ -54,7 +57,7 @@ def test_math_verify_options_threads_and_missing_answer():
     def score(name, **options):
         try:
             results[name] = build_reward("math_verify", **options)([S("\\boxed{1/2}", "0.5")])
-        except Exception as exc:  # noqa: BLE001 - carried to the main thread for the asserts
+        except Exception as exc:
             results[name] = exc
 
     for name, options in (("default", {}), ("strict", {"off_main_thread": "error"})):
@@ -72,8 +75,16 @@ def test_exact_match_options():
     assert build_reward("exact_match", ignore_case=False)([S("Paris", "paris")]) == [0.0]
     assert build_reward("exact_match", normalize_whitespace=False)([S("New  York", "new york")]) == [0.0]
     fn = build_reward("exact_match", first_number=True)
-    assert fn([S("42, because 6*7", "42"), S("-3 it is", "-3"), S("about 1,234 m", "1234"), S("x = 0.5", "0.5"),
-               S("7 or 42", "42"), S("none", "1")]) == [1.0, 1.0, 1.0, 1.0, 0.0, 0.0]
+    assert fn(
+        [
+            S("42, because 6*7", "42"),
+            S("-3 it is", "-3"),
+            S("about 1,234 m", "1234"),
+            S("x = 0.5", "0.5"),
+            S("7 or 42", "42"),
+            S("none", "1"),
+        ]
+    ) == [1.0, 1.0, 1.0, 1.0, 0.0, 0.0]
     with pytest.raises(ValueError, match=r"reward exact_match: bad options \{'fuzzy': True\}.*accepted"):
         build_reward("exact_match", fuzzy=True)
     with pytest.raises(RewardError, match="exact_match needs an 'answer'"):
@@ -83,8 +94,14 @@ def test_exact_match_options():
 # ------------------------------------------------------------------------------------------ toy reward
 def test_toy_reward_modes():
     toy = build_reward("toy")
-    assert toy([S("12", "12"), S("9", "12"), S("x", "12"), S("30", "12"), S(" 12 1", "12"), S("", "3")]) == \
-        [1.0, pytest.approx(0.7), 0.0, 0.0, 1.0, 0.0]
+    assert toy([S("12", "12"), S("9", "12"), S("x", "12"), S("30", "12"), S(" 12 1", "12"), S("", "3")]) == [
+        1.0,
+        pytest.approx(0.7),
+        0.0,
+        0.0,
+        1.0,
+        0.0,
+    ]
     exact = build_reward("toy", mode="exact")
     assert exact([S("12", "12"), S("12+", "12"), S("1", "12"), S("123", "12")]) == [1.0, 1.0, 0.0, 0.0]
     first = build_reward("toy", mode="exact", max_digits=1)  # add_mod10: only the first character counts
@@ -100,9 +117,8 @@ def test_toy_reward_modes():
 def random_policy_reward(task: str, vocab: int, n: int = 3000, max_tokens: int = 3, **options) -> float:
     """Mean toy reward of a policy that samples token ids uniformly (as a randomly initialized model roughly
     does) for up to ``max_tokens`` tokens or until EOS, decoded the way the trainer decodes responses."""
-    from gift_megatron.data.toy import build_tokenizer, toy_rows
-
     from gift_megatron.data import Tokenizer
+    from gift_megatron.data.toy import build_tokenizer, toy_rows
 
     tok = Tokenizer(build_tokenizer(), "hf")
     rng = random.Random(0)
@@ -119,12 +135,15 @@ def random_policy_reward(task: str, vocab: int, n: int = 3000, max_tokens: int =
 
 
 @pytest.mark.parametrize("vocab", [17, 32])  # the toy tokenizer's ids; the demo model's 32 embedding rows
-@pytest.mark.parametrize("task, options, low, high", [
-    ("add", {}, 0.10, 0.30),                                  # the demo's reward: about 0.15-0.2
-    ("add_mod10", {"mode": "exact", "max_digits": 1}, 0.04, 0.09),  # about 1 in 17
-    ("add_mod10", {}, 0.15, 0.35),
-    ("add", {"mode": "exact"}, 0.01, 0.04),                   # too sparse for the 10-minute CPU demo
-])
+@pytest.mark.parametrize(
+    "task, options, low, high",
+    [
+        ("add", {}, 0.10, 0.30),  # the demo's reward: about 0.15-0.2
+        ("add_mod10", {"mode": "exact", "max_digits": 1}, 0.04, 0.09),  # about 1 in 17
+        ("add_mod10", {}, 0.15, 0.35),
+        ("add", {"mode": "exact"}, 0.01, 0.04),  # too sparse for the 10-minute CPU demo
+    ],
+)
 def test_a_random_policy_scores_low_but_not_zero(task, options, low, high, vocab):
     # The signal RL starts from: well above zero (a random policy finds rewarded responses), well below 1.
     assert low < random_policy_reward(task, vocab, **options) < high
@@ -179,8 +198,9 @@ def test_user_function_errors_name_the_spec(user_module):
 
 
 def test_user_function_from_a_file(tmp_path):
-    (tmp_path / "scores.py").write_text("def length(samples, scale=1.0):\n"
-                                        "    return [scale * len(s.response) for s in samples]\n")
+    (tmp_path / "scores.py").write_text(
+        "def length(samples, scale=1.0):\n    return [scale * len(s.response) for s in samples]\n"
+    )
     assert build_reward(f"{tmp_path / 'scores.py'}:length", scale=2)([S("abc", None)]) == [6.0]
     (tmp_path / "broken.py").write_text("raise RuntimeError('no config')\n")
     with pytest.raises(ValueError, match=r"broken.py:f: importing .* failed: RuntimeError: no config"):
@@ -231,9 +251,16 @@ def tiny_reward_model(path, pad_token_id, chat_template=None):
     if chat_template:
         tok.chat_template = chat_template
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                   num_attention_heads=4, num_key_value_heads=2, num_labels=1,
-                                   pad_token_id=pad_token_id)
+    cfg = transformers.LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_labels=1,
+        pad_token_id=pad_token_id,
+    )
     model = transformers.LlamaForSequenceClassification(cfg).eval()
     model.save_pretrained(path)
     tok.save_pretrained(path)

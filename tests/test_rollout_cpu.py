@@ -12,16 +12,26 @@ from gift_megatron.rollout import HFRolloutEngine, SamplingParams  # noqa: E402
 
 def tiny_llama(seed, tie=False):
     torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                                   tie_word_embeddings=tie, eos_token_id=None, pad_token_id=0, bos_token_id=None)
+    cfg = transformers.LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=tie,
+        eos_token_id=None,
+        pad_token_id=0,
+        bos_token_id=None,
+    )
     return transformers.LlamaForCausalLM(cfg).eval()
 
 
 def teacher_forced_logprobs(model, prompt, response, temperature=1.0):
     ids = torch.tensor([list(prompt) + response.tolist()])
     with torch.no_grad():
-        logits = model(ids).logits[0, len(prompt) - 1:-1].float() / temperature
+        logits = model(ids).logits[0, len(prompt) - 1 : -1].float() / temperature
     return torch.log_softmax(logits, -1).gather(-1, response[:, None])[:, 0]
 
 
@@ -30,7 +40,7 @@ def greedy_decode(model, prompt, steps):
     for _ in range(steps):
         with torch.no_grad():
             ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
-    return ids[len(prompt):]
+    return ids[len(prompt) :]
 
 
 PROMPTS = [[5, 9, 13], [7, 2, 40, 41, 3]]
@@ -66,8 +76,9 @@ def test_update_weights_makes_the_engine_generate_like_the_new_model(tie):
     engine.update_weights((n, p.detach().clone()) for n, p in new.named_parameters())
     r = engine.generate(PROMPTS[:1], SamplingParams(temperature=0.0, max_tokens=8))[0]
     assert r.response_ids.tolist() == greedy_decode(new, PROMPTS[0], 8)
-    torch.testing.assert_close(r.logprobs, teacher_forced_logprobs(new, PROMPTS[0], r.response_ids),
-                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        r.logprobs, teacher_forced_logprobs(new, PROMPTS[0], r.response_ids), rtol=1e-5, atol=1e-5
+    )
 
 
 def test_bad_input():

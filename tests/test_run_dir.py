@@ -34,8 +34,10 @@ def _env(**extra):
 
 def _holder(run_dir: str) -> subprocess.Popen:
     """Another process that takes the lock and keeps it until it is killed."""
-    code = ("import sys, time; from gift_megatron.trainer.run_dir import RunDirLock; "
-            f"RunDirLock({run_dir!r}).acquire(); print('locked', flush=True); time.sleep(600)")
+    code = (
+        "import sys, time; from gift_megatron.trainer.run_dir import RunDirLock; "
+        f"RunDirLock({run_dir!r}).acquire(); print('locked', flush=True); time.sleep(600)"
+    )
     proc = subprocess.Popen([PY, "-c", code], cwd=ROOT, env=_env(), stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "locked"
     return proc
@@ -222,15 +224,24 @@ def _steps(run_dir: str) -> list[int]:
 @pytest.mark.timeout(420)
 def test_second_job_fails_at_once_and_sigkill_of_torchrun_stops_its_workers_then_resume(toy_task, tmp_path):
     run = str(tmp_path / "run")
-    common = data_overrides(toy_task) + [f"run.output_dir={run}", "train.steps=400", "run.save_interval=2",
-                                         "train.eval_interval=0", "train.eval_prompts=4", "run.plots=false",
-                                         "run.resume=auto"]
+    common = data_overrides(toy_task) + [
+        f"run.output_dir={run}",
+        "train.steps=400",
+        "run.save_interval=2",
+        "train.eval_interval=0",
+        "train.eval_prompts=4",
+        "run.plots=false",
+        "run.resume=auto",
+    ]
     harness = tmp_path / "harness.py"
     harness.write_text(HARNESS)
     go, out, log = str(tmp_path / "go"), str(tmp_path / "exits.json"), str(tmp_path / "job_a.log")
-    job_a = subprocess.Popen([PY, str(harness), json.dumps([torchrun(common), os.path.join(run, "metrics.jsonl"),
-                                                             go, out, log])], cwd=ROOT, env=_env(),
-                             start_new_session=True)
+    job_a = subprocess.Popen(
+        [PY, str(harness), json.dumps([torchrun(common), os.path.join(run, "metrics.jsonl"), go, out, log])],
+        cwd=ROOT,
+        env=_env(),
+        start_new_session=True,
+    )
     try:
         deadline = time.time() + 240
         while not os.path.exists(out + ".running") and time.time() < deadline and job_a.poll() is None:
@@ -245,8 +256,14 @@ def test_second_job_fails_at_once_and_sigkill_of_torchrun_stops_its_workers_then
 
         # A second job on the same directory (the CLI's own launcher) stops at once, naming the holder.
         t0 = time.monotonic()
-        second = subprocess.run([PY, "-m", "gift_megatron.train", CONFIG, "--nproc-per-node", "2", *common],
-                                cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=180)
+        second = subprocess.run(
+            [PY, "-m", "gift_megatron.train", CONFIG, "--nproc-per-node", "2", *common],
+            cwd=ROOT,
+            env=_env(),
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
         took = time.monotonic() - t0
         assert second.returncode == 2, (second.returncode, second.stdout[-2000:], second.stderr[-3000:])
         named = f"in use by another job (host {holder['host']}, pid {holder['pid']}"
@@ -272,8 +289,10 @@ def test_second_job_fails_at_once_and_sigkill_of_torchrun_stops_its_workers_then
     exits = result["exits"]
     assert sorted(map(int, exits)) == sorted(result["workers"]), result
     latencies = [t for _, t in exits.values()]
-    print(f"workers exited {', '.join(f'{t:.3f} s' for t in latencies)} after torchrun's SIGKILL "
-          f"(codes {[c for c, _ in exits.values()]})")
+    print(
+        f"workers exited {', '.join(f'{t:.3f} s' for t in latencies)} after torchrun's SIGKILL "
+        f"(codes {[c for c, _ in exits.values()]})"
+    )
     assert all(code == LAUNCHER_GONE_EXIT for code, _ in exits.values()), exits
     assert max(latencies) < 5.0, exits
 
@@ -286,9 +305,15 @@ def test_second_job_fails_at_once_and_sigkill_of_torchrun_stops_its_workers_then
     # job also scores every response 0, so that its groups are all degenerate: the run warns after 2 steps.
     zero = tmp_path / "zero_reward.py"
     zero.write_text("def zero(samples):\n    return [0.0] * len(samples)\n")
-    resumed = subprocess.run(torchrun(common + [f"train.steps={ckpt + 2}", f"reward.name={zero}:zero",
-                                                "run.warn_degenerate_steps=2"]), cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=240,
-                             start_new_session=True)
+    resumed = subprocess.run(
+        torchrun(common + [f"train.steps={ckpt + 2}", f"reward.name={zero}:zero", "run.warn_degenerate_steps=2"]),
+        cwd=ROOT,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=240,
+        start_new_session=True,
+    )
     assert resumed.returncode == 0, (resumed.stdout[-3000:], resumed.stderr[-3000:])
     assert "ended without releasing it" in resumed.stdout and f"pid {holder['pid']}" in resumed.stdout
     assert "resumed from" in resumed.stdout, resumed.stdout

@@ -13,8 +13,11 @@ from gift_megatron.trainer.metrics import MetricsLogger, plot_run, read_metrics
 
 
 def test_pack_shifts_labels_and_masks_exactly_the_response():
-    members = [Member(0, [5, 6, 7], [8, 9, 2], "rollout", reward=1.0), Member(0, [5, 6, 7], [4, 2], "expert"),
-               Member(3, [1], [2], "teacher", reward=-0.5)]
+    members = [
+        Member(0, [5, 6, 7], [8, 9, 2], "rollout", reward=1.0),
+        Member(0, [5, 6, 7], [4, 2], "expert"),
+        Member(3, [1], [2], "teacher", reward=-0.5),
+    ]
     b = pack(members, seq_length=6, pad_id=0)
     assert b["tokens"].shape == (3, 6) and b["labels"].shape == (3, 6) and b["loss_mask"].shape == (3, 6)
     for i, m in enumerate(members):
@@ -22,8 +25,8 @@ def test_pack_shifts_labels_and_masks_exactly_the_response():
         # Position t predicts labels[t]; the mask selects exactly the positions whose label is a response token.
         predicted = [int(b["labels"][i, t]) for t in range(6) if b["loss_mask"][i, t] > 0]
         assert predicted == m.response_ids
-        assert b["tokens"][i, :len(full)].tolist() == full[:6]
-        assert b["labels"][i, :len(full) - 1].tolist() == full[1:]
+        assert b["tokens"][i, : len(full)].tolist() == full[:6]
+        assert b["labels"][i, : len(full) - 1].tolist() == full[1:]
     assert b["rewards"].tolist() == [1.0, 0.0, -0.5] and b["group_ids"].tolist() == [0, 0, 3]
     assert [len(mb["tokens"]) for mb in micro_batches(b, 1)] == [1, 1, 1]
     with pytest.raises(ValueError, match="not a multiple of train.micro_batch_size"):
@@ -41,8 +44,17 @@ def test_metrics_resume_drops_steps_after_the_checkpoint_and_plots(tmp_path):
     run = str(tmp_path)
     logger = MetricsLogger(run, enabled=True, tensorboard=True, progress=False)
     for step in range(1, 6):
-        logger.log(step, {"loss": 1.0 / step, "rollout/reward_mean": step / 10, "kl/reference": step * 0.01,
-                          "response/length_mean": 3.0, "gift/beta_x_mean": 2.0, "gift/beta_x_median": 1.5})
+        logger.log(
+            step,
+            {
+                "loss": 1.0 / step,
+                "rollout/reward_mean": step / 10,
+                "kl/reference": step * 0.01,
+                "response/length_mean": 3.0,
+                "gift/beta_x_mean": 2.0,
+                "gift/beta_x_median": 1.5,
+            },
+        )
     logger.close()
     with open(os.path.join(run, "metrics.jsonl"), "a") as fh:
         fh.write('{"step": 6, "loss": 0.1')  # the half-written line of a killed job

@@ -13,8 +13,7 @@ import sys
 import pytest
 import torch
 
-from gift_megatron.rollout import SamplingParams
-from gift_megatron.rollout import vllm_engine
+from gift_megatron.rollout import SamplingParams, vllm_engine
 from tests.test_rollout_cpu import greedy_decode as greedy
 from tests.test_rollout_cpu import teacher_forced_logprobs as teacher_forced
 
@@ -24,6 +23,7 @@ EOS = 1
 
 
 # -- no vLLM needed --------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("version", ["0.9.2", "0.10.1", "0.34.0", "1.0.0"])
 def test_versions_outside_the_range_are_refused_by_name(version):
@@ -47,9 +47,15 @@ def test_weight_payload_round_trips_bit_exactly(where, tmp_path):
     """Host transport (engine core in another process), through a mapped segment file or as bytes in the
     message: every dtype the export yields comes back exactly, also after the sender deleted the file."""
     torch.manual_seed(0)
-    bucket = [("a", torch.randn(3, 5).to(torch.bfloat16)), ("b", torch.randn(7)), ("c", torch.randn(2, 2).half()),
-              ("d", torch.randn(4, 6)[:, ::2]), ("e", torch.zeros(0, 3)), ("f", torch.tensor([True, False, True])),
-              ("a", torch.arange(5, dtype=torch.int64))]  # non-contiguous, empty, odd sizes, a repeated name
+    bucket = [
+        ("a", torch.randn(3, 5).to(torch.bfloat16)),
+        ("b", torch.randn(7)),
+        ("c", torch.randn(2, 2).half()),
+        ("d", torch.randn(4, 6)[:, ::2]),
+        ("e", torch.zeros(0, 3)),
+        ("f", torch.tensor([True, False, True])),
+        ("a", torch.arange(5, dtype=torch.int64)),
+    ]  # non-contiguous, empty, odd sizes, a repeated name
     segment_dir = {"segment": str(tmp_path), "bytes": None, "no-such-dir": str(tmp_path / "missing")}[where]
     payload, path = vllm_engine.pack_bucket(bucket, cuda_ipc=False, segment_dir=segment_dir)
     assert [item[1] for item in payload] == ["shm" if where == "segment" else "host"] * len(bucket)
@@ -68,12 +74,22 @@ def test_weight_payload_round_trips_bit_exactly(where, tmp_path):
 
 # -- the engine (needs vLLM) -----------------------------------------------------------------------------------
 
+
 def _tiny_llama_dir(path, transformers):
     torch.manual_seed(0)
     # head_dim 64: the CPU attention backend's supported sizes.
-    cfg = transformers.LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                                   num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128,
-                                   eos_token_id=EOS, pad_token_id=0, bos_token_id=None)
+    cfg = transformers.LlamaConfig(
+        vocab_size=256,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=128,
+        eos_token_id=EOS,
+        pad_token_id=0,
+        bos_token_id=None,
+    )
     model = transformers.LlamaForCausalLM(cfg).eval()
     with torch.no_grad():
         model.lm_head.weight.mul_(10.0)  # greedy decisions far from ties, yet real sampling at T = 1
@@ -88,8 +104,9 @@ def setup(tmp_path_factory):
     path = tmp_path_factory.mktemp("vllm_model")
     model = _tiny_llama_dir(path, transformers)
     # Dummy (random) weights at start; the real ones come through update_weights, as in training.
-    engine = vllm_engine.VLLMRolloutEngine(str(path), dtype="fp32", skip_tokenizer_init=True, max_model_len=128,
-                                           seed=0, block_size=32)
+    engine = vllm_engine.VLLMRolloutEngine(
+        str(path), dtype="fp32", skip_tokenizer_init=True, max_model_len=128, seed=0, block_size=32
+    )
     # Generate once with the dummy weights: the prefix cache now holds KV blocks of these prompts, which the
     # weight update must invalidate.
     engine.generate(PROMPTS, SamplingParams(temperature=0.0, max_tokens=4))
@@ -104,7 +121,7 @@ def _check_greedy(model, engine, n=1, steps=6):
         want = greedy(model, PROMPTS[o.prompt_index], steps)
         got = o.response_ids.tolist()
         if EOS in want:
-            want = want[:want.index(EOS) + 1]
+            want = want[: want.index(EOS) + 1]
         assert got == want, (o.prompt_index, got, want)
         assert o.finished == (got[-1] == EOS)
         assert o.prompt_ids.tolist() == PROMPTS[o.prompt_index]
@@ -209,14 +226,23 @@ def _tp2_main(path: str) -> None:
     import transformers
 
     model = _tiny_llama_dir(path, transformers)
-    engine = vllm_engine.VLLMRolloutEngine(path, tensor_parallel_size=2, dtype="fp32", skip_tokenizer_init=True,
-                                           max_model_len=128, block_size=32, distributed_executor_backend="mp")
+    engine = vllm_engine.VLLMRolloutEngine(
+        path,
+        tensor_parallel_size=2,
+        dtype="fp32",
+        skip_tokenizer_init=True,
+        max_model_len=128,
+        block_size=32,
+        distributed_executor_backend="mp",
+    )
     # Small buckets: several RPCs, with a layer's tensors split across them.
     engine.update_weights(((n, p.detach()) for n, p in model.named_parameters()), bucket_bytes=100_000)
     _check_greedy(model, engine)
     outs = engine.generate(PROMPTS, SamplingParams(n=2, temperature=0.7, max_tokens=8, seed=3))
-    worst = max((teacher_forced(model, PROMPTS[o.prompt_index], o.response_ids, 0.7) - o.logprobs).abs().max().item()
-                for o in outs)
+    worst = max(
+        (teacher_forced(model, PROMPTS[o.prompt_index], o.response_ids, 0.7) - o.logprobs).abs().max().item()
+        for o in outs
+    )
     assert worst < 1e-3, worst
     print(f"TP2 OK: sampling log-probs vs transformers at T=0.7: max |diff| = {worst:.2e}", flush=True)
 
@@ -237,8 +263,13 @@ def test_rollout_tp2_shards_the_full_tensors(setup, tmp_path):
         env["VLLM_CPU_OMP_THREADS_BIND"] = f"{cores[0]}|{cores[1]}"  # one core per worker
     elif torch.cuda.device_count() < 2:
         pytest.skip("needs 2 GPUs")
-    run = subprocess.run([sys.executable, "-m", "tests.test_vllm_engine", "tp2", str(tmp_path)], env=env,
-                         capture_output=True, text=True, timeout=280)
+    run = subprocess.run(
+        [sys.executable, "-m", "tests.test_vllm_engine", "tp2", str(tmp_path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=280,
+    )
     assert run.returncode == 0 and "TP2 OK" in run.stdout, (run.stdout + run.stderr)[-4000:]
     print(next(line for line in run.stdout.splitlines() if line.startswith("TP2 OK")))
 
@@ -251,8 +282,9 @@ def _distributed_main(path: str) -> None:
     dist.init_process_group("gloo")
     if dist.get_rank() == 0:
         model = _tiny_llama_dir(path, transformers)
-        engine = vllm_engine.VLLMRolloutEngine(path, dtype="fp32", skip_tokenizer_init=True, max_model_len=128,
-                                               block_size=32)
+        engine = vllm_engine.VLLMRolloutEngine(
+            path, dtype="fp32", skip_tokenizer_init=True, max_model_len=128, block_size=32
+        )
         assert engine.separate_process, "inside a torch.distributed world the engine core runs in its own process"
         engine.generate(PROMPTS, SamplingParams(temperature=0.0, max_tokens=4))  # fills the prefix cache
         sent, pack = [], vllm_engine.pack_bucket
@@ -282,8 +314,18 @@ def test_engine_inside_a_torch_distributed_job(setup, tmp_path):
     import subprocess
 
     env = dict(os.environ, PYTHONPATH=os.getcwd())
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "-m", "tests.test_vllm_engine", "distributed", str(tmp_path)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "tests.test_vllm_engine",
+        "distributed",
+        str(tmp_path),
+    ]
     run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=280)
     assert run.returncode == 0 and "DIST OK" in run.stdout, (run.stdout + run.stderr)[-4000:]
 
@@ -298,9 +340,15 @@ def test_gpu_sleep_wake_keeps_the_weights(tmp_path, tp):
     if torch.cuda.device_count() < tp:
         pytest.skip(f"needs {tp} GPUs")
     model = _tiny_llama_dir(tmp_path, transformers)
-    engine = vllm_engine.VLLMRolloutEngine(str(tmp_path), tensor_parallel_size=tp, dtype="fp32",
-                                           enable_sleep_mode=True, gpu_memory_utilization=0.2,
-                                           skip_tokenizer_init=True, max_model_len=128)
+    engine = vllm_engine.VLLMRolloutEngine(
+        str(tmp_path),
+        tensor_parallel_size=tp,
+        dtype="fp32",
+        enable_sleep_mode=True,
+        gpu_memory_utilization=0.2,
+        skip_tokenizer_init=True,
+        max_model_len=128,
+    )
     engine.update_weights((n, p.detach().cuda()) for n, p in model.named_parameters())
     _check_greedy(model, engine)
     free_awake = torch.cuda.mem_get_info()[0]
@@ -317,20 +365,23 @@ def test_gpu_sleep_wake_keeps_the_weights(tmp_path, tp):
 # Placement, the sleep level and the two-phase wake are GPU paths (CUDA_VISIBLE_DEVICES, sleep mode): here
 # vllm.LLM is replaced by a recorder, so what the adapter asks of vLLM is checked on the CPU build too.
 
+
 class _RecordingLLM:
     """Records the constructor's keywords and environment, and every call, in ``calls``."""
 
     calls: list = []
 
     def __init__(self, **kwargs):
-        type(self).calls = [("init", kwargs, os.environ.get("CUDA_VISIBLE_DEVICES"),
-                             os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING"))]
+        type(self).calls = [
+            ("init", kwargs, os.environ.get("CUDA_VISIBLE_DEVICES"), os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING"))
+        ]
         core = type("SyncMPClient", (), {})() if os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "1" else None
         self.llm_engine = type("E", (), {"engine_core": core})()
 
     def __getattr__(self, name):
         def call(*args, **kwargs):
             type(self).calls.append((name, args, kwargs))
+
         return call
 
 
@@ -366,18 +417,27 @@ def test_kv_cache_bytes_without_vllm_support_is_a_clear_error(recording, monkeyp
 
     path, _ = recording
     real = dc.fields
-    monkeypatch.setattr(vllm_engine.dataclasses, "fields", lambda cls: [
-        f for f in real(cls) if not (cls is arg_utils.EngineArgs and f.name == "kv_cache_memory_bytes")])
-    with pytest.raises(ValueError, match=r"rollout.kv_cache_bytes in a training config\): vLLM .* has no such engine "
-                                         r"argument"):
+    monkeypatch.setattr(
+        vllm_engine.dataclasses,
+        "fields",
+        lambda cls: [f for f in real(cls) if not (cls is arg_utils.EngineArgs and f.name == "kv_cache_memory_bytes")],
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"rollout.kv_cache_bytes in a training config\): vLLM .* has no such engine "
+        r"argument",
+    ):
         vllm_engine.VLLMRolloutEngine(path, kv_cache_memory_bytes=1 << 30, skip_tokenizer_init=True)
 
 
-@pytest.mark.parametrize("visible, devices, expected", [
-    ("GPU-aaaa,GPU-bbbb,GPU-cccc,GPU-dddd", None, "GPU-bbbb"),  # rollout TP 1: the caller's GPU, a UUID
-    ("4,5,6,7", None, "5"),
-    ("GPU-aaaa,GPU-bbbb,GPU-cccc,GPU-dddd", ["GPU-cccc", "GPU-dddd"], "GPU-cccc,GPU-dddd"),
-])
+@pytest.mark.parametrize(
+    "visible, devices, expected",
+    [
+        ("GPU-aaaa,GPU-bbbb,GPU-cccc,GPU-dddd", None, "GPU-bbbb"),  # rollout TP 1: the caller's GPU, a UUID
+        ("4,5,6,7", None, "5"),
+        ("GPU-aaaa,GPU-bbbb,GPU-cccc,GPU-dddd", ["GPU-cccc", "GPU-dddd"], "GPU-cccc,GPU-dddd"),
+    ],
+)
 def test_separate_engine_process_sees_its_replicas_gpus(recording, monkeypatch, visible, devices, expected):
     """The old code ran int() on the CUDA_VISIBLE_DEVICES entry (UUIDs failed) and pinned only rollout TP 1."""
     path, _ = recording
@@ -385,15 +445,21 @@ def test_separate_engine_process_sees_its_replicas_gpus(recording, monkeypatch, 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setenv("GIFT_MEGATRON_DEVICE", "auto")  # the process trains on the (simulated) GPUs
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
-    engine = vllm_engine.VLLMRolloutEngine(path, tensor_parallel_size=1 if devices is None else len(devices),
-                                           separate_process=True, cuda_devices=devices, skip_tokenizer_init=True)
+    engine = vllm_engine.VLLMRolloutEngine(
+        path,
+        tensor_parallel_size=1 if devices is None else len(devices),
+        separate_process=True,
+        cuda_devices=devices,
+        skip_tokenizer_init=True,
+    )
     assert _RecordingLLM.calls[0][2] == expected == engine.cuda_devices
     assert os.environ["CUDA_VISIBLE_DEVICES"] == visible  # the trainer's own view is restored
     from gift_megatron.rollout.placement import PlacementError
 
     with pytest.raises(PlacementError, match="rollout.tensor_parallel_size=2 needs 2 GPUs"):
-        vllm_engine.VLLMRolloutEngine(path, tensor_parallel_size=2, separate_process=True, cuda_devices=["GPU-aaaa"],
-                                      skip_tokenizer_init=True)
+        vllm_engine.VLLMRolloutEngine(
+            path, tensor_parallel_size=2, separate_process=True, cuda_devices=["GPU-aaaa"], skip_tokenizer_init=True
+        )
 
 
 def test_sleep_level_2_wakes_weights_first_and_the_kv_cache_after_the_update(recording):
@@ -435,8 +501,15 @@ def _factory_main(path: str) -> None:
     from gift_megatron.rollout import build_engine
 
     cfg = TrainConfig()
-    cfg.model = ModelConfig(num_layers=2, hidden_size=128, ffn_hidden_size=256, num_attention_heads=2,
-                            num_query_groups=1, vocab_size=256, seq_length=64)
+    cfg.model = ModelConfig(
+        num_layers=2,
+        hidden_size=128,
+        ffn_hidden_size=256,
+        num_attention_heads=2,
+        num_query_groups=1,
+        vocab_size=256,
+        seq_length=64,
+    )
     cfg.rollout.engine, cfg.rollout.kv_cache_bytes, cfg.rollout.sleep_during_training = "vllm", 40 << 20, False
     cfg.run.output_dir = path
     engine = build_engine(cfg, types.SimpleNamespace(eos_id=1, pad_id=0, bos_id=None))
@@ -453,8 +526,13 @@ def test_factory_passes_rollout_keys_to_a_real_engine(tmp_path):
 
     pytest.importorskip("vllm")
 
-    run = subprocess.run([sys.executable, "-m", "tests.test_vllm_engine", "factory", str(tmp_path)],
-                         env=dict(os.environ, PYTHONPATH=os.getcwd()), capture_output=True, text=True, timeout=280)
+    run = subprocess.run(
+        [sys.executable, "-m", "tests.test_vllm_engine", "factory", str(tmp_path)],
+        env=dict(os.environ, PYTHONPATH=os.getcwd()),
+        capture_output=True,
+        text=True,
+        timeout=280,
+    )
     assert run.returncode == 0 and "FACTORY OK" in run.stdout, (run.stdout + run.stderr)[-4000:]
 
 
@@ -465,8 +543,15 @@ def test_gpu_sleep_level_2_then_update_restores_the_model(tmp_path):
     pytest.importorskip("vllm")
     transformers = pytest.importorskip("transformers")
     model = _tiny_llama_dir(tmp_path, transformers)
-    engine = vllm_engine.VLLMRolloutEngine(str(tmp_path), dtype="fp32", enable_sleep_mode=True, sleep_level=2,
-                                           gpu_memory_utilization=0.2, skip_tokenizer_init=True, max_model_len=128)
+    engine = vllm_engine.VLLMRolloutEngine(
+        str(tmp_path),
+        dtype="fp32",
+        enable_sleep_mode=True,
+        sleep_level=2,
+        gpu_memory_utilization=0.2,
+        skip_tokenizer_init=True,
+        max_model_len=128,
+    )
     engine.update_weights((n, p.detach().cuda()) for n, p in model.named_parameters())
     free_awake = torch.cuda.mem_get_info()[0]
     engine.sleep()
@@ -487,10 +572,24 @@ def _moe_main(path: str) -> None:
 
     torch.manual_seed(0)
     # head_dim 64 and an expert width of 64 (vLLM's CPU kernels); layer 1 dense (mlp_only_layers).
-    cfg = transformers.Qwen3MoeConfig(vocab_size=256, hidden_size=128, intermediate_size=256, moe_intermediate_size=64,
-                                      num_experts=4, num_experts_per_tok=2, num_hidden_layers=2, num_attention_heads=2,
-                                      num_key_value_heads=1, head_dim=64, mlp_only_layers=[1], norm_topk_prob=True,
-                                      max_position_embeddings=128, eos_token_id=EOS, pad_token_id=0, bos_token_id=None)
+    cfg = transformers.Qwen3MoeConfig(
+        vocab_size=256,
+        hidden_size=128,
+        intermediate_size=256,
+        moe_intermediate_size=64,
+        num_experts=4,
+        num_experts_per_tok=2,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=64,
+        mlp_only_layers=[1],
+        norm_topk_prob=True,
+        max_position_embeddings=128,
+        eos_token_id=EOS,
+        pad_token_id=0,
+        bos_token_id=None,
+    )
     model = transformers.Qwen3MoeForCausalLM(cfg).eval()
     with torch.no_grad():
         model.lm_head.weight.mul_(10.0)  # greedy decisions far from ties
@@ -499,8 +598,15 @@ def _moe_main(path: str) -> None:
     for f in sorted(glob.glob(os.path.join(path, "*.safetensors"))):
         on_disk.update(load_file(f))
     assert "model.layers.0.mlp.experts.3.down_proj.weight" in on_disk
-    engine = vllm_engine.VLLMRolloutEngine(path, dtype="fp32", skip_tokenizer_init=True, max_model_len=128, seed=0,
-                                           block_size=32, load_weights_from_dir=True)
+    engine = vllm_engine.VLLMRolloutEngine(
+        path,
+        dtype="fp32",
+        skip_tokenizer_init=True,
+        max_model_len=128,
+        seed=0,
+        block_size=32,
+        load_weights_from_dir=True,
+    )
     params = SamplingParams(n=1, temperature=0.0, max_tokens=8)
     before = _check_greedy(model, engine, steps=8)  # vLLM's MoE as loaded from the files = transformers'
     fused = next(n for n, _ in model.named_parameters() if n.endswith("experts.gate_up_proj"))
@@ -513,11 +619,15 @@ def _moe_main(path: str) -> None:
     after = engine.generate(PROMPTS, params)
     assert [o.response_ids.tolist() for o in after] == [o.response_ids.tolist() for o in before]
     moved = max((a.logprobs - b.logprobs).abs().max().item() for a, b in zip(after, before))
-    worst = max((teacher_forced(model, PROMPTS[o.prompt_index], o.response_ids) - o.logprobs).abs().max().item()
-                for o in after)
+    worst = max(
+        (teacher_forced(model, PROMPTS[o.prompt_index], o.response_ids) - o.logprobs).abs().max().item() for o in after
+    )
     assert moved < 1e-6 and worst < 1e-3, (moved, worst)
-    print(f"MOE OK: an update with the same weights moved log-probs by {moved:.2e}; vLLM vs transformers after "
-          f"it: max |diff| = {worst:.2e}", flush=True)
+    print(
+        f"MOE OK: an update with the same weights moved log-probs by {moved:.2e}; vLLM vs transformers after "
+        f"it: max |diff| = {worst:.2e}",
+        flush=True,
+    )
 
 
 @pytest.mark.timeout(300)
@@ -527,15 +637,21 @@ def test_moe_update_with_the_same_weights_changes_nothing(tmp_path):
 
     pytest.importorskip("vllm")
     env = dict(os.environ, PYTHONPATH=os.getcwd())
-    run = subprocess.run([sys.executable, "-m", "tests.test_vllm_engine", "moe", str(tmp_path)], env=env,
-                         capture_output=True, text=True, timeout=280)
+    run = subprocess.run(
+        [sys.executable, "-m", "tests.test_vllm_engine", "moe", str(tmp_path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=280,
+    )
     assert run.returncode == 0 and "MOE OK" in run.stdout, (run.stdout + run.stderr)[-4000:]
     print(next(line for line in run.stdout.splitlines() if line.startswith("MOE OK")))
 
 
 if __name__ == "__main__":  # python -m tests.test_vllm_engine distributed|tp2|factory|moe DIR (the subprocess tests)
-    {"distributed": _distributed_main, "tp2": _tp2_main, "factory": _factory_main,
-     "moe": _moe_main}[sys.argv[1]](sys.argv[2])
+    {"distributed": _distributed_main, "tp2": _tp2_main, "factory": _factory_main, "moe": _moe_main}[sys.argv[1]](
+        sys.argv[2]
+    )
 
 
 @pytest.mark.timeout(300)
@@ -546,8 +662,20 @@ def test_weight_sync_benchmark_runs(setup):
     import subprocess
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    run = subprocess.run([sys.executable, os.path.join(root, "benchmarks", "weight_sync.py"), "--model-dims", "tiny",
-                          "--separate-process", "--bucket-mb", "1"], capture_output=True, text=True, timeout=280)
+    run = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(root, "benchmarks", "weight_sync.py"),
+            "--model-dims",
+            "tiny",
+            "--separate-process",
+            "--bucket-mb",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=280,
+    )
     assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]
     line = next(x for x in run.stdout.splitlines() if x.startswith("tiny-shaped"))
     assert "separate engine process" in line and "/dev/shm" in line, line

@@ -21,16 +21,25 @@ os.environ.setdefault("GIFT_MEGATRON_DEVICE", "cpu")
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split("\n\n", 1)[1])
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
+    )
     p.add_argument("--hf", required=True, help="Hugging Face model folder (config.json + safetensors [+ index])")
     p.add_argument("--out", required=True, help="output directory: the Megatron checkpoint root")
-    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None,
-                   help="cast the weights (default: keep the checkpoint's dtype)")
-    p.add_argument("--force", action="store_true",
-                   help="replace a non-empty --out (the new output is staged next to it and replaces it only once "
-                        "complete); without it a non-empty --out is refused")
+    p.add_argument(
+        "--dtype",
+        choices=["bf16", "fp16", "fp32"],
+        default=None,
+        help="cast the weights (default: keep the checkpoint's dtype)",
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="replace a non-empty --out (the new output is staged next to it and replaces it only once "
+        "complete); without it a non-empty --out is refused",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     a = p.parse_args(argv)
     from gift_megatron.checkpoint import ConversionError, hf_to_megatron

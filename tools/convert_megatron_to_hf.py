@@ -22,20 +22,29 @@ os.environ.setdefault("GIFT_MEGATRON_DEVICE", "cpu")
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split("\n\n", 1)[1])
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
+    )
     p.add_argument("--megatron", required=True, help="checkpoint root (with `latest`) or a step_* directory")
     p.add_argument("--out", required=True, help="output Hugging Face folder")
-    p.add_argument("--tokenizer", default=None,
-                   help="folder with the tokenizer files (default: those recorded at conversion)")
+    p.add_argument(
+        "--tokenizer", default=None, help="folder with the tokenizer files (default: those recorded at conversion)"
+    )
     p.add_argument("--hf-config", default=None, help="HF folder or config.json giving the architecture")
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None, help="cast the weights")
-    p.add_argument("--max-shard-size", default="5GB",
-                   help="most tensor bytes per safetensors shard: 5GB (10^9), 2GiB (2^30), 500MB, ... (default 5GB)")
-    p.add_argument("--force", action="store_true",
-                   help="replace a non-empty --out (the new output is staged next to it and replaces it only once "
-                        "complete); without it a non-empty --out is refused")
+    p.add_argument(
+        "--max-shard-size",
+        default="5GB",
+        help="most tensor bytes per safetensors shard: 5GB (10^9), 2GiB (2^30), 500MB, ... (default 5GB)",
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="replace a non-empty --out (the new output is staged next to it and replaces it only once "
+        "complete); without it a non-empty --out is refused",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     a = p.parse_args(argv)
     from gift_megatron.checkpoint import ConversionError, megatron_to_hf, parse_size
@@ -47,8 +56,16 @@ def main(argv=None) -> int:
         model_config = None
         if a.hf_config:
             model_config = model_config_from_hf(read_hf_config(a.hf_config), f"--hf-config {a.hf_config}")
-        out = megatron_to_hf(a.megatron, a.out, tokenizer_dir=a.tokenizer, dtype=a.dtype, max_shard_bytes=max_bytes,
-                             model_config=model_config, progress=not a.no_progress, overwrite=a.force)
+        out = megatron_to_hf(
+            a.megatron,
+            a.out,
+            tokenizer_dir=a.tokenizer,
+            dtype=a.dtype,
+            max_shard_bytes=max_bytes,
+            model_config=model_config,
+            progress=not a.no_progress,
+            overwrite=a.force,
+        )
     except (ConversionError, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

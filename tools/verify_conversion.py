@@ -59,18 +59,25 @@ def default_tolerance(dtype) -> float:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split("\n\n", 1)[1])
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
+    )
     p.add_argument("--hf", required=True, help="the Hugging Face model folder")
     p.add_argument("--megatron", required=True, help="converted checkpoint root or step_* directory")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks to load the checkpoint with")
     p.add_argument("--ep", type=int, default=1, help="expert-parallel ranks (Mixture-of-Experts checkpoints)")
-    p.add_argument("--etp", type=int, default=None,
-                   help="expert tensor-parallel ranks (Mixture-of-Experts; default: --tp)")
-    p.add_argument("--tolerance", type=float, default=None,
-                   help="max |logit difference| / max |logit| allowed (default: 1e-4 for fp32 weights, 0.1 for "
-                        "bf16/fp16; measurements in the module docstring)")
+    p.add_argument(
+        "--etp", type=int, default=None, help="expert tensor-parallel ranks (Mixture-of-Experts; default: --tp)"
+    )
+    p.add_argument(
+        "--tolerance",
+        type=float,
+        default=None,
+        help="max |logit difference| / max |logit| allowed (default: 1e-4 for fp32 weights, 0.1 for "
+        "bf16/fp16; measurements in the module docstring)",
+    )
     p.add_argument("--prompt-ids", default=None, help="token ids to run, e.g. '1,2,3;4,5,6' (default: random)")
     p.add_argument("--seq-length", type=int, default=32, help="random tokens per sequence")
     p.add_argument("--batch", type=int, default=2, help="random sequences")
@@ -95,16 +102,28 @@ def main(argv=None) -> int:
         for flag, value in (("--tp", a.tp), ("--ep", a.ep), ("--etp", a.etp)):
             if value is not None and value < 1:
                 raise ConversionError(f"{flag} {value}: must be >= 1")
-        r = compare_logits(a.hf, a.megatron, tp=a.tp, ep=a.ep, etp=a.etp, tokens=tokens, batch=a.batch,
-                           seq_length=a.seq_length, seed=a.seed, timeout=a.timeout)
+        r = compare_logits(
+            a.hf,
+            a.megatron,
+            tp=a.tp,
+            ep=a.ep,
+            etp=a.etp,
+            tokens=tokens,
+            batch=a.batch,
+            seq_length=a.seq_length,
+            seed=a.seed,
+            timeout=a.timeout,
+        )
     except (ConversionError, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     tol = a.tolerance if a.tolerance is not None else default_tolerance(r.dtype)
     b, s = r.tokens.shape
     layout = f"TP={r.tp}" + (f", EP={r.ep}" if r.ep > 1 else "") + (f", ETP={r.etp}" if r.etp is not None else "")
-    print(f"max |logit difference| = {r.max_abs_diff:.3e} over {b}x{s} tokens, {layout}, {r.dtype}; largest "
-          f"|logit| {r.logit_scale:.3g}; relative {r.relative_diff:.3e} (tolerance {tol:g})")
+    print(
+        f"max |logit difference| = {r.max_abs_diff:.3e} over {b}x{s} tokens, {layout}, {r.dtype}; largest "
+        f"|logit| {r.logit_scale:.3g}; relative {r.relative_diff:.3e} (tolerance {tol:g})"
+    )
     if not r.relative_diff <= tol:  # NaN logits fail too
         print(f"FAILED: the relative difference {r.relative_diff:.3e} exceeds --tolerance {tol:g}", file=sys.stderr)
         return 1

@@ -31,11 +31,13 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
+from gift_megatron.checkpoint.export import iter_hf_tensors
 from gift_megatron.checkpoint.hf_io import (
     ConversionError,
     HFCheckpoint,
@@ -51,7 +53,6 @@ from gift_megatron.checkpoint.hf_io import (
 from gift_megatron.checkpoint.layout import local_params
 from gift_megatron.checkpoint.load import load_hf_weights_into_model
 from gift_megatron.checkpoint.mapping import hf_config_dict, hf_names
-from gift_megatron.checkpoint.export import iter_hf_tensors
 from gift_megatron.checkpoint.streaming import iter_streamed, per_layer_keys, save_streamed
 
 logger = logging.getLogger(__name__)
@@ -60,9 +61,19 @@ CONVERSION_FILE = "gift_conversion.json"
 HF_FILES_DIR = "hf_files"
 _PRECISION = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
-__all__ = ["CONVERSION_FILE", "ConversionError", "build_cpu_model", "checkpoint_dtype", "hf_to_megatron",
-           "megatron_to_hf", "model_config_from_info", "read_conversion_info", "resolve_checkpoint",
-           "single_process_megatron", "write_hf_config"]
+__all__ = [
+    "CONVERSION_FILE",
+    "ConversionError",
+    "build_cpu_model",
+    "checkpoint_dtype",
+    "hf_to_megatron",
+    "megatron_to_hf",
+    "model_config_from_info",
+    "read_conversion_info",
+    "resolve_checkpoint",
+    "single_process_megatron",
+    "write_hf_config",
+]
 
 
 # ----------------------------------------------------------------------------------- output directory
@@ -82,8 +93,10 @@ def check_output_dir(out_dir: str, overwrite: bool, source: str | None = None) -
     if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:
         entries = sorted(os.listdir(out_dir))
         shown = ", ".join(entries[:4]) + (", ..." if len(entries) > 4 else "")
-        raise ConversionError(f"--out {out_dir}: directory is not empty ({shown}); pass --force to replace it "
-                              "(overwrite=True from Python)")
+        raise ConversionError(
+            f"--out {out_dir}: directory is not empty ({shown}); pass --force to replace it "
+            "(overwrite=True from Python)"
+        )
 
 
 @contextmanager
@@ -130,8 +143,10 @@ def single_process_megatron(tp: int = 1, pp: int = 1) -> Iterator[None]:
     if use_cuda():
         # Conversion holds the whole model in host memory and runs Megatron on the CPU runtime, which a
         # process that uses CUDA does not install (the two cannot share one process's Megatron modules).
-        raise RuntimeError(f"checkpoint conversion and verification run on the CPU: set {ENV}=cpu for this "
-                           "process (the tools/ scripts do)")
+        raise RuntimeError(
+            f"checkpoint conversion and verification run on the CPU: set {ENV}=cpu for this "
+            "process (the tools/ scripts do)"
+        )
     owned = not dist.is_initialized()
     tmp = tempfile.mkdtemp(prefix="gift_convert_")
     if owned:
@@ -167,16 +182,31 @@ def build_cpu_model(model_cfg: Any, dtype: torch.dtype, *, tp: int | None = None
     tp = tp or ps.get_tensor_model_parallel_world_size()
     pp = pp or ps.get_pipeline_model_parallel_world_size()
     moe = bool(getattr(model_cfg, "num_experts", 0))
-    experts = dict(expert_model_parallel_size=ps.get_expert_model_parallel_world_size(),
-                   expert_tensor_parallel_size=ps.get_expert_tensor_parallel_world_size(),
-                   sequence_parallel=tp > 1) if moe else {}
+    experts = (
+        dict(
+            expert_model_parallel_size=ps.get_expert_model_parallel_world_size(),
+            expert_tensor_parallel_size=ps.get_expert_tensor_parallel_world_size(),
+            sequence_parallel=tp > 1,
+        )
+        if moe
+        else {}
+    )
     parallel = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, **experts)
     parallel.validate(dist.get_world_size(), model_cfg)
     config = transformer_config(
-        model_cfg, parallel, PrecisionConfig(dtype=_PRECISION[dtype]), perform_initialization=False,
-        use_cpu_initialization=True, bias_activation_fusion=False, bias_dropout_fusion=False,
-        masked_softmax_fusion=False, persist_layer_norm=False, gradient_accumulation_fusion=False,
-        apply_rope_fusion=False, cross_entropy_loss_fusion=False)
+        model_cfg,
+        parallel,
+        PrecisionConfig(dtype=_PRECISION[dtype]),
+        perform_initialization=False,
+        use_cpu_initialization=True,
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+        gradient_accumulation_fusion=False,
+        apply_rope_fusion=False,
+        cross_entropy_loss_fusion=False,
+    )
     gpt = GPTModel(
         config=config,
         transformer_layer_spec=decoder_spec(model_cfg, config, "local"),
@@ -194,8 +224,14 @@ def build_cpu_model(model_cfg: Any, dtype: torch.dtype, *, tp: int | None = None
 
 
 # ---------------------------------------------------------------------------------- HF -> Megatron
-def hf_to_megatron(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, *, dtype: str | torch.dtype | None = None,
-                   progress: bool = True, overwrite: bool = False) -> str:
+def hf_to_megatron(
+    hf_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    dtype: str | torch.dtype | None = None,
+    progress: bool = True,
+    overwrite: bool = False,
+) -> str:
     """Convert a Hugging Face folder into a Megatron checkpoint root ``out_dir`` (loadable at any TP/PP).
 
     Args:
@@ -219,8 +255,12 @@ def hf_to_megatron(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, *, dty
     target = parse_dtype(dtype) or hf.dtype
     if target not in _PRECISION:
         raise ConversionError(f"{hf_dir}: weights in {hf.dtype}; pass --dtype bf16, fp16 or fp32")
-    info = {"model_config": dataclasses.asdict(cfg), "dtype": dtype_name(target),
-            "hf_source": os.path.abspath(hf_dir), "hf_config": hf.hf_config}
+    info = {
+        "model_config": dataclasses.asdict(cfg),
+        "dtype": dtype_name(target),
+        "hf_source": os.path.abspath(hf_dir),
+        "hf_config": hf.hf_config,
+    }
     with staged_output(out_dir, overwrite) as stage:
         with single_process_megatron():
             with torch.device("meta"):  # materialized one layer at a time (streaming.py)
@@ -230,8 +270,12 @@ def hf_to_megatron(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, *, dty
                 from tqdm.auto import tqdm
 
                 needed = _group_hf_names(model, cfg, lambda lp: True)
-                bar = tqdm(total=hf.nbytes([n for n in hf.names if n in needed]), desc="HF -> Megatron", unit="B",
-                           unit_scale=True)
+                bar = tqdm(
+                    total=hf.nbytes([n for n in hf.names if n in needed]),
+                    desc="HF -> Megatron",
+                    unit="B",
+                    unit_scale=True,
+                )
 
             def fill(group):
                 load_hf_weights_into_model(model, cfg, hf, only=group.has)
@@ -241,7 +285,7 @@ def hf_to_megatron(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, *, dty
             path = save_streamed(stage, model, cfg, fill, extra={"conversion": info})
             if bar is not None:
                 bar.close()
-            del model
+            model = None  # drop the last layers before the file copies below
         hf_files = os.path.join(stage, HF_FILES_DIR)
         copy_tokenizer_files(hf_dir, hf_files)
         shutil.copyfile(os.path.join(hf_dir, "config.json"), os.path.join(hf_files, "config.json"))
@@ -251,9 +295,17 @@ def hf_to_megatron(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, *, dty
 
 
 # ---------------------------------------------------------------------------------- Megatron -> HF
-def megatron_to_hf(ckpt: str | os.PathLike, out_dir: str | os.PathLike, *, tokenizer_dir: str | None = None,
-                   dtype: str | torch.dtype | None = None, max_shard_bytes: int = 5 * 10**9,
-                   model_config: Any = None, progress: bool = True, overwrite: bool = False) -> str:
+def megatron_to_hf(
+    ckpt: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    tokenizer_dir: str | None = None,
+    dtype: str | torch.dtype | None = None,
+    max_shard_bytes: int = 5 * 10**9,
+    model_config: Any = None,
+    progress: bool = True,
+    overwrite: bool = False,
+) -> str:
     """Convert a Megatron checkpoint (a root with ``latest`` or a ``step_*`` directory, from
     :func:`hf_to_megatron` or a training run) into the Hugging Face folder ``out_dir``; returns it.
 
@@ -281,8 +333,10 @@ def megatron_to_hf(ckpt: str | os.PathLike, out_dir: str | os.PathLike, *, token
     info = read_conversion_info(root) if root else {}
     if model_config is None:
         if not info:
-            raise ConversionError(f"{ckpt}: no {CONVERSION_FILE} next to the checkpoint (it was not written by "
-                                  "tools/convert_hf_to_megatron.py): pass the architecture with --hf-config")
+            raise ConversionError(
+                f"{ckpt}: no {CONVERSION_FILE} next to the checkpoint (it was not written by "
+                "tools/convert_hf_to_megatron.py): pass the architecture with --hf-config"
+            )
         model_config = model_config_from_info(info)
     tokenizer_dir = _tokenizer_source(tokenizer_dir, root, info)
     if tokenizer_dir:
@@ -309,8 +363,12 @@ def megatron_to_hf(ckpt: str | os.PathLike, out_dir: str | os.PathLike, *, token
             if progress:
                 from tqdm.auto import tqdm
 
-                bar = tqdm(total=model_config.parameter_count() * target.itemsize, desc="Megatron -> HF", unit="B",
-                           unit_scale=True)
+                bar = tqdm(
+                    total=model_config.parameter_count() * target.itemsize,
+                    desc="Megatron -> HF",
+                    unit="B",
+                    unit_scale=True,
+                )
             for name, tensor in tensors:
                 writer.add(name, tensor)
                 if bar is not None:
@@ -329,8 +387,9 @@ def megatron_to_hf(ckpt: str | os.PathLike, out_dir: str | os.PathLike, *, token
 
 def _group_hf_names(model: Any, model_cfg: Any, has: Any) -> set[str]:
     """The HF names of the parameters ``has(local_param)`` selects (for the progress bar)."""
-    return {n for lp in local_params([model], tied_output=True) if has(lp)
-            for n in hf_names(lp.name, lp.layer, model_cfg)}
+    return {
+        n for lp in local_params([model], tied_output=True) if has(lp) for n in hf_names(lp.name, lp.layer, model_cfg)
+    }
 
 
 def _output_config(model_cfg: Any, dtype: torch.dtype, original: dict | None) -> dict:
@@ -354,8 +413,9 @@ def _output_config(model_cfg: Any, dtype: torch.dtype, original: dict | None) ->
 def _tokenizer_source(given: str | None, root: str | None, info: dict) -> str | None:
     if given:
         if not has_tokenizer(given):
-            raise ConversionError(f"--tokenizer {given}: no tokenizer files there (tokenizer.json, tokenizer.model "
-                                  "or vocab.json)")
+            raise ConversionError(
+                f"--tokenizer {given}: no tokenizer files there (tokenizer.json, tokenizer.model or vocab.json)"
+            )
         return given
     for candidate in (os.path.join(root, HF_FILES_DIR) if root else None, info.get("hf_source")):
         if candidate and has_tokenizer(candidate):
@@ -374,8 +434,10 @@ def resolve_checkpoint(path: str | os.PathLike) -> str:
         return path
     found = latest_checkpoint(path)
     if found is None:
-        raise ConversionError(f"{path}: no complete Megatron checkpoint here (expected a step_* directory with "
-                              "gift_checkpoint.json, or a root holding one)")
+        raise ConversionError(
+            f"{path}: no complete Megatron checkpoint here (expected a step_* directory with "
+            "gift_checkpoint.json, or a root holding one)"
+        )
     return found
 
 
@@ -391,8 +453,10 @@ def read_conversion_info(path: str | os.PathLike) -> dict:
     ``dtype``, ``hf_source`` (the HF folder converted), ``hf_config`` (its config.json)."""
     file = os.path.join(os.fspath(path), CONVERSION_FILE)
     if not os.path.isfile(file):
-        raise ConversionError(f"{path}: no {CONVERSION_FILE} (not written by tools/convert_hf_to_megatron.py); "
-                              "pass the architecture with --hf-config")
+        raise ConversionError(
+            f"{path}: no {CONVERSION_FILE} (not written by tools/convert_hf_to_megatron.py); "
+            "pass the architecture with --hf-config"
+        )
     try:
         with open(file, encoding="utf-8") as fh:
             return json.load(fh)

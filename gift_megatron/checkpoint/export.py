@@ -47,8 +47,9 @@ Every rank of the replica (of the world, for a Mixture-of-Experts model) must ru
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -78,8 +79,14 @@ class _Item:
     local: int
 
 
-def iter_hf_weights(model: Any, model_cfg: Any, *, bucket_bytes: int = 512 << 20, dst_rank: int | None = None,
-                    dtype: torch.dtype | None = None) -> Iterator[Bucket]:
+def iter_hf_weights(
+    model: Any,
+    model_cfg: Any,
+    *,
+    bucket_bytes: int = 512 << 20,
+    dst_rank: int | None = None,
+    dtype: torch.dtype | None = None,
+) -> Iterator[Bucket]:
     """Yield buckets of (Hugging Face name, full tensor) of the model replica this rank belongs to.
 
     Args:
@@ -142,8 +149,11 @@ def iter_hf_tensors(model: Any, model_cfg: Any, **kwargs: Any) -> Iterator[tuple
 def _items(local: list[LocalParam], tp: int, etp: int, ep: int, ep_rank: int, num_experts: int) -> list[_Item]:
     """This rank's export list: its dense tensors, then every routed expert's (of all EP ranks: the
     structure is the same on each), layer by layer, by global expert index."""
-    dense = [_Item(lp.name, lp.layer, _full_shape(lp, tp), lp.param.dtype, tp if lp.tp_split else 1, None, k)
-             for k, lp in enumerate(local) if not lp.expert]
+    dense = [
+        _Item(lp.name, lp.layer, _full_shape(lp, tp), lp.param.dtype, tp if lp.tp_split else 1, None, k)
+        for k, lp in enumerate(local)
+        if not lp.expert
+    ]
     per_rank = num_experts // ep if num_experts else 0
     experts: list[_Item] = []
     by_layer: dict[int | None, list[tuple[int, LocalParam]]] = {}
@@ -156,8 +166,9 @@ def _items(local: list[LocalParam], tp: int, etp: int, ep: int, ep_rank: int, nu
                 m = _EXPERT_INDEX.match(lp.name)
                 j = int(m.group(2)) - ep_rank * per_rank  # this rank's local index
                 name = f"{m.group(1)}{owner * per_rank + j}{m.group(3)}"
-                experts.append(_Item(name, layer, _full_shape(lp, etp), lp.param.dtype, etp if lp.tp_split else 1,
-                                     owner, k))
+                experts.append(
+                    _Item(name, layer, _full_shape(lp, etp), lp.param.dtype, etp if lp.tp_split else 1, owner, k)
+                )
     return dense + experts
 
 
@@ -166,7 +177,11 @@ class _Plan:
 
     def __init__(self, ps: Any, dst_rank: int | None, moe: bool) -> None:
         self.tp, self.pp = ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()
-        self.stage, self.tp_rank, self.me = ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank(), dist.get_rank()
+        self.stage, self.tp_rank, self.me = (
+            ps.get_pipeline_model_parallel_rank(),
+            ps.get_tensor_model_parallel_rank(),
+            dist.get_rank(),
+        )
         self.tp_group, self.pp_group = ps.get_tensor_model_parallel_group(), ps.get_pipeline_model_parallel_group()
         self.ep, self.ep_rank = expert_parallel()
         self.moe = moe
@@ -188,17 +203,28 @@ class _Plan:
             # own destination (the trainer: each replica's engine owner) at the same time: every rank learns
             # every rank's coordinates and destination, then serves every destination in turn.
             coords = comm.all_gather_objects(
-                (self.me, self.stage, self.tp_rank, self.ep_rank, self.etp_rank, tuple(mp_ranks),
-                 tuple(dist.get_process_group_ranks(ps.get_expert_tensor_and_model_parallel_group())), dst_rank))
+                (
+                    self.me,
+                    self.stage,
+                    self.tp_rank,
+                    self.ep_rank,
+                    self.etp_rank,
+                    tuple(mp_ranks),
+                    tuple(dist.get_process_group_ranks(ps.get_expert_tensor_and_model_parallel_group())),
+                    dst_rank,
+                )
+            )
             self.coords = {c[0]: c for c in coords}
             self.destinations = sorted({c[7] for c in coords if c[7] is not None})
             for d in self.destinations:
                 replica = self.coords[d][5] if d in self.coords else ()
                 wrong = sorted(r for r in replica if self.coords[r][7] != d)
                 if d not in self.coords or wrong or len({c[7] is None for c in coords}) > 1:
-                    raise ValueError(f"iter_hf_weights: with experts every rank must pass the dst_rank of its own "
-                                     f"model replica (rank {d}'s replica {list(replica)}: ranks {wrong} passed "
-                                     f"{[self.coords[r][7] for r in wrong]}), or every rank None")
+                    raise ValueError(
+                        f"iter_hf_weights: with experts every rank must pass the dst_rank of its own "
+                        f"model replica (rank {d}'s replica {list(replica)}: ranks {wrong} passed "
+                        f"{[self.coords[r][7] for r in wrong]}), or every rank None"
+                    )
             self.use(dst_rank)
             return
         if dst_rank not in mp_ranks:
@@ -237,7 +263,7 @@ class _Plan:
         it; receivers elsewhere get it from the source stage)."""
         pp_group = self.pp_group
         mine = _items(local, self.tp, self.etp, self.ep, self.ep_rank, num_experts)
-        if self.pp == 1 or self.stage == src_stage and self.everyone:
+        if self.pp == 1 or (self.stage == src_stage and self.everyone):
             if self.pp > 1:
                 comm.broadcast_objects([mine], src=_global(pp_group, src_stage), group=pp_group)
             return mine
@@ -260,8 +286,11 @@ class _Plan:
             return self._move_expert(src_stage, item, local, device)
         lp = local[item.local] if on_stage else None
         if self.everyone:
-            full = _all_gather_tp(lp, self.tp, self.tp_group) if lp is not None else \
-                torch.empty(item.shape, dtype=item.dtype, device=device)
+            full = (
+                _all_gather_tp(lp, self.tp, self.tp_group)
+                if lp is not None
+                else torch.empty(item.shape, dtype=item.dtype, device=device)
+            )
             if self.pp > 1:
                 full = comm.broadcast_tensor(full, src=_global(self.pp_group, src_stage), group=self.pp_group)
             return full
@@ -282,8 +311,11 @@ class _Plan:
         holds = self.stage == src_stage and self.ep_rank == item.owner
         lp = local[item.local] if holds else None
         if self.everyone:
-            full = _all_gather_tp(lp, self.etp, self.etp_group) if lp is not None else \
-                torch.empty(item.shape, dtype=item.dtype, device=device)
+            full = (
+                _all_gather_tp(lp, self.etp, self.etp_group)
+                if lp is not None
+                else torch.empty(item.shape, dtype=item.dtype, device=device)
+            )
             if self.stage == src_stage and self.ep > 1:
                 full = comm.broadcast_tensor(full, src=_global(self.ep_group, item.owner), group=self.ep_group)
             if self.pp > 1:

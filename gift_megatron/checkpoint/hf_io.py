@@ -25,7 +25,8 @@ import os
 import re
 import shutil
 import struct
-from typing import Any, Iterable, Iterator
+from collections.abc import Iterable, Iterator
+from typing import Any
 
 import torch
 
@@ -43,14 +44,40 @@ logger = logging.getLogger(__name__)
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
-                   "generation_config.json")
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-          "float16": torch.float16, "float32": torch.float32}
-_ST_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
-              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-              "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "generation_config.json",
+)
+DTYPES = {
+    "bf16": torch.bfloat16,
+    "fp16": torch.float16,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "float32": torch.float32,
+}
+_ST_DTYPES = {
+    "BF16": torch.bfloat16,
+    "F16": torch.float16,
+    "F32": torch.float32,
+    "F64": torch.float64,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
 _ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
 _SHARD_NAME = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")
 # A routed expert's weight in on-disk naming: model.layers.<layer>.(mlp|block_sparse_moe).experts.<expert>.
@@ -84,8 +111,17 @@ def parse_size(text: str | int, what: str = "--max-shard-size") -> int:
         if not match:
             raise ConversionError(f"{what} {text!r}: expected a size such as 5GB, 500MB, 2GiB or 1000000")
         unit = (match.group(2) or "B").upper().replace("IB", "iB")
-        scale = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-                 "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40}[unit]
+        scale = {
+            "B": 1,
+            "KB": 10**3,
+            "MB": 10**6,
+            "GB": 10**9,
+            "TB": 10**12,
+            "KiB": 2**10,
+            "MiB": 2**20,
+            "GiB": 2**30,
+            "TiB": 2**40,
+        }[unit]
         value = int(float(match.group(1)) * scale)
     if value < 1:
         raise ConversionError(f"{what} {text!r}: must be at least 1 byte")
@@ -104,8 +140,9 @@ def read_safetensors_header(path: str) -> tuple[dict[str, dict[str, Any]], int]:
             raise ConversionError(f"{path}: truncated safetensors file ({size} bytes, no header)")
         (n,) = struct.unpack("<Q", head)
         if 8 + n > size:
-            raise ConversionError(f"{path}: truncated safetensors file: the header says {n} header bytes, "
-                                  f"the file has {size} bytes")
+            raise ConversionError(
+                f"{path}: truncated safetensors file: the header says {n} header bytes, the file has {size} bytes"
+            )
         try:
             header = json.loads(fh.read(n))
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -124,11 +161,15 @@ def read_safetensors_header(path: str) -> tuple[dict[str, dict[str, Any]], int]:
         except (KeyError, TypeError, ValueError) as exc:
             raise ConversionError(f"{path}: corrupt safetensors header entry for {name!r} ({exc!r})") from exc
         if end > data:
-            raise ConversionError(f"{path}: truncated safetensors file: tensor {name!r} ends at byte {end} of the "
-                                  f"data section, which has {data} bytes")
+            raise ConversionError(
+                f"{path}: truncated safetensors file: tensor {name!r} ends at byte {end} of the "
+                f"data section, which has {data} bytes"
+            )
         if end - begin != numel * dtype.itemsize:
-            raise ConversionError(f"{path}: corrupt safetensors header: tensor {name!r} has {end - begin} bytes "
-                                  f"for shape {info['shape']} {info['dtype']}")
+            raise ConversionError(
+                f"{path}: corrupt safetensors header: tensor {name!r} has {end - begin} bytes "
+                f"for shape {info['shape']} {info['dtype']}"
+            )
     return header, 8 + n
 
 
@@ -147,8 +188,9 @@ class _MappedFile:
         dtype = _ST_DTYPES[info["dtype"]]
         if end == begin:
             return torch.empty(info["shape"], dtype=dtype)
-        flat = torch.frombuffer(self._map, dtype=dtype, count=(end - begin) // dtype.itemsize,
-                                offset=self.data_start + begin)
+        flat = torch.frombuffer(
+            self._map, dtype=dtype, count=(end - begin) // dtype.itemsize, offset=self.data_start + begin
+        )
         return flat.reshape(info["shape"])
 
     def names_in_file_order(self) -> list[str]:
@@ -200,8 +242,12 @@ class HFCheckpoint:
         self._check_tensors()
         embed = self._info("model.embed_tokens.weight")
         self.dtype = _ST_DTYPES[embed["dtype"]]
-        self.names = [n for file in sorted(self._headers) for raw in self._file_order(file)
-                      for n in (fused_hf_names(raw, self.model_config) or [raw])]
+        self.names = [
+            n
+            for file in sorted(self._headers)
+            for raw in self._file_order(file)
+            for n in (fused_hf_names(raw, self.model_config) or [raw])
+        ]
         self.total_bytes = self.nbytes(self.names)
 
     def _file_order(self, file: str) -> list[str]:
@@ -223,8 +269,10 @@ class HFCheckpoint:
             if fused_hf_names(name, cfg) is not None and len(fused_hf_shape(name, cfg)) == 3:
                 got = list(self._headers[file][0][name]["shape"])
                 if got and got[0] != want:
-                    raise ConversionError(f"{os.path.join(self.path, file)}: {name} holds {got[0]} experts (shape "
-                                          f"{got}), config.json says {key}={want}")
+                    raise ConversionError(
+                        f"{os.path.join(self.path, file)}: {name} holds {got[0]} experts (shape "
+                        f"{got}), config.json says {key}={want}"
+                    )
         per_layer: dict[int, dict[int, str]] = {}
         for name, file in self.weight_map.items():
             m = _EXPERT_HF.match(name)
@@ -233,8 +281,10 @@ class HFCheckpoint:
         for layer, found in sorted(per_layer.items()):
             if len(found) != want or max(found) != want - 1:
                 files = ", ".join(sorted({os.path.join(self.path, f) for f in found.values()}))
-                raise ConversionError(f"{files}: layer {layer} has {len(found)} experts (indices {min(found)}.."
-                                      f"{max(found)}), config.json says {key}={want}")
+                raise ConversionError(
+                    f"{files}: layer {layer} has {len(found)} experts (indices {min(found)}.."
+                    f"{max(found)}), config.json says {key}={want}"
+                )
 
     def _weight_map(self) -> tuple[dict[str, str], str]:
         index_file = os.path.join(self.path, INDEX_FILE)
@@ -243,8 +293,10 @@ class HFCheckpoint:
                 with open(index_file, encoding="utf-8") as fh:
                     weight_map = json.load(fh)["weight_map"]
             except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
-                raise ConversionError(f"{index_file}: unreadable index ({exc!r}); expected a JSON object with a "
-                                      "'weight_map' of tensor name -> shard file") from exc
+                raise ConversionError(
+                    f"{index_file}: unreadable index ({exc!r}); expected a JSON object with a "
+                    "'weight_map' of tensor name -> shard file"
+                ) from exc
             if not isinstance(weight_map, dict) or not weight_map:
                 raise ConversionError(f"{index_file}: 'weight_map' is empty or not an object")
             return weight_map, index_file
@@ -253,8 +305,10 @@ class HFCheckpoint:
             header, _ = read_safetensors_header(single)
             return {name: SINGLE_FILE for name in header}, single
         if any(f.startswith("pytorch_model") and f.endswith(".bin") for f in os.listdir(self.path)):
-            raise ConversionError(f"{self.path}: only pytorch_model*.bin weights; convert them to safetensors first "
-                                  "(transformers: model.save_pretrained(dir, safe_serialization=True))")
+            raise ConversionError(
+                f"{self.path}: only pytorch_model*.bin weights; convert them to safetensors first "
+                "(transformers: model.save_pretrained(dir, safe_serialization=True))"
+            )
         raise ConversionError(f"{self.path}: no {SINGLE_FILE} or {INDEX_FILE}")
 
     def _info(self, name: str) -> dict[str, Any]:
@@ -287,8 +341,11 @@ class HFCheckpoint:
         tied_head = {"lm_head.weight"} if self.model_config.tie_embeddings else set()
         missing = sorted(set(expected) - have)
         unexpected = sorted(have - set(expected) - tied_head)
-        wrong = [f"{n}: {list(self._shape(n))} (config implies {list(expected[n])})"
-                 for n in sorted(have & set(expected)) if self._shape(n) != expected[n]]
+        wrong = [
+            f"{n}: {list(self._shape(n))} (config implies {list(expected[n])})"
+            for n in sorted(have & set(expected))
+            if self._shape(n) != expected[n]
+        ]
         for raw in sorted(self.weight_map):  # fused expert tensors: their whole shape
             if fused_hf_names(raw, self.model_config) is not None:
                 want = fused_hf_shape(raw, self.model_config)
@@ -298,8 +355,9 @@ class HFCheckpoint:
         if missing:
             problems.append(f"missing tensors {_few(missing)}")
         if unexpected:
-            problems.append(f"tensors the {HF_ARCHITECTURES[self.model_config.family]} mapping does not use "
-                            f"{_few(unexpected)}")
+            problems.append(
+                f"tensors the {HF_ARCHITECTURES[self.model_config.family]} mapping does not use {_few(unexpected)}"
+            )
         if wrong:
             problems.append(f"shapes that do not match config.json: {_few(wrong)}")
         if problems:
@@ -353,9 +411,11 @@ def read_hf_config(path: str) -> dict[str, Any]:
         experts = cfg.get("num_experts") or cfg.get("num_local_experts") or cfg.get("n_routed_experts")
         what = "Mixture-of-Experts architecture" if experts else "architecture"
         moe = f" (Mixture-of-Experts: {', '.join(MOE_ARCHITECTURES)})" if experts else ""
-        raise ConversionError(f"{cfg_file}: unsupported {what} {arch!r}; supported: "
-                              f"{', '.join(SUPPORTED_ARCHITECTURES)}{moe} (tools/README.md says what other "
-                              "families need)")
+        raise ConversionError(
+            f"{cfg_file}: unsupported {what} {arch!r}; supported: "
+            f"{', '.join(SUPPORTED_ARCHITECTURES)}{moe} (tools/README.md says what other "
+            "families need)"
+        )
     return cfg
 
 
@@ -366,11 +426,13 @@ def model_config_from_hf(cfg: dict[str, Any], where: str = "config.json"):
     arch = (cfg.get("architectures") or [None])[0]
     family = {v: k for k, v in HF_ARCHITECTURES.items()}.get(arch)
     if family is not None and cfg.get("model_type") != family:
-        raise ConversionError(f"{where}: architectures {arch!r} with model_type {cfg.get('model_type')!r} "
-                              f"(expected {family!r})")
+        raise ConversionError(
+            f"{where}: architectures {arch!r} with model_type {cfg.get('model_type')!r} (expected {family!r})"
+        )
     if family in ("llama", "qwen3", "qwen3_moe", "mixtral") and cfg.get("attention_bias"):
-        raise ConversionError(f"{where}: attention_bias=true puts a bias on o_proj too, which Megatron's "
-                              "add_qkv_bias does not have")
+        raise ConversionError(
+            f"{where}: attention_bias=true puts a bias on o_proj too, which Megatron's add_qkv_bias does not have"
+        )
     if cfg.get("mlp_bias"):
         raise ConversionError(f"{where}: mlp_bias=true is not supported (Megatron models have no MLP biases here)")
     if cfg.get("use_sliding_window") or (family == "mixtral" and cfg.get("sliding_window")):
@@ -446,15 +508,18 @@ class SafetensorsShardWriter:
             os.replace(tmp, os.path.join(self.out_dir, final))
             weight_map.update(dict.fromkeys(names, final))
         if total > 1:
-            index = {"metadata": {"total_size": self.total_bytes, **(metadata or {})},
-                     "weight_map": dict(sorted(weight_map.items()))}
+            index = {
+                "metadata": {"total_size": self.total_bytes, **(metadata or {})},
+                "weight_map": dict(sorted(weight_map.items())),
+            }
             with open(os.path.join(self.out_dir, INDEX_FILE), "w", encoding="utf-8") as fh:
                 json.dump(index, fh, indent=2)
         return weight_map
 
 
-def write_safetensors(path: str, tensors: list[tuple[str, torch.Tensor]], metadata: dict[str, str] | None = None,
-                      *, fsync: bool = True) -> None:
+def write_safetensors(
+    path: str, tensors: list[tuple[str, torch.Tensor]], metadata: dict[str, str] | None = None, *, fsync: bool = True
+) -> None:
     """One safetensors file with ``tensors`` (names must be unique), fsync'ed unless ``fsync=False``.
     Tensors may be views of one fused tensor (q/k/v, gate/up): each is written as its own bytes."""
     from safetensors.torch import save_file
@@ -477,8 +542,12 @@ def _fsync_file(path: str) -> None:
         os.close(fd)
 
 
-def write_safetensors_shards(named: Iterable[tuple[str, torch.Tensor]], out_dir: str, max_shard_bytes: int,
-                             metadata: dict[str, Any] | None = None) -> dict[str, str]:
+def write_safetensors_shards(
+    named: Iterable[tuple[str, torch.Tensor]],
+    out_dir: str,
+    max_shard_bytes: int,
+    metadata: dict[str, Any] | None = None,
+) -> dict[str, str]:
     """Write (name, tensor) pairs as sharded safetensors + index into ``out_dir`` (see
     :class:`SafetensorsShardWriter`); returns tensor name -> file name."""
     writer = SafetensorsShardWriter(out_dir, max_shard_bytes)
@@ -498,8 +567,9 @@ def write_hf_config(directory: str, config: dict[str, Any]) -> None:
 # --------------------------------------------------------------------------------------- tokenizer
 def has_tokenizer(directory: str | None) -> bool:
     """Whether ``directory`` holds a tokenizer (tokenizer.json, tokenizer.model or vocab.json)."""
-    return bool(directory) and any(os.path.isfile(os.path.join(directory, f))
-                                   for f in ("tokenizer.json", "tokenizer.model", "vocab.json"))
+    return bool(directory) and any(
+        os.path.isfile(os.path.join(directory, f)) for f in ("tokenizer.json", "tokenizer.model", "vocab.json")
+    )
 
 
 def tokenizer_size(directory: str) -> int | None:
@@ -510,8 +580,12 @@ def tokenizer_size(directory: str) -> int | None:
 
         return len(AutoTokenizer.from_pretrained(directory))
     except Exception as exc:  # any loader failure: the check is skipped, never the conversion
-        logger.warning("%s: cannot load the tokenizer to check its size against the model (%s: %s)",
-                       directory, type(exc).__name__, exc)
+        logger.warning(
+            "%s: cannot load the tokenizer to check its size against the model (%s: %s)",
+            directory,
+            type(exc).__name__,
+            exc,
+        )
         return None
 
 
@@ -520,8 +594,10 @@ def check_tokenizer_fits(directory: str, vocab_size: int, what: str = "tokenizer
     ``vocab_size``: ids past the embedding would index garbage or crash."""
     n = tokenizer_size(directory)
     if n is not None and n > vocab_size:
-        raise ConversionError(f"{what} {directory}: the tokenizer has {n} tokens but the model's vocab_size is "
-                              f"{vocab_size}: ids past the embedding would crash or read garbage")
+        raise ConversionError(
+            f"{what} {directory}: the tokenizer has {n} tokens but the model's vocab_size is "
+            f"{vocab_size}: ids past the embedding would crash or read garbage"
+        )
 
 
 def copy_tokenizer_files(src: str, dst: str) -> list[str]:

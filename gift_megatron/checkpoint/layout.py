@@ -11,8 +11,9 @@ ranks (ETP), not the TP ranks.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
@@ -81,7 +82,7 @@ def local_params(chunks: Sequence[Any], *, tied_output: bool) -> list[LocalParam
     (it counts earlier pipeline stages and virtual chunks).
     """
     out: list[LocalParam] = []
-    ep_size, ep_rank = expert_parallel()
+    _, ep_rank = expert_parallel()
 
     def add(name: str, layer: int | None, p: torch.Tensor, expert: bool = False) -> None:
         split = bool(getattr(p, "tensor_model_parallel", False))

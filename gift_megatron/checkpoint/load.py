@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import os
 from collections import defaultdict
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 
@@ -25,8 +26,9 @@ from gift_megatron.checkpoint.mapping import expected_hf_shapes, hf_names, megat
 
 
 @torch.no_grad()
-def load_hf_weights_into_model(model: Any, model_cfg: Any, source: Any, *, progress: bool = False,
-                               only: Any = None) -> int:
+def load_hf_weights_into_model(
+    model: Any, model_cfg: Any, source: Any, *, progress: bool = False, only: Any = None
+) -> int:
     """Set every parameter of this rank's model chunk(s) from Hugging Face tensors; returns how many.
 
     Args:
@@ -68,9 +70,12 @@ def load_hf_weights_into_model(model: Any, model_cfg: Any, source: Any, *, progr
         source = dict(_split_fused(source.items(), model_cfg))
         for name, tensor in source.items():
             _check(name, tensor, expected, model_cfg)
-        _raise_if_unset(params, [k for k, lp in enumerate(params)
-                                 if any(n not in source for n in hf_names(lp.name, lp.layer, model_cfg))],
-                        set(source), model_cfg)
+        _raise_if_unset(
+            params,
+            [k for k, lp in enumerate(params) if any(n not in source for n in hf_names(lp.name, lp.layer, model_cfg))],
+            set(source),
+            model_cfg,
+        )
     stream, total = _stream(source, set(needs))
     bar = None
     if progress:
@@ -99,8 +104,10 @@ def load_hf_weights_into_model(model: Any, model_cfg: Any, source: Any, *, progr
 def _raise_if_unset(params: list[LocalParam], unset: list[int], received: set[str], model_cfg: Any) -> None:
     if unset:
         missing = sorted({n for k in unset for n in hf_names(params[k].name, params[k].layer, model_cfg)} - received)
-        raise ConversionError(f"{len(unset)} parameters were not set: the HF source has no {missing[:6]}"
-                              f"{' ...' if len(missing) > 6 else ''}")
+        raise ConversionError(
+            f"{len(unset)} parameters were not set: the HF source has no {missing[:6]}"
+            f"{' ...' if len(missing) > 6 else ''}"
+        )
 
 
 def _split_fused(pairs, model_cfg: Any):
@@ -116,21 +123,31 @@ def _check(name: str, tensor: torch.Tensor, expected: dict[str, tuple[int, ...]]
     if name not in expected and not (name == "lm_head.weight" and model_cfg.tie_embeddings):
         raise ConversionError(f"HF tensor {name!r} is not part of a {model_cfg.family} model with this config")
     if name in expected and tuple(tensor.shape) != expected[name]:
-        raise ConversionError(f"HF tensor {name!r} has shape {list(tensor.shape)}, the config implies "
-                              f"{list(expected[name])}")
+        raise ConversionError(
+            f"HF tensor {name!r} has shape {list(tensor.shape)}, the config implies {list(expected[name])}"
+        )
 
 
 def _set(lp: LocalParam, parts: list[torch.Tensor], model_cfg: Any, tp: int, tp_rank: int) -> None:
     param = lp.param
     vocab = lp.name in ("embedding.word_embeddings.weight", "output_layer.weight")
     split = tp if lp.tp_split else 1
-    shard = megatron_tensor_from_hf(lp.name, lp.layer, parts, model_cfg, tp=split, tp_rank=tp_rank if split > 1 else 0,
-                                    partition_dim=lp.partition_dim,
-                                    padded_rows=param.shape[0] * split if vocab else None)
+    shard = megatron_tensor_from_hf(
+        lp.name,
+        lp.layer,
+        parts,
+        model_cfg,
+        tp=split,
+        tp_rank=tp_rank if split > 1 else 0,
+        partition_dim=lp.partition_dim,
+        padded_rows=param.shape[0] * split if vocab else None,
+    )
     if tuple(shard.shape) != tuple(param.shape):
         where = f"decoder.layers.{lp.layer}.{lp.name}" if lp.layer is not None else lp.name
-        raise ConversionError(f"{where}: the HF tensors give shape {list(shard.shape)} on TP rank {tp_rank}, the "
-                              f"model has {list(param.shape)} (does the model match the HF config?)")
+        raise ConversionError(
+            f"{where}: the HF tensors give shape {list(shard.shape)} on TP rank {tp_rank}, the "
+            f"model has {list(param.shape)} (does the model match the HF config?)"
+        )
     param.copy_(shard)
 
 

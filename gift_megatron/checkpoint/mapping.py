@@ -87,8 +87,9 @@ QWEN3_LAYER = {  # Llama + RMSNorm over each head's queries and keys (weights [d
 _EXPERT = "mlp.experts.local_experts.{e}."
 _QWEN_MOE = {
     "mlp.router.weight": _copy(f"{_MLP}gate.weight"),
-    f"{_EXPERT}linear_fc1.weight": Rule("fc1", (f"{_MLP}experts.{{e}}.gate_proj.weight",
-                                                 f"{_MLP}experts.{{e}}.up_proj.weight")),
+    f"{_EXPERT}linear_fc1.weight": Rule(
+        "fc1", (f"{_MLP}experts.{{e}}.gate_proj.weight", f"{_MLP}experts.{{e}}.up_proj.weight")
+    ),
     f"{_EXPERT}linear_fc2.weight": _copy(f"{_MLP}experts.{{e}}.down_proj.weight"),
 }
 _MOE = "model.layers.{i}.block_sparse_moe."
@@ -100,15 +101,22 @@ MIXTRAL_LAYER = {
 }
 QWEN3_MOE_LAYER = {**QWEN3_LAYER, **_QWEN_MOE}
 QWEN2_MOE_LAYER = {
-    **QWEN2_LAYER, **_QWEN_MOE,
-    "mlp.shared_experts.linear_fc1.weight": Rule("fc1", (f"{_MLP}shared_expert.gate_proj.weight",
-                                                         f"{_MLP}shared_expert.up_proj.weight")),
+    **QWEN2_LAYER,
+    **_QWEN_MOE,
+    "mlp.shared_experts.linear_fc1.weight": Rule(
+        "fc1", (f"{_MLP}shared_expert.gate_proj.weight", f"{_MLP}shared_expert.up_proj.weight")
+    ),
     "mlp.shared_experts.linear_fc2.weight": _copy(f"{_MLP}shared_expert.down_proj.weight"),
     "mlp.shared_experts.gate_weight": _copy(f"{_MLP}shared_expert_gate.weight"),
 }
-FAMILY_TABLES: dict[str, dict[str, Rule]] = {"llama": LLAMA_LAYER, "qwen2": QWEN2_LAYER, "qwen3": QWEN3_LAYER,
-                                             "qwen3_moe": QWEN3_MOE_LAYER, "qwen2_moe": QWEN2_MOE_LAYER,
-                                             "mixtral": MIXTRAL_LAYER}
+FAMILY_TABLES: dict[str, dict[str, Rule]] = {
+    "llama": LLAMA_LAYER,
+    "qwen2": QWEN2_LAYER,
+    "qwen3": QWEN3_LAYER,
+    "qwen3_moe": QWEN3_MOE_LAYER,
+    "qwen2_moe": QWEN2_MOE_LAYER,
+    "mixtral": MIXTRAL_LAYER,
+}
 
 # Outside the decoder layers: the same for every family.
 TOP_LEVEL: dict[str, Rule] = {
@@ -120,9 +128,14 @@ TE_NORM_NAMES = {
     "self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
     "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight",
 }
-HF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
-                    "qwen3_moe": "Qwen3MoeForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
-                    "mixtral": "MixtralForCausalLM"}
+HF_ARCHITECTURES = {
+    "llama": "LlamaForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+    "qwen3_moe": "Qwen3MoeForCausalLM",
+    "qwen2_moe": "Qwen2MoeForCausalLM",
+    "mixtral": "MixtralForCausalLM",
+}
 MOE_ARCHITECTURES = ("MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM")
 SUPPORTED_ARCHITECTURES = tuple(sorted(HF_ARCHITECTURES.values()))
 
@@ -178,8 +191,11 @@ def fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int, 
     """Inverse of :func:`split_qkv`: (q [H*d, ...], k [G*d, ...], v [G*d, ...]) -> [G*(H/G+2)*d, ...]."""
     per = num_heads // num_groups
     rest = q.shape[1:]
-    parts = [q.reshape(num_groups, per, head_dim, *rest), k.reshape(num_groups, 1, head_dim, *rest),
-             v.reshape(num_groups, 1, head_dim, *rest)]
+    parts = [
+        q.reshape(num_groups, per, head_dim, *rest),
+        k.reshape(num_groups, 1, head_dim, *rest),
+        v.reshape(num_groups, 1, head_dim, *rest),
+    ]
     return torch.cat(parts, dim=1).reshape(-1, *rest)
 
 
@@ -197,8 +213,9 @@ def fuse_fc1(gate: torch.Tensor, up: torch.Tensor, tp: int):
     return torch.cat([g, u], dim=1).reshape(-1, *gate.shape[1:])
 
 
-def megatron_tensor_to_hf(name: str, full: torch.Tensor, model_cfg: Any, tp: int, layer: int | None = None
-                          ) -> list[tuple[str, torch.Tensor]]:
+def megatron_tensor_to_hf(
+    name: str, full: torch.Tensor, model_cfg: Any, tp: int, layer: int | None = None
+) -> list[tuple[str, torch.Tensor]]:
     """The Hugging Face (name, tensor) pairs of one full Megatron tensor.
 
     name: the parameter name inside the GPTModel (``decoder.layers.N.`` removed for layer tensors, whose
@@ -209,18 +226,27 @@ def megatron_tensor_to_hf(name: str, full: torch.Tensor, model_cfg: Any, tp: int
     rule = rule_for(name, layer, model_cfg.family)
     names = list(hf_names(name, layer, model_cfg)) if layer is not None else [rule.hf[0]]
     if rule.kind == "qkv":
-        return list(zip(names, split_qkv(full, model_cfg.num_attention_heads, model_cfg.num_query_groups,
-                                         model_cfg.head_dim)))
+        return list(
+            zip(names, split_qkv(full, model_cfg.num_attention_heads, model_cfg.num_query_groups, model_cfg.head_dim))
+        )
     if rule.kind == "fc1":
         return list(zip(names, split_fc1(full, tp)))
     if rule.kind == "vocab":
-        return [(names[0], full[:model_cfg.vocab_size])]
+        return [(names[0], full[: model_cfg.vocab_size])]
     return [(names[0], full)]
 
 
-def megatron_tensor_from_hf(name: str, layer: int | None, parts: list[torch.Tensor], model_cfg: Any, *,
-                            tp: int = 1, tp_rank: int = 0, partition_dim: int = 0,
-                            padded_rows: int | None = None) -> torch.Tensor:
+def megatron_tensor_from_hf(
+    name: str,
+    layer: int | None,
+    parts: list[torch.Tensor],
+    model_cfg: Any,
+    *,
+    tp: int = 1,
+    tp_rank: int = 0,
+    partition_dim: int = 0,
+    padded_rows: int | None = None,
+) -> torch.Tensor:
     """TP rank ``tp_rank``'s shard (of ``tp``) of Megatron tensor ``name`` from its HF ``parts`` (in
     :func:`hf_names` order); ``tp=1`` for the whole tensor or a parameter Megatron does not split.
 
@@ -237,8 +263,8 @@ def megatron_tensor_from_hf(name: str, layer: int | None, parts: list[torch.Tens
         per = model_cfg.num_attention_heads // model_cfg.num_query_groups
         d = model_cfg.head_dim
         q, k, v = parts
-        q = q[tp_rank * g * per * d:(tp_rank + 1) * g * per * d]
-        k, v = (x[tp_rank * g * d:(tp_rank + 1) * g * d] for x in (k, v))
+        q = q[tp_rank * g * per * d : (tp_rank + 1) * g * per * d]
+        k, v = (x[tp_rank * g * d : (tp_rank + 1) * g * d] for x in (k, v))
         return fuse_qkv(q, k, v, g * per, g, d)
     if kind == "fc1":
         gate, up = (p.chunk(tp, dim=0)[tp_rank] for p in parts)
@@ -250,9 +276,9 @@ def megatron_tensor_from_hf(name: str, layer: int | None, parts: list[torch.Tens
         start = tp_rank * per_rank
         valid = max(0, min(src.shape[0] - start, per_rank))
         if valid == per_rank:
-            return src[start:start + per_rank]
+            return src[start : start + per_rank]
         out = torch.zeros((per_rank, *src.shape[1:]), dtype=src.dtype)
-        out[:valid] = src[start:start + valid]
+        out[:valid] = src[start : start + valid]
         return out
     return src.chunk(tp, dim=partition_dim)[tp_rank] if tp > 1 else src
 
@@ -265,7 +291,8 @@ def megatron_param_shapes(model_cfg: Any) -> dict[tuple[str, int | None], tuple[
     h, d, ffn = model_cfg.hidden_size, model_cfg.head_dim, model_cfg.ffn_hidden_size
     qkv = (model_cfg.num_attention_heads + 2 * model_cfg.num_query_groups) * d
     shapes: dict[tuple[str, int | None], tuple[int, ...]] = {
-        ("embedding.word_embeddings.weight", None): (model_cfg.vocab_size, h)}
+        ("embedding.word_embeddings.weight", None): (model_cfg.vocab_size, h)
+    }
     moe_layers = _moe_layers(model_cfg)
     for i in range(model_cfg.num_layers):
         layer = {
@@ -351,8 +378,11 @@ def fused_hf_names(name: str, model_cfg: Any) -> list[str] | None:
     if what == "gate.weight":  # Qwen's router name is already the on-disk one; Mixtral's moves
         return [f"model.layers.{i}.block_sparse_moe.gate.weight"] if mixtral else None
     base = f"model.layers.{i}.block_sparse_moe.experts" if mixtral else f"model.layers.{i}.mlp.experts"
-    parts = (("w1", "w3") if mixtral else ("gate_proj", "up_proj")) if what.endswith("gate_up_proj") else \
-        (("w2",) if mixtral else ("down_proj",))
+    parts = (
+        (("w1", "w3") if mixtral else ("gate_proj", "up_proj"))
+        if what.endswith("gate_up_proj")
+        else (("w2",) if mixtral else ("down_proj",))
+    )
     return [f"{base}.{e}.{p}.weight" for e in range(model_cfg.num_experts) for p in parts]
 
 
@@ -380,8 +410,9 @@ def split_fused_hf(name: str, tensor: torch.Tensor, model_cfg: Any) -> list[tupl
     want = fused_hf_shape(name, model_cfg)
     got = tuple(tensor.shape)
     if len(got) == len(want) and got[0] != want[0] and len(want) == 3:
-        raise ValueError(f"HF tensor {name!r} holds {got[0]} experts (shape {list(got)}), the config has "
-                         f"num_experts={want[0]}")
+        raise ValueError(
+            f"HF tensor {name!r} holds {got[0]} experts (shape {list(got)}), the config has num_experts={want[0]}"
+        )
     if got != want:
         raise ValueError(f"HF tensor {name!r} has shape {list(got)}, the config implies {list(want)}")
     if len(names) == 1:  # Mixtral's router
@@ -434,9 +465,13 @@ def hf_config_dict(model_cfg: Any, dtype: torch.dtype | str = torch.bfloat16, **
     if getattr(model_cfg, "num_experts", 0):
         cfg.update(_hf_moe_config(model_cfg))
     if model_cfg.rope_scaling_factor is not None:
-        cfg["rope_scaling"] = {"rope_type": "llama3", "factor": model_cfg.rope_scaling_factor,
-                               "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                               "original_max_position_embeddings": 8192}
+        cfg["rope_scaling"] = {
+            "rope_type": "llama3",
+            "factor": model_cfg.rope_scaling_factor,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        }
     cfg.update(extra)
     return cfg
 
@@ -449,23 +484,36 @@ def _hf_moe_config(model_cfg: Any) -> dict:
     family, layers = model_cfg.family, model_cfg.moe_layers()
     shared, gate = model_cfg.moe_shared_expert_intermediate_size, model_cfg.moe_shared_expert_gate
     if family == "qwen2_moe" and not (shared and gate):
-        raise ValueError("Qwen2-MoE always has a shared expert with a sigmoid gate: set "
-                         "model.moe_shared_expert_intermediate_size and model.moe_shared_expert_gate")
+        raise ValueError(
+            "Qwen2-MoE always has a shared expert with a sigmoid gate: set "
+            "model.moe_shared_expert_intermediate_size and model.moe_shared_expert_gate"
+        )
     if family != "qwen2_moe" and shared:
         raise ValueError(f"model.moe_shared_expert_intermediate_size: {HF_ARCHITECTURES[family]} has no shared expert")
     if family == "mixtral":
         if not all(layers) or model_cfg.moe_router_pre_softmax:
-            raise ValueError("Mixtral has a MoE block in every layer and renormalizes the top-k weights: "
-                             "model.moe_layer_freq and model.moe_router_pre_softmax must keep their defaults")
+            raise ValueError(
+                "Mixtral has a MoE block in every layer and renormalizes the top-k weights: "
+                "model.moe_layer_freq and model.moe_router_pre_softmax must keep their defaults"
+            )
         # Mixtral's intermediate_size is the expert width (it has no dense MLP).
-        return {"num_local_experts": model_cfg.num_experts, "num_experts_per_tok": model_cfg.moe_router_topk,
-                "intermediate_size": model_cfg.expert_ffn_hidden_size, "sliding_window": None,
-                "output_router_logits": False}
-    out = {"num_experts": model_cfg.num_experts, "num_experts_per_tok": model_cfg.moe_router_topk,
-           "moe_intermediate_size": model_cfg.expert_ffn_hidden_size,
-           # norm_topk_prob: renormalized top-k weights = Megatron's default (softmax over the top-k logits).
-           "norm_topk_prob": not model_cfg.moe_router_pre_softmax, "decoder_sparse_step": 1,
-           "mlp_only_layers": [i for i, moe in enumerate(layers) if not moe], "output_router_logits": False}
+        return {
+            "num_local_experts": model_cfg.num_experts,
+            "num_experts_per_tok": model_cfg.moe_router_topk,
+            "intermediate_size": model_cfg.expert_ffn_hidden_size,
+            "sliding_window": None,
+            "output_router_logits": False,
+        }
+    out = {
+        "num_experts": model_cfg.num_experts,
+        "num_experts_per_tok": model_cfg.moe_router_topk,
+        "moe_intermediate_size": model_cfg.expert_ffn_hidden_size,
+        # norm_topk_prob: renormalized top-k weights = Megatron's default (softmax over the top-k logits).
+        "norm_topk_prob": not model_cfg.moe_router_pre_softmax,
+        "decoder_sparse_step": 1,
+        "mlp_only_layers": [i for i, moe in enumerate(layers) if not moe],
+        "output_router_logits": False,
+    }
     if family == "qwen2_moe":
         out.update(shared_expert_intermediate_size=shared, qkv_bias=bool(model_cfg.add_qkv_bias))
     return out

@@ -28,7 +28,8 @@ import datetime
 import os
 import pickle
 import shutil
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 
@@ -51,15 +52,33 @@ class Group:
 def groups_of(model: Any) -> list[Group]:
     """The conversion groups of a TP=1 / PP=1 GPTModel: the parameters outside the decoder layers, then one
     group per decoder layer (its global index is ``layer_number - 1``)."""
-    top = [m for m in (getattr(model, "embedding", None), getattr(model.decoder, "final_layernorm", None),
-                       getattr(model, "output_layer", None)) if m is not None]
-    out = [Group("embedding, final norm and output layer", top, lambda key: not key.startswith("decoder.layers."),
-                 lambda lp: lp.layer is None)]
+    top = [
+        m
+        for m in (
+            getattr(model, "embedding", None),
+            getattr(model.decoder, "final_layernorm", None),
+            getattr(model, "output_layer", None),
+        )
+        if m is not None
+    ]
+    out = [
+        Group(
+            "embedding, final norm and output layer",
+            top,
+            lambda key: not key.startswith("decoder.layers."),
+            lambda lp: lp.layer is None,
+        )
+    ]
     for local, layer in enumerate(model.decoder.layers):
         index = layer.layer_number - 1
-        out.append(Group(f"layer {index}", [layer],
-                         lambda key, local=local: key.startswith(f"decoder.layers.{local}."),
-                         lambda lp, index=index: lp.layer == index))
+        out.append(
+            Group(
+                f"layer {index}",
+                [layer],
+                lambda key, local=local: key.startswith(f"decoder.layers.{local}."),
+                lambda lp, index=index: lp.layer == index,
+            )
+        )
     return out
 
 
@@ -72,7 +91,9 @@ def materialize(modules: list[torch.nn.Module], device: str | torch.device = "cp
             for name, p in list(sub._parameters.items()):
                 if p is None or p.device == torch.device(device):
                     continue
-                new = torch.nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device=device), requires_grad=p.requires_grad)
+                new = torch.nn.Parameter(
+                    torch.empty(p.shape, dtype=p.dtype, device=device), requires_grad=p.requires_grad
+                )
                 new.__dict__.update(p.__dict__)
                 sub._parameters[name] = new
             for name, b in list(sub._buffers.items()):
@@ -80,8 +101,15 @@ def materialize(modules: list[torch.nn.Module], device: str | torch.device = "cp
                     sub._buffers[name] = torch.empty(b.shape, dtype=b.dtype, device=device)
 
 
-def save_streamed(root: str, model: Any, model_cfg: Any, fill: Callable[[Group], None], *,
-                  extra: dict | None = None, on_group: Callable[[Group], None] | None = None) -> str:
+def save_streamed(
+    root: str,
+    model: Any,
+    model_cfg: Any,
+    fill: Callable[[Group], None],
+    *,
+    extra: dict | None = None,
+    on_group: Callable[[Group], None] | None = None,
+) -> str:
     """Write ``model`` (a TP=1 / PP=1 GPTModel on the meta device) as checkpoint ``root/step_00000000``, one
     group at a time: ``fill(group)`` sets the group's parameters after they are materialized. Returns the
     checkpoint directory. Single process (conversion); ``extra`` is stored as the checkpoint's ``extra``.
@@ -107,8 +135,9 @@ def save_streamed(root: str, model: Any, model_cfg: Any, fill: Callable[[Group],
         full = model.sharded_state_dict(metadata=runtime)
         state: dict[str, Any] = {"model": {key: v for key, v in full.items() if group.owns(key)}}
         if k == 0:  # what save_checkpoint stores besides the weights, once
-            state.update({mc._RNG_KEY: mc._rng_sharded_object(mc._rng_state()), "step": 0, "data_state": None,
-                          "extra": extra})
+            state.update(
+                {mc._RNG_KEY: mc._rng_sharded_object(mc._rng_state()), "step": 0, "data_state": None, "extra": extra}
+            )
         tensors.update(mc._model_tensors({"model": state["model"]}))
         part = os.path.join(parts_dir, f"{k:05d}")
         os.makedirs(part)
@@ -124,7 +153,7 @@ def save_streamed(root: str, model: Any, model_cfg: Any, fill: Callable[[Group],
     manifest = {
         "format": mc.FORMAT_VERSION,
         "step": 0,
-        "saved_at": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+        "saved_at": datetime.datetime.now(datetime.UTC).isoformat(),
         "megatron_core": mc._megatron_version(),
         "backend": "torch_dist",
         "layout": mc._layout(1),
@@ -157,16 +186,22 @@ def merge_parts(parts: list[str], out: str) -> None:
             # Megatron's common (non-sharded) state: the first part's holds step, extra, ...; the others'
             # must be empty (their groups have nothing outside sharded tensors and objects), and are dropped.
             _check_common_empty(part)
-            metadata.state_dict_metadata = {key: md for key, md in metadata.state_dict_metadata.items()
-                                            if not key.startswith(_COMMON)}
-            metadata.storage_data = {index: info for index, info in (metadata.storage_data or {}).items()
-                                     if not index.fqn.startswith(_COMMON)}
+            metadata.state_dict_metadata = {
+                key: md for key, md in metadata.state_dict_metadata.items() if not key.startswith(_COMMON)
+            }
+            metadata.storage_data = {
+                index: info
+                for index, info in (metadata.storage_data or {}).items()
+                if not index.fqn.startswith(_COMMON)
+            }
         renamed = {}
         for i, name in enumerate(sorted(f for f in os.listdir(part) if f.endswith(".distcp"))):
             renamed[name] = f"__{k}_{i}.distcp"
             os.replace(os.path.join(part, name), os.path.join(out, renamed[name]))
-        storage = {index: dataclasses.replace(info, relative_path=renamed[info.relative_path])
-                   for index, info in (metadata.storage_data or {}).items()}
+        storage = {
+            index: dataclasses.replace(info, relative_path=renamed[info.relative_path])
+            for index, info in (metadata.storage_data or {}).items()
+        }
         if merged is None:
             merged = metadata
             merged.state_dict_metadata = dict(metadata.state_dict_metadata)
@@ -220,8 +255,9 @@ def _check_common_empty(part: str) -> None:
         raise ValueError(f"checkpoint part {part}: non-sharded state {left[:5]} would be lost in the merge")
 
 
-def iter_streamed(path: str, model: Any, model_cfg: Any, *, dtype: torch.dtype | None = None
-                  ) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_streamed(
+    path: str, model: Any, model_cfg: Any, *, dtype: torch.dtype | None = None
+) -> Iterator[tuple[str, torch.Tensor]]:
     """(Hugging Face name, tensor) of the Megatron checkpoint ``path`` (with per-layer keys: see
     :func:`per_layer_keys`), read one group at a time into ``model`` (a TP=1 / PP=1 GPTModel on the meta device
     of the checkpoint's architecture; checked against it first, as ``load_checkpoint`` does). The tensors are
@@ -261,8 +297,9 @@ def check_loadable(path: str, model: Any) -> dict:
         problems += mc._shape_problems(manifest, keys, True)
         unexpected = sorted(set(manifest["model"]["tensors"]) - set(keys))
         if unexpected:
-            problems.append(f"{len(unexpected)} model tensor(s) of the checkpoint are not in the model: "
-                            f"{mc._preview(unexpected)}")
+            problems.append(
+                f"{len(unexpected)} model tensor(s) of the checkpoint are not in the model: {mc._preview(unexpected)}"
+            )
     if problems:
         raise mc.CheckpointError(mc._format_problems(path, problems))
     return manifest

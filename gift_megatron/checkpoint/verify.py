@@ -20,7 +20,8 @@ import dataclasses
 import os
 import tempfile
 import time
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -47,9 +48,19 @@ class LogitComparison:
         return self.max_abs_diff / self.logit_scale if self.logit_scale > 0 else float("inf")
 
 
-def compare_logits(hf_dir: str, ckpt: str, *, tp: int = 1, ep: int = 1, etp: int | None = None,
-                   tokens: torch.Tensor | None = None, batch: int = 2, seq_length: int = 32, seed: int = 0,
-                   timeout: float = 1800.0) -> LogitComparison:
+def compare_logits(
+    hf_dir: str,
+    ckpt: str,
+    *,
+    tp: int = 1,
+    ep: int = 1,
+    etp: int | None = None,
+    tokens: torch.Tensor | None = None,
+    batch: int = 2,
+    seq_length: int = 32,
+    seed: int = 0,
+    timeout: float = 1800.0,
+) -> LogitComparison:
     """Logits of ``tokens`` ([b, s] int64; default: random ids from ``seed``) in both models, the Megatron
     checkpoint loaded at tensor-parallel ``tp``, expert-parallel ``ep`` and expert-TP ``etp`` (None: tp).
 
@@ -71,8 +82,11 @@ def compare_logits(hf_dir: str, ckpt: str, *, tp: int = 1, ep: int = 1, etp: int
     moe = bool(getattr(cfg, "num_experts", 0))
     world = verify_world_size(tp, ep, etp)
     try:
-        experts = dict(expert_model_parallel_size=ep, expert_tensor_parallel_size=etp, sequence_parallel=tp > 1) \
-            if moe else dict(expert_model_parallel_size=ep, expert_tensor_parallel_size=etp)
+        experts = (
+            dict(expert_model_parallel_size=ep, expert_tensor_parallel_size=etp, sequence_parallel=tp > 1)
+            if moe
+            else dict(expert_model_parallel_size=ep, expert_tensor_parallel_size=etp)
+        )
         ParallelConfig(tensor_model_parallel_size=tp, **experts).validate(world, cfg)
     except ValueError as exc:
         flags = f"--tp {tp}" + (f" --ep {ep}" if ep != 1 else "") + (f" --etp {etp}" if etp is not None else "")
@@ -82,10 +96,14 @@ def compare_logits(hf_dir: str, ckpt: str, *, tp: int = 1, ep: int = 1, etp: int
     if root:
         recorded = model_config_from_info(read_conversion_info(root))
         if recorded != cfg:
-            diff = {f.name: (getattr(recorded, f.name), getattr(cfg, f.name)) for f in dataclasses.fields(cfg)
-                    if getattr(recorded, f.name) != getattr(cfg, f.name)}
-            raise ConversionError(f"{ckpt} was converted from another architecture than {hf_dir}: "
-                                  f"(checkpoint, HF) differ in {diff}")
+            diff = {
+                f.name: (getattr(recorded, f.name), getattr(cfg, f.name))
+                for f in dataclasses.fields(cfg)
+                if getattr(recorded, f.name) != getattr(cfg, f.name)
+            }
+            raise ConversionError(
+                f"{ckpt} was converted from another architecture than {hf_dir}: (checkpoint, HF) differ in {diff}"
+            )
     if tokens is None:
         g = torch.Generator().manual_seed(seed)
         tokens = torch.randint(0, cfg.vocab_size, (batch, seq_length), generator=g)
@@ -93,11 +111,15 @@ def compare_logits(hf_dir: str, ckpt: str, *, tp: int = 1, ep: int = 1, etp: int
     if tokens.dim() != 2 or tokens.numel() == 0:
         raise ConversionError(f"token ids must be a non-empty [batch, seq] array, got shape {list(tokens.shape)}")
     if moe and tokens.shape[1] % tp:
-        raise ConversionError(f"--tp {tp} with experts runs sequence parallelism: the sequence length "
-                              f"{tokens.shape[1]} must be a multiple of {tp}")
+        raise ConversionError(
+            f"--tp {tp} with experts runs sequence parallelism: the sequence length "
+            f"{tokens.shape[1]} must be a multiple of {tp}"
+        )
     if int(tokens.min()) < 0 or int(tokens.max()) >= cfg.vocab_size:
-        raise ConversionError(f"token ids must lie in [0, {cfg.vocab_size}) (the model's vocab_size), got "
-                              f"[{int(tokens.min())}, {int(tokens.max())}]")
+        raise ConversionError(
+            f"token ids must lie in [0, {cfg.vocab_size}) (the model's vocab_size), got "
+            f"[{int(tokens.min())}, {int(tokens.max())}]"
+        )
     ref = hf_logits(hf_dir, tokens, hf.dtype)
     got = megatron_logits(path, cfg, tokens, tp=tp, ep=ep, etp=etp, timeout=timeout)
     return LogitComparison((got - ref).abs().max().item(), ref.abs().max().item(), tokens, tp, hf.dtype, ep, etp)
@@ -120,8 +142,16 @@ def hf_logits(hf_dir: str, tokens: torch.Tensor, dtype: torch.dtype) -> torch.Te
         return model(tokens).logits.float()
 
 
-def megatron_logits(path: str, model_cfg: Any, tokens: torch.Tensor, *, tp: int = 1, ep: int = 1,
-                    etp: int | None = None, timeout: float = 1800.0) -> torch.Tensor:
+def megatron_logits(
+    path: str,
+    model_cfg: Any,
+    tokens: torch.Tensor,
+    *,
+    tp: int = 1,
+    ep: int = 1,
+    etp: int | None = None,
+    timeout: float = 1800.0,
+) -> torch.Tensor:
     """The Megatron checkpoint's logits [b, s, vocab_size] (fp32, vocabulary padding removed) at TP=``tp``,
     EP=``ep``, ETP=``etp`` (None: tp), from rank 0 of :func:`verify_world_size` ranks."""
     import torch.distributed as dist
@@ -134,17 +164,20 @@ def megatron_logits(path: str, model_cfg: Any, tokens: torch.Tensor, *, tp: int 
             return _forward(path, model_cfg, tokens)
     with tempfile.TemporaryDirectory(prefix="gift_verify_") as tmp:
         out = os.path.join(tmp, "logits.pt")
-        spawn_ranks(_logits_rank, world, (os.path.join(tmp, "store"), path, model_cfg, tokens, out, tp, ep, etp),
-                    timeout=timeout)
+        spawn_ranks(
+            _logits_rank,
+            world,
+            (os.path.join(tmp, "store"), path, model_cfg, tokens, out, tp, ep, etp),
+            timeout=timeout,
+        )
         return torch.load(out)
 
 
 def _forward(path: str, model_cfg: Any, tokens: torch.Tensor) -> torch.Tensor:
     from megatron.core import parallel_state as ps
 
-    from gift_megatron.comm import all_gather_tensors
-
     from gift_megatron.checkpoint.convert import build_cpu_model, checkpoint_dtype
+    from gift_megatron.comm import all_gather_tensors
     from gift_megatron.megatron.checkpoint import load_checkpoint
 
     model = build_cpu_model(model_cfg, checkpoint_dtype(path))
@@ -156,11 +189,21 @@ def _forward(path: str, model_cfg: Any, tokens: torch.Tensor) -> torch.Tensor:
         tp = ps.get_tensor_model_parallel_world_size()
         if tp > 1:
             local = torch.cat(all_gather_tensors(local, ps.get_tensor_model_parallel_group()), -1)
-    return local[..., :model_cfg.vocab_size]
+    return local[..., : model_cfg.vocab_size]
 
 
-def _logits_rank(rank: int, world: int, store: str, path: str, model_cfg: Any, tokens: torch.Tensor, out: str,
-                 tp: int, ep: int, etp: int | None) -> None:
+def _logits_rank(
+    rank: int,
+    world: int,
+    store: str,
+    path: str,
+    model_cfg: Any,
+    tokens: torch.Tensor,
+    out: str,
+    tp: int,
+    ep: int,
+    etp: int | None,
+) -> None:
     import torch.distributed as dist
 
     from gift_megatron.parallel import destroy_model_parallel_cpu, initialize_model_parallel_cpu
@@ -168,8 +211,11 @@ def _logits_rank(rank: int, world: int, store: str, path: str, model_cfg: Any, t
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
-        experts = dict(expert_model_parallel_size=ep, expert_tensor_parallel_size=etp or tp) \
-            if getattr(model_cfg, "num_experts", 0) else {}
+        experts = (
+            dict(expert_model_parallel_size=ep, expert_tensor_parallel_size=etp or tp)
+            if getattr(model_cfg, "num_experts", 0)
+            else {}
+        )
         initialize_model_parallel_cpu(tp, 1, **experts)
         logits = _forward(path, model_cfg, tokens)
         if rank == 0:

@@ -3,5 +3,13 @@
 from gift_megatron.data.prompts import FIELDS, DatasetError, LoadReport, PromptExample, load_prompts, parse_row
 from gift_megatron.data.tokenizer import Tokenizer, check_vocab
 
-__all__ = ["FIELDS", "DatasetError", "LoadReport", "PromptExample", "load_prompts", "parse_row", "Tokenizer",
-           "check_vocab"]
+__all__ = [
+    "FIELDS",
+    "DatasetError",
+    "LoadReport",
+    "PromptExample",
+    "Tokenizer",
+    "check_vocab",
+    "load_prompts",
+    "parse_row",
+]

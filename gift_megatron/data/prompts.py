@@ -14,8 +14,9 @@ import json
 import logging
 import math
 import os
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any
 
 log = logging.getLogger("gift_megatron.data")
 
@@ -139,9 +140,16 @@ def parse_row(row: Any, fields: Mapping[str, str], source: str, line: int) -> Pr
         teachers = ()
     if not isinstance(teachers, (list, tuple)) or not all(isinstance(t, str) for t in teachers):
         raise ValueError(f"field {key['teachers']!r} must be a list of strings")
-    return PromptExample(prompt=prompt, messages=messages, answer=_text(row, key["answer"], "answer"),
-                         expert=_text(row, key["expert"], "expert"), teachers=tuple(teachers),
-                         id=_text(row, key["id"], "id"), source=source, line=line)
+    return PromptExample(
+        prompt=prompt,
+        messages=messages,
+        answer=_text(row, key["answer"], "answer"),
+        expert=_text(row, key["expert"], "expert"),
+        teachers=tuple(teachers),
+        id=_text(row, key["id"], "id"),
+        source=source,
+        line=line,
+    )
 
 
 # ---------------------------------------------------------------------------------------- one file
@@ -195,8 +203,12 @@ def _rows(path: str) -> Iterator[Row]:
 
 
 # ------------------------------------------------------------------------------------------ files
-def load_prompts(paths: str | os.PathLike | Sequence[str | os.PathLike], *, max_skipped_fraction: float = 0.0,
-                 fields: Mapping[str, str] | None = None) -> tuple[list[PromptExample], LoadReport]:
+def load_prompts(
+    paths: str | os.PathLike | Sequence[str | os.PathLike],
+    *,
+    max_skipped_fraction: float = 0.0,
+    fields: Mapping[str, str] | None = None,
+) -> tuple[list[PromptExample], LoadReport]:
     """All rows of ``paths`` (``.jsonl``/``.json`` JSON Lines, or ``.parquet``) as PromptExamples, in file order.
 
     fields: column renames, ``{schema field: column in the file}``. max_skipped_fraction: the largest
@@ -237,11 +249,18 @@ def load_prompts(paths: str | os.PathLike | Sequence[str | os.PathLike], *, max_
         raise DatasetError(f"{where}: the dataset has no rows")
     bad = len(report.skipped)
     if bad / report.rows > max_skipped_fraction:
-        raise DatasetError(f"{bad} of {report.rows} rows are malformed (data.max_skipped_fraction="
-                           f"{max_skipped_fraction}): {report.reasons()}")
+        raise DatasetError(
+            f"{bad} of {report.rows} rows are malformed (data.max_skipped_fraction="
+            f"{max_skipped_fraction}): {report.reasons()}"
+        )
     if bad:
-        log.warning("skipped %d of %d malformed rows (data.max_skipped_fraction=%s): %s", bad, report.rows,
-                    max_skipped_fraction, report.reasons())
+        log.warning(
+            "skipped %d of %d malformed rows (data.max_skipped_fraction=%s): %s",
+            bad,
+            report.rows,
+            max_skipped_fraction,
+            report.reasons(),
+        )
     if not examples:
         raise DatasetError(f"{where}: no usable rows (all {report.rows} are malformed): {report.reasons()}")
     log.info("loaded %d prompts from %s", len(examples), where)

@@ -4,7 +4,8 @@ sentencepiece ``.model`` files, with chat templates from the tokenizer."""
 from __future__ import annotations
 
 import os
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from gift_megatron.data.prompts import PromptExample
 
@@ -17,8 +18,15 @@ class Tokenizer:
     ``vocab_size`` is one more than the largest id the tokenizer can produce (what the embedding must hold).
     """
 
-    def __init__(self, backend: Any, kind: str, *, use_chat_template: bool = False, source: str = "",
-                 chat_template_kwargs: Mapping[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        backend: Any,
+        kind: str,
+        *,
+        use_chat_template: bool = False,
+        source: str = "",
+        chat_template_kwargs: Mapping[str, Any] | None = None,
+    ) -> None:
         if kind not in ("hf", "sentencepiece"):
             raise ValueError(f"tokenizer kind must be 'hf' or 'sentencepiece', got {kind!r}")
         self.backend, self.kind, self.source = backend, kind, source
@@ -47,12 +55,20 @@ class Tokenizer:
         # `add_bos_token` attribute does not exist on every tokenizer class, so ask the tokenizer itself.
         probe = "a"
         with_special = self.backend.encode(probe, add_special_tokens=True)
-        return bool(with_special) and with_special[0] == self.bos_id and \
-            self.backend.encode(probe, add_special_tokens=False)[:1] != [self.bos_id]
+        return (
+            bool(with_special)
+            and with_special[0] == self.bos_id
+            and self.backend.encode(probe, add_special_tokens=False)[:1] != [self.bos_id]
+        )
 
     @classmethod
-    def load(cls, path: str | os.PathLike, *, use_chat_template: bool = False,
-             chat_template_kwargs: Mapping[str, Any] | None = None) -> "Tokenizer":
+    def load(
+        cls,
+        path: str | os.PathLike,
+        *,
+        use_chat_template: bool = False,
+        chat_template_kwargs: Mapping[str, Any] | None = None,
+    ) -> Tokenizer:
         """A Hugging Face tokenizer dir (``AutoTokenizer.from_pretrained``), or a sentencepiece ``.model`` file.
 
         use_chat_template: also format plain ``prompt`` rows with the chat template (chat rows always use it).
@@ -63,8 +79,10 @@ class Tokenizer:
             raise FileNotFoundError(f"data.tokenizer: {path} does not exist")
         if os.path.isfile(path):
             if not path.endswith(".model"):
-                raise ValueError(f"data.tokenizer: {path} is a file but not a sentencepiece .model; give a "
-                                 "Hugging Face tokenizer folder or a .model file")
+                raise ValueError(
+                    f"data.tokenizer: {path} is a file but not a sentencepiece .model; give a "
+                    "Hugging Face tokenizer folder or a .model file"
+                )
             import sentencepiece
 
             sp = sentencepiece.SentencePieceProcessor()
@@ -83,8 +101,9 @@ class Tokenizer:
             raise ValueError(f"data.tokenizer: cannot load a tokenizer from {path}: {exc}") from exc
         if use_chat_template and not getattr(tok, "chat_template", None):
             raise ValueError(f"data.use_chat_template: the tokenizer in {path} has no chat_template")
-        return cls(tok, "hf", use_chat_template=use_chat_template, source=path,
-                   chat_template_kwargs=chat_template_kwargs)
+        return cls(
+            tok, "hf", use_chat_template=use_chat_template, source=path, chat_template_kwargs=chat_template_kwargs
+        )
 
     @property
     def has_chat_template(self) -> bool:
@@ -109,11 +128,16 @@ class Tokenizer:
         if example.messages is None and not self.use_chat_template:
             return ([self.bos_id] if self._add_bos else []) + self.encode(example.prompt or "")
         if not self.has_chat_template:
-            raise ValueError(f"{example.where}: a chat row needs a tokenizer with a chat template ({self.source} "
-                             "has none); give the row a 'prompt' instead, or a tokenizer with a chat_template")
+            raise ValueError(
+                f"{example.where}: a chat row needs a tokenizer with a chat template ({self.source} "
+                "has none); give the row a 'prompt' instead, or a tokenizer with a chat_template"
+            )
         # The template writes BOS itself where the model wants it, so nothing is added here.
-        return list(self.backend.apply_chat_template(example.chat, add_generation_prompt=True, tokenize=True,
-                                                     return_dict=False, **self.chat_template_kwargs))
+        return list(
+            self.backend.apply_chat_template(
+                example.chat, add_generation_prompt=True, tokenize=True, return_dict=False, **self.chat_template_kwargs
+            )
+        )
 
     def save(self, directory: str) -> None:
         """Write the tokenizer files (HF) into ``directory`` (rollout engines load them from there)."""
@@ -125,6 +149,8 @@ class Tokenizer:
 def check_vocab(tokenizer: Tokenizer, model_vocab_size: int) -> None:
     """The tokenizer's ids must fit the model's (unpadded) vocabulary; the error names both sizes."""
     if tokenizer.vocab_size > model_vocab_size:
-        raise ValueError(f"tokenizer {tokenizer.source} has {tokenizer.vocab_size} tokens but model.vocab_size is "
-                         f"{model_vocab_size}: token ids would index past the embedding (wrong tokenizer for "
-                         "this checkpoint, or model.vocab_size too small)")
+        raise ValueError(
+            f"tokenizer {tokenizer.source} has {tokenizer.vocab_size} tokens but model.vocab_size is "
+            f"{model_vocab_size}: token ids would index past the embedding (wrong tokenizer for "
+            "this checkpoint, or model.vocab_size too small)"
+        )

@@ -75,21 +75,32 @@ def toy_rows(n: int, seed: int, task: str = "add") -> list[dict]:
         a, b = rng.randrange(10), rng.randrange(10)
         right = _answer(a, b, task)
         wrong = (right + 1 + rng.randrange(span - 1)) % span  # any other possible answer, never the right one
-        rows.append({"id": f"{prefix}-{seed}-{i}", "prompt": f"{a}+{b}=", "answer": str(right),
-                     "expert": str(right), "teachers": [str(right), str(wrong), str(right)]})
+        rows.append(
+            {
+                "id": f"{prefix}-{seed}-{i}",
+                "prompt": f"{a}+{b}=",
+                "answer": str(right),
+                "expert": str(right),
+                "teachers": [str(right), str(wrong), str(right)],
+            }
+        )
     return rows
 
 
-def write_toy_task(out_dir: str | os.PathLike, *, num_train: int = 2000, num_eval: int = 100, seed: int = 0,
-                   task: str = "add") -> dict[str, str]:
+def write_toy_task(
+    out_dir: str | os.PathLike, *, num_train: int = 2000, num_eval: int = 100, seed: int = 0, task: str = "add"
+) -> dict[str, str]:
     """Write ``train.jsonl``, ``eval.jsonl`` (drawn with ``seed`` and ``seed + 1``) and ``tokenizer/`` under
     ``out_dir``; returns their paths under the keys ``train``, ``eval``, ``tokenizer``."""
     if num_train < 1 or num_eval < 0:
         raise ValueError(f"toy task: need num_train >= 1 and num_eval >= 0, got {num_train}, {num_eval}")
     out_dir = os.fspath(out_dir)
     os.makedirs(out_dir, exist_ok=True)
-    paths = {"train": os.path.join(out_dir, "train.jsonl"), "eval": os.path.join(out_dir, "eval.jsonl"),
-             "tokenizer": os.path.join(out_dir, "tokenizer")}
+    paths = {
+        "train": os.path.join(out_dir, "train.jsonl"),
+        "eval": os.path.join(out_dir, "eval.jsonl"),
+        "tokenizer": os.path.join(out_dir, "tokenizer"),
+    }
     for split, n, s in (("train", num_train, seed), ("eval", num_eval, seed + 1)):
         tmp = paths[split] + ".tmp"  # written whole, then renamed: a rerun never sees half a file
         with open(tmp, "w", encoding="utf-8") as fh:

@@ -35,8 +35,22 @@ from gift_megatron.megatron.step import (
 )
 
 __all__ = [
-    "CheckpointError", "latest_checkpoint", "load_checkpoint", "save_checkpoint",
-    "ModelConfig", "ParallelConfig", "PrecisionConfig", "build_model", "check_fp8_support", "transformer_config",
-    "FrozenReference", "ObjectiveStep", "StepResult", "forward_logprobs", "make_forward_step",
-    "pack_global_batch", "split_global_batch", "validate_micro_batches",
+    "CheckpointError",
+    "FrozenReference",
+    "ModelConfig",
+    "ObjectiveStep",
+    "ParallelConfig",
+    "PrecisionConfig",
+    "StepResult",
+    "build_model",
+    "check_fp8_support",
+    "forward_logprobs",
+    "latest_checkpoint",
+    "load_checkpoint",
+    "make_forward_step",
+    "pack_global_batch",
+    "save_checkpoint",
+    "split_global_batch",
+    "transformer_config",
+    "validate_micro_batches",
 ]

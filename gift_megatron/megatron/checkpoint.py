@@ -79,7 +79,8 @@ import random
 import re
 import shutil
 import uuid
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -89,16 +90,16 @@ from gift_megatron import comm
 from gift_megatron.device import use_cuda
 
 __all__ = [
-    "CheckpointError",
-    "MANIFEST_NAME",
     "LATEST_NAME",
+    "MANIFEST_NAME",
+    "CheckpointError",
     "checkpoint_path",
     "latest_checkpoint",
     "list_checkpoints",
-    "read_manifest",
-    "verify_checkpoint",
-    "save_checkpoint",
     "load_checkpoint",
+    "read_manifest",
+    "save_checkpoint",
+    "verify_checkpoint",
 ]
 
 logger = logging.getLogger(__name__)
@@ -173,8 +174,12 @@ def latest_checkpoint(root: str | os.PathLike) -> str | None:
     if not complete:
         return None
     if named is not None:
-        logger.warning("%s names %r, which is not a complete checkpoint; using the newest complete one, %s",
-                       latest_file, named, complete[-1][1])
+        logger.warning(
+            "%s names %r, which is not a complete checkpoint; using the newest complete one, %s",
+            latest_file,
+            named,
+            complete[-1][1],
+        )
     return complete[-1][1]
 
 
@@ -287,7 +292,7 @@ def save_checkpoint(
             manifest = {
                 "format": FORMAT_VERSION,
                 "step": step,
-                "saved_at": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+                "saved_at": datetime.datetime.now(datetime.UTC).isoformat(),
                 "megatron_core": _megatron_version(),
                 "backend": "torch_dist",
                 "layout": _layout(len(chunks)),
@@ -324,13 +329,15 @@ def _check_sharding_type(sharding_type: str) -> None:
     if sharding_type not in _SAVE_SHARDING_TYPES:
         hint = ""
         if sharding_type == "fully_sharded_model_space":
-            hint = (" (it fails in megatron-core 0.16 and 0.19 with 'ShardedTensor.flattened_range is not"
-                    " supported')")
-        raise ValueError(f"distrib_optim_sharding_type must be one of {_SAVE_SHARDING_TYPES}, got "
-                         f"{sharding_type!r}{hint}")
+            hint = " (it fails in megatron-core 0.16 and 0.19 with 'ShardedTensor.flattened_range is not supported')"
+        raise ValueError(
+            f"distrib_optim_sharding_type must be one of {_SAVE_SHARDING_TYPES}, got {sharding_type!r}{hint}"
+        )
     if sharding_type == "fully_reshardable" and not use_cuda():
-        raise ValueError("distrib_optim_sharding_type='fully_reshardable' gathers the optimizer state on the "
-                         "CUDA device (megatron-core 0.16, 0.19); without CUDA use 'dp_reshardable'")
+        raise ValueError(
+            "distrib_optim_sharding_type='fully_reshardable' gathers the optimizer state on the "
+            "CUDA device (megatron-core 0.16, 0.19); without CUDA use 'dp_reshardable'"
+        )
 
 
 def _publish(root: str, tmp: str, final: str) -> None:
@@ -453,8 +460,10 @@ def load_checkpoint(
     if not problems and strict:
         unexpected = sorted(set(manifest["model"]["tensors"]) - all_model_keys)
         if unexpected:
-            problems.append(f"{len(unexpected)} model tensor(s) of the checkpoint are not in the model (strict): "
-                            f"{_preview(unexpected)}")
+            problems.append(
+                f"{len(unexpected)} model tensor(s) of the checkpoint are not in the model (strict): "
+                f"{_preview(unexpected)}"
+            )
     if problems:
         raise CheckpointError(_format_problems(path, problems))
 
@@ -481,8 +490,9 @@ def load_checkpoint(
         loaded = dist_checkpointing.load(state, path)
     except CheckpointException as exc:
         # torch's checkpoint reader raises a BaseException (not an Exception) carrying each rank's error.
-        causes = "; ".join(f"rank {rank}: {type(error).__name__}: {error}"
-                           for rank, (error, _) in sorted(exc.failures.items()))
+        causes = "; ".join(
+            f"rank {rank}: {type(error).__name__}: {error}" for rank, (error, _) in sorted(exc.failures.items())
+        )
         raise CheckpointError(f"reading checkpoint {path} failed: {causes}") from exc
     except Exception as exc:
         raise CheckpointError(f"reading checkpoint {path} failed: {type(exc).__name__}: {exc}") from exc
@@ -500,8 +510,12 @@ def load_checkpoint(
     if rng_restored:
         _set_rng_state(loaded[_RNG_KEY])
     elif restore_rng and _is_rank0():
-        logger.warning("checkpoint %s was saved in layout %s, this run is %s: RNG states not restored",
-                       path, manifest["layout"], layout)
+        logger.warning(
+            "checkpoint %s was saved in layout %s, this run is %s: RNG states not restored",
+            path,
+            manifest["layout"],
+            layout,
+        )
     return {
         "step": loaded["step"],
         "data_state": loaded.get("data_state"),
@@ -524,8 +538,10 @@ def _read_manifest(path: str) -> tuple[dict[str, Any], list[str]]:
     if not os.path.isfile(manifest_file):
         if os.path.isfile(os.path.join(path, LATEST_NAME)):
             return {}, [f"this is a checkpoint root, not a checkpoint: pass latest_checkpoint({path!r})"]
-        return {}, [f"no {MANIFEST_NAME}: not a complete checkpoint written by save_checkpoint "
-                    "(an interrupted save, or not a gift_megatron checkpoint)"]
+        return {}, [
+            f"no {MANIFEST_NAME}: not a complete checkpoint written by save_checkpoint "
+            "(an interrupted save, or not a gift_megatron checkpoint)"
+        ]
     try:
         with open(manifest_file) as f:
             manifest = json.load(f)
@@ -575,9 +591,12 @@ def _shape_problems(manifest: dict[str, Any], model: dict[str, Any], strict: boo
     if experts:
         problems.append(experts)
     if mismatched:
-        problems.append(f"{len(mismatched)} model tensor(s) have another global shape than in the checkpoint "
-                        f"(a different model configuration?): " + "; ".join(mismatched[:5])
-                        + ("; ..." if len(mismatched) > 5 else ""))
+        problems.append(
+            f"{len(mismatched)} model tensor(s) have another global shape than in the checkpoint "
+            f"(a different model configuration?): "
+            + "; ".join(mismatched[:5])
+            + ("; ..." if len(mismatched) > 5 else "")
+        )
     if missing and strict:
         problems.append(f"{len(missing)} model tensor(s) are not in the checkpoint: {_preview(missing)}")
     return problems
@@ -590,8 +609,10 @@ def _expert_count_problem(saved: dict[str, Any], model: dict[str, Any]) -> str |
         if key.endswith("mlp.router.weight") and key in saved:
             have, want = saved[key]["shape"], model[key]["shape"]
             if len(have) == len(want) >= 2 and have[-2] != want[-2]:
-                return (f"the checkpoint has {have[-2]} experts per MoE layer, the model {want[-2]} (model.num_experts; "
-                        f"{key}: checkpoint {list(have)}, model {list(want)})")
+                return (
+                    f"the checkpoint has {have[-2]} experts per MoE layer, the model {want[-2]} (model.num_experts; "
+                    f"{key}: checkpoint {list(have)}, model {list(want)})"
+                )
     return None
 
 
@@ -602,12 +623,15 @@ def _state_problems(manifest: dict[str, Any], layout: dict[str, int], optimizer:
     if optimizer is not None:
         kind = "distributed" if _is_distributed_optimizer(optimizer) else "non-distributed"
         if saved is None:
-            problems.append("the checkpoint has no optimizer state (saved with optimizer=None); "
-                            "load with optimizer=None")
+            problems.append(
+                "the checkpoint has no optimizer state (saved with optimizer=None); load with optimizer=None"
+            )
         elif saved["kind"] != kind:
-            problems.append(f"the checkpoint's optimizer state is from a {saved['kind']} optimizer, this "
-                            f"optimizer is {kind}; use the same use_distributed_optimizer setting, or "
-                            "load the weights only (optimizer=None)")
+            problems.append(
+                f"the checkpoint's optimizer state is from a {saved['kind']} optimizer, this "
+                f"optimizer is {kind}; use the same use_distributed_optimizer setting, or "
+                "load the weights only (optimizer=None)"
+            )
         elif kind == "distributed" and saved["sharding_type"] not in _FULLY_RESHARDABLE:
             was = manifest["layout"]
             if (was["tp"], was["pp"]) != (layout["tp"], layout["pp"]):
@@ -615,7 +639,8 @@ def _state_problems(manifest: dict[str, Any], layout: dict[str, int], optimizer:
                     f"the distributed optimizer's state was saved in the '{saved['sharding_type']}' format at "
                     f"TP={was['tp']}, PP={was['pp']}; it loads only at the same TP and PP (DP may change), "
                     f"this run is TP={layout['tp']}, PP={layout['pp']}. Load the weights only "
-                    "(optimizer=None), or save with distrib_optim_sharding_type='fully_reshardable' (CUDA)")
+                    "(optimizer=None), or save with distrib_optim_sharding_type='fully_reshardable' (CUDA)"
+                )
     if scheduler is not None and not manifest["scheduler"]:
         problems.append("the checkpoint has no scheduler state (saved with scheduler=None)")
     return problems
@@ -648,8 +673,11 @@ def _drop_missing(sharded_state_dict: dict[str, Any], saved_tensors: dict[str, A
     """Non-strict load: leave out model tensors the checkpoint does not have (they keep their values)."""
     from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
 
-    return {name: value for name, value in sharded_state_dict.items()
-            if not isinstance(value, (ShardedTensor, ShardedTensorFactory)) or value.key in saved_tensors}
+    return {
+        name: value
+        for name, value in sharded_state_dict.items()
+        if not isinstance(value, (ShardedTensor, ShardedTensorFactory)) or value.key in saved_tensors
+    }
 
 
 def _saved_object_keys(path: str) -> tuple[set[str], list[str]]:
@@ -681,8 +709,7 @@ def _keep_missing_extra_state(sharded_state_dict: dict[str, Any], saved_objects:
 
     kept = []
     for name, value in sharded_state_dict.items():
-        if (isinstance(value, ShardedObject) and value.key.endswith(_EXTRA_STATE)
-                and value.key not in saved_objects):
+        if isinstance(value, ShardedObject) and value.key.endswith(_EXTRA_STATE) and value.key not in saved_objects:
             sharded_state_dict[name] = LocalNonpersistentObject(value.data)
             kept.append(value.key)
     return kept
@@ -695,12 +722,22 @@ def _log_kept_extra_state(path: str, specs: dict[str, str | None], kept: list[st
     saved, model = specs["checkpoint"], specs["model"]
     keys = _preview(sorted(set(kept)))
     if saved == model:
-        logger.warning("checkpoint %s was saved by a %r model like this one but lacks extra state (FP8 "
-                       "scaling metadata) that keeps its initial value, so a resume is not exact: %s",
-                       path, saved, keys)
+        logger.warning(
+            "checkpoint %s was saved by a %r model like this one but lacks extra state (FP8 "
+            "scaling metadata) that keeps its initial value, so a resume is not exact: %s",
+            path,
+            saved,
+            keys,
+        )
     else:
-        logger.info("checkpoint %s (spec %s) into a %r model: extra state it has no counterpart for keeps its "
-                    "initial value: %s", path, saved or "not recorded", model, keys)
+        logger.info(
+            "checkpoint %s (spec %s) into a %r model: extra state it has no counterpart for keeps its "
+            "initial value: %s",
+            path,
+            saved or "not recorded",
+            model,
+            keys,
+        )
 
 
 def _load_module_state(module: Any, state: dict[str, Any], strict: bool, path: str) -> None:
@@ -720,8 +757,10 @@ def _load_module_state(module: Any, state: dict[str, Any], strict: bool, path: s
     missing = [k for k in result.missing_keys if not k.endswith(_EXTRA_STATE)]
     unexpected = list(result.unexpected_keys)
     if missing or unexpected:
-        raise CheckpointError(f"loading checkpoint {path} into the model: missing keys {_preview(missing)}; "
-                              f"unexpected keys {_preview(unexpected)}")
+        raise CheckpointError(
+            f"loading checkpoint {path} into the model: missing keys {_preview(missing)}; "
+            f"unexpected keys {_preview(unexpected)}"
+        )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -758,8 +797,10 @@ def _layer_spec(chunks: Sequence[Any]) -> str:
 def _model_state(chunks: Sequence[Any], metadata: dict[str, Any]) -> dict[str, Any]:
     from megatron.core.utils import unwrap_model
 
-    return {name: unwrap_model(chunk).sharded_state_dict(metadata=metadata)
-            for name, chunk in zip(_model_entry_names(len(chunks)), chunks)}
+    return {
+        name: unwrap_model(chunk).sharded_state_dict(metadata=metadata)
+        for name, chunk in zip(_model_entry_names(len(chunks)), chunks)
+    }
 
 
 def _model_tensors(model_state: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -778,8 +819,10 @@ def _model_tensors(model_state: dict[str, Any]) -> dict[str, dict[str, Any]]:
             built = value.build()
             pending.extend(nested_values(built) if isinstance(built, (dict, list)) else [built])
         elif isinstance(value, ShardedTensor):
-            table[value.key] = {"shape": list(value.global_shape),
-                                "allow_shape_mismatch": bool(value.allow_shape_mismatch)}
+            table[value.key] = {
+                "shape": list(value.global_shape),
+                "allow_shape_mismatch": bool(value.allow_shape_mismatch),
+            }
     return table
 
 
@@ -869,8 +912,11 @@ def _optimizer_steps(optimizer: Any) -> list[float | None]:
     steps: list[float | None] = []
     for sub in _sub_optimizers(optimizer):
         inner = getattr(sub, "optimizer", None)
-        values = {float(s["step"]) for s in getattr(inner, "state", {}).values()
-                  if isinstance(s, dict) and torch.is_tensor(s.get("step"))}
+        values = {
+            float(s["step"])
+            for s in getattr(inner, "state", {}).values()
+            if isinstance(s, dict) and torch.is_tensor(s.get("step"))
+        }
         steps.append(values.pop() if len(values) == 1 else None)
     return steps
 
@@ -1008,4 +1054,3 @@ def _fsync_dir(directory: str) -> None:
         pass
     finally:
         os.close(fd)
-

@@ -25,28 +25,56 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 MOE_FAMILIES = ("qwen3_moe", "qwen2_moe", "mixtral")
 FAMILIES = ("llama", "qwen2", "qwen3") + MOE_FAMILIES
-HF_MODEL_TYPES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3",
-                  "qwen3_moe": "qwen3_moe", "qwen2_moe": "qwen2_moe", "mixtral": "mixtral"}
+HF_MODEL_TYPES = {
+    "llama": "llama",
+    "mistral": "llama",
+    "qwen2": "qwen2",
+    "qwen3": "qwen3",
+    "qwen3_moe": "qwen3_moe",
+    "qwen2_moe": "qwen2_moe",
+    "mixtral": "mixtral",
+}
 # Hugging Face Mixture-of-Experts architectures we know and do not support (their routing or layers differ:
 # DeepSeek's grouped routing with shared experts and MLA, Qwen3-Next's linear attention, gpt-oss's biased
 # experts and attention sinks, ...). Named so that the error says "MoE" and lists what is supported.
-UNSUPPORTED_MOE_MODEL_TYPES = ("deepseek_v2", "deepseek_v3", "qwen3_next", "gpt_oss", "granitemoe", "olmoe",
-                               "dbrx", "jamba", "phimoe", "minimax", "glm4_moe", "ernie4_5_moe", "llama4",
-                               "qwen3_vl_moe", "hunyuan_v1_moe", "bailing_moe", "dots1", "kimi_k2")
+UNSUPPORTED_MOE_MODEL_TYPES = (
+    "deepseek_v2",
+    "deepseek_v3",
+    "qwen3_next",
+    "gpt_oss",
+    "granitemoe",
+    "olmoe",
+    "dbrx",
+    "jamba",
+    "phimoe",
+    "minimax",
+    "glm4_moe",
+    "ernie4_5_moe",
+    "llama4",
+    "qwen3_vl_moe",
+    "hunyuan_v1_moe",
+    "bailing_moe",
+    "dots1",
+    "kimi_k2",
+)
 FP8_FORMATS = ("e4m3", "hybrid")
 FP8_RECIPES = ("delayed", "tensorwise", "blockwise", "mxfp8")
 # Minimum compute capability per recipe. FP8 tensor cores arrive with Ada/Hopper (8.9); Transformer
 # Engine 2.x implements blockwise scaling for Hopper only and MXFP8 for Blackwell (10.0+) only
 # (TE's own recipe availability checks: check_fp8_block_scaling_support / check_mxfp8_support).
-_RECIPE_CAPABILITY = {"delayed": ((8, 9), None), "tensorwise": ((8, 9), None), "blockwise": ((9, 0), (10, 0)),
-                      "mxfp8": ((10, 0), None)}
+_RECIPE_CAPABILITY = {
+    "delayed": ((8, 9), None),
+    "tensorwise": ((8, 9), None),
+    "blockwise": ((9, 0), (10, 0)),
+    "mxfp8": ((10, 0), None),
+}
 
 
 @dataclass
@@ -90,12 +118,12 @@ class ModelConfig:
     ffn_hidden_size: int = 128
     num_attention_heads: int = 4
     num_query_groups: int = 2
-    kv_channels: Optional[int] = None
+    kv_channels: int | None = None
     vocab_size: int = 128
     max_position_embeddings: int = 2048
     seq_length: int = 512
     rotary_base: float = 10000.0
-    rope_scaling_factor: Optional[float] = None
+    rope_scaling_factor: float | None = None
     norm_epsilon: float = 1e-5
     add_qkv_bias: bool = False
     qk_layernorm: bool = False
@@ -103,11 +131,11 @@ class ModelConfig:
     make_vocab_size_divisible_by: int = 128
     num_experts: int = 0
     moe_router_topk: int = 2
-    moe_ffn_hidden_size: Optional[int] = None
-    moe_shared_expert_intermediate_size: Optional[int] = None
+    moe_ffn_hidden_size: int | None = None
+    moe_shared_expert_intermediate_size: int | None = None
     moe_shared_expert_gate: bool = False
     moe_router_pre_softmax: bool = False
-    moe_layer_freq: Optional[list[int]] = None
+    moe_layer_freq: list[int] | None = None
     moe_aux_loss_coeff: float = 0.0
     moe_z_loss_coeff: float = 0.0
 
@@ -115,16 +143,28 @@ class ModelConfig:
         if self.family not in FAMILIES:
             raise ValueError(f"model.family must be one of {FAMILIES}, got {self.family!r}")
         self._check_moe()
-        for name in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
-                     "vocab_size", "seq_length", "make_vocab_size_divisible_by"):
+        for name in (
+            "num_layers",
+            "hidden_size",
+            "ffn_hidden_size",
+            "num_attention_heads",
+            "num_query_groups",
+            "vocab_size",
+            "seq_length",
+            "make_vocab_size_divisible_by",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"model.{name} must be >= 1, got {getattr(self, name)}")
         if self.num_attention_heads % self.num_query_groups:
-            raise ValueError(f"model.num_attention_heads ({self.num_attention_heads}) must be a multiple of "
-                             f"model.num_query_groups ({self.num_query_groups})")
+            raise ValueError(
+                f"model.num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                f"model.num_query_groups ({self.num_query_groups})"
+            )
         if self.kv_channels is None and self.hidden_size % self.num_attention_heads:
-            raise ValueError(f"model.hidden_size ({self.hidden_size}) is not divisible by num_attention_heads "
-                             f"({self.num_attention_heads}); set model.kv_channels")
+            raise ValueError(
+                f"model.hidden_size ({self.hidden_size}) is not divisible by num_attention_heads "
+                f"({self.num_attention_heads}); set model.kv_channels"
+            )
 
     def _check_moe(self) -> None:
         """Clear errors for Mixture-of-Experts fields that contradict each other (each names its key)."""
@@ -134,19 +174,27 @@ class ModelConfig:
         if moe_family and self.num_experts == 0:
             raise ValueError(f"model.family={self.family!r} is a Mixture-of-Experts family: set model.num_experts")
         if self.num_experts and not moe_family:
-            raise ValueError(f"model.num_experts={self.num_experts} needs a Mixture-of-Experts model.family "
-                             f"({', '.join(MOE_FAMILIES)}), got {self.family!r}")
+            raise ValueError(
+                f"model.num_experts={self.num_experts} needs a Mixture-of-Experts model.family "
+                f"({', '.join(MOE_FAMILIES)}), got {self.family!r}"
+            )
         if not self.num_experts:
-            moe_only = [k for k in ("moe_ffn_hidden_size", "moe_shared_expert_intermediate_size", "moe_layer_freq")
-                        if getattr(self, k) is not None]
-            moe_only += [k for k in ("moe_shared_expert_gate", "moe_aux_loss_coeff", "moe_z_loss_coeff")
-                         if getattr(self, k)]
+            moe_only = [
+                k
+                for k in ("moe_ffn_hidden_size", "moe_shared_expert_intermediate_size", "moe_layer_freq")
+                if getattr(self, k) is not None
+            ]
+            moe_only += [
+                k for k in ("moe_shared_expert_gate", "moe_aux_loss_coeff", "moe_z_loss_coeff") if getattr(self, k)
+            ]
             if moe_only:
                 raise ValueError(f"model.{moe_only[0]} is set on a dense model (model.num_experts=0)")
             return
         if not 1 <= self.moe_router_topk <= self.num_experts:
-            raise ValueError(f"model.moe_router_topk must lie in [1, model.num_experts={self.num_experts}], "
-                             f"got {self.moe_router_topk}")
+            raise ValueError(
+                f"model.moe_router_topk must lie in [1, model.num_experts={self.num_experts}], "
+                f"got {self.moe_router_topk}"
+            )
         for name in ("moe_ffn_hidden_size", "moe_shared_expert_intermediate_size"):
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -159,11 +207,14 @@ class ModelConfig:
         freq = self.moe_layer_freq
         if freq is not None:
             if len(freq) != self.num_layers or any(v not in (0, 1) for v in freq):
-                raise ValueError(f"model.moe_layer_freq must list 0 (dense) or 1 (MoE) for each of the "
-                                 f"{self.num_layers} layers, got {freq}")
+                raise ValueError(
+                    f"model.moe_layer_freq must list 0 (dense) or 1 (MoE) for each of the "
+                    f"{self.num_layers} layers, got {freq}"
+                )
             if not any(freq):
-                raise ValueError("model.moe_layer_freq marks no layer as MoE: set model.num_experts=0 for a "
-                                 "dense model")
+                raise ValueError(
+                    "model.moe_layer_freq marks no layer as MoE: set model.num_experts=0 for a dense model"
+                )
 
     @property
     def head_dim(self) -> int:
@@ -214,10 +265,13 @@ class ModelConfig:
         """Parameters one token goes through: parameter_count() with top-k of the routed experts per MoE layer
         (Qwen3-30B-A3B: about 3.3 B of 30.5 B). Equals parameter_count() for a dense model."""
         unused = self.num_experts - self.moe_router_topk
-        return self.parameter_count() - sum(self.moe_layers()) * unused * 3 * self.hidden_size * self.expert_ffn_hidden_size
+        return (
+            self.parameter_count()
+            - sum(self.moe_layers()) * unused * 3 * self.hidden_size * self.expert_ffn_hidden_size
+        )
 
     @classmethod
-    def from_hf_config(cls, cfg: Any, **overrides: Any) -> "ModelConfig":
+    def from_hf_config(cls, cfg: Any, **overrides: Any) -> ModelConfig:
         """The ModelConfig of a Hugging Face LlamaConfig / Qwen2Config / Qwen3Config, or of the
         Mixture-of-Experts Qwen3MoeConfig / Qwen2MoeConfig / MixtralConfig (object or dict).
 
@@ -234,11 +288,14 @@ class ModelConfig:
         if model_type not in HF_MODEL_TYPES:
             experts = c.get("num_experts") or c.get("num_local_experts") or c.get("n_routed_experts")
             if model_type in UNSUPPORTED_MOE_MODEL_TYPES or experts:
-                raise ValueError(f"unsupported Mixture-of-Experts architecture: Hugging Face model_type "
-                                 f"{model_type!r}; supported MoE model_types: {supported_moe} (dense: "
-                                 f"{', '.join(sorted(k for k, v in HF_MODEL_TYPES.items() if v not in MOE_FAMILIES))})")
-            raise ValueError(f"unsupported Hugging Face model_type {model_type!r}; supported: "
-                             f"{', '.join(sorted(HF_MODEL_TYPES))}")
+                raise ValueError(
+                    f"unsupported Mixture-of-Experts architecture: Hugging Face model_type "
+                    f"{model_type!r}; supported MoE model_types: {supported_moe} (dense: "
+                    f"{', '.join(sorted(k for k, v in HF_MODEL_TYPES.items() if v not in MOE_FAMILIES))})"
+                )
+            raise ValueError(
+                f"unsupported Hugging Face model_type {model_type!r}; supported: {', '.join(sorted(HF_MODEL_TYPES))}"
+            )
         family = HF_MODEL_TYPES[model_type]
         if c.get("hidden_act", "silu") != "silu":
             raise ValueError(f"hidden_act {c.get('hidden_act')!r} is not supported (SwiGLU with silu only)")
@@ -268,8 +325,11 @@ class ModelConfig:
             rotary_base=float(theta),
             rope_scaling_factor=factor,
             norm_epsilon=c.get("rms_norm_eps", 1e-6),
-            add_qkv_bias=(family == "qwen2" or (family == "qwen2_moe" and bool(c.get("qkv_bias", True)))
-                          or bool(c.get("attention_bias", False))),
+            add_qkv_bias=(
+                family == "qwen2"
+                or (family == "qwen2_moe" and bool(c.get("qkv_bias", True)))
+                or bool(c.get("attention_bias", False))
+            ),
             qk_layernorm=family in ("qwen3", "qwen3_moe"),
             tie_embeddings=bool(c.get("tie_word_embeddings", False)),
         )
@@ -287,8 +347,12 @@ def _hf_moe_fields(c: dict[str, Any], family: str) -> dict[str, Any]:
     layers = c["num_hidden_layers"]
     if family == "mixtral":
         # Every Mixtral layer is MoE; its experts are intermediate_size wide and top-k weights renormalized.
-        return dict(num_experts=experts, moe_router_topk=c.get("num_experts_per_tok", 2),
-                    moe_ffn_hidden_size=c["intermediate_size"], moe_router_pre_softmax=False)
+        return dict(
+            num_experts=experts,
+            moe_router_topk=c.get("num_experts_per_tok", 2),
+            moe_ffn_hidden_size=c["intermediate_size"],
+            moe_router_pre_softmax=False,
+        )
     # Qwen2-MoE / Qwen3-MoE: transformers' rule for a sparse layer (Qwen2MoeDecoderLayer / Qwen3MoeDecoderLayer).
     dense_only = set(c.get("mlp_only_layers") or [])
     step = c.get("decoder_sparse_step", 1) or 1
@@ -303,8 +367,9 @@ def _hf_moe_fields(c: dict[str, Any], family: str) -> dict[str, Any]:
         moe_layer_freq=None if all(pattern) else pattern,
     )
     if family == "qwen2_moe" and c.get("shared_expert_intermediate_size"):
-        fields.update(moe_shared_expert_intermediate_size=c["shared_expert_intermediate_size"],
-                      moe_shared_expert_gate=True)
+        fields.update(
+            moe_shared_expert_intermediate_size=c["shared_expert_intermediate_size"], moe_shared_expert_gate=True
+        )
     return fields
 
 
@@ -329,7 +394,7 @@ class ParallelConfig:
     context_parallel_size: int = 1
     sequence_parallel: bool = False
     expert_model_parallel_size: int = 1
-    expert_tensor_parallel_size: Optional[int] = None
+    expert_tensor_parallel_size: int | None = None
 
     @property
     def etp(self) -> int:
@@ -340,28 +405,42 @@ class ParallelConfig:
         """Raise ValueError naming the field when this layout cannot run ``model`` on ``world_size`` ranks;
         return the data-parallel size."""
         tp, pp, cp = self.tensor_model_parallel_size, self.pipeline_model_parallel_size, self.context_parallel_size
-        for name, v in (("tensor_model_parallel_size", tp), ("pipeline_model_parallel_size", pp),
-                        ("context_parallel_size", cp)):
+        for name, v in (
+            ("tensor_model_parallel_size", tp),
+            ("pipeline_model_parallel_size", pp),
+            ("context_parallel_size", cp),
+        ):
             if v < 1:
                 raise ValueError(f"parallel.{name} must be >= 1, got {v}")
         if world_size % (tp * pp * cp):
-            raise ValueError(f"world size {world_size} is not divisible by tensor x pipeline x context parallel "
-                             f"sizes ({tp} x {pp} x {cp} = {tp * pp * cp})")
+            raise ValueError(
+                f"world size {world_size} is not divisible by tensor x pipeline x context parallel "
+                f"sizes ({tp} x {pp} x {cp} = {tp * pp * cp})"
+            )
         if model.num_attention_heads % tp:
-            raise ValueError(f"parallel.tensor_model_parallel_size ({tp}) does not divide "
-                             f"model.num_attention_heads ({model.num_attention_heads})")
+            raise ValueError(
+                f"parallel.tensor_model_parallel_size ({tp}) does not divide "
+                f"model.num_attention_heads ({model.num_attention_heads})"
+            )
         if model.num_query_groups % tp:
-            raise ValueError(f"parallel.tensor_model_parallel_size ({tp}) does not divide "
-                             f"model.num_query_groups ({model.num_query_groups} KV heads)")
+            raise ValueError(
+                f"parallel.tensor_model_parallel_size ({tp}) does not divide "
+                f"model.num_query_groups ({model.num_query_groups} KV heads)"
+            )
         if model.ffn_hidden_size % tp:
-            raise ValueError(f"parallel.tensor_model_parallel_size ({tp}) does not divide "
-                             f"model.ffn_hidden_size ({model.ffn_hidden_size})")
+            raise ValueError(
+                f"parallel.tensor_model_parallel_size ({tp}) does not divide "
+                f"model.ffn_hidden_size ({model.ffn_hidden_size})"
+            )
         if model.num_layers % pp:
-            raise ValueError(f"parallel.pipeline_model_parallel_size ({pp}) does not divide "
-                             f"model.num_layers ({model.num_layers})")
+            raise ValueError(
+                f"parallel.pipeline_model_parallel_size ({pp}) does not divide model.num_layers ({model.num_layers})"
+            )
         if cp > 1 and model.seq_length % (2 * cp):
-            raise ValueError(f"model.seq_length ({model.seq_length}) is not divisible by 2 x "
-                             f"parallel.context_parallel_size ({2 * cp})")
+            raise ValueError(
+                f"model.seq_length ({model.seq_length}) is not divisible by 2 x "
+                f"parallel.context_parallel_size ({2 * cp})"
+            )
         if self.sequence_parallel and tp == 1:
             raise ValueError("parallel.sequence_parallel needs tensor_model_parallel_size > 1")
         self._validate_experts(world_size, model)
@@ -378,31 +457,44 @@ class ParallelConfig:
             raise ValueError(f"parallel.expert_tensor_parallel_size must be >= 1 (or null), got {etp}")
         if not model.is_moe:
             if ep > 1:
-                raise ValueError(f"parallel.expert_model_parallel_size={ep} needs a Mixture-of-Experts model "
-                                 "(model.num_experts is 0)")
+                raise ValueError(
+                    f"parallel.expert_model_parallel_size={ep} needs a Mixture-of-Experts model "
+                    "(model.num_experts is 0)"
+                )
             if etp is not None and etp != tp:
-                raise ValueError(f"parallel.expert_tensor_parallel_size={etp} needs a Mixture-of-Experts model "
-                                 "(model.num_experts is 0)")
+                raise ValueError(
+                    f"parallel.expert_tensor_parallel_size={etp} needs a Mixture-of-Experts model "
+                    "(model.num_experts is 0)"
+                )
             return
         if model.num_experts % ep:
-            raise ValueError(f"parallel.expert_model_parallel_size ({ep}) does not divide model.num_experts "
-                             f"({model.num_experts})")
+            raise ValueError(
+                f"parallel.expert_model_parallel_size ({ep}) does not divide model.num_experts ({model.num_experts})"
+            )
         if tp > 1 and not self.sequence_parallel:
             # Megatron-Core's MoE layer requires it: the token dispatcher splits tokens along the sequence.
-            raise ValueError(f"a Mixture-of-Experts model with parallel.tensor_model_parallel_size={tp} needs "
-                             "parallel.sequence_parallel=true")
+            raise ValueError(
+                f"a Mixture-of-Experts model with parallel.tensor_model_parallel_size={tp} needs "
+                "parallel.sequence_parallel=true"
+            )
         etp = self.etp
         if world_size % (etp * ep * pp):
-            raise ValueError(f"world size {world_size} is not divisible by expert tensor x expert x pipeline "
-                             f"parallel sizes ({etp} x {ep} x {pp} = {etp * ep * pp}; "
-                             "parallel.expert_tensor_parallel_size defaults to tensor_model_parallel_size)")
+            raise ValueError(
+                f"world size {world_size} is not divisible by expert tensor x expert x pipeline "
+                f"parallel sizes ({etp} x {ep} x {pp} = {etp * ep * pp}; "
+                "parallel.expert_tensor_parallel_size defaults to tensor_model_parallel_size)"
+            )
         if model.expert_ffn_hidden_size % etp:
-            raise ValueError(f"parallel.expert_tensor_parallel_size ({etp}) does not divide the expert width "
-                             f"model.moe_ffn_hidden_size ({model.expert_ffn_hidden_size})")
+            raise ValueError(
+                f"parallel.expert_tensor_parallel_size ({etp}) does not divide the expert width "
+                f"model.moe_ffn_hidden_size ({model.expert_ffn_hidden_size})"
+            )
         shared = model.moe_shared_expert_intermediate_size
         if shared and shared % tp:
-            raise ValueError(f"parallel.tensor_model_parallel_size ({tp}) does not divide "
-                             f"model.moe_shared_expert_intermediate_size ({shared})")
+            raise ValueError(
+                f"parallel.tensor_model_parallel_size ({tp}) does not divide "
+                f"model.moe_shared_expert_intermediate_size ({shared})"
+            )
 
 
 @dataclass
@@ -418,7 +510,7 @@ class PrecisionConfig:
     """
 
     dtype: str = "bf16"
-    fp8: Optional[str] = None
+    fp8: str | None = None
     fp8_recipe: str = "delayed"
     fp8_margin: int = 0
     fp8_amax_history_len: int = 1024
@@ -436,24 +528,27 @@ class PrecisionConfig:
         if self.fp8_recipe not in FP8_RECIPES:
             raise ValueError(f"precision.fp8_recipe must be one of {FP8_RECIPES}, got {self.fp8_recipe!r}")
         if self.fp8_amax_compute_algo not in ("max", "most_recent"):
-            raise ValueError(f"precision.fp8_amax_compute_algo must be max or most_recent, "
-                             f"got {self.fp8_amax_compute_algo!r}")
+            raise ValueError(
+                f"precision.fp8_amax_compute_algo must be max or most_recent, got {self.fp8_amax_compute_algo!r}"
+            )
         if self.fp8 is not None and self.dtype == "fp32":
             raise ValueError("precision.fp8 needs dtype bf16 or fp16 for the non-FP8 parts, got fp32")
         if self.fp8_param:
             # Refused rather than half-wired: FP8 parameters need DDP's fp8_param_gather, an optimizer that
             # keeps fp32 main weights of FP8 tensors, and an export that dequantizes them for the rollout
             # engine and the HF writer. None of that exists here yet; FP8 compute (precision.fp8) does.
-            raise ValueError("precision.fp8_param=true is not supported: FP8 weights are not wired through the "
-                             "parameter all-gather, the optimizer or the weight export. Use precision.fp8 "
-                             "(FP8 compute with bf16 weights) and leave fp8_param false")
+            raise ValueError(
+                "precision.fp8_param=true is not supported: FP8 weights are not wired through the "
+                "parameter all-gather, the optimizer or the weight export. Use precision.fp8 "
+                "(FP8 compute with bf16 weights) and leave fp8_param false"
+            )
 
     @property
     def torch_dtype(self) -> torch.dtype:
         return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[self.dtype]
 
 
-def check_fp8_support(precision: PrecisionConfig, capability: Optional[tuple[int, int]] = None) -> None:
+def check_fp8_support(precision: PrecisionConfig, capability: tuple[int, int] | None = None) -> None:
     """Raise a clear error when ``precision`` asks for FP8 the GPU found cannot run.
 
     ``capability`` is the CUDA compute capability (major, minor); by default the current device's.
@@ -462,17 +557,23 @@ def check_fp8_support(precision: PrecisionConfig, capability: Optional[tuple[int
         return
     if capability is None:
         if not _cuda():
-            raise RuntimeError(f"precision.fp8={precision.fp8!r} needs a CUDA GPU with Transformer Engine; "
-                               "none is available on this machine")
+            raise RuntimeError(
+                f"precision.fp8={precision.fp8!r} needs a CUDA GPU with Transformer Engine; "
+                "none is available on this machine"
+            )
         capability = torch.cuda.get_device_capability()
     low, below = _RECIPE_CAPABILITY[precision.fp8_recipe]
     name = f"compute capability {capability[0]}.{capability[1]}"
     if tuple(capability) < low:
-        raise RuntimeError(f"precision.fp8_recipe={precision.fp8_recipe!r} needs compute capability >= "
-                           f"{low[0]}.{low[1]}, the GPU found has {name}")
+        raise RuntimeError(
+            f"precision.fp8_recipe={precision.fp8_recipe!r} needs compute capability >= "
+            f"{low[0]}.{low[1]}, the GPU found has {name}"
+        )
     if below is not None and tuple(capability) >= below:
-        raise RuntimeError(f"precision.fp8_recipe={precision.fp8_recipe!r} is implemented by Transformer Engine "
-                           f"for Hopper (9.x) only; the GPU found has {name} (use 'mxfp8' on Blackwell)")
+        raise RuntimeError(
+            f"precision.fp8_recipe={precision.fp8_recipe!r} is implemented by Transformer Engine "
+            f"for Hopper (9.x) only; the GPU found has {name} (use 'mxfp8' on Blackwell)"
+        )
 
 
 def _cuda() -> bool:
@@ -487,9 +588,14 @@ def _te() -> bool:
     return has_transformer_engine()
 
 
-def select_backend(parallel: ParallelConfig, precision: PrecisionConfig, *, cuda: Optional[bool] = None,
-                   transformer_engine: Optional[bool] = None) -> str:
-    """"transformer_engine" (TE layer spec and fusions) or "local" (Megatron's torch modules), for this
+def select_backend(
+    parallel: ParallelConfig,
+    precision: PrecisionConfig,
+    *,
+    cuda: bool | None = None,
+    transformer_engine: bool | None = None,
+) -> str:
+    """ "transformer_engine" (TE layer spec and fusions) or "local" (Megatron's torch modules), for this
     process; raises before anything is built when the layout or precision needs TE and TE is absent.
 
     TE's spec is used only on CUDA with TE importable. Without it (a CPU machine, or a GPU host without the
@@ -510,13 +616,14 @@ def select_backend(parallel: ParallelConfig, precision: PrecisionConfig, *, cuda
     if parallel.context_parallel_size > 1:
         needs.append(f"parallel.context_parallel_size={parallel.context_parallel_size}")
     if needs:
-        raise RuntimeError(f"{', '.join(needs)} need(s) Transformer Engine, which is not available {where}; "
-                           "install transformer-engine on the GPU nodes or turn these options off")
+        raise RuntimeError(
+            f"{', '.join(needs)} need(s) Transformer Engine, which is not available {where}; "
+            "install transformer-engine on the GPU nodes or turn these options off"
+        )
     return "local"
 
 
-def transformer_config(model: ModelConfig, parallel: ParallelConfig, precision: PrecisionConfig,
-                       **overrides: Any):
+def transformer_config(model: ModelConfig, parallel: ParallelConfig, precision: PrecisionConfig, **overrides: Any):
     """The Megatron-Core TransformerConfig for this model, layout and precision.
 
     ``calculate_per_token_loss`` is on: gift_megatron's training step normalizes globally through it.
@@ -555,35 +662,54 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig, precision: 
         init_method_std=0.02,
     )
     if not cuda:
-        kwargs.update(bias_activation_fusion=False, bias_dropout_fusion=False, masked_softmax_fusion=False,
-                      persist_layer_norm=False, gradient_accumulation_fusion=False, apply_rope_fusion=False,
-                      cross_entropy_loss_fusion=False)
+        kwargs.update(
+            bias_activation_fusion=False,
+            bias_dropout_fusion=False,
+            masked_softmax_fusion=False,
+            persist_layer_norm=False,
+            gradient_accumulation_fusion=False,
+            apply_rope_fusion=False,
+            cross_entropy_loss_fusion=False,
+        )
     elif te:
         kwargs.update(bias_activation_fusion=True, masked_softmax_fusion=True, apply_rope_fusion=True)
     else:
         # CUDA without TE: Megatron's own jit fusions (SwiGLU, bias-dropout-add) run; the fused RoPE,
         # fused softmax and gradient-accumulation kernels come from TE/Apex, so they stay off
         # (megatron-core raises "apply_rope_fusion is not available" otherwise).
-        kwargs.update(bias_activation_fusion=True, bias_dropout_fusion=True, masked_softmax_fusion=False,
-                      persist_layer_norm=False, gradient_accumulation_fusion=False, apply_rope_fusion=False)
+        kwargs.update(
+            bias_activation_fusion=True,
+            bias_dropout_fusion=True,
+            masked_softmax_fusion=False,
+            persist_layer_norm=False,
+            gradient_accumulation_fusion=False,
+            apply_rope_fusion=False,
+        )
     if model.is_moe:
         kwargs.update(_moe_kwargs(model, parallel, te))
     if precision.fp8 is not None:
         check_fp8_support(precision)
-        kwargs.update(fp8=precision.fp8, fp8_recipe=precision.fp8_recipe, fp8_margin=precision.fp8_margin,
-                      fp8_amax_history_len=precision.fp8_amax_history_len,
-                      fp8_amax_compute_algo=precision.fp8_amax_compute_algo, fp8_param=precision.fp8_param,
-                      first_last_layers_bf16=precision.first_last_layers_bf16,
-                      num_layers_at_start_in_bf16=precision.num_layers_at_start_in_bf16,
-                      num_layers_at_end_in_bf16=precision.num_layers_at_end_in_bf16)
+        kwargs.update(
+            fp8=precision.fp8,
+            fp8_recipe=precision.fp8_recipe,
+            fp8_margin=precision.fp8_margin,
+            fp8_amax_history_len=precision.fp8_amax_history_len,
+            fp8_amax_compute_algo=precision.fp8_amax_compute_algo,
+            fp8_param=precision.fp8_param,
+            first_last_layers_bf16=precision.first_last_layers_bf16,
+            num_layers_at_start_in_bf16=precision.num_layers_at_start_in_bf16,
+            num_layers_at_end_in_bf16=precision.num_layers_at_end_in_bf16,
+        )
     kwargs.update(overrides)
     known = {f.name for f in dataclasses.fields(TransformerConfig)}
     unknown = sorted(k for k in kwargs if k not in known)
     if unknown:
         import megatron.core
 
-        raise ValueError(f"options {unknown} are not supported by the installed megatron-core "
-                         f"{getattr(megatron.core, '__version__', '?')}")
+        raise ValueError(
+            f"options {unknown} are not supported by the installed megatron-core "
+            f"{getattr(megatron.core, '__version__', '?')}"
+        )
     return TransformerConfig(**kwargs)
 
 
@@ -633,7 +759,7 @@ class SequenceParallelRMSNorm(torch.nn.RMSNorm):
         # Built on the CPU like the rest of the local model (use_cpu_initialization); build_model moves the
         # whole model to the GPU when there is one.
         super().__init__(hidden_size, eps=eps, device=torch.device("cpu"), dtype=config.params_dtype)
-        setattr(self.weight, "sequence_parallel", bool(config.sequence_parallel))
+        self.weight.sequence_parallel = bool(config.sequence_parallel)
 
 
 def _with_sequence_parallel_norms(block):
@@ -647,18 +773,25 @@ def _with_sequence_parallel_norms(block):
     for spec in block.layer_specs:
         if id(spec) in replaced:  # Megatron reuses one spec object for every dense (or every MoE) layer
             continue
-        layer = dataclasses.replace(spec.submodules, input_layernorm=norm(spec.submodules.input_layernorm),
-                                    pre_mlp_layernorm=norm(spec.submodules.pre_mlp_layernorm))
+        layer = dataclasses.replace(
+            spec.submodules,
+            input_layernorm=norm(spec.submodules.input_layernorm),
+            pre_mlp_layernorm=norm(spec.submodules.pre_mlp_layernorm),
+        )
         attn = layer.self_attention
-        attn_sub = dataclasses.replace(attn.submodules, q_layernorm=norm(attn.submodules.q_layernorm),
-                                       k_layernorm=norm(attn.submodules.k_layernorm))
+        attn_sub = dataclasses.replace(
+            attn.submodules,
+            q_layernorm=norm(attn.submodules.q_layernorm),
+            k_layernorm=norm(attn.submodules.k_layernorm),
+        )
         layer.self_attention = dataclasses.replace(attn, submodules=attn_sub)
         replaced[id(spec)] = dataclasses.replace(spec, submodules=layer)
-    return dataclasses.replace(block, layer_specs=[replaced[id(s)] for s in block.layer_specs],
-                               layer_norm=SequenceParallelRMSNorm)
+    return dataclasses.replace(
+        block, layer_specs=[replaced[id(s)] for s in block.layer_specs], layer_norm=SequenceParallelRMSNorm
+    )
 
 
-def decoder_spec(model: ModelConfig, config, backend: Optional[str] = None):
+def decoder_spec(model: ModelConfig, config, backend: str | None = None):
     """What GPTModel's ``transformer_layer_spec`` gets: for a dense model without sequence parallelism on the
     local spec, :func:`layer_spec`; otherwise Megatron's decoder block spec for this pipeline stage (each
     layer dense or MoE per ``config.moe_layer_freq``); on the local spec with the packed-row attention and,
@@ -671,8 +804,9 @@ def decoder_spec(model: ModelConfig, config, backend: Optional[str] = None):
     local_sp = backend == "local" and config.sequence_parallel
     if not model.is_moe and not local_sp:
         return layer_spec(model, backend)
-    block = get_gpt_decoder_block_spec(config, use_transformer_engine=backend == "transformer_engine",
-                                       normalization="RMSNorm")
+    block = get_gpt_decoder_block_spec(
+        config, use_transformer_engine=backend == "transformer_engine", normalization="RMSNorm"
+    )
     if backend != "local":
         return block
     from gift_megatron.megatron.packed_attention import with_packed_attention
@@ -681,7 +815,7 @@ def decoder_spec(model: ModelConfig, config, backend: Optional[str] = None):
     return with_packed_attention(_with_sequence_parallel_norms(block) if local_sp else block)
 
 
-def layer_spec(model: ModelConfig, backend: Optional[str] = None):
+def layer_spec(model: ModelConfig, backend: str | None = None):
     """Transformer Engine's layer spec on CUDA with TE (imported lazily), the local spec otherwise.
     ``backend``: "transformer_engine" | "local" (default: what this process has)."""
     from megatron.core.models.gpt import gpt_layer_specs
@@ -694,11 +828,19 @@ def layer_spec(model: ModelConfig, backend: Optional[str] = None):
 
     # The local attention also takes packed (THD) rows, one sequence at a time (see packed_attention.py).
     return with_packed_attention(
-        gpt_layer_specs.get_gpt_layer_local_spec(qk_layernorm=model.qk_layernorm, normalization="RMSNorm"))
+        gpt_layer_specs.get_gpt_layer_local_spec(qk_layernorm=model.qk_layernorm, normalization="RMSNorm")
+    )
 
 
-def build_model(model: ModelConfig, parallel: ParallelConfig, precision: PrecisionConfig, *,
-                pre_process: Optional[bool] = None, post_process: Optional[bool] = None, **config_overrides: Any):
+def build_model(
+    model: ModelConfig,
+    parallel: ParallelConfig,
+    precision: PrecisionConfig,
+    *,
+    pre_process: bool | None = None,
+    post_process: bool | None = None,
+    **config_overrides: Any,
+):
     """This rank's GPTModel (its pipeline stage and tensor-parallel shard), on the current device.
 
     Megatron's parallel state must be initialized (``initialize_model_parallel`` or, on CPU,
@@ -711,12 +853,16 @@ def build_model(model: ModelConfig, parallel: ParallelConfig, precision: Precisi
 
     tp = parallel_state.get_tensor_model_parallel_world_size()
     if tp != parallel.tensor_model_parallel_size:
-        raise ValueError(f"parallel.tensor_model_parallel_size={parallel.tensor_model_parallel_size} but Megatron's "
-                         f"parallel state was initialized with TP={tp}")
+        raise ValueError(
+            f"parallel.tensor_model_parallel_size={parallel.tensor_model_parallel_size} but Megatron's "
+            f"parallel state was initialized with TP={tp}"
+        )
     ep = parallel_state.get_expert_model_parallel_world_size()
     if ep != parallel.expert_model_parallel_size:
-        raise ValueError(f"parallel.expert_model_parallel_size={parallel.expert_model_parallel_size} but Megatron's "
-                         f"parallel state was initialized with EP={ep}")
+        raise ValueError(
+            f"parallel.expert_model_parallel_size={parallel.expert_model_parallel_size} but Megatron's "
+            f"parallel state was initialized with EP={ep}"
+        )
     parallel.validate(torch.distributed.get_world_size(), model)
     backend = select_backend(parallel, precision)  # before anything is built: a clear error naming TE
     config = transformer_config(model, parallel, precision, **config_overrides)

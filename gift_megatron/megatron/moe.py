@@ -20,8 +20,16 @@ from typing import Any
 
 import torch
 
-__all__ = ["MoEStepMonitor", "check_equal_micro_batch_counts", "check_router_loss_support", "clear_tracker",
-           "fix_router_without_transformer_engine", "has_moe_grad_scale_func", "load_balance", "router_loss_scale"]
+__all__ = [
+    "MoEStepMonitor",
+    "check_equal_micro_batch_counts",
+    "check_router_loss_support",
+    "clear_tracker",
+    "fix_router_without_transformer_engine",
+    "has_moe_grad_scale_func",
+    "load_balance",
+    "router_loss_scale",
+]
 
 
 def has_moe_grad_scale_func() -> bool:
@@ -34,15 +42,20 @@ def has_moe_grad_scale_func() -> bool:
 def check_router_loss_support(model: Any) -> None:
     """Raise ValueError naming the keys when ``model`` (a ModelConfig, or anything with
     ``moe_aux_loss_coeff`` / ``moe_z_loss_coeff``) asks for router losses this megatron-core cannot scale."""
-    keys = [f"model.{k}={getattr(model, k)}" for k in ("moe_aux_loss_coeff", "moe_z_loss_coeff")
-            if getattr(model, k, 0) or 0]
+    keys = [
+        f"model.{k}={getattr(model, k)}"
+        for k in ("moe_aux_loss_coeff", "moe_z_loss_coeff")
+        if getattr(model, k, 0) or 0
+    ]
     if keys and not has_moe_grad_scale_func():
         import megatron.core
 
-        raise ValueError(f"{', '.join(keys)}: router losses need megatron-core >= 0.17 (its moe_grad_scale_func "
-                         f"sets their gradient scale under our per-member loss normalization); the installed "
-                         f"megatron-core {getattr(megatron.core, '__version__', '?')} would scale them by the "
-                         "row length. Set these coefficients to 0 or upgrade megatron-core")
+        raise ValueError(
+            f"{', '.join(keys)}: router losses need megatron-core >= 0.17 (its moe_grad_scale_func "
+            f"sets their gradient scale under our per-member loss normalization); the installed "
+            f"megatron-core {getattr(megatron.core, '__version__', '?')} would scale them by the "
+            "row length. Set these coefficients to 0 or upgrade megatron-core"
+        )
 
 
 def fix_router_without_transformer_engine() -> None:
@@ -91,10 +104,12 @@ def check_equal_micro_batch_counts(counts: list[int], ep: int) -> None:
     per micro-batch, so a rank with fewer micro-batches leaves its peers waiting forever."""
     if ep > 1 and len(set(counts)) > 1:
         listing = ", ".join(f"rank {r}: {c}" for r, c in enumerate(counts))
-        raise RuntimeError(f"expert parallelism (parallel.expert_model_parallel_size={ep}) needs the same number of "
-                           f"micro-batches on every data-parallel rank; this step has {listing} (data-parallel "
-                           "ranks). Give every rank the same number of members (train.micro_batch_size divides "
-                           "each rank's share)")
+        raise RuntimeError(
+            f"expert parallelism (parallel.expert_model_parallel_size={ep}) needs the same number of "
+            f"micro-batches on every data-parallel rank; this step has {listing} (data-parallel "
+            "ranks). Give every rank the same number of members (train.micro_batch_size divides "
+            "each rank's share)"
+        )
 
 
 # ---------------------------------------------------------------------------------------- the step
@@ -143,7 +158,7 @@ class MoEStepMonitor:
             check_router_loss_support(SimpleCoefficients(config))
 
     @classmethod
-    def for_model(cls, model_chunks: list) -> "MoEStepMonitor | None":
+    def for_model(cls, model_chunks: list) -> MoEStepMonitor | None:
         """The monitor of ``model_chunks`` (DDP-wrapped or not), None for a dense model."""
         config = model_chunks[0].config
         if not getattr(config, "num_moe_experts", None):
@@ -170,8 +185,9 @@ class MoEStepMonitor:
         """Clear error before compute if data-parallel ranks hold different numbers of micro-batches under
         expert parallelism; records the step's global router-token count T. One small all-gather over the
         data-parallel group (for EP > 1 or non-zero router-loss coefficients; nothing otherwise)."""
-        from gift_megatron import comm
         from megatron.core import parallel_state as ps
+
+        from gift_megatron import comm
 
         self.num_micro_batches = len(micro_batches)
         local_tokens = float(sum(mb["tokens"].numel() for mb in micro_batches))
@@ -201,12 +217,12 @@ class MoEStepMonitor:
         total = comm.all_reduce_tensor(packed, "sum", comm.WORLD).cpu()
         clear_tracker()
         self.counts.zero_()
-        moe_layers = [i for i in range(self.num_layers) if total[i, len(names):].sum() > 0]
+        moe_layers = [i for i in range(self.num_layers) if total[i, len(names) :].sum() > 0]
         out: dict[str, float] = {}
         for j, name in enumerate(names):
             per_layer = total[:, j] / divisors[j]
             out["moe/" + _NAMES.get(name, name)] = float(per_layer[moe_layers].mean()) if moe_layers else 0.0
-        balance = load_balance(total[:, len(names):])
+        balance = load_balance(total[:, len(names) :])
         for i in moe_layers:
             out[f"moe/load_balance_layer{i}"] = float(balance[i])
         if moe_layers:
@@ -224,8 +240,9 @@ class MoEStepMonitor:
         the aux loss is a partial sum to be summed over its ``reduce_group`` (TP x CP) and averaged over the
         data-parallel ranks, the z-loss is averaged over TP x DP x CP. A sum over all ranks (each layer lives
         on one pipeline stage) divided by stage_size / |reduce_group| gives exactly that, for both."""
-        from gift_megatron import comm
         from megatron.core import parallel_state as ps
+
+        from gift_megatron import comm
 
         names = [n for n in _TRACKED_NAMES if self._coefficient(n)]
         table = torch.zeros(self.num_layers, len(names), dtype=torch.float64, device=self.device)
@@ -240,8 +257,10 @@ class MoEStepMonitor:
         return names, table, divisors
 
     def _coefficient(self, tracked_name: str) -> float:
-        return {"load_balancing_loss": self.config.moe_aux_loss_coeff or 0.0,
-                "z_loss": self.config.moe_z_loss_coeff or 0.0}[tracked_name]
+        return {
+            "load_balancing_loss": self.config.moe_aux_loss_coeff or 0.0,
+            "z_loss": self.config.moe_z_loss_coeff or 0.0,
+        }[tracked_name]
 
 
 _TRACKED_NAMES = ("load_balancing_loss", "z_loss")

@@ -41,7 +41,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Any, Iterable, Iterator
+from collections.abc import Iterable, Iterator
+from typing import Any
 
 import torch
 
@@ -129,9 +130,17 @@ class TrainingStateOffloader:
     Host buffers are allocated on the first offload and reused by later ones.
     """
 
-    def __init__(self, model_chunks: Iterable[torch.nn.Module], optimizer: Any, *, enabled: bool = True,
-                 device: str | torch.device | None = None, group: Any = None, copy_grads: bool = False,
-                 pin_memory: bool | None = None) -> None:
+    def __init__(
+        self,
+        model_chunks: Iterable[torch.nn.Module],
+        optimizer: Any,
+        *,
+        enabled: bool = True,
+        device: str | torch.device | None = None,
+        group: Any = None,
+        copy_grads: bool = False,
+        pin_memory: bool | None = None,
+    ) -> None:
         self.model_chunks = list(model_chunks)
         self.optimizer = optimizer
         self.enabled = enabled
@@ -202,8 +211,12 @@ class TrainingStateOffloader:
             storage.resize_(0)
         self._moved, self._offloaded = moved, True
         self.offloaded_bytes = sum(n for _, n, _ in moved)
-        log.debug("offloaded %d storages, %.2f GiB released (%.2f GiB copied to the host)", len(moved),
-                  self.offloaded_bytes / 2 ** 30, sum(n for _, n, h in moved if h is not None) / 2 ** 30)
+        log.debug(
+            "offloaded %d storages, %.2f GiB released (%.2f GiB copied to the host)",
+            len(moved),
+            self.offloaded_bytes / 2**30,
+            sum(n for _, n, h in moved if h is not None) / 2**30,
+        )
         return self.offloaded_bytes
 
     def onload(self) -> int:

@@ -14,6 +14,7 @@ packed rows, so CPU and GPU share one data path; only the attention kernel diffe
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import torch
@@ -30,11 +31,13 @@ class PackedDotProductAttention(DotProductAttention):
     ``cu_seqlens_q``); returns [T, 1, np * hn], the slots' outputs in row order.
     """
 
-    def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
-                packed_seq_params=None):
+    def forward(
+        self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None, packed_seq_params=None
+    ):
         if packed_seq_params is None:
-            return super().forward(query, key, value, attention_mask, attn_mask_type=attn_mask_type,
-                                   attention_bias=attention_bias)
+            return super().forward(
+                query, key, value, attention_mask, attn_mask_type=attn_mask_type, attention_bias=attention_bias
+            )
         if packed_seq_params.qkv_format != "thd":
             raise ValueError(f"packed sequences: qkv_format {packed_seq_params.qkv_format!r}, expected 'thd'")
         cu = packed_seq_params.cu_seqlens_q_padded
@@ -44,15 +47,23 @@ class PackedDotProductAttention(DotProductAttention):
         # (CPU, where it costs nothing); TE's own attention reads cu_seqlens on the device.
         bounds = cu.tolist()
         if bounds[-1] != query.shape[0]:
-            raise ValueError(f"packed sequences: cu_seqlens end at {bounds[-1]} but the row has {query.shape[0]} "
-                             "tokens")
+            raise ValueError(
+                f"packed sequences: cu_seqlens end at {bounds[-1]} but the row has {query.shape[0]} tokens"
+            )
         outs = []
-        for start, end in zip(bounds[:-1], bounds[1:]):
+        for start, end in itertools.pairwise(bounds):
             if end == start:
                 continue
-            outs.append(super().forward(query[start:end].unsqueeze(1), key[start:end].unsqueeze(1),
-                                        value[start:end].unsqueeze(1), None, attn_mask_type=attn_mask_type,
-                                        attention_bias=attention_bias))
+            outs.append(
+                super().forward(
+                    query[start:end].unsqueeze(1),
+                    key[start:end].unsqueeze(1),
+                    value[start:end].unsqueeze(1),
+                    None,
+                    attn_mask_type=attn_mask_type,
+                    attention_bias=attention_bias,
+                )
+            )
         return torch.cat(outs, dim=0)
 
 
@@ -61,7 +72,7 @@ def with_packed_attention(spec: Any) -> Any:
     attention swapped for :class:`PackedDotProductAttention`; the spec is changed in place and returned.
     Specs whose core attention is not the local ``DotProductAttention`` (TE's) are left as they are."""
     layers = getattr(spec, "layer_specs", None)
-    for layer in (layers if layers is not None else [spec]):
+    for layer in layers if layers is not None else [spec]:
         attn = getattr(getattr(layer, "submodules", None), "self_attention", None)
         sub = getattr(attn, "submodules", None)
         if sub is not None and getattr(sub, "core_attention", None) is DotProductAttention:

@@ -28,9 +28,10 @@ Group statistics (docs/objectives.md, "Group statistics"), chosen per step and r
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import torch
 
@@ -111,8 +112,9 @@ def split_for_context_parallel(mb: dict[str, Any]) -> dict[str, Any]:
         out = {k: (v.index_select(1, idx) if k in PER_TOKEN_KEYS and v is not None else v) for k, v in mb.items()}
         out[PACKED] = layout.for_cp_rank(cp)
         return out
-    return {k: (zigzag_split(v, cp, rank, seq_dim=1) if k in PER_TOKEN_KEYS and v is not None else v)
-            for k, v in mb.items()}
+    return {
+        k: (zigzag_split(v, cp, rank, seq_dim=1) if k in PER_TOKEN_KEYS and v is not None else v) for k, v in mb.items()
+    }
 
 
 def cp_local_positions(mb: dict[str, Any], cp: int, rank: int, device: torch.device) -> torch.Tensor:
@@ -132,12 +134,26 @@ def packed_seq_params(layout: PackedLayout, device: torch.device):
     cu = layout.cu_seqlens(device)
     cu_padded = layout.cu_seqlens(device, padded=True)
     longest = max(layout.padded)
-    return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, cu_seqlens_q_padded=cu_padded,
-                           cu_seqlens_kv_padded=cu_padded, max_seqlen_q=longest, max_seqlen_kv=longest)
+    return PackedSeqParams(
+        qkv_format="thd",
+        cu_seqlens_q=cu,
+        cu_seqlens_kv=cu,
+        cu_seqlens_q_padded=cu_padded,
+        cu_seqlens_kv_padded=cu_padded,
+        max_seqlen_q=longest,
+        max_seqlen_kv=longest,
+    )
 
 
-def model_logprobs(model, mb: dict[str, Any], *, temperature: float = 1.0, chunk_size: int | None = None,
-                   vocab_size: int | None = None, check_labels: bool = True):
+def model_logprobs(
+    model,
+    mb: dict[str, Any],
+    *,
+    temperature: float = 1.0,
+    chunk_size: int | None = None,
+    vocab_size: int | None = None,
+    check_labels: bool = True,
+):
     """Run ``model`` on a (CP-local) micro-batch; on the last pipeline stage return the fp32 token
     log-probs [b, s] of ``mb["labels"]``, on other stages the hidden states Megatron sends on.
 
@@ -165,10 +181,19 @@ def model_logprobs(model, mb: dict[str, Any], *, temperature: float = 1.0, chunk
     def to_logprobs(module, inputs, output):
         logits, bias = output
         if logits.shape[:2] != labels_sb.shape:
-            raise RuntimeError(f"output layer returned logits of shape {list(logits.shape)}, expected "
-                               f"[s, b, V/tp] with [s, b] = {list(labels_sb.shape)}")
-        lp = vocab_parallel_logprobs(logits, labels_sb, tp_group=tp_group, temperature=temperature,
-                                     chunk_size=chunk_size, vocab_size=vocab_size, check_labels=check_labels)
+            raise RuntimeError(
+                f"output layer returned logits of shape {list(logits.shape)}, expected "
+                f"[s, b, V/tp] with [s, b] = {list(labels_sb.shape)}"
+            )
+        lp = vocab_parallel_logprobs(
+            logits,
+            labels_sb,
+            tp_group=tp_group,
+            temperature=temperature,
+            chunk_size=chunk_size,
+            vocab_size=vocab_size,
+            check_labels=check_labels,
+        )
         return lp.unsqueeze(-1), bias
 
     handle = output_layer.register_forward_hook(to_logprobs)
@@ -224,8 +249,14 @@ def loss_func(ctx: LossContext, mb: dict[str, Any], logp: torch.Tensor):
     return out.loss * ctx.scale, count, {"output": report}
 
 
-def make_forward_step(ctx: LossContext, *, temperature: float = 1.0, chunk_size: int | None = None,
-                      vocab_size: int | None = None, check_labels: bool = True):
+def make_forward_step(
+    ctx: LossContext,
+    *,
+    temperature: float = 1.0,
+    chunk_size: int | None = None,
+    vocab_size: int | None = None,
+    check_labels: bool = True,
+):
     """``forward_step_func(data_iterator, model)`` for ``get_forward_backward_func()``.
 
     The iterator yields micro-batch dicts (see PER_TOKEN_KEYS); each is moved to the model's device (a
@@ -236,8 +267,9 @@ def make_forward_step(ctx: LossContext, *, temperature: float = 1.0, chunk_size:
     def forward_step(data_iterator: Iterator[dict[str, Any]], model):
         # A no-op for micro-batches ObjectiveStep.prepare already moved; a user's own loop may pass host ones.
         mb = split_for_context_parallel(move_to(next(data_iterator), model_device(model)))
-        logp = model_logprobs(model, mb, temperature=temperature, chunk_size=chunk_size, vocab_size=vocab_size,
-                              check_labels=check_labels)
+        logp = model_logprobs(
+            model, mb, temperature=temperature, chunk_size=chunk_size, vocab_size=vocab_size, check_labels=check_labels
+        )
         return logp, partial(loss_func, ctx, mb)
 
     return forward_step
@@ -245,8 +277,13 @@ def make_forward_step(ctx: LossContext, *, temperature: float = 1.0, chunk_size:
 
 # ------------------------------------------------------------------------------------ forward-only
 def forward_logprobs(
-    model, micro_batches: Sequence[dict[str, Any]], *, temperature: float = 1.0, chunk_size: int | None = None,
-    vocab_size: int | None = None, check_labels: bool = True,
+    model,
+    micro_batches: Sequence[dict[str, Any]],
+    *,
+    temperature: float = 1.0,
+    chunk_size: int | None = None,
+    vocab_size: int | None = None,
+    check_labels: bool = True,
 ) -> list[torch.Tensor] | None:
     """No-grad per-token log-probs of every micro-batch: a list of [b, s_local] fp32 tensors (this CP
     rank's zig-zag part) on the last pipeline stage, None on the other stages."""
@@ -263,8 +300,9 @@ def forward_logprobs(
 
     def forward_step(data_iterator, m):
         mb = split_for_context_parallel(next(data_iterator))
-        return model_logprobs(m, mb, temperature=temperature, chunk_size=chunk_size, vocab_size=vocab_size,
-                              check_labels=check_labels), _collect
+        return model_logprobs(
+            m, mb, temperature=temperature, chunk_size=chunk_size, vocab_size=vocab_size, check_labels=check_labels
+        ), _collect
 
     with torch.no_grad():
         store = get_forward_backward_func()(
@@ -292,21 +330,30 @@ def data_members(objective: Objective, micro_batches: Sequence[dict[str, Any]]) 
     parts = []
     for mb in micro_batches:
         mb = split_for_context_parallel(mb)
-        parts.append(Members(
-            token_counts=(member_rows(mb, mb["loss_mask"]) > 0).float().sum(dim=1),
-            rewards=None if mb.get("rewards") is None else mb["rewards"].float(),
-            group_ids=None if mb.get("group_ids") is None else mb["group_ids"].to(torch.int64),
-        ))
+        parts.append(
+            Members(
+                token_counts=(member_rows(mb, mb["loss_mask"]) > 0).float().sum(dim=1),
+                rewards=None if mb.get("rewards") is None else mb["rewards"].float(),
+                group_ids=None if mb.get("group_ids") is None else mb["group_ids"].to(torch.int64),
+            )
+        )
     return Members.cat(parts)
 
 
 def groups_whole_per_micro_batch(micro_batches: Sequence[dict[str, Any]], layout: BatchLayout) -> bool:
     """True when every group of the step lies in a single micro-batch of a single DP rank (all ranks agree)."""
     dp_rank = group_rank(layout.dp_group)
-    rows = [torch.stack([mb["group_ids"].to(torch.float64),
-                         torch.full_like(mb["group_ids"], dp_rank, dtype=torch.float64),
-                         torch.full_like(mb["group_ids"], i, dtype=torch.float64)], dim=1)
-            for i, mb in enumerate(micro_batches)]
+    rows = [
+        torch.stack(
+            [
+                mb["group_ids"].to(torch.float64),
+                torch.full_like(mb["group_ids"], dp_rank, dtype=torch.float64),
+                torch.full_like(mb["group_ids"], i, dtype=torch.float64),
+            ],
+            dim=1,
+        )
+        for i, mb in enumerate(micro_batches)
+    ]
     table = all_gather_rows(torch.cat(rows), layout.dp_group)
     places = torch.unique(table, dim=0)  # unique (group, rank, micro-batch) triples
     return places.shape[0] == torch.unique(table[:, 0]).numel()
@@ -318,8 +365,9 @@ def uses_policy_statistics(objective: Objective) -> bool:
 
 
 # ------------------------------------------------------------------------------------- batching
-def split_global_batch(batch: dict[str, torch.Tensor], *, micro_batch_size: int, dp_rank: int, dp_size: int
-                       ) -> list[dict[str, torch.Tensor]]:
+def split_global_batch(
+    batch: dict[str, torch.Tensor], *, micro_batch_size: int, dp_rank: int, dp_size: int
+) -> list[dict[str, torch.Tensor]]:
     """This DP rank's micro-batches of a global batch (every value has the members along dim 0).
 
     Rank r takes the r-th contiguous slice of N / dp_size members and cuts it into micro-batches of
@@ -331,19 +379,31 @@ def split_global_batch(batch: dict[str, torch.Tensor], *, micro_batch_size: int,
     if micro_batch_size < 1:
         raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
     if n % (micro_batch_size * dp_size):
-        raise ValueError(f"global batch size {n} is not a multiple of micro_batch_size ({micro_batch_size}) x "
-                         f"data-parallel size ({dp_size})")
+        raise ValueError(
+            f"global batch size {n} is not a multiple of micro_batch_size ({micro_batch_size}) x "
+            f"data-parallel size ({dp_size})"
+        )
     for k, v in batch.items():
         if v.shape[0] != n:
             raise ValueError(f"global batch: {k!r} has {v.shape[0]} rows, expected {n}")
     per_rank = n // dp_size
     start = dp_rank * per_rank
-    return [{k: v[start + i: start + i + micro_batch_size] for k, v in batch.items()}
-            for i in range(0, per_rank, micro_batch_size)]
+    return [
+        {k: v[start + i : start + i + micro_batch_size] for k, v in batch.items()}
+        for i in range(0, per_rank, micro_batch_size)
+    ]
 
 
-def pack_global_batch(batch: dict[str, torch.Tensor], *, micro_batch_tokens: int, dp_rank: int, dp_size: int,
-                      multiple: int = 1, fixed_rows: bool = False, keep_groups: bool = True) -> list[dict[str, Any]]:
+def pack_global_batch(
+    batch: dict[str, torch.Tensor],
+    *,
+    micro_batch_tokens: int,
+    dp_rank: int,
+    dp_size: int,
+    multiple: int = 1,
+    fixed_rows: bool = False,
+    keep_groups: bool = True,
+) -> list[dict[str, Any]]:
     """This DP rank's packed micro-batches of a global batch of padded rows, under a token budget.
 
     ``batch``: per-token [N, S] tensors (tokens, labels, loss_mask, optional ref_logp / old_logp) and
@@ -359,14 +419,30 @@ def pack_global_batch(batch: dict[str, torch.Tensor], *, micro_batch_tokens: int
     if "group_ids" not in batch or "loss_mask" not in batch:
         raise ValueError("pack_global_batch: the batch needs 'loss_mask' and 'group_ids'")
     lengths = sequence_lengths(batch["loss_mask"])
-    plan = plan_bins(lengths, batch["group_ids"].tolist(), budget=micro_batch_tokens, dp_size=dp_size,
-                     multiple=multiple, keep_groups=keep_groups)
-    return pack_rows(batch, plan[dp_rank], multiple=multiple, lengths=lengths,
-                     row_tokens=plan_row_tokens(plan, lengths, multiple) if fixed_rows else None)
+    plan = plan_bins(
+        lengths,
+        batch["group_ids"].tolist(),
+        budget=micro_batch_tokens,
+        dp_size=dp_size,
+        multiple=multiple,
+        keep_groups=keep_groups,
+    )
+    return pack_rows(
+        batch,
+        plan[dp_rank],
+        multiple=multiple,
+        lengths=lengths,
+        row_tokens=plan_row_tokens(plan, lengths, multiple) if fixed_rows else None,
+    )
 
 
-def validate_micro_batches(objective: Objective, micro_batches: Sequence[dict[str, Any]], cp_size: int = 1,
-                           vocab_size: int | None = None, pp_size: int = 1) -> None:
+def validate_micro_batches(
+    objective: Objective,
+    micro_batches: Sequence[dict[str, Any]],
+    cp_size: int = 1,
+    vocab_size: int | None = None,
+    pp_size: int = 1,
+) -> None:
     """Clear errors for micro-batches the step cannot run, before any compute.
 
     Padded rows: every micro-batch has the same [b, s] (and packed rows the same [1, T]) when pipeline
@@ -389,39 +465,52 @@ def validate_micro_batches(objective: Objective, micro_batches: Sequence[dict[st
         layout = packed_layout(mb)
         if layout is not None:
             if layout.cp_size != 1 or shape != (1, layout.total):
-                raise ValueError(f"micro-batch {i}: packed tokens of shape {list(shape)}, expected [1, {layout.total}] "
-                                 "(the sum of its slots)")
+                raise ValueError(
+                    f"micro-batch {i}: packed tokens of shape {list(shape)}, expected [1, {layout.total}] "
+                    "(the sum of its slots)"
+                )
             if cp_size > 1 and any(p % (2 * cp_size) for p in layout.padded):
-                raise ValueError(f"micro-batch {i}: packed slots {list(layout.padded)} are not all divisible by 2 x "
-                                 f"context_parallel_size ({2 * cp_size}); pack with "
-                                 "gift_megatron.parallel.packing.pad_multiple(tp, cp, sequence_parallel)")
+                raise ValueError(
+                    f"micro-batch {i}: packed slots {list(layout.padded)} are not all divisible by 2 x "
+                    f"context_parallel_size ({2 * cp_size}); pack with "
+                    "gift_megatron.parallel.packing.pad_multiple(tp, cp, sequence_parallel)"
+                )
         first_shape = first_shape or shape
         if pp_size > 1 and shape != first_shape:
-            raise ValueError(f"micro-batch {i}: tokens of shape {list(shape)}, expected {list(first_shape)} (pipeline "
-                             "parallelism needs every micro-batch of a step to have the same shape; packed rows: "
-                             "pack_rows(..., row_tokens=budget))")
+            raise ValueError(
+                f"micro-batch {i}: tokens of shape {list(shape)}, expected {list(first_shape)} (pipeline "
+                "parallelism needs every micro-batch of a step to have the same shape; packed rows: "
+                "pack_rows(..., row_tokens=budget))"
+            )
         for key in ("labels", "loss_mask", "ref_logp", "old_logp", "position_ids"):
             if mb.get(key) is not None and tuple(mb[key].shape) != shape:
-                raise ValueError(f"micro-batch {i}: {key!r} has shape {list(mb[key].shape)}, expected {list(shape)} "
-                                 "(the shape of its tokens)")
+                raise ValueError(
+                    f"micro-batch {i}: {key!r} has shape {list(mb[key].shape)}, expected {list(shape)} "
+                    "(the shape of its tokens)"
+                )
         n = members_in(mb)
         for key in ("rewards", "group_ids"):
             if key in objective.uses:
                 if mb.get(key) is None:
                     raise ValueError(f"micro-batch {i}: objective {objective.name} needs {key!r}")
                 if tuple(mb[key].shape) != (n,):
-                    raise ValueError(f"micro-batch {i}: {key!r} has shape {list(mb[key].shape)}, expected [{n}] "
-                                     "(one per member)")
+                    raise ValueError(
+                        f"micro-batch {i}: {key!r} has shape {list(mb[key].shape)}, expected [{n}] (one per member)"
+                    )
         if cp_size > 1 and layout is None and shape[1] % (2 * cp_size):
-            raise ValueError(f"micro-batch {i}: sequence length {shape[1]} is not divisible by 2 x "
-                             f"context_parallel_size ({2 * cp_size})")
+            raise ValueError(
+                f"micro-batch {i}: sequence length {shape[1]} is not divisible by 2 x "
+                f"context_parallel_size ({2 * cp_size})"
+            )
     if vocab_size is not None:
         for i, mb in enumerate(micro_batches):
             labels = mb["labels"]
             bad = (labels < 0) | (labels >= vocab_size)
             if bool(bad.any()):
-                raise ValueError(f"micro-batch {i}: labels must lie in [0, {vocab_size}) (the model's vocabulary), "
-                                 f"got range [{int(labels.min())}, {int(labels.max())}]")
+                raise ValueError(
+                    f"micro-batch {i}: labels must lie in [0, {vocab_size}) (the model's vocabulary), "
+                    f"got range [{int(labels.min())}, {int(labels.max())}]"
+                )
 
 
 # ------------------------------------------------------------------------------------------- step
@@ -451,8 +540,17 @@ class ObjectiveStep:
             softmax, so the trainer's distribution is the rollout engine's. None: the padded vocabulary.
     """
 
-    def __init__(self, objective: Objective, model: list, optimizer, *, reference=None, temperature: float = 1.0,
-                 logprob_chunk_size: int | None = None, vocab_size: int | None = None) -> None:
+    def __init__(
+        self,
+        objective: Objective,
+        model: list,
+        optimizer,
+        *,
+        reference=None,
+        temperature: float = 1.0,
+        logprob_chunk_size: int | None = None,
+        vocab_size: int | None = None,
+    ) -> None:
         self.objective = objective
         self.model = model if isinstance(model, list) else [model]
         self.optimizer = optimizer
@@ -462,8 +560,10 @@ class ObjectiveStep:
         self.vocab_size = vocab_size
         config = self.model[0].config
         if not getattr(config, "calculate_per_token_loss", False):
-            raise ValueError("model config: calculate_per_token_loss must be True for ObjectiveStep "
-                             "(the objectives normalize globally; see gift_megatron/megatron/step.py)")
+            raise ValueError(
+                "model config: calculate_per_token_loss must be True for ObjectiveStep "
+                "(the objectives normalize globally; see gift_megatron/megatron/step.py)"
+            )
         if config.finalize_model_grads_func is None:
             from megatron.core.distributed import finalize_model_grads
 
@@ -490,8 +590,13 @@ class ObjectiveStep:
         ps = _ps()
         # Validated before the move, on host tensors when the caller built them there (the trainer does):
         # the label range is then checked without a device sync, and the forward passes skip it.
-        validate_micro_batches(self.objective, micro_batches, ps.get_context_parallel_world_size(),
-                               vocab_size=self._label_bound(), pp_size=ps.get_pipeline_model_parallel_world_size())
+        validate_micro_batches(
+            self.objective,
+            micro_batches,
+            ps.get_context_parallel_world_size(),
+            vocab_size=self._label_bound(),
+            pp_size=ps.get_pipeline_model_parallel_world_size(),
+        )
         if self.moe is not None:  # expert parallelism: equal micro-batch counts, checked before any forward pass
             self.moe.check_micro_batches(micro_batches)
         micro_batches = [move_to(mb, self.device) for mb in micro_batches]
@@ -503,27 +608,47 @@ class ObjectiveStep:
         from megatron.core.utils import unwrap_model
 
         padded = getattr(unwrap_model(self.model[0]), "vocab_size", None)
-        return padded if padded is not None else (self.vocab_size or 2 ** 62)
+        return padded if padded is not None else (self.vocab_size or 2**62)
 
     def _fill_reference_logprobs(self, micro_batches: list[dict[str, Any]]) -> None:
         """Add ref_logp / old_logp the objective needs and the micro-batches lack (forward-only passes)."""
         uses = self.objective.uses
         if "ref_logp" in uses and not _has(micro_batches[0], "ref_logp"):
             if self.reference is None:
-                raise ValueError(f"objective {self.objective.name} needs ref_logp: give micro-batches a "
-                                 "'ref_logp' or ObjectiveStep a reference model")
+                raise ValueError(
+                    f"objective {self.objective.name} needs ref_logp: give micro-batches a "
+                    "'ref_logp' or ObjectiveStep a reference model"
+                )
             if hasattr(self.reference, "onload"):
                 self.reference.onload()
-            self._attach(micro_batches, "ref_logp", forward_logprobs(self.reference, micro_batches,
-                         temperature=self.temperature, chunk_size=self.chunk_size,
-                         vocab_size=self.vocab_size, check_labels=False))
+            self._attach(
+                micro_batches,
+                "ref_logp",
+                forward_logprobs(
+                    self.reference,
+                    micro_batches,
+                    temperature=self.temperature,
+                    chunk_size=self.chunk_size,
+                    vocab_size=self.vocab_size,
+                    check_labels=False,
+                ),
+            )
             if hasattr(self.reference, "offload"):
                 self.reference.offload()
         if "old_logp" in uses and not _has(micro_batches[0], "old_logp"):
             # The policy before this step is the rollout policy when each rollout feeds one step.
-            self._attach(micro_batches, "old_logp", forward_logprobs(self.model, micro_batches,
-                         temperature=self.temperature, chunk_size=self.chunk_size,
-                         vocab_size=self.vocab_size, check_labels=False))
+            self._attach(
+                micro_batches,
+                "old_logp",
+                forward_logprobs(
+                    self.model,
+                    micro_batches,
+                    temperature=self.temperature,
+                    chunk_size=self.chunk_size,
+                    vocab_size=self.vocab_size,
+                    check_labels=False,
+                ),
+            )
 
     @staticmethod
     def _attach(micro_batches, key, logps):
@@ -552,12 +677,20 @@ class ObjectiveStep:
             return LossContext(obj, layout, obj.statistics(members, layout), scale), "data"
         if groups_whole_per_micro_batch(micro_batches, layout):
             return LossContext(obj, layout, None, scale, totals=(n_members, n_tokens)), "in_place"
-        logps = forward_logprobs(self.model, micro_batches, temperature=self.temperature, chunk_size=self.chunk_size,
-                                 vocab_size=self.vocab_size, check_labels=False)
+        logps = forward_logprobs(
+            self.model,
+            micro_batches,
+            temperature=self.temperature,
+            chunk_size=self.chunk_size,
+            vocab_size=self.vocab_size,
+            check_labels=False,
+        )
         stats = None
         if logps is not None:
-            parts = [obj.members(token_batch(split_for_context_parallel(mb), lp), layout)
-                     for mb, lp in zip(micro_batches, logps)]
+            parts = [
+                obj.members(token_batch(split_for_context_parallel(mb), lp), layout)
+                for mb, lp in zip(micro_batches, logps)
+            ]
             stats = obj.statistics(Members.cat(parts), layout)
         return LossContext(obj, layout, stats, scale), "policy_pass"
 
@@ -580,8 +713,13 @@ class ObjectiveStep:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
         store = get_forward_backward_func()(
-            forward_step_func=make_forward_step(ctx, temperature=self.temperature, chunk_size=self.chunk_size,
-                                                vocab_size=self.vocab_size, check_labels=False),
+            forward_step_func=make_forward_step(
+                ctx,
+                temperature=self.temperature,
+                chunk_size=self.chunk_size,
+                vocab_size=self.vocab_size,
+                check_labels=False,
+            ),
             data_iterator=iter(micro_batches),
             model=self.model,
             num_microbatches=len(micro_batches),
@@ -596,8 +734,12 @@ class ObjectiveStep:
         metrics["stats_source/" + source] = 1.0
         if self.moe is not None:
             metrics.update(self.moe.finish())  # moe/aux_loss, moe/z_loss, moe/load_balance_*
-        return StepResult(loss=metrics["loss"], metrics=metrics, stats_source=source,
-                          grad_norm=None if grad_norm is None else float(grad_norm))
+        return StepResult(
+            loss=metrics["loss"],
+            metrics=metrics,
+            stats_source=source,
+            grad_norm=None if grad_norm is None else float(grad_norm),
+        )
 
     def _metrics(self, store, ctx: LossContext, layout: BatchLayout) -> dict[str, float]:
         """Global metrics on the last stage, broadcast to every pipeline stage."""
@@ -611,6 +753,7 @@ class ObjectiveStep:
             total.metrics = metrics
             payload = [to_host_floats(total.finalize(layout))]  # one device-to-host copy for all metrics
         if ps.get_pipeline_model_parallel_world_size() > 1:
-            broadcast_objects(payload, src=ps.get_pipeline_model_parallel_last_rank(),
-                              group=ps.get_pipeline_model_parallel_group())
+            broadcast_objects(
+                payload, src=ps.get_pipeline_model_parallel_last_rank(), group=ps.get_pipeline_model_parallel_group()
+            )
         return payload[0]

@@ -100,7 +100,7 @@ class Members:
     extra: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @staticmethod
-    def cat(parts: list["Members"]) -> "Members":
+    def cat(parts: list[Members]) -> Members:
         """Concatenate the members of several micro-batches (same fields in every part)."""
         if not parts:
             raise ValueError("Members.cat needs at least one part")
@@ -152,7 +152,7 @@ class LossOutput:
     metrics: dict[str, torch.Tensor]
 
     @staticmethod
-    def accumulate(outputs: list["LossOutput"]) -> "LossOutput":
+    def accumulate(outputs: list[LossOutput]) -> LossOutput:
         """Sum of the losses and shares of several micro-batches of one step (metrics from the first)."""
         if not outputs:
             raise ValueError("LossOutput.accumulate needs at least one output")
@@ -230,8 +230,10 @@ def count_totals(members: Members, layout: BatchLayout) -> tuple[torch.Tensor, t
     if layout.totals is not None:
         return layout.totals
     local = torch.stack(
-        [torch.tensor(float(members.token_counts.shape[0]), device=members.token_counts.device) / layout.cp_size,
-         members.token_counts.sum()]
+        [
+            torch.tensor(float(members.token_counts.shape[0]), device=members.token_counts.device) / layout.cp_size,
+            members.token_counts.sum(),
+        ]
     )
     total = layout.sum_over_tokens_ranks(local)
     return total[0].round(), total[1]
@@ -262,10 +264,12 @@ def check_batch(batch: TokenBatch, uses: frozenset[str], objective: str) -> None
         if x is not None:
             if not isinstance(x, torch.Tensor) or tuple(x.shape) != (B, S) or not x.dtype.is_floating_point:
                 raise ValueError(f"{objective}: {name} must be a float tensor of shape {[B, S]}, got {_desc(x)}")
-            checks.append(((torch.isfinite(x) | ~counted).all(),
-                           f"{objective}: {name} has non-finite values on counted tokens"))
-    checks.append(((torch.isfinite(lp.detach()) | ~counted).all(),
-                   f"{objective}: logp has non-finite values on counted tokens"))
+            checks.append(
+                ((torch.isfinite(x) | ~counted).all(), f"{objective}: {name} has non-finite values on counted tokens")
+            )
+    checks.append(
+        ((torch.isfinite(lp.detach()) | ~counted).all(), f"{objective}: logp has non-finite values on counted tokens")
+    )
     r = batch.rewards
     if "rewards" in uses:
         if not isinstance(r, torch.Tensor) or r.dim() != 1 or r.shape[0] != B:

@@ -70,7 +70,9 @@ def reward_metrics(rewards: torch.Tensor, stats: GroupStats, advantages: torch.T
 def _pearson(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     xc, yc = x - x.mean(), y - y.mean()
     den = torch.sqrt((xc * xc).sum() * (yc * yc).sum())
-    return torch.where(den > 0, (xc * yc).sum() / torch.where(den > 0, den, torch.ones_like(den)), torch.zeros_like(den))
+    return torch.where(
+        den > 0, (xc * yc).sum() / torch.where(den > 0, den, torch.ones_like(den)), torch.zeros_like(den)
+    )
 
 
 @register
@@ -166,7 +168,9 @@ class GIFT(Objective):
                 / multi.float().sum().clamp(min=1),
             }
         )
-        return BatchStats(n_members, n_tokens, rewards=r_stats, implicit=implicit, correction=correction, metrics=metrics)
+        return BatchStats(
+            n_members, n_tokens, rewards=r_stats, implicit=implicit, correction=correction, metrics=metrics
+        )
 
     def loss(self, batch: TokenBatch, stats: BatchStats, layout: BatchLayout = SINGLE_PROCESS) -> LossOutput:
         u = self.implicit_rewards(batch, layout)
@@ -205,7 +209,13 @@ def gift_loss(
     groups are set, each rank passes its own members and the returned loss is this rank's share (the sum
     over ranks is the global loss); the metrics are global on every rank.
     """
-    obj = GIFT(beta=beta, eps=eps, detach_stats=detach_stats, implicit_reward=implicit_reward,
-               std_floor=std_floor, unbiased=unbiased)
+    obj = GIFT(
+        beta=beta,
+        eps=eps,
+        detach_stats=detach_stats,
+        implicit_reward=implicit_reward,
+        std_floor=std_floor,
+        unbiased=unbiased,
+    )
     out = obj(TokenBatch(logp, mask, rewards, group_ids, ref_logp=ref_logp), layout)
     return out.loss, out.finalize(layout)

@@ -108,8 +108,9 @@ class GroupStats:
             raise ValueError(f"group_ids {missing} are not in the batch these statistics were computed on")
         return pos
 
-    def zscore(self, values: torch.Tensor, group_ids: torch.Tensor, eps: float = 1e-6,
-               pos: torch.Tensor | None = None) -> torch.Tensor:
+    def zscore(
+        self, values: torch.Tensor, group_ids: torch.Tensor, eps: float = 1e-6, pos: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """(values - mean_g) / (std_g + eps) for each member; gradient flows through ``values`` only.
         ``pos``: ``self.index(group_ids)`` when the caller has it (its check costs a host sync)."""
         pos = self.index(group_ids) if pos is None else pos

@@ -69,13 +69,17 @@ class GRPO(Objective):
         if self.aggregation not in AGGREGATIONS:
             raise ValueError(f"{self.name}: aggregation must be one of {AGGREGATIONS}, got {self.aggregation!r}")
         if not (0 <= self.eps_low < 1) or not self.eps_high >= 0:
-            raise ValueError(f"{self.name}: need 0 <= eps_low < 1 and eps_high >= 0, got {self.eps_low}, {self.eps_high}")
+            raise ValueError(
+                f"{self.name}: need 0 <= eps_low < 1 and eps_high >= 0, got {self.eps_low}, {self.eps_high}"
+            )
         if not self.kl_coef >= 0:
             raise ValueError(f"{self.name}: kl_coef must be >= 0, got {self.kl_coef}")
         # c <= 1 would cap the loss below its value at r = 1 (where it is -A): every negative-advantage
         # token would be capped at the rollout policy itself and carry no gradient at all.
         if self.clip_ratio_c is not None and not self.clip_ratio_c > 1:
-            raise ValueError(f"{self.name}: clip_ratio_c (dual-clip) must be > 1 or null (off), got {self.clip_ratio_c}")
+            raise ValueError(
+                f"{self.name}: clip_ratio_c (dual-clip) must be > 1 or null (off), got {self.clip_ratio_c}"
+            )
 
     def statistics(self, members: Members, layout: BatchLayout = SINGLE_PROCESS) -> BatchStats:
         return group_reward_statistics(self, members, layout)
@@ -152,27 +156,74 @@ class GSPO(Objective):
         return LossOutput(loss=loss, shares=shares, metrics=dict(stats.metrics))
 
 
-def grpo_loss(logp, old_logp, mask, rewards, group_ids, *, ref_logp=None, eps_low=0.2, eps_high=0.2,
-              kl_coef=0.0, aggregation="seq_mean_token_mean", eps=1e-6, unbiased=True, clip_ratio_c=None,
-              layout=SINGLE_PROCESS):
+def grpo_loss(
+    logp,
+    old_logp,
+    mask,
+    rewards,
+    group_ids,
+    *,
+    ref_logp=None,
+    eps_low=0.2,
+    eps_high=0.2,
+    kl_coef=0.0,
+    aggregation="seq_mean_token_mean",
+    eps=1e-6,
+    unbiased=True,
+    clip_ratio_c=None,
+    layout=SINGLE_PROCESS,
+):
     """GRPO loss: (loss fp32 scalar, metrics). logp/old_logp/ref_logp/mask [B, S]; rewards [B]; group_ids [B] int."""
-    obj = GRPO(eps_low=eps_low, eps_high=eps_high, kl_coef=kl_coef, aggregation=aggregation, eps=eps, unbiased=unbiased,
-               clip_ratio_c=clip_ratio_c)
+    obj = GRPO(
+        eps_low=eps_low,
+        eps_high=eps_high,
+        kl_coef=kl_coef,
+        aggregation=aggregation,
+        eps=eps,
+        unbiased=unbiased,
+        clip_ratio_c=clip_ratio_c,
+    )
     out = obj(TokenBatch(logp, mask, rewards, group_ids, ref_logp=ref_logp, old_logp=old_logp), layout)
     return out.loss, out.finalize(layout)
 
 
-def dapo_loss(logp, old_logp, mask, rewards, group_ids, *, ref_logp=None, eps_low=0.2, eps_high=0.28,
-              kl_coef=0.0, eps=1e-6, unbiased=True, clip_ratio_c=None, layout=SINGLE_PROCESS):
+def dapo_loss(
+    logp,
+    old_logp,
+    mask,
+    rewards,
+    group_ids,
+    *,
+    ref_logp=None,
+    eps_low=0.2,
+    eps_high=0.28,
+    kl_coef=0.0,
+    eps=1e-6,
+    unbiased=True,
+    clip_ratio_c=None,
+    layout=SINGLE_PROCESS,
+):
     """DAPO loss (GRPO clip with eps_high 0.28 and global token mean): (loss, metrics)."""
-    obj = DAPO(eps_low=eps_low, eps_high=eps_high, kl_coef=kl_coef, eps=eps, unbiased=unbiased,
-               clip_ratio_c=clip_ratio_c)
+    obj = DAPO(
+        eps_low=eps_low, eps_high=eps_high, kl_coef=kl_coef, eps=eps, unbiased=unbiased, clip_ratio_c=clip_ratio_c
+    )
     out = obj(TokenBatch(logp, mask, rewards, group_ids, ref_logp=ref_logp, old_logp=old_logp), layout)
     return out.loss, out.finalize(layout)
 
 
-def gspo_loss(logp, old_logp, mask, rewards, group_ids, *, eps_low=3e-4, eps_high=4e-4, eps=1e-6,
-              unbiased=True, layout=SINGLE_PROCESS):
+def gspo_loss(
+    logp,
+    old_logp,
+    mask,
+    rewards,
+    group_ids,
+    *,
+    eps_low=3e-4,
+    eps_high=4e-4,
+    eps=1e-6,
+    unbiased=True,
+    layout=SINGLE_PROCESS,
+):
     """GSPO loss (sequence-level clipped ratio, mean over members): (loss, metrics)."""
     obj = GSPO(eps_low=eps_low, eps_high=eps_high, eps=eps, unbiased=unbiased)
     out = obj(TokenBatch(logp, mask, rewards, group_ids, old_logp=old_logp), layout)

@@ -1,7 +1,7 @@
 """SFT and DFT baselines (docs/objectives.md, "SFT and DFT"): token means over the global batch's counted tokens.
 
-    SFT: L = sum_{i,t} m[i,t] (-lp[i,t]) / N_tokens
-    DFT: L = sum_{i,t} m[i,t] (-sg(p[i,t]) lp[i,t]) / N_tokens,  p = exp(lp)
+SFT: L = sum_{i,t} m[i,t] (-lp[i,t]) / N_tokens
+DFT: L = sum_{i,t} m[i,t] (-sg(p[i,t]) lp[i,t]) / N_tokens,  p = exp(lp)
 """
 
 from __future__ import annotations

@@ -17,13 +17,13 @@ from gift_megatron.parallel.logprobs import vocab_parallel_logprobs
 
 __all__ = [
     "GroupStats",
-    "group_statistics",
     "context_parallel_sequence_sum",
     "context_parallel_token_count",
-    "zigzag_gather",
-    "zigzag_split",
     "destroy_model_parallel_cpu",
     "enable_cpu_runtime",
+    "group_statistics",
     "initialize_model_parallel_cpu",
     "vocab_parallel_logprobs",
+    "zigzag_gather",
+    "zigzag_split",
 ]

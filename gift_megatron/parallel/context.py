@@ -17,10 +17,10 @@ import torch
 from gift_megatron import comm
 
 __all__ = [
-    "zigzag_split",
-    "zigzag_gather",
     "context_parallel_sequence_sum",
     "context_parallel_token_count",
+    "zigzag_gather",
+    "zigzag_split",
 ]
 
 

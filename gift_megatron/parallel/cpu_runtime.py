@@ -41,15 +41,16 @@ import importlib
 import logging
 import sys
 import threading
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 
 __all__ = [
-    "enable_cpu_runtime",
     "cpu_runtime_enabled",
-    "initialize_model_parallel_cpu",
     "destroy_model_parallel_cpu",
+    "enable_cpu_runtime",
+    "initialize_model_parallel_cpu",
 ]
 
 _enabled = False
@@ -80,8 +81,7 @@ _CPU_TORCH_MODULES: dict[str, str] = {
         "device-to-host copy of split sizes, d2h event synchronize() (0.16, 0.19)"
     ),
     "megatron.core.tensor_parallel.mappings": (
-        "sequence-parallel / expert all-gather, reduce-scatter and all-to-all outputs on current_device() "
-        "(0.16, 0.19)"
+        "sequence-parallel / expert all-gather, reduce-scatter and all-to-all outputs on current_device() (0.16, 0.19)"
     ),
     "megatron.core.tensor_parallel.layers": (
         "sequence-parallel backward all-gather buffer on current_device() (0.16, 0.19)"

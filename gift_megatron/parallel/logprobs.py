@@ -92,8 +92,9 @@ def vocab_parallel_logprobs(
     if logits.requires_grad and torch.is_grad_enabled():
         return _VocabParallelLogprobs.apply(logits, labels, tp_group, float(temperature), chunk_size, vocab_size)
     with torch.no_grad():
-        logp, _ = _forward(logits, labels, tp_group, float(temperature), chunk_size, keep_softmax=False,
-                           vocab_size=vocab_size)
+        logp, _ = _forward(
+            logits, labels, tp_group, float(temperature), chunk_size, keep_softmax=False, vocab_size=vocab_size
+        )
     return logp
 
 
@@ -112,8 +113,10 @@ def _validate(logits: torch.Tensor, labels: torch.Tensor, temperature: float, ch
         raise ValueError(
             f"labels shape {tuple(labels.shape)} must equal logits.shape[:-1] = {tuple(logits.shape[:-1])}"
         )
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not (
-        math.isfinite(temperature) and temperature > 0
+    if (
+        isinstance(temperature, bool)
+        or not isinstance(temperature, (int, float))
+        or not (math.isfinite(temperature) and temperature > 0)
     ):
         raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
@@ -146,8 +149,14 @@ def _block_rows(num_tokens: int, vocab_shard: int, chunk_size: int | None, devic
 class _Forward:
     """What the forward pass leaves for backward (all tensors flat over tokens in token-major order)."""
 
-    def __init__(self, softmax: torch.Tensor | None, label_index: torch.Tensor, in_shard: torch.Tensor,
-                 log_scale: torch.Tensor, logp: torch.Tensor) -> None:
+    def __init__(
+        self,
+        softmax: torch.Tensor | None,
+        label_index: torch.Tensor,
+        in_shard: torch.Tensor,
+        log_scale: torch.Tensor,
+        logp: torch.Tensor,
+    ) -> None:
         self.softmax = softmax  # [N, Vl] logits dtype: softmax over this shard only, or None
         self.label_index = label_index  # [N] int64: label's index inside this shard (0 when not here)
         self.in_shard = in_shard  # [N] bool: label lies in this shard
@@ -281,8 +290,9 @@ class _VocabParallelLogprobs(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, labels, group, temperature, chunk_size, vocab_size):  # type: ignore[override]
-        logp, (state, perm) = _forward(logits, labels, group, temperature, chunk_size, keep_softmax=True,
-                                       vocab_size=vocab_size)
+        logp, (state, perm) = _forward(
+            logits, labels, group, temperature, chunk_size, keep_softmax=True, vocab_size=vocab_size
+        )
         ctx.save_for_backward(state.softmax, state.label_index, state.in_shard, state.log_scale, state.logp)
         ctx.temperature, ctx.chunk_size, ctx.perm = temperature, chunk_size, perm
         ctx.lead_shape = [logits.shape[d] for d in perm]

@@ -28,20 +28,20 @@ an installable utility of the stack we pin.
 from __future__ import annotations
 
 import heapq
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Mapping, Sequence
 
 import torch
 
 __all__ = [
     "PackedLayout",
-    "pad_multiple",
-    "sequence_lengths",
-    "karmarkar_karp",
     "first_fit_decreasing",
+    "karmarkar_karp",
+    "pack_rows",
+    "pad_multiple",
     "plan_bins",
     "plan_row_tokens",
-    "pack_rows",
+    "sequence_lengths",
     "trim_rows",
     "unpack",
     "zigzag_positions",
@@ -96,7 +96,7 @@ class PackedLayout:
         """Row length of this view (T / cp_size)."""
         return sum(self.padded) // self.cp_size
 
-    def for_cp_rank(self, cp_size: int) -> "PackedLayout":
+    def for_cp_rank(self, cp_size: int) -> PackedLayout:
         """The view of one of ``cp_size`` context-parallel ranks (each holds padded / cp of every slot)."""
         return PackedLayout(self.lengths, self.padded, cp_size)
 
@@ -185,8 +185,10 @@ def _split_to(bins: list[list[list[int]]], sizes: Sequence[int], k: int, rank: i
             multi = [j for j, b in enumerate(bins) if sum(len(item) for item in b) > 1]
             if not multi:
                 n = sum(len(item) for b in bins for item in b)
-                raise ValueError(f"data-parallel rank {rank} holds {n} members but every rank must run {k} "
-                                 "micro-batches; raise train.micro_batch_tokens or send more prompts per step")
+                raise ValueError(
+                    f"data-parallel rank {rank} holds {n} members but every rank must run {k} "
+                    "micro-batches; raise train.micro_batch_tokens or send more prompts per step"
+                )
             j = max(multi, key=lambda j: (load(bins[j]), -j))
             bins[j] = [[m] for item in bins[j] for m in item]  # break the group
         else:
@@ -196,12 +198,20 @@ def _split_to(bins: list[list[list[int]]], sizes: Sequence[int], k: int, rank: i
         for item in items:
             lighter = min((0, 1), key=lambda h: sum(sizes[m] for it in halves[h] for m in it))
             halves[lighter].append(item)
-        bins[j:j + 1] = halves
+        bins[j : j + 1] = halves
     return bins
 
 
-def plan_bins(lengths: Sequence[int], group_ids: Sequence[int], *, budget: int, dp_size: int = 1,
-              multiple: int = 1, bins_multiple: int = 1, keep_groups: bool = True) -> list[list[list[int]]]:
+def plan_bins(
+    lengths: Sequence[int],
+    group_ids: Sequence[int],
+    *,
+    budget: int,
+    dp_size: int = 1,
+    multiple: int = 1,
+    bins_multiple: int = 1,
+    keep_groups: bool = True,
+) -> list[list[list[int]]]:
     """Member indices of every micro-batch of every data-parallel rank: ``plan[rank][bin]``.
 
     lengths: each member's sequence length (:func:`sequence_lengths`); group_ids: its group. Each member
@@ -211,17 +221,21 @@ def plan_bins(lengths: Sequence[int], group_ids: Sequence[int], *, budget: int, 
     member longer than the budget or a budget that is not a multiple of ``multiple``.
     """
     if budget < 1 or budget % multiple:
-        raise ValueError(f"train.micro_batch_tokens ({budget}) must be a positive multiple of {multiple}, the "
-                         "padding every sequence needs for context parallelism (2 x cp) and sequence "
-                         "parallelism (x tp)")
+        raise ValueError(
+            f"train.micro_batch_tokens ({budget}) must be a positive multiple of {multiple}, the "
+            "padding every sequence needs for context parallelism (2 x cp) and sequence "
+            "parallelism (x tp)"
+        )
     if len(lengths) != len(group_ids):
         raise ValueError(f"plan_bins: {len(lengths)} lengths but {len(group_ids)} group ids")
     sizes = [_round_up(int(n), multiple) for n in lengths]
     for i, s in enumerate(sizes):
         if s > budget:
-            raise ValueError(f"member {i} (group {group_ids[i]}) needs {s} tokens (length {lengths[i]}, padded to a "
-                             f"multiple of {multiple}), more than train.micro_batch_tokens ({budget}); raise the "
-                             "budget or lower rollout.max_tokens / data.max_prompt_tokens")
+            raise ValueError(
+                f"member {i} (group {group_ids[i]}) needs {s} tokens (length {lengths[i]}, padded to a "
+                f"multiple of {multiple}), more than train.micro_batch_tokens ({budget}); raise the "
+                "budget or lower rollout.max_tokens / data.max_prompt_tokens"
+            )
     order: dict[int, list[int]] = {}
     for i, g in enumerate(group_ids):
         order.setdefault(int(g), []).append(i)
@@ -276,8 +290,14 @@ def _per_token(value: torch.Tensor, shape: torch.Size) -> bool:
     return value.dim() >= 2 and value.shape[:2] == shape
 
 
-def pack_rows(rows: Mapping[str, torch.Tensor], bins: Sequence[Sequence[int]], *, multiple: int = 1,
-              lengths: Sequence[int] | None = None, row_tokens: int | None = None) -> list[dict]:
+def pack_rows(
+    rows: Mapping[str, torch.Tensor],
+    bins: Sequence[Sequence[int]],
+    *,
+    multiple: int = 1,
+    lengths: Sequence[int] | None = None,
+    row_tokens: int | None = None,
+) -> list[dict]:
     """The packed micro-batches of ``bins`` (lists of row indices) built from padded rows.
 
     rows: a batch of N padded rows: per-token tensors [N, S] (tokens, labels, loss_mask, ref_logp, ...;
@@ -315,7 +335,7 @@ def pack_rows(rows: Mapping[str, torch.Tensor], bins: Sequence[Sequence[int]], *
             if _per_token(value, shape):
                 sel = value.index_select(0, idx)
                 pieces = []
-                for j, (n, slot) in enumerate(zip(lens, slots)):
+                for j, slot in enumerate(slots):
                     take = min(slot, width)
                     piece = sel[j, :take]
                     if take < slot:
@@ -336,8 +356,9 @@ def pack_rows(rows: Mapping[str, torch.Tensor], bins: Sequence[Sequence[int]], *
     return out
 
 
-def trim_rows(rows: Mapping[str, torch.Tensor], *, multiple: int = 1, lengths: Sequence[int] | None = None
-              ) -> dict[str, torch.Tensor]:
+def trim_rows(
+    rows: Mapping[str, torch.Tensor], *, multiple: int = 1, lengths: Sequence[int] | None = None
+) -> dict[str, torch.Tensor]:
     """``rows`` with per-token tensors cut to the longest sequence (rounded up to ``multiple``) instead of
     the configured sequence length: what padded micro-batches compute without packing."""
     tokens = rows["tokens"]
@@ -367,8 +388,9 @@ def unpack(x: torch.Tensor, layout: PackedLayout) -> torch.Tensor:
     being ``layout.total``; positions past a member's slot are 0. Differentiable (a gather)."""
     flat = x.reshape(-1) if x.dim() == 1 or x.shape[0] == 1 else None
     if flat is None or flat.numel() != layout.total:
-        raise ValueError(f"unpack: a packed tensor of shape {list(x.shape)} does not match a layout of "
-                         f"{layout.total} tokens")
+        raise ValueError(
+            f"unpack: a packed tensor of shape {list(x.shape)} does not match a layout of {layout.total} tokens"
+        )
     index, valid = _gather_index(layout.slots, x.device)
     return torch.where(valid, flat[index], flat.new_zeros(()))
 
@@ -384,11 +406,13 @@ def zigzag_positions(layout: PackedLayout, cp_size: int, cp_rank: int, device: t
     pieces, start = [], 0
     for p in layout.padded:
         if p % (2 * cp_size):
-            raise ValueError(f"a packed slot of {p} tokens is not divisible by 2 x context_parallel_size "
-                             f"({2 * cp_size})")
+            raise ValueError(
+                f"a packed slot of {p} tokens is not divisible by 2 x context_parallel_size ({2 * cp_size})"
+            )
         c = p // (2 * cp_size)
         pieces.append(torch.arange(start + cp_rank * c, start + (cp_rank + 1) * c, device=device))
-        pieces.append(torch.arange(start + (2 * cp_size - 1 - cp_rank) * c, start + (2 * cp_size - cp_rank) * c,
-                                   device=device))
+        pieces.append(
+            torch.arange(start + (2 * cp_size - 1 - cp_rank) * c, start + (2 * cp_size - cp_rank) * c, device=device)
+        )
         start += p
     return torch.cat(pieces)

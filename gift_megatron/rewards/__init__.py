@@ -16,5 +16,18 @@ from gift_megatron.rewards.base import RewardError, RewardFunction, RewardInput,
 from gift_megatron.rewards.registry import BUILTIN, UserFunction, build_reward, check_reward
 from gift_megatron.rewards.verifiers import ExactMatch, MathVerify, ToyReward, first_number
 
-__all__ = ["RewardError", "RewardFunction", "RewardInput", "check_rewards", "show_sample", "build_reward", "check_reward",
-           "BUILTIN", "UserFunction", "ExactMatch", "MathVerify", "ToyReward", "first_number"]
+__all__ = [
+    "BUILTIN",
+    "ExactMatch",
+    "MathVerify",
+    "RewardError",
+    "RewardFunction",
+    "RewardInput",
+    "ToyReward",
+    "UserFunction",
+    "build_reward",
+    "check_reward",
+    "check_rewards",
+    "first_number",
+    "show_sample",
+]

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, Sequence, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,7 @@ class RewardError(ValueError):
 
 def show_sample(sample: RewardInput, limit: int = 300) -> str:
     """The sample as one line for error messages: prompt and response truncated to ``limit`` characters."""
+
     def cut(text: str) -> str:
         return text if len(text) <= limit else text[:limit] + f"... ({len(text)} chars)"
 

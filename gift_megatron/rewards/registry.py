@@ -8,7 +8,8 @@ import importlib.util
 import inspect
 import os
 import sys
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 from gift_megatron.rewards.base import RewardError, RewardFunction, RewardInput, show_sample
 from gift_megatron.rewards.verifiers import ExactMatch, MathVerify, ToyReward
@@ -36,19 +37,23 @@ class UserFunction:
                 try:
                     out.append(self.fn(s.prompt, s.response, s.answer, **self.options))
                 except Exception as exc:
-                    raise RewardError(f"reward {self.spec} failed ({type(exc).__name__}: {exc}) on "
-                                      f"{show_sample(s)}") from exc
+                    raise RewardError(
+                        f"reward {self.spec} failed ({type(exc).__name__}: {exc}) on {show_sample(s)}"
+                    ) from exc
             return out
         try:
             values = self.fn(list(samples), **self.options)
         except Exception as exc:
-            raise RewardError(f"reward {self.spec} failed on a batch of {len(samples)} samples "
-                              f"({type(exc).__name__}: {exc})") from exc
+            raise RewardError(
+                f"reward {self.spec} failed on a batch of {len(samples)} samples ({type(exc).__name__}: {exc})"
+            ) from exc
         try:
             return list(values)
         except TypeError:
-            raise RewardError(f"reward {self.spec} returned {type(values).__name__}; a batch reward function "
-                              "returns one float per sample (or set per_sample: true)") from None
+            raise RewardError(
+                f"reward {self.spec} returned {type(values).__name__}; a batch reward function "
+                "returns one float per sample (or set per_sample: true)"
+            ) from None
 
 
 def _import_function(spec: str) -> Callable:

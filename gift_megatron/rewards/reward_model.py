@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -31,8 +31,15 @@ class RewardModel:
     (a torch dtype name), chat_template (``auto`` | true | false).
     """
 
-    def __init__(self, path: str, device: str | None = None, batch_size: int = 8, max_length: int | None = 4096,
-                 dtype: str = "float32", chat_template: bool | str = "auto") -> None:
+    def __init__(
+        self,
+        path: str,
+        device: str | None = None,
+        batch_size: int = 8,
+        max_length: int | None = 4096,
+        dtype: str = "float32",
+        chat_template: bool | str = "auto",
+    ) -> None:
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         self.spec = f"reward_model:{path}"
@@ -54,8 +61,9 @@ class RewardModel:
             raise ValueError(f"reward {self.spec}: cannot load it: {exc}") from exc
         self.model.to(self.device).eval()
         if self.model.config.num_labels != 1:
-            raise ValueError(f"reward {self.spec}: expected a scalar head (num_labels=1), got "
-                             f"{self.model.config.num_labels}")
+            raise ValueError(
+                f"reward {self.spec}: expected a scalar head (num_labels=1), got {self.model.config.num_labels}"
+            )
         has_template = bool(getattr(self.tokenizer, "chat_template", None))
         if chat_template is True and not has_template:
             raise ValueError(f"reward {self.spec}: chat_template: true but its tokenizer has no chat_template")
@@ -73,8 +81,10 @@ class RewardModel:
         if pad is None:
             pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
             if pad is None:
-                raise ValueError(f"reward {self.spec}: neither the model config nor the tokenizer names a pad or "
-                                 "EOS token, so batches cannot be padded")
+                raise ValueError(
+                    f"reward {self.spec}: neither the model config nor the tokenizer names a pad or "
+                    "EOS token, so batches cannot be padded"
+                )
             config.pad_token_id = pad
         if tok.pad_token_id != pad:
             tok.pad_token = tok.convert_ids_to_tokens(pad)
@@ -83,17 +93,25 @@ class RewardModel:
         """The text the reward model reads for sample ``s``."""
         if not self.use_chat_template:
             return s.prompt + s.response
-        chat = s.example.chat if s.example is not None and hasattr(s.example, "chat") else \
-            [{"role": "user", "content": s.prompt}]
-        return self.tokenizer.apply_chat_template(chat + [{"role": "assistant", "content": s.response}],
-                                                  tokenize=False)
+        chat = (
+            s.example.chat
+            if s.example is not None and hasattr(s.example, "chat")
+            else [{"role": "user", "content": s.prompt}]
+        )
+        return self.tokenizer.apply_chat_template(chat + [{"role": "assistant", "content": s.response}], tokenize=False)
 
     @torch.no_grad()
     def __call__(self, samples: Sequence[RewardInput]) -> list[float]:
         out: list[float] = []
         for i in range(0, len(samples), self.batch_size):
-            texts = [self.format(s) for s in samples[i:i + self.batch_size]]
-            enc = self.tokenizer(texts, return_tensors="pt", padding=True, truncation=self.max_length is not None,
-                                 max_length=self.max_length, add_special_tokens=not self.use_chat_template)
+            texts = [self.format(s) for s in samples[i : i + self.batch_size]]
+            enc = self.tokenizer(
+                texts,
+                return_tensors="pt",
+                padding=True,
+                truncation=self.max_length is not None,
+                max_length=self.max_length,
+                add_special_tokens=not self.use_chat_template,
+            )
             out.extend(self.model(**enc.to(self.device)).logits[:, 0].float().cpu().tolist())
         return out

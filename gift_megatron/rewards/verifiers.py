@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import re
 import threading
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from gift_megatron.rewards.base import RewardError, RewardInput, require_answer, show_sample
 
@@ -33,18 +34,22 @@ class MathVerify:
     callers who would rather fail than risk a pathological input running unbounded.
     """
 
-    def __init__(self, timeout_seconds: int = 5, correct: float = 1.0, wrong: float = 0.0,
-                 off_main_thread: str = "no_timeout") -> None:
+    def __init__(
+        self, timeout_seconds: int = 5, correct: float = 1.0, wrong: float = 0.0, off_main_thread: str = "no_timeout"
+    ) -> None:
         try:
             import math_verify  # noqa: F401
         except ImportError as exc:
             raise ImportError("reward math_verify needs the math-verify package (pip install math-verify)") from exc
         if not isinstance(timeout_seconds, int) or timeout_seconds < 0:
-            raise ValueError(f"reward math_verify: timeout_seconds must be a whole number >= 0 (0: no timeout), "
-                             f"got {timeout_seconds!r}")
+            raise ValueError(
+                f"reward math_verify: timeout_seconds must be a whole number >= 0 (0: no timeout), "
+                f"got {timeout_seconds!r}"
+            )
         if off_main_thread not in ("no_timeout", "error"):
-            raise ValueError(f"reward math_verify: off_main_thread must be 'no_timeout' or 'error', got "
-                             f"{off_main_thread!r}")
+            raise ValueError(
+                f"reward math_verify: off_main_thread must be 'no_timeout' or 'error', got {off_main_thread!r}"
+            )
         self.timeout, self.correct, self.wrong = timeout_seconds or None, float(correct), float(wrong)
         self.off_main_thread = off_main_thread
         self._gold_cache: dict[tuple[str, int | None], Any] = {}
@@ -54,8 +59,10 @@ class MathVerify:
         if self.timeout is None or threading.current_thread() is threading.main_thread():
             return self.timeout
         if self.off_main_thread == "error":
-            raise RuntimeError("reward math_verify: called outside the main thread, where math-verify's "
-                               "signal-based timeout cannot work (off_main_thread: error)")
+            raise RuntimeError(
+                "reward math_verify: called outside the main thread, where math-verify's "
+                "signal-based timeout cannot work (off_main_thread: error)"
+            )
         return None
 
     def _gold(self, answer: str, timeout: int | None) -> Any:
@@ -99,8 +106,7 @@ class ExactMatch:
     number in the response ("42, because 6*7" matches "42"; thousands separators removed on both sides).
     """
 
-    def __init__(self, ignore_case: bool = True, normalize_whitespace: bool = True,
-                 first_number: bool = False) -> None:
+    def __init__(self, ignore_case: bool = True, normalize_whitespace: bool = True, first_number: bool = False) -> None:
         self.ignore_case, self.normalize_whitespace = ignore_case, normalize_whitespace
         self.first_number = first_number
 

@@ -4,4 +4,4 @@ from gift_megatron.rollout.base import Rollout, RolloutEngine, SamplingParams
 from gift_megatron.rollout.factory import build_engine, resolve_engine
 from gift_megatron.rollout.hf_engine import HFRolloutEngine
 
-__all__ = ["Rollout", "RolloutEngine", "SamplingParams", "HFRolloutEngine", "build_engine", "resolve_engine"]
+__all__ = ["HFRolloutEngine", "Rollout", "RolloutEngine", "SamplingParams", "build_engine", "resolve_engine"]

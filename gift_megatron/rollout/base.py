@@ -7,8 +7,9 @@ tensor), which is what the streaming export of a sharded Megatron model produces
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Protocol, Sequence
+from typing import Protocol
 
 import torch
 

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import os
 import tempfile
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -37,14 +38,24 @@ def engine_cuda_devices(cfg: Any, replica_ranks: Sequence[int] | None = None) ->
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
     if replica_ranks is None:
         p = cfg.parallel
-        replica_ranks = megatron_replica_ranks(rank, world, p.tensor_model_parallel_size,
-                                               p.pipeline_model_parallel_size, p.context_parallel_size)
+        replica_ranks = megatron_replica_ranks(
+            rank, world, p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.context_parallel_size
+        )
     # torchrun's variables; without them (a world of one), this process's GPU among those it sees.
     local_rank = int(os.environ["LOCAL_RANK"]) if "LOCAL_RANK" in os.environ else torch.cuda.current_device()
-    local_world = (int(os.environ["LOCAL_WORLD_SIZE"]) if "LOCAL_WORLD_SIZE" in os.environ
-                   else min(world, torch.cuda.device_count()))
-    return replica_engine_devices(replica_ranks, rank, local_rank, local_world, cfg.rollout.tensor_parallel_size,
-                                  os.environ.get("CUDA_VISIBLE_DEVICES"))
+    local_world = (
+        int(os.environ["LOCAL_WORLD_SIZE"])
+        if "LOCAL_WORLD_SIZE" in os.environ
+        else min(world, torch.cuda.device_count())
+    )
+    return replica_engine_devices(
+        replica_ranks,
+        rank,
+        local_rank,
+        local_world,
+        cfg.rollout.tensor_parallel_size,
+        os.environ.get("CUDA_VISIBLE_DEVICES"),
+    )
 
 
 def build_engine(cfg: Any, tokenizer: Any, replica_ranks: Sequence[int] | None = None):
@@ -56,8 +67,13 @@ def build_engine(cfg: Any, tokenizer: Any, replica_ranks: Sequence[int] | None =
 
     kind = resolve_engine(cfg.rollout.engine)
     dtype = cfg.precision.torch_dtype
-    hf_cfg = hf_config_dict(cfg.model, dtype=dtype, eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id,
-                            bos_token_id=tokenizer.bos_id)
+    hf_cfg = hf_config_dict(
+        cfg.model,
+        dtype=dtype,
+        eos_token_id=tokenizer.eos_id,
+        pad_token_id=tokenizer.pad_id,
+        bos_token_id=tokenizer.bos_id,
+    )
     if kind == "hf":
         import transformers
 
@@ -78,10 +94,18 @@ def build_engine(cfg: Any, tokenizer: Any, replica_ranks: Sequence[int] | None =
         model_dir = tempfile.mkdtemp(prefix="gift_megatron_vllm_", dir=cfg.run.output_dir)
         write_hf_config(model_dir, hf_cfg)
         r = cfg.rollout
-        return VLLMRolloutEngine(model_dir, tensor_parallel_size=r.tensor_parallel_size,
-                                 gpu_memory_utilization=r.gpu_memory_utilization,
-                                 enable_sleep_mode=r.sleep_during_training, sleep_level=r.sleep_level,
-                                 seed=cfg.run.seed, dtype=cfg.precision.dtype,
-                                 max_model_len=cfg.model.seq_length + 1, kv_cache_memory_bytes=r.kv_cache_bytes,
-                                 enforce_eager=r.enforce_eager, cuda_devices=devices, skip_tokenizer_init=True)
+        return VLLMRolloutEngine(
+            model_dir,
+            tensor_parallel_size=r.tensor_parallel_size,
+            gpu_memory_utilization=r.gpu_memory_utilization,
+            enable_sleep_mode=r.sleep_during_training,
+            sleep_level=r.sleep_level,
+            seed=cfg.run.seed,
+            dtype=cfg.precision.dtype,
+            max_model_len=cfg.model.seq_length + 1,
+            kv_cache_memory_bytes=r.kv_cache_bytes,
+            enforce_eager=r.enforce_eager,
+            cuda_devices=devices,
+            skip_tokenizer_init=True,
+        )
     raise ValueError(f"rollout.engine: unknown engine {kind!r} (auto, hf, vllm)")

@@ -7,7 +7,7 @@ by transformers (temperature, top-p); the log-prob of every generated token is r
 
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 
@@ -35,7 +35,9 @@ class HFRolloutEngine:
         device = next(self.model.parameters()).device
         # transformers samples from the global generator; fork it so that a seeded rollout does not reset
         # the training process's own random stream (dropout, shuffles) to a function of the rollout seed.
-        cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+        cuda = (
+            [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+        )
         with torch.random.fork_rng(devices=cuda, enabled=params.seed is not None):
             if params.seed is not None:
                 torch.manual_seed(params.seed)
@@ -49,12 +51,19 @@ class HFRolloutEngine:
             ids = torch.tensor([list(prompt)] * params.n, dtype=torch.long, device=device)
             greedy = params.temperature == 0
             result = self.model.generate(
-                input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=not greedy,
-                temperature=None if greedy else params.temperature, top_p=None if greedy else params.top_p,
-                top_k=None, max_new_tokens=params.max_tokens, eos_token_id=self.eos_token_id,
-                pad_token_id=self.pad_token_id, output_logits=True, return_dict_in_generate=True,
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                do_sample=not greedy,
+                temperature=None if greedy else params.temperature,
+                top_p=None if greedy else params.top_p,
+                top_k=None,
+                max_new_tokens=params.max_tokens,
+                eos_token_id=self.eos_token_id,
+                pad_token_id=self.pad_token_id,
+                output_logits=True,
+                return_dict_in_generate=True,
             )
-            new = result.sequences[:, ids.shape[1]:]
+            new = result.sequences[:, ids.shape[1] :]
             logits = torch.stack(result.logits, dim=1).float()  # [n, T, V], raw (before processors)
             if not greedy:
                 logits = logits / params.temperature
@@ -114,11 +123,14 @@ class HFRolloutEngine:
             elif name in views:
                 target = views[name][1]
             else:
-                raise ValueError(f"update_weights: {name!r} is not a parameter of the rollout model "
-                                 f"({type(self.model).__name__})")
+                raise ValueError(
+                    f"update_weights: {name!r} is not a parameter of the rollout model ({type(self.model).__name__})"
+                )
             if tuple(target.shape) != tuple(tensor.shape):
-                raise ValueError(f"update_weights: {name!r} has shape {list(tensor.shape)}, the rollout model "
-                                 f"expects {list(target.shape)}")
+                raise ValueError(
+                    f"update_weights: {name!r} has shape {list(tensor.shape)}, the rollout model "
+                    f"expects {list(target.shape)}"
+                )
             target.copy_(tensor.to(device=target.device, dtype=target.dtype))
             seen.add(name)
         # A fused expert parameter is complete when it came whole or every one of its experts came.
@@ -132,8 +144,9 @@ class HFRolloutEngine:
             tied = getattr(self.model.config, "tie_word_embeddings", False)
             missing = [n for n in missing if not (tied and n == "lm_head.weight")]
             if missing:
-                raise ValueError(f"update_weights: the stream had no tensor for {missing[:5]}"
-                                 f"{' ...' if len(missing) > 5 else ''}")
+                raise ValueError(
+                    f"update_weights: the stream had no tensor for {missing[:5]}{' ...' if len(missing) > 5 else ''}"
+                )
 
     def sleep(self) -> None:  # nothing to release on CPU
         pass

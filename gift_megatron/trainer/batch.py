@@ -8,8 +8,8 @@ reward function and becomes one row of the batch.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 
@@ -55,13 +55,15 @@ def pack(members: Sequence[Member], seq_length: int, pad_id: int) -> dict[str, t
     for i, m in enumerate(members):
         p, r = len(m.prompt_ids), len(m.response_ids)
         if p + r > seq_length + 1:
-            raise ValueError(f"group {m.group_id} {m.kind} member: prompt ({p}) + response ({r}) tokens exceed "
-                             f"model.seq_length + 1 ({seq_length + 1}); raise model.seq_length or lower "
-                             "rollout.max_tokens / data.max_prompt_tokens")
+            raise ValueError(
+                f"group {m.group_id} {m.kind} member: prompt ({p}) + response ({r}) tokens exceed "
+                f"model.seq_length + 1 ({seq_length + 1}); raise model.seq_length or lower "
+                "rollout.max_tokens / data.max_prompt_tokens"
+            )
         if r == 0:
             raise ValueError(f"group {m.group_id} {m.kind} member: empty response")
-        tokens[i, :p + r] = torch.tensor(list(m.prompt_ids) + list(m.response_ids), dtype=torch.long, device=host)
-        mask[i, p - 1:p - 1 + r] = 1.0
+        tokens[i, : p + r] = torch.tensor(list(m.prompt_ids) + list(m.response_ids), dtype=torch.long, device=host)
+        mask[i, p - 1 : p - 1 + r] = 1.0
     return {
         "tokens": tokens[:, :-1].contiguous(),
         "labels": tokens[:, 1:].contiguous(),
@@ -76,7 +78,7 @@ def micro_batches(batch: dict[str, torch.Tensor], micro_batch_size: int) -> list
     n = batch["tokens"].shape[0]
     if n % micro_batch_size:
         raise ValueError(f"{n} members are not a multiple of train.micro_batch_size ({micro_batch_size})")
-    return [{k: v[i:i + micro_batch_size] for k, v in batch.items()} for i in range(0, n, micro_batch_size)]
+    return [{k: v[i : i + micro_batch_size] for k, v in batch.items()} for i in range(0, n, micro_batch_size)]
 
 
 def member_length(m: Member) -> int:
@@ -102,9 +104,19 @@ class StepBatch:
     tokens_computed: int
 
 
-def step_batch(members: Sequence[Member], *, seq_length: int, pad_id: int, micro_batch_size: int | None = None,
-               micro_batch_tokens: int | None = None, dp_size: int = 1, dp_rank: int = 0, multiple: int = 1,
-               fixed_rows: bool = False, bins_multiple: int = 1) -> StepBatch:
+def step_batch(
+    members: Sequence[Member],
+    *,
+    seq_length: int,
+    pad_id: int,
+    micro_batch_size: int | None = None,
+    micro_batch_tokens: int | None = None,
+    dp_size: int = 1,
+    dp_rank: int = 0,
+    multiple: int = 1,
+    fixed_rows: bool = False,
+    bins_multiple: int = 1,
+) -> StepBatch:
     """This rank's micro-batches of the step.
 
     Rows (``micro_batch_size``): ``members`` are this replica's; rows are trimmed to the longest sequence
@@ -122,8 +134,14 @@ def step_batch(members: Sequence[Member], *, seq_length: int, pad_id: int, micro
         mbs = micro_batches(rows, micro_batch_size)
     else:
         lengths = [member_length(m) for m in members]
-        plan = plan_bins(lengths, [m.group_id for m in members], budget=micro_batch_tokens, dp_size=dp_size,
-                         multiple=multiple, bins_multiple=bins_multiple)
+        plan = plan_bins(
+            lengths,
+            [m.group_id for m in members],
+            budget=micro_batch_tokens,
+            dp_size=dp_size,
+            multiple=multiple,
+            bins_multiple=bins_multiple,
+        )
         bins = plan[dp_rank]
         order = [i for b in bins for i in b]
         mine = [members[i] for i in order]
@@ -133,11 +151,21 @@ def step_batch(members: Sequence[Member], *, seq_length: int, pad_id: int, micro
         for b in bins:
             local.append(list(range(start, start + len(b))))
             start += len(b)
-        mbs = pack_rows(rows, local, multiple=multiple, lengths=[lengths[i] for i in order],
-                        row_tokens=plan_row_tokens(plan, lengths, multiple) if fixed_rows else None)
+        mbs = pack_rows(
+            rows,
+            local,
+            multiple=multiple,
+            lengths=[lengths[i] for i in order],
+            row_tokens=plan_row_tokens(plan, lengths, multiple) if fixed_rows else None,
+        )
     engine = [mb.pop("engine_logp") for mb in mbs]
-    return StepBatch(mbs, engine, mine, tokens_real=sum(member_length(m) for m in mine),
-                     tokens_computed=sum(int(mb["tokens"].numel()) for mb in mbs))
+    return StepBatch(
+        mbs,
+        engine,
+        mine,
+        tokens_real=sum(member_length(m) for m in mine),
+        tokens_computed=sum(int(mb["tokens"].numel()) for mb in mbs),
+    )
 
 
 def engine_logprobs(members: Sequence[Member], seq_length: int) -> torch.Tensor:
@@ -151,13 +179,12 @@ def engine_logprobs(members: Sequence[Member], seq_length: int) -> torch.Tensor:
     for i, m in enumerate(members):
         if m.kind == "rollout" and m.rollout_logprobs:
             start = len(m.prompt_ids) - 1
-            lp = m.rollout_logprobs[:seq_length - start]
-            out[i, start:start + len(lp)] = torch.tensor(lp, dtype=torch.float32, device="cpu")
+            lp = m.rollout_logprobs[: seq_length - start]
+            out[i, start : start + len(lp)] = torch.tensor(lp, dtype=torch.float32, device="cpu")
     return out
 
 
-def rollout_logprob_gap(trainer_logp: torch.Tensor, engine_logp: torch.Tensor, mask: torch.Tensor
-                        ) -> torch.Tensor:
+def rollout_logprob_gap(trainer_logp: torch.Tensor, engine_logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """[max |trainer log-prob - engine log-prob| over counted rollout tokens, 1 if there was any such token
     else 0]: fp32 [2] on ``trainer_logp``'s device, no host sync.
 
@@ -170,13 +197,14 @@ def rollout_logprob_gap(trainer_logp: torch.Tensor, engine_logp: torch.Tensor, m
     return torch.stack([diff.max() if diff.numel() else diff.sum(), valid.any().float()]).float()
 
 
-def rollout_kl_to_reference(ref_logp: torch.Tensor, engine_logp: torch.Tensor, mask: torch.Tensor
-                            ) -> torch.Tensor:
+def rollout_kl_to_reference(ref_logp: torch.Tensor, engine_logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """[sum over rollout responses of sum_t (engine log-prob - reference log-prob), number of rollout
     responses]: fp32 [2] on ``ref_logp``'s device, no host sync. The k1 estimate of KL(pi || pi_ref) per
     response, from numbers the step has anyway (no extra pass). ref_logp, mask [N, S]; engine_logp as above.
     """
     engine = engine_logp.to(ref_logp.device, non_blocking=True)
     valid = (mask > 0) & torch.isfinite(engine)
-    per_token = torch.where(valid, torch.nan_to_num(engine) - ref_logp.float(), ref_logp.new_zeros((), dtype=torch.float32))
+    per_token = torch.where(
+        valid, torch.nan_to_num(engine) - ref_logp.float(), ref_logp.new_zeros((), dtype=torch.float32)
+    )
     return torch.stack([per_token.sum(), valid.any(dim=1).float().sum()])

@@ -15,7 +15,8 @@ The cost is one forward pass over the batch, paid on logged steps only.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from gift_megatron.comm import broadcast_objects
 from gift_megatron.device import to_host_floats
@@ -29,9 +30,15 @@ def wants_post_update_metrics(objective: Objective) -> bool:
     return objective.name == "gift" and getattr(objective, "reference", None) == "rollout"
 
 
-def post_update_implicit_metrics(objective: Objective, model, micro_batches: Sequence[dict[str, Any]], *,
-                                 temperature: float = 1.0, chunk_size: int | None = None,
-                                 vocab_size: int | None = None) -> dict[str, float]:
+def post_update_implicit_metrics(
+    objective: Objective,
+    model,
+    micro_batches: Sequence[dict[str, Any]],
+    *,
+    temperature: float = 1.0,
+    chunk_size: int | None = None,
+    vocab_size: int | None = None,
+) -> dict[str, float]:
     """``{gift/beta_x_mean, gift/beta_x_median, gift/implicit_reward_std}`` of the updated policy on
     ``micro_batches`` (which carry ``old_logp`` from the step's old-policy pass), on every rank.
 
@@ -44,16 +51,20 @@ def post_update_implicit_metrics(objective: Objective, model, micro_batches: Seq
 
     layout = batch_layout()
     # The micro-batches were validated (labels included) when the step prepared them.
-    logps = forward_logprobs(model, micro_batches, temperature=temperature, chunk_size=chunk_size,
-                             vocab_size=vocab_size, check_labels=False)
+    logps = forward_logprobs(
+        model, micro_batches, temperature=temperature, chunk_size=chunk_size, vocab_size=vocab_size, check_labels=False
+    )
     payload: list[Any] = [None]
     if ps.is_pipeline_last_stage():
-        parts = [objective.members(token_batch(split_for_context_parallel(mb), lp), layout)
-                 for mb, lp in zip(micro_batches, logps)]
+        parts = [
+            objective.members(token_batch(split_for_context_parallel(mb), lp), layout)
+            for mb, lp in zip(micro_batches, logps)
+        ]
         metrics = objective.statistics(Members.cat(parts), layout).metrics
         payload = [to_host_floats({k: metrics[k] for k in KEYS})]  # one host copy
-    broadcast_objects(payload, src=ps.get_pipeline_model_parallel_last_rank(),
-                      group=ps.get_pipeline_model_parallel_group())
+    broadcast_objects(
+        payload, src=ps.get_pipeline_model_parallel_last_rank(), group=ps.get_pipeline_model_parallel_group()
+    )
     return payload[0]
 
 

@@ -29,8 +29,7 @@ import torch.distributed as dist
 from gift_megatron import comm
 from gift_megatron.config import TrainConfig, check_world_size, save_config
 from gift_megatron.device import default_backend, use_cuda
-from gift_megatron.megatron.step import _ps
-from gift_megatron.megatron.step import member_rows
+from gift_megatron.megatron.step import _ps, member_rows
 from gift_megatron.parallel.packing import pad_multiple
 from gift_megatron.trainer.batch import Member, StepBatch, rollout_kl_to_reference, rollout_logprob_gap, step_batch
 from gift_megatron.trainer.metrics import DegenerateGroupsWatch, MetricsLogger, first_eval_record, plot_run
@@ -55,18 +54,25 @@ def init_distributed(cfg: TrainConfig) -> None:
     if cuda:
         from megatron.core import parallel_state, tensor_parallel
 
-        parallel_state.initialize_model_parallel(p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
-                                                 context_parallel_size=p.context_parallel_size,
-                                                 expert_model_parallel_size=p.expert_model_parallel_size,
-                                                 expert_tensor_parallel_size=p.expert_tensor_parallel_size)
+        parallel_state.initialize_model_parallel(
+            p.tensor_model_parallel_size,
+            p.pipeline_model_parallel_size,
+            context_parallel_size=p.context_parallel_size,
+            expert_model_parallel_size=p.expert_model_parallel_size,
+            expert_tensor_parallel_size=p.expert_tensor_parallel_size,
+        )
         tensor_parallel.model_parallel_cuda_manual_seed(cfg.run.seed)
     else:
         from gift_megatron.parallel import initialize_model_parallel_cpu
 
-        initialize_model_parallel_cpu(p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
-                                      p.context_parallel_size, seed=cfg.run.seed,
-                                      expert_model_parallel_size=p.expert_model_parallel_size,
-                                      expert_tensor_parallel_size=p.expert_tensor_parallel_size)
+        initialize_model_parallel_cpu(
+            p.tensor_model_parallel_size,
+            p.pipeline_model_parallel_size,
+            p.context_parallel_size,
+            seed=cfg.run.seed,
+            expert_model_parallel_size=p.expert_model_parallel_size,
+            expert_tensor_parallel_size=p.expert_tensor_parallel_size,
+        )
 
 
 def _free_port() -> int:
@@ -100,8 +106,11 @@ def replica_groups() -> tuple[Any, int]:
 
 def is_rollout_owner() -> bool:
     ps = _ps()
-    return (ps.get_tensor_model_parallel_rank() == 0 and ps.get_pipeline_model_parallel_rank() == 0
-            and ps.get_context_parallel_rank() == 0)
+    return (
+        ps.get_tensor_model_parallel_rank() == 0
+        and ps.get_pipeline_model_parallel_rank() == 0
+        and ps.get_context_parallel_rank() == 0
+    )
 
 
 # ------------------------------------------------------------------------------------------ the trainer
@@ -142,8 +151,9 @@ class Trainer:
 
         # Gradient buffers and optimizer state live in host memory while the engine is awake (it measures the
         # free memory when it starts, so they go before it is built).
-        self.states = TrainingStateOffloader(self.model, self.optimizer, enabled=offload_enabled(cfg),
-                                             group=self.replica_group)
+        self.states = TrainingStateOffloader(
+            self.model, self.optimizer, enabled=offload_enabled(cfg), group=self.replica_group
+        )
         self.states.before_engine_wakes()
         self.engine = self._build_engine() if self.owner else None
         self.sync_weights()
@@ -151,10 +161,17 @@ class Trainer:
             os.makedirs(self.run_dir, exist_ok=True)
             save_config(cfg, os.path.join(self.run_dir, "config.yaml"))
         self.logger = MetricsLogger(
-            self.run_dir, enabled=self.rank == 0, resume_step=self.step if self.resumed else None,
-            tensorboard=cfg.run.tensorboard, wandb_project=cfg.run.wandb_project,
-            config=dataclasses.asdict(cfg), total_steps=cfg.train.steps, initial_step=self.step,
-            progress=cfg.run.progress, demo_members=self.n_expert + self.n_teacher > 0)
+            self.run_dir,
+            enabled=self.rank == 0,
+            resume_step=self.step if self.resumed else None,
+            tensorboard=cfg.run.tensorboard,
+            wandb_project=cfg.run.wandb_project,
+            config=dataclasses.asdict(cfg),
+            total_steps=cfg.train.steps,
+            initial_step=self.step,
+            progress=cfg.run.progress,
+            demo_members=self.n_expert + self.n_teacher > 0,
+        )
 
     # ----------------------------------------------------------------------------------------- data
     def _load_data(self) -> None:
@@ -168,13 +185,16 @@ class Trainer:
             if self.cfg.init.hf_config is None:
                 raise ValueError("data.tokenizer: no tokenizer given (and no init.hf_config dir to take it from)")
             d.tokenizer = self.cfg.init.hf_config
-        self.tokenizer = Tokenizer.load(d.tokenizer, use_chat_template=d.use_chat_template,
-                                        chat_template_kwargs=d.chat_template_kwargs)
+        self.tokenizer = Tokenizer.load(
+            d.tokenizer, use_chat_template=d.use_chat_template, chat_template_kwargs=d.chat_template_kwargs
+        )
         check_vocab(self.tokenizer, self.cfg.model.vocab_size)
-        self.train_set, report = load_prompts(d.train_files, max_skipped_fraction=d.max_skipped_fraction,
-                                              fields=d.fields)
-        self.eval_set = load_prompts(d.eval_files, max_skipped_fraction=d.max_skipped_fraction,
-                                     fields=d.fields)[0] if d.eval_files else []
+        self.train_set, _ = load_prompts(d.train_files, max_skipped_fraction=d.max_skipped_fraction, fields=d.fields)
+        self.eval_set = (
+            load_prompts(d.eval_files, max_skipped_fraction=d.max_skipped_fraction, fields=d.fields)[0]
+            if d.eval_files
+            else []
+        )
         for example in self.train_set:
             self._check_example(example)
         self.reward_fn = build_reward(self.cfg.reward.name, **self.cfg.reward.options)
@@ -184,14 +204,18 @@ class Trainer:
         where = f"{ex.source}:{ex.line}"
         n = len(self.tokenizer.prompt_ids(ex))
         if n > self.cfg.data.max_prompt_tokens:
-            raise ValueError(f"{where}: prompt has {n} tokens, more than data.max_prompt_tokens "
-                             f"({self.cfg.data.max_prompt_tokens})")
+            raise ValueError(
+                f"{where}: prompt has {n} tokens, more than data.max_prompt_tokens ({self.cfg.data.max_prompt_tokens})"
+            )
         if self.n_expert and not ex.expert:
-            raise ValueError(f"{where}: objective {self.objective.name} adds {self.n_expert} expert member(s) per "
-                             "group but the row has no 'expert' field (set groups.n_expert=0 to train without)")
+            raise ValueError(
+                f"{where}: objective {self.objective.name} adds {self.n_expert} expert member(s) per "
+                "group but the row has no 'expert' field (set groups.n_expert=0 to train without)"
+            )
         if self.n_teacher and len(ex.teachers) < self.n_teacher:
-            raise ValueError(f"{where}: groups.n_teacher={self.n_teacher} but the row has "
-                             f"{len(ex.teachers)} teacher response(s)")
+            raise ValueError(
+                f"{where}: groups.n_teacher={self.n_teacher} but the row has {len(ex.teachers)} teacher response(s)"
+            )
 
     def _step_prompts(self, step: int) -> list[tuple[int, Any]]:
         """This replica's (global prompt index within the step, example) pairs for ``step``: a seeded
@@ -230,29 +254,60 @@ class Trainer:
             # Weights only, in this run's layout (Megatron reshards); a converted root or a step dir.
             load_checkpoint(resolve_checkpoint(cfg.init.checkpoint), [module], restore_rng=False)
         distributed = o.use_distributed_optimizer and self.dp > 1
-        self.model = [DistributedDataParallel(
-            config=module.config, module=module,
-            ddp_config=DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=distributed))]
-        self.optimizer = get_megatron_optimizer(OptimizerConfig(
-            optimizer="adam", lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay, adam_beta1=o.adam_beta1,
-            adam_beta2=o.adam_beta2, adam_eps=o.adam_eps, clip_grad=o.clip_grad,
-            bf16=cfg.precision.dtype == "bf16", fp16=cfg.precision.dtype == "fp16",
-            params_dtype=cfg.precision.torch_dtype, use_distributed_optimizer=distributed), self.model)
+        self.model = [
+            DistributedDataParallel(
+                config=module.config,
+                module=module,
+                ddp_config=DistributedDataParallelConfig(
+                    grad_reduce_in_fp32=True, use_distributed_optimizer=distributed
+                ),
+            )
+        ]
+        self.optimizer = get_megatron_optimizer(
+            OptimizerConfig(
+                optimizer="adam",
+                lr=o.lr,
+                min_lr=o.min_lr,
+                weight_decay=o.weight_decay,
+                adam_beta1=o.adam_beta1,
+                adam_beta2=o.adam_beta2,
+                adam_eps=o.adam_eps,
+                clip_grad=o.clip_grad,
+                bf16=cfg.precision.dtype == "bf16",
+                fp16=cfg.precision.dtype == "fp16",
+                params_dtype=cfg.precision.torch_dtype,
+                use_distributed_optimizer=distributed,
+            ),
+            self.model,
+        )
         steps = cfg.train.steps * cfg.train.updates_per_step
         self.scheduler = OptimizerParamScheduler(
-            self.optimizer, init_lr=0.0 if o.warmup_steps else o.lr, max_lr=o.lr, min_lr=o.min_lr,
-            lr_warmup_steps=o.warmup_steps, lr_decay_steps=max(steps, o.warmup_steps + 1),
-            lr_decay_style=o.lr_decay_style, start_wd=o.weight_decay, end_wd=o.weight_decay,
-            wd_incr_steps=max(steps, 1), wd_incr_style="constant")
+            self.optimizer,
+            init_lr=0.0 if o.warmup_steps else o.lr,
+            max_lr=o.lr,
+            min_lr=o.min_lr,
+            lr_warmup_steps=o.warmup_steps,
+            lr_decay_steps=max(steps, o.warmup_steps + 1),
+            lr_decay_style=o.lr_decay_style,
+            start_wd=o.weight_decay,
+            end_wd=o.weight_decay,
+            wd_incr_steps=max(steps, 1),
+            wd_incr_style="constant",
+        )
         # The frozen reference is the initial policy: built before any resume, so a resumed run compares
         # against the same weights as the uninterrupted one.
         self.reference = None
         if "ref_logp" in self.objective.uses:
             self.reference = FrozenReference(self.model, lambda i: build_model(cfg.model, cfg.parallel, cfg.precision))
-        self.train_step = ObjectiveStep(self.objective, self.model, self.optimizer, reference=self.reference,
-                                        temperature=self._logprob_temperature(),
-                                        logprob_chunk_size=cfg.train.logprob_chunk_size,
-                                        vocab_size=cfg.model.vocab_size)
+        self.train_step = ObjectiveStep(
+            self.objective,
+            self.model,
+            self.optimizer,
+            reference=self.reference,
+            temperature=self._logprob_temperature(),
+            logprob_chunk_size=cfg.train.logprob_chunk_size,
+            vocab_size=cfg.model.vocab_size,
+        )
 
     def _logprob_temperature(self) -> float:
         t = self.cfg.rollout.temperature
@@ -264,8 +319,10 @@ class Trainer:
 
         r = self.cfg.run.resume
         if r == "none" and latest_checkpoint(self.ckpt_dir) is not None:
-            raise ValueError(f"run.output_dir {self.run_dir} already holds checkpoints: pass run.resume=auto to "
-                             "continue that run, or choose another run.output_dir")
+            raise ValueError(
+                f"run.output_dir {self.run_dir} already holds checkpoints: pass run.resume=auto to "
+                "continue that run, or choose another run.output_dir"
+            )
 
     def _resume(self) -> None:
         from gift_megatron.megatron import latest_checkpoint, load_checkpoint
@@ -285,8 +342,15 @@ class Trainer:
         from gift_megatron.megatron import save_checkpoint
 
         with self.states.onloaded(self.engine):  # the save reads the optimizer state on the GPU
-            save_checkpoint(self.ckpt_dir, self.step, self.model, self.optimizer, self.scheduler,
-                            data_state={"consumed": self.consumed}, keep_last=self.cfg.run.keep_last)
+            save_checkpoint(
+                self.ckpt_dir,
+                self.step,
+                self.model,
+                self.optimizer,
+                self.scheduler,
+                data_state={"consumed": self.consumed},
+                keep_last=self.cfg.run.keep_last,
+            )
 
     # --------------------------------------------------------------------------------------- rollout
     def _build_engine(self):
@@ -302,8 +366,9 @@ class Trainer:
         from gift_megatron.checkpoint import iter_hf_weights
 
         self.states.before_engine_wakes()  # offload, empty the CUDA cache, the replica in step
-        buckets = iter_hf_weights(self.model, self.cfg.model, bucket_bytes=self.cfg.rollout.sync_bucket_mb << 20,
-                                  dst_rank=self.owner_rank)
+        buckets = iter_hf_weights(
+            self.model, self.cfg.model, bucket_bytes=self.cfg.rollout.sync_bucket_mb << 20, dst_rank=self.owner_rank
+        )
         if self.engine is None:
             for _ in buckets:
                 pass
@@ -314,8 +379,15 @@ class Trainer:
     def _score(self, members: list[Member], examples: dict[int, Any]) -> None:
         from gift_megatron.rewards import RewardInput, check_rewards
 
-        inputs = [RewardInput(prompt=examples[m.group_id].prompt_text, response=m.response_text,
-                              answer=examples[m.group_id].answer, example=examples[m.group_id]) for m in members]
+        inputs = [
+            RewardInput(
+                prompt=examples[m.group_id].prompt_text,
+                response=m.response_text,
+                answer=examples[m.group_id].answer,
+                example=examples[m.group_id],
+            )
+            for m in members
+        ]
         values = check_rewards(self.reward_fn(inputs), inputs)
         for m, v in zip(members, values):
             m.reward = float(v)
@@ -330,21 +402,34 @@ class Trainer:
             drawn = self._step_prompts(step)
             examples = {k: ex for k, ex in drawn}
             prompts = [self.tokenizer.prompt_ids(ex) for _, ex in drawn]
-            seed = (self.cfg.run.seed * 7919 + step * 104729 + self.dp_rank) % (2 ** 31)
-            rollouts = self.engine.generate(prompts, SamplingParams(n=r.n, temperature=r.temperature, top_p=r.top_p,
-                                                                    max_tokens=r.max_tokens, seed=seed))
+            seed = (self.cfg.run.seed * 7919 + step * 104729 + self.dp_rank) % (2**31)
+            rollouts = self.engine.generate(
+                prompts,
+                SamplingParams(n=r.n, temperature=r.temperature, top_p=r.top_p, max_tokens=r.max_tokens, seed=seed),
+            )
             members = []
             eos = self.tokenizer.eos_id
             for j, (k, ex) in enumerate(drawn):  # group order: expert, teachers, rollouts (the loss ignores it)
                 p = prompts[j]
-                demos = [("expert", ex.expert)] * self.n_expert + [("teacher", t) for t in ex.teachers[:self.n_teacher]]
+                demos = [("expert", ex.expert)] * self.n_expert + [
+                    ("teacher", t) for t in ex.teachers[: self.n_teacher]
+                ]
                 for kind, text in demos:
                     members.append(Member(k, p, self.tokenizer.encode(text) + [eos], kind, response_text=text))
-                for ro in rollouts[j * r.n:(j + 1) * r.n]:
+                for ro in rollouts[j * r.n : (j + 1) * r.n]:
                     ids = ro.response_ids.tolist()
                     text = self.tokenizer.decode([t for t in ids if t != eos])
-                    members.append(Member(k, p, ids, "rollout", response_text=text,
-                                          rollout_logprobs=ro.logprobs.tolist(), finished=ro.finished))
+                    members.append(
+                        Member(
+                            k,
+                            p,
+                            ids,
+                            "rollout",
+                            response_text=text,
+                            rollout_logprobs=ro.logprobs.tolist(),
+                            finished=ro.finished,
+                        )
+                    )
             self._score(members, examples)
             payload = [members]
         comm.broadcast_objects(payload, src=self.owner_rank, group=self.replica_group)
@@ -379,7 +464,7 @@ class Trainer:
         results = []
         t1 = time.perf_counter()
         for u in range(cfg.train.updates_per_step):
-            results.append(self.train_step(mbs[u * per_update:(u + 1) * per_update], prepared=True))
+            results.append(self.train_step(mbs[u * per_update : (u + 1) * per_update], prepared=True))
             self.scheduler.step(increment=1)
         t_train = time.perf_counter() - t1
         after = self._post_update_metrics(mbs, self.step + 1)  # before the engine wakes for the sync
@@ -392,21 +477,32 @@ class Trainer:
         rollout = [m for m in all_members if m.kind == "rollout"]
         # The owner's per-replica values, plus the KL from the one rank per replica that computed it (the
         # last pipeline stage, which is not the owner when PP > 1): one reduction, one host copy.
-        per_replica = [sum(m.reward for m in rollout), len(rollout), sum(len(m.response_ids) for m in rollout),
-                       sum(m.finished for m in rollout), batch.tokens_real, batch.tokens_computed]
+        per_replica = [
+            sum(m.reward for m in rollout),
+            len(rollout),
+            sum(len(m.response_ids) for m in rollout),
+            sum(m.finished for m in rollout),
+            batch.tokens_real,
+            batch.tokens_computed,
+        ]
         r_sum, r_n, len_sum, fin, tok, computed, kl_sum, kl_n = self._global_sum(per_replica, kl)
         metrics = dict(results[-1].metrics)
-        metrics.update({
-            "loss": sum(r.loss for r in results) / len(results),
-            "rollout/reward_mean": r_sum / max(r_n, 1),
-            "response/length_mean": len_sum / max(r_n, 1),
-            "response/finished_frac": fin / max(r_n, 1),
-            "optim/lr": self.scheduler.get_lr(self.optimizer.param_groups[0]),
-            "perf/rollout_s": t_rollout, "perf/train_s": t_train, "perf/sync_s": t_sync,
-            "perf/step_s": time.perf_counter() - t0,
-            "perf/tokens_per_s": tok / max(time.perf_counter() - t0, 1e-9),  # real tokens, not padding
-            "perf/tokens_real": tok, "perf/tokens_computed": computed,
-        })
+        metrics.update(
+            {
+                "loss": sum(r.loss for r in results) / len(results),
+                "rollout/reward_mean": r_sum / max(r_n, 1),
+                "response/length_mean": len_sum / max(r_n, 1),
+                "response/finished_frac": fin / max(r_n, 1),
+                "optim/lr": self.scheduler.get_lr(self.optimizer.param_groups[0]),
+                "perf/rollout_s": t_rollout,
+                "perf/train_s": t_train,
+                "perf/sync_s": t_sync,
+                "perf/step_s": time.perf_counter() - t0,
+                "perf/tokens_per_s": tok / max(time.perf_counter() - t0, 1e-9),  # real tokens, not padding
+                "perf/tokens_real": tok,
+                "perf/tokens_computed": computed,
+            }
+        )
         metrics.update(after)
         if results[-1].grad_norm is not None:
             metrics["optim/grad_norm"] = results[-1].grad_norm
@@ -424,12 +520,18 @@ class Trainer:
         if t.micro_batch_tokens is not None and self.dp > 1:
             parts = comm.all_gather_objects(members, group=ps.get_data_parallel_group())
             members = [m for part in parts for m in part]
-        return step_batch(members, seq_length=cfg.model.seq_length, pad_id=self.tokenizer.pad_id,
-                          micro_batch_size=t.micro_batch_size, micro_batch_tokens=t.micro_batch_tokens,
-                          dp_size=self.dp, dp_rank=self.dp_rank,
-                          multiple=pad_multiple(p.tensor_model_parallel_size, p.context_parallel_size,
-                                                p.sequence_parallel),
-                          fixed_rows=p.pipeline_model_parallel_size > 1, bins_multiple=t.updates_per_step)
+        return step_batch(
+            members,
+            seq_length=cfg.model.seq_length,
+            pad_id=self.tokenizer.pad_id,
+            micro_batch_size=t.micro_batch_size,
+            micro_batch_tokens=t.micro_batch_tokens,
+            dp_size=self.dp,
+            dp_rank=self.dp_rank,
+            multiple=pad_multiple(p.tensor_model_parallel_size, p.context_parallel_size, p.sequence_parallel),
+            fixed_rows=p.pipeline_model_parallel_size > 1,
+            bins_multiple=t.updates_per_step,
+        )
 
     def _post_update_metrics(self, mbs, step: int) -> dict[str, float]:
         """GIFT ``reference: rollout``: beta(x) and the implicit-reward spread of the updated policy against
@@ -442,8 +544,14 @@ class Trainer:
             return {}
         if step % cfg.run.log_interval and step != cfg.train.steps:
             return {}
-        return post_update_implicit_metrics(self.objective, self.model, mbs, temperature=self._logprob_temperature(),
-                                            chunk_size=cfg.train.logprob_chunk_size, vocab_size=cfg.model.vocab_size)
+        return post_update_implicit_metrics(
+            self.objective,
+            self.model,
+            mbs,
+            temperature=self._logprob_temperature(),
+            chunk_size=cfg.train.logprob_chunk_size,
+            vocab_size=cfg.model.vocab_size,
+        )
 
     def _rollout_gap(self, mbs, engine: list[torch.Tensor]) -> float | None:
         """Max |trainer old log-prob - engine sampling log-prob| over every rollout token of the step, when
@@ -452,8 +560,12 @@ class Trainer:
         the device, one host copy."""
         ps = _ps()
         have = torch.zeros(2, dtype=torch.float32, device=self.train_step.device)
-        if (ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0
-                and ps.get_context_parallel_world_size() == 1 and mbs[0].get("old_logp") is not None):
+        if (
+            ps.is_pipeline_last_stage()
+            and ps.get_tensor_model_parallel_rank() == 0
+            and ps.get_context_parallel_world_size() == 1
+            and mbs[0].get("old_logp") is not None
+        ):
             parts = [rollout_logprob_gap(mb["old_logp"], e, mb["loss_mask"]) for mb, e in zip(mbs, engine)]
             have = torch.stack(parts).amax(dim=0)
         gap, seen = comm.all_reduce_tensor(have, "max").tolist()
@@ -464,11 +576,21 @@ class Trainer:
         k1 estimate of KL(pi || pi_ref) per response. Counted on the last pipeline stage's TP rank 0 with
         CP 1 only, where ref_logp is whole; (0, 0) elsewhere."""
         ps = _ps()
-        if (mbs[0].get("ref_logp") is None or not ps.is_pipeline_last_stage()
-                or ps.get_tensor_model_parallel_rank() or ps.get_context_parallel_world_size() > 1):
+        if (
+            mbs[0].get("ref_logp") is None
+            or not ps.is_pipeline_last_stage()
+            or ps.get_tensor_model_parallel_rank()
+            or ps.get_context_parallel_world_size() > 1
+        ):
             return 0.0, 0.0
-        parts = [rollout_kl_to_reference(member_rows(mb, mb["ref_logp"]), member_rows(mb, e.to(mb["ref_logp"].device)),
-                                         member_rows(mb, mb["loss_mask"])) for mb, e in zip(mbs, engine)]
+        parts = [
+            rollout_kl_to_reference(
+                member_rows(mb, mb["ref_logp"]),
+                member_rows(mb, e.to(mb["ref_logp"].device)),
+                member_rows(mb, mb["loss_mask"]),
+            )
+            for mb, e in zip(mbs, engine)
+        ]
         total, n = torch.stack(parts).sum(dim=0).tolist()
         return total, n
 
@@ -484,12 +606,16 @@ class Trainer:
         if self.owner and share:
             from gift_megatron.rollout import SamplingParams
 
-            outs = self.engine.generate([self.tokenizer.prompt_ids(ex) for ex in share],
-                                        SamplingParams(n=1, temperature=0.0, max_tokens=self.cfg.rollout.max_tokens))
+            outs = self.engine.generate(
+                [self.tokenizer.prompt_ids(ex) for ex in share],
+                SamplingParams(n=1, temperature=0.0, max_tokens=self.cfg.rollout.max_tokens),
+            )
             members = []
-            for i, (ex, ro) in enumerate(zip(share, outs)):
+            for i, ro in enumerate(outs):
                 ids = [t for t in ro.response_ids.tolist() if t != self.tokenizer.eos_id]
-                members.append(Member(i, [], ro.response_ids.tolist(), "rollout", response_text=self.tokenizer.decode(ids)))
+                members.append(
+                    Member(i, [], ro.response_ids.tolist(), "rollout", response_text=self.tokenizer.decode(ids))
+                )
             self._score(members, dict(enumerate(share)))
             s, n = sum(m.reward for m in members), len(members)
         s, n = self._global_sum([s, n])
@@ -538,14 +664,20 @@ class Trainer:
         begin = first_eval_record(self.run_dir) or (start_step, first_eval)
         resumed = f", resumed at step {start_step}" if start_step else ""
         elapsed = datetime.timedelta(seconds=round(time.monotonic() - self.started))
-        eval_line = (f"{_fmt(begin[1])} at step {begin[0]} -> {_fmt(last_eval)} at step {self.step}"
-                     if last_eval is not None else _fmt(None))
-        return "\n".join([
-            f"done: step {self.step}/{self.cfg.train.steps} ({self.step - start_step} steps this job{resumed}) "
-            f"in {elapsed}",
-            f"  output dir:      {os.path.abspath(self.run_dir)}",
-            f"  last checkpoint: {os.path.abspath(ckpt) if ckpt else 'none'}",
-            f"  eval reward:     {eval_line}"])
+        eval_line = (
+            f"{_fmt(begin[1])} at step {begin[0]} -> {_fmt(last_eval)} at step {self.step}"
+            if last_eval is not None
+            else _fmt(None)
+        )
+        return "\n".join(
+            [
+                f"done: step {self.step}/{self.cfg.train.steps} ({self.step - start_step} steps this job{resumed}) "
+                f"in {elapsed}",
+                f"  output dir:      {os.path.abspath(self.run_dir)}",
+                f"  last checkpoint: {os.path.abspath(ckpt) if ckpt else 'none'}",
+                f"  eval reward:     {eval_line}",
+            ]
+        )
 
     def close(self) -> None:
         from gift_megatron.parallel import destroy_model_parallel_cpu

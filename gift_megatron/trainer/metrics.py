@@ -13,7 +13,8 @@ import math
 import os
 import sys
 import time
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -59,10 +60,21 @@ class MetricsLogger:
             reward (``rollout/reward_mean``): the two differ, and one number labelled "reward" misleads.
     """
 
-    def __init__(self, run_dir: str, *, enabled: bool, resume_step: int | None = None, tensorboard: bool = True,
-                 wandb_project: str | None = None, config: dict | None = None, total_steps: int = 0,
-                 initial_step: int = 0, progress: bool = True, demo_members: bool = False,
-                 interactive: bool | None = None) -> None:
+    def __init__(
+        self,
+        run_dir: str,
+        *,
+        enabled: bool,
+        resume_step: int | None = None,
+        tensorboard: bool = True,
+        wandb_project: str | None = None,
+        config: dict | None = None,
+        total_steps: int = 0,
+        initial_step: int = 0,
+        progress: bool = True,
+        demo_members: bool = False,
+        interactive: bool | None = None,
+    ) -> None:
         self.enabled = enabled
         self.path = os.path.join(run_dir, METRICS_FILE)
         self._tb = self._wandb = self._bar = None
@@ -81,8 +93,13 @@ class MetricsLogger:
                 import wandb
             except ImportError as exc:
                 raise ImportError("run.wandb_project is set but wandb is not installed (pip install wandb)") from exc
-            self._wandb = wandb.init(project=wandb_project, config=config, dir=run_dir, resume="allow",
-                                     name=os.path.basename(os.path.abspath(run_dir)))
+            self._wandb = wandb.init(
+                project=wandb_project,
+                config=config,
+                dir=run_dir,
+                resume="allow",
+                name=os.path.basename(os.path.abspath(run_dir)),
+            )
         if interactive is None:
             interactive = sys.stderr.isatty()
         if progress and interactive:
@@ -136,8 +153,13 @@ class MetricsLogger:
         out = {"rollout reward": metrics.get("rollout/reward_mean")}
         if self.demo_members:
             out["trained-member reward"] = metrics.get("reward/mean")
-        out.update({"eval reward": metrics.get("eval/reward"), "loss": metrics.get("loss"),
-                    "tok/s": metrics.get("perf/tokens_per_s")})
+        out.update(
+            {
+                "eval reward": metrics.get("eval/reward"),
+                "loss": metrics.get("loss"),
+                "tok/s": metrics.get("perf/tokens_per_s"),
+            }
+        )
         return {k: v for k, v in out.items() if v is not None}
 
     def line(self, step: int, metrics: dict[str, float]) -> str:
@@ -212,11 +234,13 @@ class DegenerateGroupsWatch:
         self.warned = True
         reward = metrics.get("reward/mean")
         same = f" (mean reward {reward:.3f})" if reward is not None else ""
-        return (f"warning: nothing is learning: in each of the last {len(self.streak)} steps "
-                f"({self.streak[0]}-{self.streak[-1]}) every group's rewards were all equal{same} "
-                "(groups/degenerate_frac = 1), so group-relative advantages are zero. The task may be too hard "
-                "or too easy for the policy, or the reward constant: check the reward function and the data, "
-                "or raise rollout.n / rollout.temperature")
+        return (
+            f"warning: nothing is learning: in each of the last {len(self.streak)} steps "
+            f"({self.streak[0]}-{self.streak[-1]}) every group's rewards were all equal{same} "
+            "(groups/degenerate_frac = 1), so group-relative advantages are zero. The task may be too hard "
+            "or too easy for the policy, or the reward constant: check the reward function and the data, "
+            "or raise rollout.n / rollout.temperature"
+        )
 
 
 def _series(records: Iterable[dict], key: str) -> tuple[list[int], list[float]]:

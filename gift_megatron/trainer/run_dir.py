@@ -39,7 +39,8 @@ import socket
 import sys
 import threading
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 LOCK_FILE = "run.lock"
 #: Exit code of a worker whose launcher (torchrun) died: distinct from errors (1, 2) and signals (128+n).
@@ -60,10 +61,15 @@ class RunDirLocked(RuntimeError):
 
 def holder_record() -> dict[str, Any]:
     """Who this process is, as written into the lock file."""
-    return {"host": socket.gethostname(), "pid": os.getpid(),
-            "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "started_unix": time.time(),
-            "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
-            "slurm_restart_count": os.environ.get("SLURM_RESTART_COUNT"), "released": False}
+    return {
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "started_unix": time.time(),
+        "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+        "slurm_restart_count": os.environ.get("SLURM_RESTART_COUNT"),
+        "released": False,
+    }
 
 
 def describe(record: dict[str, Any] | None) -> str:
@@ -79,8 +85,10 @@ def describe(record: dict[str, Any] | None) -> str:
 
 
 def _in_use(run_dir: str, record: dict[str, Any] | None, path: str) -> str:
-    return (f"run.output_dir {run_dir} is in use by another job ({describe(record)}); wait for it to finish or "
-            f"stop it, or choose another run.output_dir (lock file {path})")
+    return (
+        f"run.output_dir {run_dir} is in use by another job ({describe(record)}); wait for it to finish or "
+        f"stop it, or choose another run.output_dir (lock file {path})"
+    )
 
 
 def _mtime(path: str) -> int:
@@ -116,8 +124,14 @@ class RunDirLock:
         warn: where warnings go (default: stderr).
     """
 
-    def __init__(self, run_dir: str, *, stale_after_s: float = STALE_AFTER_S, heartbeat_s: float = HEARTBEAT_S,
-                 warn: Callable[[str], None] | None = None) -> None:
+    def __init__(
+        self,
+        run_dir: str,
+        *,
+        stale_after_s: float = STALE_AFTER_S,
+        heartbeat_s: float = HEARTBEAT_S,
+        warn: Callable[[str], None] | None = None,
+    ) -> None:
         self.run_dir = run_dir
         self.path = os.path.join(run_dir, LOCK_FILE)
         self.stale_after_s = stale_after_s
@@ -148,7 +162,7 @@ class RunDirLock:
         finally:
             os.close(fd)
 
-    def acquire(self) -> "RunDirLock":
+    def acquire(self) -> RunDirLock:
         os.makedirs(self.run_dir, exist_ok=True)
         # O_RDWR without O_TRUNC: a second job must be able to read the holder's record before failing.
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -163,9 +177,11 @@ class RunDirLock:
             if exc.errno not in _UNSUPPORTED:
                 os.close(fd)
                 raise
-            self._warn(f"warning: the filesystem of {self.run_dir} does not support file locks ({exc.strerror}): "
-                       "only the lock file's heartbeat stops a second job from writing into this run directory "
-                       "(docs/cluster.md, 'One writer per run directory')")
+            self._warn(
+                f"warning: the filesystem of {self.run_dir} does not support file locks ({exc.strerror}): "
+                "only the lock file's heartbeat stops a second job from writing into this run directory "
+                "(docs/cluster.md, 'One writer per run directory')"
+            )
         try:
             self.previous = self._read(fd)
             # Also without flock: then the heartbeat is the only guard left.
@@ -186,19 +202,27 @@ class RunDirLock:
             return
         me = holder_record()
         if record.get("host") == me["host"]:
-            if isinstance(record.get("pid"), int) and record["pid"] != me["pid"] and _pid_running(record["pid"]) \
-                    and self._beating():
-                raise RunDirLocked(f"run.output_dir {self.run_dir} is in use by another job ({describe(record)}), "
-                                   "which is running and refreshing its lock file although the file lock was "
-                                   "granted: this filesystem's locks do not work; stop that job first")
+            if (
+                isinstance(record.get("pid"), int)
+                and record["pid"] != me["pid"]
+                and _pid_running(record["pid"])
+                and self._beating()
+            ):
+                raise RunDirLocked(
+                    f"run.output_dir {self.run_dir} is in use by another job ({describe(record)}), "
+                    "which is running and refreshing its lock file although the file lock was "
+                    "granted: this filesystem's locks do not work; stop that job first"
+                )
             return  # same host, flock is reliable there: the holder is dead
         if me["slurm_job_id"] and record.get("slurm_job_id") == me["slurm_job_id"]:
             return  # a requeue of the same SLURM job: its previous instance has ended
         if self._beating():
-            raise RunDirLocked(f"run.output_dir {self.run_dir} is in use by another job ({describe(record)}): its "
-                               f"lock file is still being refreshed, although the file lock was granted here, so "
-                               f"this filesystem's locks are local to each node (Lustre localflock, BeeGFS "
-                               f"without global locks); stop that job first")
+            raise RunDirLocked(
+                f"run.output_dir {self.run_dir} is in use by another job ({describe(record)}): its "
+                f"lock file is still being refreshed, although the file lock was granted here, so "
+                f"this filesystem's locks are local to each node (Lustre localflock, BeeGFS "
+                f"without global locks); stop that job first"
+            )
 
     def _beating(self) -> bool:
         """Whether the lock file's modification time moves within ``stale_after_s`` (mtime differences only:
@@ -314,8 +338,11 @@ def _watch(parent: int, code: int) -> None:
 def _launcher_gone(parent: int, code: int) -> None:
     try:
         rank = os.environ.get("RANK", "?")
-        os.write(2, f"launcher (pid {parent}) exited: worker rank {rank} (pid {os.getpid()}) stops "
-                    f"with exit code {code}\n".encode())
+        os.write(
+            2,
+            f"launcher (pid {parent}) exited: worker rank {rank} (pid {os.getpid()}) stops "
+            f"with exit code {code}\n".encode(),
+        )
     except OSError:
         pass  # the launcher's pipe may be gone with it
     os._exit(code)
@@ -336,8 +363,11 @@ def lock_run_dir(run_dir: str, rank: int) -> RunDirLock | None:
         else:
             prev = lock.previous
             if prev and not prev.get("released") and prev.get("pid") != os.getpid():
-                print(f"run.output_dir {run_dir}: the previous job ({describe(prev)}) ended without releasing "
-                      "it (killed or preempted); this job takes over", flush=True)
+                print(
+                    f"run.output_dir {run_dir}: the previous job ({describe(prev)}) ended without releasing "
+                    "it (killed or preempted); this job takes over",
+                    flush=True,
+                )
     if dist.is_initialized():
         from gift_megatron.comm import broadcast_objects
 
