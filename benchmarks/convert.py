@@ -59,7 +59,7 @@ def synthesize(path: str, dims: dict, shard_bytes: int) -> int:
     import torch
     import transformers
 
-    from gift_megatron.checkpoint import write_safetensors_shards
+    from gift_megatron.hf import write_safetensors_shards
 
     cfg = transformers.LlamaConfig(**dims, max_position_embeddings=2048, tie_word_embeddings=False)
     cfg.dtype = "bfloat16"
@@ -141,7 +141,7 @@ def main() -> None:
     t0 = time.perf_counter()
     import torch
 
-    from gift_megatron.checkpoint import hf_to_megatron, megatron_to_hf, parse_size
+    from gift_megatron.hf import hf_to_megatron, megatron_to_hf, parse_size
 
     shard = parse_size(a.shard_size)
     root = a.dir or tempfile.mkdtemp(prefix="bench_convert_")

@@ -402,7 +402,7 @@ def _conversion_record(checkpoint: str) -> tuple[str, dict] | None:
     or the root above a ``step_*`` directory); None for checkpoints without one (written by a run)."""
     import json
 
-    from gift_megatron.checkpoint.convert import CONVERSION_FILE
+    from gift_megatron.hf.convert import CONVERSION_FILE
 
     path = os.path.abspath(os.path.expanduser(checkpoint))
     if not os.path.exists(path):
@@ -627,7 +627,7 @@ def check_inputs(cfg: TrainConfig, paths: bool = True) -> None:
             raise ConfigError(f"reward.name / reward.options: {exc}") from None
         return
     if cfg.init.checkpoint:
-        from gift_megatron.checkpoint.convert import ConversionError, resolve_checkpoint
+        from gift_megatron.hf.convert import ConversionError, resolve_checkpoint
 
         try:
             resolve_checkpoint(os.path.expanduser(cfg.init.checkpoint))

@@ -363,7 +363,7 @@ def round_trips(family: str, root: str) -> dict:
 def converter_output_into_te(meg_root: str, hf_dir: str) -> dict:
     """Load the converter's checkpoint into the TE model of this layout; the export (HF names, TP-gathered)
     and the fused norms against the HF tensors."""
-    from gift_megatron.checkpoint import (
+    from gift_megatron.hf import (
         iter_hf_tensors,
         model_config_from_info,
         read_conversion_info,
@@ -414,7 +414,7 @@ def converted(tmp_path_factory):
         import transformers  # noqa: F401
     except ImportError:
         return None
-    from gift_megatron.checkpoint import hf_to_megatron
+    from gift_megatron.hf import hf_to_megatron
     from tests.test_conversion import make_hf
 
     root = tmp_path_factory.mktemp("converted")
@@ -425,7 +425,7 @@ def converted(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tp1(tmp_path_factory, converted):
-    from gift_megatron.checkpoint.convert import single_process_megatron
+    from gift_megatron.hf.convert import single_process_megatron
 
     root = str(tmp_path_factory.mktemp("tp1"))
     with single_process_megatron():
@@ -528,7 +528,7 @@ def test_converter_output_loads_into_te_model(converted, tp1, tp2):
 def test_missing_weight_is_an_error_and_old_manifests_load(tmp_path):
     """A QKV bias the checkpoint lacks is still a CheckpointError naming it, before the TE model changes;
     a manifest without the spec field (written before it existed) loads, its spec read as None."""
-    from gift_megatron.checkpoint.convert import single_process_megatron
+    from gift_megatron.hf.convert import single_process_megatron
     from gift_megatron.megatron.checkpoint import MANIFEST_NAME, CheckpointError, load_checkpoint
 
     with single_process_megatron():
@@ -576,7 +576,7 @@ def test_extra_state_missing_within_one_spec_is_a_warning(tmp_path, caplog):
     suspicious one (a TE checkpoint without a TE model's extra state: FP8 scaling restarts, a WARNING)."""
     import logging
 
-    from gift_megatron.checkpoint.convert import single_process_megatron
+    from gift_megatron.hf.convert import single_process_megatron
     from gift_megatron.megatron.checkpoint import load_checkpoint
 
     cfg = model_config("qwen2")

@@ -118,7 +118,7 @@ def load_tool(name):
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
     """case -> {hf, meg, back: paths; model: the transformers model (fp32 copy)}; converted in this process."""
-    from gift_megatron.checkpoint import hf_to_megatron, megatron_to_hf
+    from gift_megatron.hf import hf_to_megatron, megatron_to_hf
 
     out = {}
     for case, (family, tie, dtype, sharded) in CASES.items():
@@ -163,8 +163,8 @@ def test_hf_megatron_hf_is_bit_exact(converted, case):
 
 
 def test_dtype_flag_casts_both_ways(converted, tmp_path):
-    from gift_megatron.checkpoint import checkpoint_dtype, hf_to_megatron, megatron_to_hf, resolve_checkpoint
-    from gift_megatron.checkpoint.convert import single_process_megatron
+    from gift_megatron.hf import checkpoint_dtype, hf_to_megatron, megatron_to_hf, resolve_checkpoint
+    from gift_megatron.hf.convert import single_process_megatron
 
     c = converted["qwen3-untied-fp32"]
     hf_to_megatron(c["hf"], tmp_path / "meg16", dtype="bf16", progress=False)
@@ -179,7 +179,7 @@ def test_dtype_flag_casts_both_ways(converted, tmp_path):
 
 @pytest.mark.parametrize("case", FP32)
 def test_logits_equal_transformers_at_tp1(converted, case):
-    from gift_megatron.checkpoint.verify import compare_logits
+    from gift_megatron.hf.verify import compare_logits
 
     r = compare_logits(converted[case]["hf"], converted[case]["meg"], tp=1, batch=2, seq_length=12, seed=1)
     print(f"{case} TP=1: max |logit diff| vs transformers = {r.max_abs_diff:.2e} (logits up to {r.logit_scale:.2f})")
@@ -211,7 +211,7 @@ def _megatron_greedy(model, cfg, prompt, steps):
 
 def _exports(model, cfg, dst_ranks):
     """dst_rank -> this rank's buckets (cloned), for each dst_rank in ``dst_ranks``."""
-    from gift_megatron.checkpoint import iter_hf_weights
+    from gift_megatron.hf import iter_hf_weights
 
     return {
         dst: [[(n, t.clone()) for n, t in b] for b in iter_hf_weights(model, cfg, bucket_bytes=BUCKET, dst_rank=dst)]
@@ -222,7 +222,7 @@ def _exports(model, cfg, dst_ranks):
 def _ranks_worker(rank, world, cases):
     """For every case: TP=2 (logits, exports, in-memory loading, rollout engine), then PP=2 (exports,
     in-memory loading). Returns case -> results of this rank."""
-    from gift_megatron.checkpoint import (
+    from gift_megatron.hf import (
         hf_config_dict,
         load_hf_weights_into_model,
         model_config_from_info,
@@ -271,7 +271,7 @@ def _ranks_worker(rank, world, cases):
                         transformers.AutoConfig.for_model(**hf_config_dict(cfg, torch.float32)), dtype=torch.float32
                     )
                     engine = HFRolloutEngine(fresh, eos_token_id=None, pad_token_id=0)
-                from gift_megatron.checkpoint import iter_hf_tensors
+                from gift_megatron.hf import iter_hf_tensors
 
                 stream = iter_hf_tensors(model, cfg, bucket_bytes=1 << 14, dst_rank=0)
                 if engine is not None:
@@ -473,7 +473,7 @@ def test_unsupported_architecture_lists_the_supported_ones(tmp_path, capsys):
 
 
 def test_missing_truncated_and_inconsistent_shards(tmp_path):
-    from gift_megatron.checkpoint import ConversionError, HFCheckpoint
+    from gift_megatron.hf import ConversionError, HFCheckpoint
 
     make_hf(tmp_path / "sharded", "llama", shard="60KB")
     shards = sorted(glob.glob(str(tmp_path / "sharded" / "model-*.safetensors")))
@@ -532,7 +532,7 @@ def test_tokenizer_larger_than_the_model_vocabulary(converted, tmp_path, capsys)
     # The same check on the way back for --tokenizer.
     save_tokenizer(tmp_path / "tok", 17)
     make_hf(tmp_path / "small2", "qwen2", vocab=12)
-    from gift_megatron.checkpoint import hf_to_megatron
+    from gift_megatron.hf import hf_to_megatron
 
     hf_to_megatron(tmp_path / "small2", tmp_path / "meg", progress=False)
     to_hf = load_tool("convert_megatron_to_hf")
@@ -576,8 +576,8 @@ def test_impossible_tp_and_bad_flags(converted, capsys):
 
 
 def test_in_memory_loader_errors_name_the_tensor(converted):
-    from gift_megatron.checkpoint import ConversionError, build_cpu_model, load_hf_weights_into_model
-    from gift_megatron.checkpoint.convert import single_process_megatron
+    from gift_megatron.hf import ConversionError, build_cpu_model, load_hf_weights_into_model
+    from gift_megatron.hf.convert import single_process_megatron
     from gift_megatron.megatron.model import ModelConfig
 
     c = converted["qwen3-untied-fp32"]
@@ -608,8 +608,8 @@ def test_transformer_engine_norm_names_load_and_export(converted):
     (``linear_qkv.layer_norm_weight``, ``linear_fc1.layer_norm_weight``). TE does not run on CPU, so the
     local-spec model is re-spelled that way: its norms are moved into those attributes, and loading and
     exporting must go by the model's own names."""
-    from gift_megatron.checkpoint import build_cpu_model, iter_hf_tensors, load_hf_weights_into_model
-    from gift_megatron.checkpoint.convert import single_process_megatron
+    from gift_megatron.hf import build_cpu_model, iter_hf_tensors, load_hf_weights_into_model
+    from gift_megatron.hf.convert import single_process_megatron
     from gift_megatron.megatron.model import ModelConfig
 
     c = converted["qwen2-untied-bf16"]
@@ -653,7 +653,7 @@ def _tree_bytes(root) -> dict[str, bytes]:
 def test_non_empty_out_is_refused_without_force_and_replaced_safely_with_it(converted, tmp_path, capsys, monkeypatch):
     """A non-empty --out is refused (naming --force); with --force a failed conversion leaves the old
     output as it was, a successful one replaces it, and no staging directory is left behind."""
-    import gift_megatron.checkpoint.convert as convert
+    import gift_megatron.hf.convert as convert
 
     qwen, llama = converted["qwen2-tied-fp32"], converted["llama-untied-fp32"]
     to_meg, to_hf = load_tool("convert_hf_to_megatron"), load_tool("convert_megatron_to_hf")
@@ -719,7 +719,7 @@ def _verify(verify, capsys, hf, meg) -> tuple[int, float, float]:
 def test_bf16_verify_tolerance_is_relative_to_the_logits_scale(tmp_path, capsys):
     """Large logits: a correct bf16 conversion differs by more than the old absolute 0.5 and passes; small
     logits: another model's weights differ by less than 0.5 and fail."""
-    from gift_megatron.checkpoint import hf_to_megatron
+    from gift_megatron.hf import hf_to_megatron
 
     verify = load_tool("verify_conversion")
     _scaled_bf16_model(tmp_path / "big", 0, 40.0)

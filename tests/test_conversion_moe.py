@@ -112,7 +112,7 @@ def hf_tensors(path) -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
     """family -> paths (hf: per-expert files, fused: fused files, meg, back) and the transformers model."""
-    from gift_megatron.checkpoint import hf_to_megatron, megatron_to_hf
+    from gift_megatron.hf import hf_to_megatron, megatron_to_hf
 
     out = {}
     for family in FAMILIES:
@@ -148,7 +148,7 @@ def test_hf_megatron_hf_is_bit_exact(converted, family):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_fused_files_read_as_per_expert_tensors(converted, family):
     """A file with transformers' in-memory names gives exactly the per-expert tensors save_pretrained writes."""
-    from gift_megatron.checkpoint import HFCheckpoint
+    from gift_megatron.hf import HFCheckpoint
 
     c = converted[family]
     fused_names = load_file(os.path.join(c["fused"], "model.safetensors")).keys()
@@ -176,7 +176,7 @@ def test_fused_files_read_as_per_expert_tensors(converted, family):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_logits_equal_transformers_at_tp1(converted, family):
-    from gift_megatron.checkpoint.verify import compare_logits
+    from gift_megatron.hf.verify import compare_logits
 
     r = compare_logits(converted[family]["hf"], converted[family]["meg"], tp=1, batch=2, seq_length=12, seed=1)
     print(
@@ -213,7 +213,7 @@ def _ranks_worker(rank, world, cases, tokens):
     """Per layout (TP=2 with sequence parallelism and ETP=2; EP=2; PP=2) and family: logits (not at PP=2),
     the in-memory loader from per-expert and fused HF tensors, the export to every rank and to each rank,
     and (EP=2) a CPU rollout engine on rank 0 fed by the export."""
-    from gift_megatron.checkpoint import (
+    from gift_megatron.hf import (
         hf_config_dict,
         iter_hf_tensors,
         iter_hf_weights,
@@ -316,14 +316,14 @@ def two_ranks(converted):
 @pytest.fixture(scope="module")
 def single_process_exports(converted):
     """family -> the export of the checkpoint at TP=1 / EP=1 / PP=1 in this process: [(name, tensor)]."""
-    from gift_megatron.checkpoint import (
+    from gift_megatron.hf import (
         build_cpu_model,
         iter_hf_tensors,
         model_config_from_info,
         read_conversion_info,
         resolve_checkpoint,
     )
-    from gift_megatron.checkpoint.convert import single_process_megatron
+    from gift_megatron.hf.convert import single_process_megatron
     from gift_megatron.megatron.checkpoint import load_checkpoint
 
     out = {}
@@ -425,14 +425,14 @@ def test_verify_tool_at_ep2(converted, capsys):
 def test_training_checkpoint_with_stacked_layers_converts_back(converted, tmp_path):
     """A trainer's checkpoint stacks the layers' tensors under one key each (Mixtral: every layer alike); the
     converter's has per-layer keys and is read a layer at a time, a stacked one is read whole: both exactly."""
-    from gift_megatron.checkpoint import (
+    from gift_megatron.hf import (
         build_cpu_model,
         megatron_to_hf,
         model_config_from_info,
         read_conversion_info,
         resolve_checkpoint,
     )
-    from gift_megatron.checkpoint.convert import single_process_megatron
+    from gift_megatron.hf.convert import single_process_megatron
     from gift_megatron.megatron.checkpoint import load_checkpoint, read_manifest, save_checkpoint
 
     c = converted["mixtral"]
@@ -452,7 +452,7 @@ _MEASURE = r"""
 import json, os, sys, threading, time
 os.environ["GIFT_MEGATRON_DEVICE"] = "cpu"
 import torch
-from gift_megatron.checkpoint import hf_to_megatron, megatron_to_hf
+from gift_megatron.hf import hf_to_megatron, megatron_to_hf
 SHARD = 4 << 20  # the HF writer holds up to one output shard: smaller than the model here
 
 def rss_anon():
@@ -527,7 +527,7 @@ def test_conversion_peak_memory_grows_by_one_layer_of_experts(tmp_path):
 
 # ------------------------------------------------------------------------------------------- bad input
 def test_expert_count_other_than_the_config_is_named_with_the_file(converted, tmp_path):
-    from gift_megatron.checkpoint import ConversionError, HFCheckpoint
+    from gift_megatron.hf import ConversionError, HFCheckpoint
 
     for source in ("hf", "fused"):
         bad = tmp_path / source

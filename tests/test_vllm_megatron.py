@@ -100,7 +100,7 @@ def _megatron_logprobs(model, cfg, prompt: list[int], response: list[int], tempe
 
 
 def _direct_main(workdir: str, kind: str = "dense") -> None:
-    from gift_megatron.checkpoint import (
+    from gift_megatron.hf import (
         build_cpu_model,
         hf_config_dict,
         iter_hf_tensors,

@@ -42,7 +42,7 @@ def main(argv=None) -> int:
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     a = p.parse_args(argv)
-    from gift_megatron.checkpoint import ConversionError, hf_to_megatron
+    from gift_megatron.hf import ConversionError, hf_to_megatron
 
     try:
         path = hf_to_megatron(a.hf, a.out, dtype=a.dtype, progress=not a.no_progress, overwrite=a.force)

@@ -47,8 +47,8 @@ def main(argv=None) -> int:
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     a = p.parse_args(argv)
-    from gift_megatron.checkpoint import ConversionError, megatron_to_hf, parse_size
-    from gift_megatron.checkpoint.hf_io import model_config_from_hf, read_hf_config
+    from gift_megatron.hf import ConversionError, megatron_to_hf, parse_size
+    from gift_megatron.hf.hf_io import model_config_from_hf, read_hf_config
     from gift_megatron.megatron.checkpoint import CheckpointError
 
     try:

@@ -86,8 +86,8 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     import torch
 
-    from gift_megatron.checkpoint import ConversionError
-    from gift_megatron.checkpoint.verify import compare_logits
+    from gift_megatron.hf import ConversionError
+    from gift_megatron.hf.verify import compare_logits
     from gift_megatron.megatron.checkpoint import CheckpointError
 
     try:

@@ -63,7 +63,7 @@ def build_engine(cfg: Any, tokenizer: Any, replica_ranks: Sequence[int] | None =
 
     ``replica_ranks``: the global ranks of this rank's data-parallel replica, this rank first (the vLLM engine
     runs on their GPUs; see :func:`engine_cuda_devices`)."""
-    from gift_megatron.checkpoint import hf_config_dict
+    from gift_megatron.hf import hf_config_dict
 
     kind = resolve_engine(cfg.rollout.engine)
     dtype = cfg.precision.torch_dtype
@@ -83,7 +83,7 @@ def build_engine(cfg: Any, tokenizer: Any, replica_ranks: Sequence[int] | None =
         model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype).to(compute_device())
         return HFRolloutEngine(model, eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)
     if kind == "vllm":
-        from gift_megatron.checkpoint.convert import write_hf_config
+        from gift_megatron.hf.convert import write_hf_config
         from gift_megatron.rollout.vllm_engine import VLLMRolloutEngine
 
         devices = engine_cuda_devices(cfg, replica_ranks)  # a rollout TP that does not fit: error before vLLM

@@ -83,11 +83,11 @@ class HFRolloutEngine:
         """Hugging Face on-disk name -> (parameter name, view of it) for Mixture-of-Experts weights that
         transformers holds fused in memory (transformers 5: ``mlp.experts.gate_up_proj`` [E, 2*I, h] and
         ``down_proj`` [E, h, I]; Mixtral's ``mlp.gate`` is ``block_sparse_moe.gate`` on disk), for the
-        families of :mod:`gift_megatron.checkpoint.mapping`. The weight stream (``iter_hf_weights``) uses the
+        families of :mod:`gift_megatron.hf.mapping`. The weight stream (``iter_hf_weights``) uses the
         on-disk names, one tensor per expert. Empty for a dense model or another architecture."""
         if getattr(self, "_views", None) is not None:
             return self._views
-        from gift_megatron.checkpoint.mapping import fused_hf_names
+        from gift_megatron.hf.mapping import fused_hf_names
         from gift_megatron.megatron.model import ModelConfig
 
         self._views = {}

@@ -248,7 +248,7 @@ class Trainer:
         cfg, o = self.cfg, self.cfg.optimizer
         module = build_model(cfg.model, cfg.parallel, cfg.precision)
         if cfg.init.checkpoint:
-            from gift_megatron.checkpoint.convert import resolve_checkpoint
+            from gift_megatron.hf.convert import resolve_checkpoint
             from gift_megatron.megatron import load_checkpoint
 
             # Weights only, in this run's layout (Megatron reshards); a converted root or a step dir.
@@ -363,7 +363,7 @@ class Trainer:
     def sync_weights(self) -> None:
         """Stream the replica's current weights (full HF tensors, gathered over TP and PP) into its engine.
         Collective over the replica; only the owner receives tensors."""
-        from gift_megatron.checkpoint import iter_hf_weights
+        from gift_megatron.hf import iter_hf_weights
 
         self.states.before_engine_wakes()  # offload, empty the CUDA cache, the replica in step
         buckets = iter_hf_weights(

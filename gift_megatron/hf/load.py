@@ -1,6 +1,6 @@
 """Fill a (TP/PP-sharded) Megatron GPTModel in memory from Hugging Face tensors.
 
-    from gift_megatron.checkpoint import load_hf_weights_into_model
+    from gift_megatron.hf import load_hf_weights_into_model
     load_hf_weights_into_model(model, model_cfg, "/models/Qwen2.5-7B")          # a folder, streamed
     load_hf_weights_into_model(model, model_cfg, {"model.embed_tokens.weight": t, ...})   # in memory
 
@@ -20,9 +20,9 @@ from typing import Any
 
 import torch
 
-from gift_megatron.checkpoint.hf_io import ConversionError, HFCheckpoint
-from gift_megatron.checkpoint.layout import LocalParam, as_chunks, local_params
-from gift_megatron.checkpoint.mapping import expected_hf_shapes, hf_names, megatron_tensor_from_hf, split_fused_hf
+from gift_megatron.hf.hf_io import ConversionError, HFCheckpoint
+from gift_megatron.hf.layout import LocalParam, as_chunks, local_params
+from gift_megatron.hf.mapping import expected_hf_shapes, hf_names, megatron_tensor_from_hf, split_fused_hf
 
 
 @torch.no_grad()

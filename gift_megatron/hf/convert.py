@@ -37,8 +37,8 @@ from typing import Any
 
 import torch
 
-from gift_megatron.checkpoint.export import iter_hf_tensors
-from gift_megatron.checkpoint.hf_io import (
+from gift_megatron.hf.export import iter_hf_tensors
+from gift_megatron.hf.hf_io import (
     ConversionError,
     HFCheckpoint,
     SafetensorsShardWriter,
@@ -50,10 +50,10 @@ from gift_megatron.checkpoint.hf_io import (
     parse_dtype,
     write_hf_config,
 )
-from gift_megatron.checkpoint.layout import local_params
-from gift_megatron.checkpoint.load import load_hf_weights_into_model
-from gift_megatron.checkpoint.mapping import hf_config_dict, hf_names
-from gift_megatron.checkpoint.streaming import iter_streamed, per_layer_keys, save_streamed
+from gift_megatron.hf.layout import local_params
+from gift_megatron.hf.load import load_hf_weights_into_model
+from gift_megatron.hf.mapping import hf_config_dict, hf_names
+from gift_megatron.hf.streaming import iter_streamed, per_layer_keys, save_streamed
 
 logger = logging.getLogger(__name__)
 

@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from gift_megatron.checkpoint.mapping import (
+from gift_megatron.hf.mapping import (
     HF_ARCHITECTURES,
     MOE_ARCHITECTURES,
     SUPPORTED_ARCHITECTURES,

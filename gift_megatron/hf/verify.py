@@ -1,7 +1,7 @@
 """Check a conversion: the same tokens through transformers (the HF folder) and through Megatron-Core (the
 converted checkpoint loaded at TP ranks on the CPU), and the largest absolute logit difference.
 
-    from gift_megatron.checkpoint.verify import compare_logits
+    from gift_megatron.hf.verify import compare_logits
     result = compare_logits("/models/Qwen2.5-0.5B", "/ckpt/qwen2.5-0.5b", tp=2)   # spawns 2 gloo ranks
     result.max_abs_diff, result.logit_scale
 
@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from gift_megatron.checkpoint.hf_io import ConversionError, HFCheckpoint
+from gift_megatron.hf.hf_io import ConversionError, HFCheckpoint
 
 
 @dataclasses.dataclass
@@ -69,7 +69,7 @@ def compare_logits(
     TP does not divide with experts), the token ids exceed the vocabulary, or the checkpoint's recorded
     architecture differs from the HF folder's.
     """
-    from gift_megatron.checkpoint.convert import (
+    from gift_megatron.hf.convert import (
         _conversion_root,
         model_config_from_info,
         read_conversion_info,
@@ -158,7 +158,7 @@ def megatron_logits(
 
     world = verify_world_size(tp, ep, etp)
     if world == 1 and not dist.is_initialized():
-        from gift_megatron.checkpoint.convert import single_process_megatron
+        from gift_megatron.hf.convert import single_process_megatron
 
         with single_process_megatron():
             return _forward(path, model_cfg, tokens)
@@ -176,7 +176,7 @@ def megatron_logits(
 def _forward(path: str, model_cfg: Any, tokens: torch.Tensor) -> torch.Tensor:
     from megatron.core import parallel_state as ps
 
-    from gift_megatron.checkpoint.convert import build_cpu_model, checkpoint_dtype
+    from gift_megatron.hf.convert import build_cpu_model, checkpoint_dtype
     from gift_megatron.comm import all_gather_tensors
     from gift_megatron.megatron.checkpoint import load_checkpoint
 

@@ -33,8 +33,8 @@ from typing import Any
 
 import torch
 
-from gift_megatron.checkpoint.layout import LocalParam
-from gift_megatron.checkpoint.mapping import megatron_tensor_to_hf
+from gift_megatron.hf.layout import LocalParam
+from gift_megatron.hf.mapping import megatron_tensor_to_hf
 
 
 @dataclasses.dataclass
@@ -264,7 +264,7 @@ def iter_streamed(
     views of the group's parameters, which are released (not overwritten) when the next group is read."""
     from megatron.core import dist_checkpointing
 
-    from gift_megatron.checkpoint.layout import local_params
+    from gift_megatron.hf.layout import local_params
     from gift_megatron.megatron import checkpoint as mc
 
     manifest = check_loadable(path, model)

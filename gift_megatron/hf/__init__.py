@@ -14,7 +14,7 @@ Qwen3-MoE, Qwen2-MoE and Mixtral.
 Importing this package imports neither Megatron-Core nor transformers.
 """
 
-from gift_megatron.checkpoint.convert import (
+from gift_megatron.hf.convert import (
     CONVERSION_FILE,
     build_cpu_model,
     checkpoint_dtype,
@@ -25,8 +25,8 @@ from gift_megatron.checkpoint.convert import (
     resolve_checkpoint,
     single_process_megatron,
 )
-from gift_megatron.checkpoint.export import iter_hf_tensors, iter_hf_weights
-from gift_megatron.checkpoint.hf_io import (
+from gift_megatron.hf.export import iter_hf_tensors, iter_hf_weights
+from gift_megatron.hf.hf_io import (
     ConversionError,
     HFCheckpoint,
     SafetensorsShardWriter,
@@ -35,8 +35,8 @@ from gift_megatron.checkpoint.hf_io import (
     write_hf_config,
     write_safetensors_shards,
 )
-from gift_megatron.checkpoint.load import load_hf_weights_into_model
-from gift_megatron.checkpoint.mapping import (
+from gift_megatron.hf.load import load_hf_weights_into_model
+from gift_megatron.hf.mapping import (
     FAMILY_TABLES,
     HF_ARCHITECTURES,
     MOE_ARCHITECTURES,

@@ -1,6 +1,6 @@
 """Streaming export: a TP/PP/EP-sharded Megatron GPTModel in memory -> Hugging Face (name, full tensor) buckets.
 
-    from gift_megatron.checkpoint import hf_config_dict, iter_hf_weights
+    from gift_megatron.hf import hf_config_dict, iter_hf_weights
 
     # once: a transformers model of the same architecture for a CPU rollout engine
     hf_model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**hf_config_dict(model_cfg, torch.bfloat16)))
@@ -55,8 +55,8 @@ import torch
 import torch.distributed as dist
 
 from gift_megatron import comm
-from gift_megatron.checkpoint.layout import LocalParam, as_chunks, expert_parallel, local_params
-from gift_megatron.checkpoint.mapping import megatron_tensor_to_hf
+from gift_megatron.hf.layout import LocalParam, as_chunks, expert_parallel, local_params
+from gift_megatron.hf.mapping import megatron_tensor_to_hf
 from gift_megatron.device import compute_device
 
 Bucket = list[tuple[str, torch.Tensor]]
