@@ -55,9 +55,9 @@ import torch
 import torch.distributed as dist
 
 from gift_megatron import comm
+from gift_megatron.device import compute_device
 from gift_megatron.hf.layout import LocalParam, as_chunks, expert_parallel, local_params
 from gift_megatron.hf.mapping import megatron_tensor_to_hf
-from gift_megatron.device import compute_device
 
 Bucket = list[tuple[str, torch.Tensor]]
 _EXPERT_INDEX = re.compile(r"^(mlp\.experts\.local_experts\.)(\d+)(\..+)$")

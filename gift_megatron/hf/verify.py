@@ -176,8 +176,8 @@ def megatron_logits(
 def _forward(path: str, model_cfg: Any, tokens: torch.Tensor) -> torch.Tensor:
     from megatron.core import parallel_state as ps
 
-    from gift_megatron.hf.convert import build_cpu_model, checkpoint_dtype
     from gift_megatron.comm import all_gather_tensors
+    from gift_megatron.hf.convert import build_cpu_model, checkpoint_dtype
     from gift_megatron.megatron.checkpoint import load_checkpoint
 
     model = build_cpu_model(model_cfg, checkpoint_dtype(path))
