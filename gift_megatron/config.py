@@ -25,9 +25,6 @@ import yaml
 
 from gift_megatron.megatron.model import ModelConfig, ParallelConfig, PrecisionConfig
 
-# Objectives trained on demonstrations only (expert / teacher members), never on their own rollouts.
-SUPERVISED = ("sft", "dft")
-
 
 class ConfigError(ValueError):
     """A configuration that cannot run; the message names the dotted key and, when known, the file."""
@@ -244,15 +241,22 @@ class TrainConfig:
     def group_composition(self) -> tuple[int, int, int]:
         """(n_expert, n_teacher, n_rollout) trained members of every group.
 
-        GFT defaults to 1 expert and 3 teachers (docs/objectives.md, GFT). The supervised baselines (sft, dft) train
-        on demonstrations only (1 expert by default): their rollouts are still generated and scored, for
-        the reward metrics, but never trained on (imitating one's own samples is not SFT).
+        The objective declares its defaults (``Objective.default_groups``: GFT 1 expert and 3 teachers, the
+        supervised baselines 1 expert) and whether it trains on its rollouts (``trains_on_rollouts``: the
+        supervised baselines' rollouts are scored for the reward metrics only); ``groups.n_expert`` /
+        ``groups.n_teacher`` override the defaults. ConfigError for an unknown ``objective.name``.
         """
-        name = self.objective.name
-        demo = name in SUPERVISED
-        n_expert = self.groups.n_expert if self.groups.n_expert is not None else (1 if name == "gft" or demo else 0)
-        n_teacher = self.groups.n_teacher if self.groups.n_teacher is not None else (3 if name == "gft" else 0)
-        return n_expert, n_teacher, 0 if demo else self.rollout.n
+        from gift_megatron.objectives import OBJECTIVES
+
+        cls = OBJECTIVES.get(self.objective.name)
+        if cls is None:
+            raise ConfigError(
+                f"objective.name: unknown objective {self.objective.name!r}; registered: {', '.join(sorted(OBJECTIVES))}"
+            )
+        defaults = cls.default_groups
+        n_expert = self.groups.n_expert if self.groups.n_expert is not None else defaults.n_expert
+        n_teacher = self.groups.n_teacher if self.groups.n_teacher is not None else defaults.n_teacher
+        return n_expert, n_teacher, self.rollout.n if cls.trains_on_rollouts else 0
 
 
 # --------------------------------------------------------------------------------------------- loading
@@ -575,7 +579,7 @@ def validate(cfg: TrainConfig) -> None:
             f"objective {objective.name}: a group has no trained member (groups.n_expert={n_expert}, "
             f"groups.n_teacher={n_teacher})"
         )
-    if getattr(objective, "group_relative", False) and group < 2:
+    if objective.group_relative and group < 2:
         raise ConfigError(
             f"objective {objective.name} compares members of a group, but a group has {group} member "
             f"(rollout.n={n_rollout}, groups.n_expert={n_expert}, groups.n_teacher={n_teacher}): "

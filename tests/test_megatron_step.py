@@ -244,11 +244,10 @@ def test_packed_step_matches_padded_single_process(reference_run, world, tp, pp,
 
 def test_policy_statistics_detection():
     """Only GIFT's statistics need the policy's log-probs; the others come from the data."""
-    from gift_megatron.megatron.step import uses_policy_statistics
     from gift_megatron.objectives import build_objective
 
-    assert uses_policy_statistics(build_objective("gift"))
-    assert not any(uses_policy_statistics(build_objective(n)) for n in ("gft", "grpo", "dapo", "gspo", "sft", "dft"))
+    assert build_objective("gift").policy_statistics
+    assert not any(build_objective(n).policy_statistics for n in ("gft", "grpo", "dapo", "gspo", "sft", "dft"))
 
 
 def plain_autograd_worker(rank, world, init_dir, cases):

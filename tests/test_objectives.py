@@ -385,10 +385,10 @@ def _equal_group_check(obj, batches, layout):
     ]
     stats = obj.statistics(O.Members.cat([obj.members(p, layout) for p in parts]), layout)
     adv = max(float(stats.rewards.zscore(p.rewards, p.group_ids, obj.eps).abs().max()) for p in parts)
-    if stats.implicit is not None:
+    if stats.extra is not None:
         for p in parts:
             u = obj.implicit_rewards(p, layout)
-            adv = max(adv, float(stats.implicit.zscore(u.detach(), p.group_ids, obj.eps).abs().max()))
+            adv = max(adv, float(stats.extra.implicit.zscore(u.detach(), p.group_ids, obj.eps).abs().max()))
     sum(obj.loss(p, stats, layout).loss for p in parts).backward()
     return adv, max(float(lp.grad.abs().max()) for lp in lps), float(stats.metrics["advantage/abs_mean"])
 

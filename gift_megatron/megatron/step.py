@@ -359,11 +359,6 @@ def groups_whole_per_micro_batch(micro_batches: Sequence[dict[str, Any]], layout
     return places.shape[0] == torch.unique(table[:, 0]).numel()
 
 
-def uses_policy_statistics(objective: Objective) -> bool:
-    """Whether the objective's statistics depend on the policy's log-probs (GIFT's implicit reward)."""
-    return type(objective).member_extras is not Objective.member_extras
-
-
 # ------------------------------------------------------------------------------------- batching
 def split_global_batch(
     batch: dict[str, torch.Tensor], *, micro_batch_size: int, dp_rank: int, dp_size: int
@@ -673,7 +668,7 @@ class ObjectiveStep:
         members = data_members(obj, micro_batches)
         n_members, n_tokens = count_totals(members, layout)
         scale = float(n_members) * layout.cp_size
-        if not uses_policy_statistics(obj):
+        if not obj.policy_statistics:
             return LossContext(obj, layout, obj.statistics(members, layout), scale), "data"
         if groups_whole_per_micro_batch(micro_batches, layout):
             return LossContext(obj, layout, None, scale, totals=(n_members, n_tokens)), "in_place"

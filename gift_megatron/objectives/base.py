@@ -16,13 +16,21 @@ per rank when every rank holds its whole batch.
 
 from __future__ import annotations
 
+import types
+import typing
 from dataclasses import dataclass, field, fields
-from typing import ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
 from gift_megatron.comm import ProcessGroup, all_reduce_sum, group_size
-from gift_megatron.objectives.groups import GroupStats, _check_group_ids
+
+if TYPE_CHECKING:
+    from gift_megatron.objectives.groups import GroupStats
+
+
+# The per-member inputs an objective may declare (TokenBatch fields besides logp and mask).
+INPUTS = ("rewards", "group_ids", "ref_logp", "old_logp")
 
 
 @dataclass(frozen=True)
@@ -123,17 +131,15 @@ class BatchStats:
 
     n_members, n_tokens: fp32 scalars, global counts of members and counted tokens.
     rewards: per-group statistics of the explicit rewards (group objectives).
-    implicit: per-group statistics of GIFT's implicit reward.
-    correction: GIFT with detach_stats=False: per-group coefficients (a_g, b_g) [G] of the exact gradient
-        through the group mean and std (see gift.py).
+    extra: the objective's own statistics, of a type it defines (GIFT: :class:`~gift_megatron.objectives.gift.
+        ImplicitStats`, the implicit reward's group statistics); None for the others.
     metrics: metrics that only need per-member scalars, already global.
     """
 
     n_members: torch.Tensor
     n_tokens: torch.Tensor
     rewards: GroupStats | None = None
-    implicit: GroupStats | None = None
-    correction: tuple[torch.Tensor, torch.Tensor] | None = None
+    extra: Any = None
     metrics: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
@@ -169,23 +175,70 @@ class LossOutput:
         return out
 
 
+@dataclass(frozen=True)
+class GroupDefaults:
+    """The members an objective trains on per group unless ``groups.n_expert`` / ``groups.n_teacher`` say
+    otherwise: expert demonstrations and teacher responses, besides the ``rollout.n`` rollouts."""
+
+    n_expert: int = 0
+    n_teacher: int = 0
+
+
 class Objective:
     """Base class of the registered objectives; subclasses are frozen dataclasses of their options.
 
-    Subclasses set ``name``, ``uses`` (the TokenBatch fields they read besides logp and mask), and implement
-    ``statistics`` and ``loss``.
+    A subclass declares what it needs as class attributes, so that the step and the trainer never guess:
+
+    - ``name``: the config name (``objective.name``).
+    - ``inputs``: the TokenBatch fields it reads besides logp and mask (``rewards``, ``group_ids``,
+      ``ref_logp``, ``old_logp``); :meth:`option_inputs` adds the ones an option switches on.
+    - ``policy_statistics``: its batch statistics depend on the policy's log-probs (it overrides
+      :meth:`member_extras`), so the step computes them from a forward pass (docs/objectives.md, "Group
+      statistics"); otherwise they come from the data alone.
+    - ``group_relative``: it compares the members of a group, so a group needs two or more.
+    - ``default_groups``: the expert / teacher members a group gets by default.
+    - ``trains_on_rollouts``: it trains on the policy's own rollouts; False for the supervised baselines,
+      whose rollouts are only scored for the reward metrics.
+
+    and implements ``statistics`` and ``loss``. Its dataclass fields are its options
+    (``objective.options``), checked by name and type in :func:`build_objective`.
     """
 
     name: ClassVar[str] = ""
-    uses: ClassVar[frozenset[str]] = frozenset()
+    inputs: ClassVar[frozenset[str]] = frozenset()
+    policy_statistics: ClassVar[bool] = False
     group_relative: ClassVar[bool] = False
+    default_groups: ClassVar[GroupDefaults] = GroupDefaults()
+    trains_on_rollouts: ClassVar[bool] = True
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        # The declaration and the code must agree, or the step would skip (or waste) the policy pass.
+        overrides = cls.member_extras is not Objective.member_extras
+        if overrides != cls.policy_statistics:
+            raise TypeError(
+                f"objective class {cls.__name__}: policy_statistics must be True exactly when it overrides "
+                "member_extras (statistics from the policy's log-probs)"
+            )
+        unknown = cls.inputs - set(INPUTS)
+        if unknown:
+            raise TypeError(f"objective class {cls.__name__}: unknown inputs {sorted(unknown)}; known: {INPUTS}")
 
     def __post_init__(self) -> None:
         self.validate_options()
 
+    @property
+    def uses(self) -> frozenset[str]:
+        """Every TokenBatch field this instance reads besides logp and mask: ``inputs`` plus
+        :meth:`option_inputs`."""
+        return self.inputs | self.option_inputs()
+
+    def option_inputs(self) -> frozenset[str]:
+        """Inputs that an option switches on (e.g. GRPO's ref_logp with kl_coef > 0); none by default."""
+        return frozenset()
+
     def validate_options(self) -> None:
-        if hasattr(self, "eps") and not self.eps > 0:
-            raise ValueError(f"{self.name}: eps must be > 0, got {self.eps}")
+        """Raise ValueError naming the option for values outside its domain (types: build_objective)."""
 
     # ---- phase 1 ----
     @torch.no_grad()
@@ -205,6 +258,8 @@ class Objective:
         )
 
     def member_extras(self, batch: TokenBatch, layout: BatchLayout) -> dict[str, torch.Tensor]:
+        """Objective-specific per-member scalars [B] fp32 computed from the policy's log-probs (GIFT's
+        implicit reward); an objective that overrides this declares ``policy_statistics = True``."""
         return {}
 
     def statistics(self, members: Members, layout: BatchLayout = SINGLE_PROCESS) -> BatchStats:
@@ -278,7 +333,7 @@ def check_batch(batch: TokenBatch, uses: frozenset[str], objective: str) -> None
     if "group_ids" in uses:
         if batch.group_ids is None:
             raise ValueError(f"{objective}: group_ids are required by this objective but were not given")
-        _check_group_ids(batch.group_ids, B)
+        check_group_ids(batch.group_ids, B)
     flags = torch.stack([ok.to(lp.device) for ok, _ in checks]).tolist()  # the one host sync
     for ok, (_, message) in zip(flags, checks):
         if ok:
@@ -287,6 +342,22 @@ def check_batch(batch: TokenBatch, uses: frozenset[str], objective: str) -> None
             bad = torch.nonzero(~torch.isfinite(r)).flatten()[:5].tolist()
             raise ValueError(f"{objective}: rewards are not finite for members {bad}")
         raise ValueError(message)
+
+
+def check_group_ids(group_ids: torch.Tensor, n: int, name: str = "group_ids") -> None:
+    """ValueError naming ``name`` unless ``group_ids`` is an integer tensor of shape [n]."""
+    if not isinstance(group_ids, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor of integer ids, got {type(group_ids).__name__}")
+    if group_ids.dtype.is_floating_point or group_ids.dtype.is_complex or group_ids.dtype == torch.bool:
+        raise ValueError(f"{name} must hold integers (torch.int32/int64), got dtype {group_ids.dtype}")
+    if group_ids.dim() != 1 or group_ids.shape[0] != n:
+        raise ValueError(f"{name} must have shape [{n}] (one id per member), got {list(group_ids.shape)}")
+
+
+def require_positive(objective: str, option: str, value: float) -> None:
+    """ValueError naming the option unless ``value`` > 0."""
+    if not value > 0:
+        raise ValueError(f"{objective}: {option} must be > 0, got {value}")
 
 
 def _desc(x) -> str:
@@ -300,6 +371,8 @@ OBJECTIVES: dict[str, type[Objective]] = {}
 
 def register(cls: type[Objective]) -> type[Objective]:
     """Class decorator: make ``cls`` selectable by its ``name`` in configs."""
+    if not cls.name:
+        raise ValueError(f"objective class {cls.__name__}: set its name (a ClassVar) before registering it")
     if cls.name in OBJECTIVES:
         raise ValueError(f"objective name {cls.name!r} is registered twice")
     OBJECTIVES[cls.name] = cls
@@ -309,13 +382,41 @@ def register(cls: type[Objective]) -> type[Objective]:
 def build_objective(name: str, **options) -> Objective:
     """The registered objective ``name`` with ``options`` (its dataclass fields).
 
-    Raises ValueError naming the unknown objective (listing the known ones) or the unknown option.
+    Raises ValueError naming the unknown objective (listing the known ones), an unknown option, or an option
+    whose value does not have its field's type (an int is accepted for a float; a string never is, so a
+    quoted ``"3e-4"`` fails here rather than inside the loss).
     """
     if name not in OBJECTIVES:
         raise ValueError(f"objective: unknown name {name!r}; known objectives: {', '.join(sorted(OBJECTIVES))}")
     cls = OBJECTIVES[name]
+    hints = typing.get_type_hints(cls)
     known = {f.name for f in fields(cls)}
-    for key in options:
+    for key, value in options.items():
         if key not in known:
             raise ValueError(f"objective {name}: unknown option {key!r}; options: {', '.join(sorted(known))}")
+        if not _has_type(value, hints[key]):
+            raise ValueError(
+                f"objective {name}: option {key} must be {_type_text(hints[key])}, got {type(value).__name__} {value!r}"
+            )
     return cls(**options)
+
+
+def _has_type(value: Any, tp: Any) -> bool:
+    """Whether ``value`` fits the option annotation ``tp`` (scalars, ``X | None``, Any)."""
+    if tp is Any:
+        return True
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return any(_has_type(value, t) for t in typing.get_args(tp))
+    if tp is type(None):
+        return value is None
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, tp) if isinstance(tp, type) else True
+
+
+def _type_text(tp: Any) -> str:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return " or ".join(_type_text(t) for t in typing.get_args(tp))
+    return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))

@@ -23,29 +23,20 @@ from gift_megatron.objectives.base import (
     SINGLE_PROCESS,
     BatchLayout,
     BatchStats,
+    GroupDefaults,
     LossOutput,
     Members,
     Objective,
     TokenBatch,
-    count_totals,
     register,
+    require_positive,
 )
-from gift_megatron.objectives.gift import gather_member_scalars, reward_group_stats, reward_metrics
+from gift_megatron.objectives.groups import group_reward_statistics
 
 
 def dcr_coefficient(p: torch.Tensor, tau: float) -> torch.Tensor:
     """c(p) = p where p <= tau, else 1 (same shape and dtype as ``p``)."""
     return torch.where(p <= tau, p, torch.ones_like(p))
-
-
-@torch.no_grad()
-def group_reward_statistics(obj: Objective, members: Members, layout: BatchLayout) -> BatchStats:
-    """BatchStats with the reward z-score statistics and global counts, shared by GFT and the GRPO family."""
-    n_members, n_tokens = count_totals(members, layout)
-    ids, rewards, _ = gather_member_scalars(members, layout)
-    r_stats, inverse = reward_group_stats(ids, rewards, obj.unbiased)
-    A = (rewards - r_stats.mean[inverse]) / (r_stats.std[inverse] + obj.eps)
-    return BatchStats(n_members, n_tokens, rewards=r_stats, metrics=reward_metrics(rewards, r_stats, A))
 
 
 @register
@@ -56,16 +47,18 @@ class GFT(Objective):
     unbiased: bool = True
 
     name: ClassVar[str] = "gft"
-    uses: ClassVar[frozenset[str]] = frozenset({"rewards", "group_ids"})
+    inputs: ClassVar[frozenset[str]] = frozenset({"rewards", "group_ids"})
     group_relative: ClassVar[bool] = True
+    # docs/objectives.md, GFT: each group mixes 1 expert demonstration and 3 teacher responses with rollouts.
+    default_groups: ClassVar[GroupDefaults] = GroupDefaults(n_expert=1, n_teacher=3)
 
     def validate_options(self) -> None:
-        super().validate_options()
+        require_positive(self.name, "eps", self.eps)
         if not (0 < self.tau <= 1):
             raise ValueError(f"gft: tau must be in (0, 1], got {self.tau}")
 
     def statistics(self, members: Members, layout: BatchLayout = SINGLE_PROCESS) -> BatchStats:
-        return group_reward_statistics(self, members, layout)
+        return group_reward_statistics(members, layout, eps=self.eps, unbiased=self.unbiased)
 
     def loss(self, batch: TokenBatch, stats: BatchStats, layout: BatchLayout = SINGLE_PROCESS) -> LossOutput:
         lp = batch.masked("logp")

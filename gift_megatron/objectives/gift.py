@@ -24,7 +24,7 @@ from typing import ClassVar
 
 import torch
 
-from gift_megatron.comm import all_gather_rows, all_reduce_sum
+from gift_megatron.comm import all_reduce_sum
 from gift_megatron.objectives.base import (
     SINGLE_PROCESS,
     BatchLayout,
@@ -35,36 +35,30 @@ from gift_megatron.objectives.base import (
     TokenBatch,
     count_totals,
     register,
+    require_positive,
 )
-from gift_megatron.objectives.groups import GroupStats, segment_mean_std
+from gift_megatron.objectives.groups import (
+    GroupStats,
+    gather_member_scalars,
+    reward_group_stats,
+    reward_metrics,
+    segment_mean_std,
+)
 
 SMALL_IMPLICIT_STD = 1e-4
 
 
-def gather_member_scalars(members: Members, layout: BatchLayout, extra: tuple[str, ...] = ()):
-    """Global per-member (group ids int64 [N], rewards fp32 [N], extras fp32 [N]...) over the DP group."""
-    cols = [members.group_ids.double(), members.rewards.double()] + [members.extra[k].double() for k in extra]
-    g = all_gather_rows(torch.stack(cols, dim=1), layout.dp_group)
-    return g[:, 0].to(torch.int64), g[:, 1].float(), [g[:, 2 + i].float() for i in range(len(extra))]
+@dataclass(frozen=True)
+class ImplicitStats:
+    """GIFT's own statistics (``BatchStats.extra``).
 
+    implicit: per-group statistics of the implicit reward u (std after ``std_floor``).
+    correction: with ``detach_stats=False``, the per-group coefficients (a_g, b_g), fp32 [G] each, of the
+        exact gradient through the group mean and std (module docstring); None otherwise.
+    """
 
-def reward_group_stats(ids: torch.Tensor, rewards: torch.Tensor, unbiased: bool):
-    """(GroupStats of rewards, inverse index [N]) for the global vectors ``ids``, ``rewards``."""
-    uniq, inverse = torch.unique(ids, sorted=True, return_inverse=True)
-    count, mean, std = segment_mean_std(rewards, inverse, uniq.numel(), unbiased=unbiased)
-    return GroupStats(uniq, count, mean, std), inverse
-
-
-def reward_metrics(rewards: torch.Tensor, stats: GroupStats, advantages: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Metrics of the explicit rewards shared by every group objective (global vectors in, scalars out)."""
-    degenerate = (stats.count < 2) | (stats.std == 0)
-    return {
-        "reward/mean": rewards.mean(),
-        "reward/std": rewards.std() if rewards.numel() > 1 else rewards.new_zeros(()),
-        "advantage/abs_mean": advantages.abs().mean(),
-        "groups/degenerate_frac": degenerate.float().mean(),
-        "groups/count": torch.tensor(float(stats.ids.numel()), device=rewards.device),
-    }
+    implicit: GroupStats
+    correction: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 def _pearson(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -91,18 +85,19 @@ class GIFT(Objective):
     reference: str = "frozen"
 
     name: ClassVar[str] = "gift"
+    inputs: ClassVar[frozenset[str]] = frozenset({"rewards", "group_ids"})
+    policy_statistics: ClassVar[bool] = True  # the implicit reward's group statistics
     group_relative: ClassVar[bool] = True
 
-    @property
-    def uses(self) -> frozenset[str]:  # type: ignore[override]
-        return frozenset({"rewards", "group_ids", self._ref_field})
+    def option_inputs(self) -> frozenset[str]:
+        return frozenset({self._ref_field})
 
     @property
     def _ref_field(self) -> str:
         return "ref_logp" if self.reference == "frozen" else "old_logp"
 
     def validate_options(self) -> None:
-        super().validate_options()
+        require_positive(self.name, "eps", self.eps)
         if self.implicit_reward not in ("sum", "mean"):
             raise ValueError(f"gift: implicit_reward must be 'sum' or 'mean', got {self.implicit_reward!r}")
         if self.reference not in ("frozen", "rollout"):
@@ -169,20 +164,21 @@ class GIFT(Objective):
             }
         )
         return BatchStats(
-            n_members, n_tokens, rewards=r_stats, implicit=implicit, correction=correction, metrics=metrics
+            n_members, n_tokens, rewards=r_stats, extra=ImplicitStats(implicit, correction), metrics=metrics
         )
 
     def loss(self, batch: TokenBatch, stats: BatchStats, layout: BatchLayout = SINGLE_PROCESS) -> LossOutput:
         u = self.implicit_rewards(batch, layout)
         pos = stats.rewards.index(batch.group_ids)
         A = stats.rewards.zscore(batch.rewards, batch.group_ids, self.eps, pos=pos)
-        mean, std = stats.implicit.mean[pos], stats.implicit.std[pos]
+        own: ImplicitStats = stats.extra
+        mean, std = own.implicit.mean[pos], own.implicit.std[pos]
         z = (u - mean) / (std + self.eps)
         # u is replicated on every CP rank after its all-reduce; each rank carries 1/cp of the member's term.
         per_member = (A - self.beta * z) ** 2 / (stats.n_members * layout.cp_size)
         loss = per_member.sum()
-        if stats.correction is not None:
-            a, b = stats.correction
+        if own.correction is not None:
+            a, b = own.correction
             coeff = a[pos] + b[pos] * (u.detach() - mean)
             loss = loss + (coeff * (u - u.detach())).sum() / layout.cp_size
         return LossOutput(loss=loss, shares={"loss": loss.detach()}, metrics=dict(stats.metrics))

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from gift_megatron.comm import ProcessGroup, all_gather_rows
+from gift_megatron.objectives.base import BatchLayout, BatchStats, Members, check_group_ids, count_totals
 
 
 class _SafeSqrt(torch.autograd.Function):
@@ -41,15 +42,6 @@ class _SafeSqrt(torch.autograd.Function):
         (y,) = ctx.saved_tensors
         safe = torch.where(y > 0, y, torch.ones_like(y))
         return torch.where(y > 0, grad / (2 * safe), torch.zeros_like(grad))
-
-
-def _check_group_ids(group_ids: torch.Tensor, n: int, name: str = "group_ids") -> None:
-    if not isinstance(group_ids, torch.Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor of integer ids, got {type(group_ids).__name__}")
-    if group_ids.dtype.is_floating_point or group_ids.dtype.is_complex or group_ids.dtype == torch.bool:
-        raise ValueError(f"{name} must hold integers (torch.int32/int64), got dtype {group_ids.dtype}")
-    if group_ids.dim() != 1 or group_ids.shape[0] != n:
-        raise ValueError(f"{name} must have shape [{n}] (one id per member), got {list(group_ids.shape)}")
 
 
 def segment_mean_std(
@@ -134,7 +126,7 @@ def group_statistics(
         dp_group: the ranks that hold the other members (each member on exactly one rank). Ranks that hold
             copies of the same members (tensor-, context-parallel peers) must not be in it.
     """
-    _check_group_ids(group_ids, values.shape[0])
+    check_group_ids(group_ids, values.shape[0])
     gathered = all_gather_rows(torch.stack([values.detach().double(), group_ids.double()], dim=1), dp_group)
     all_values, all_ids = gathered[:, 0].float(), gathered[:, 1].to(torch.int64)
     ids, inverse = torch.unique(all_ids, sorted=True, return_inverse=True)
@@ -159,9 +151,53 @@ def group_zscore(
     """
     if not isinstance(values, torch.Tensor) or values.dim() != 1:
         raise ValueError(f"values must be a 1-D tensor [B], got {getattr(values, 'shape', type(values))}")
-    _check_group_ids(group_ids, values.shape[0])
+    check_group_ids(group_ids, values.shape[0])
     if dp_group is not None:
         return group_statistics(values, group_ids, unbiased=unbiased, dp_group=dp_group).zscore(values, group_ids, eps)
     ids, inverse = torch.unique(group_ids.to(torch.int64), sorted=True, return_inverse=True)
     _, mean, std = segment_mean_std(values, inverse, ids.numel(), unbiased=unbiased)
     return (values.float() - mean[inverse]) / (std[inverse] + eps)
+
+
+# ---- the batch-level statistics every group objective shares (global vectors, identical on every rank)
+def gather_member_scalars(
+    members: Members, layout: BatchLayout, extra: tuple[str, ...] = ()
+) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """The global batch's per-member (group ids int64 [N], rewards fp32 [N], [members.extra[k] fp32 [N] for
+    k in extra]), gathered over the DP group in rank order (one all-gather of a [B, 2 + len(extra)] table)."""
+    if members.group_ids is None or members.rewards is None:
+        raise ValueError("group statistics need every member's reward and group id")
+    cols = [members.group_ids.double(), members.rewards.double()] + [members.extra[k].double() for k in extra]
+    g = all_gather_rows(torch.stack(cols, dim=1), layout.dp_group)
+    return g[:, 0].to(torch.int64), g[:, 1].float(), [g[:, 2 + i].float() for i in range(len(extra))]
+
+
+def reward_group_stats(ids: torch.Tensor, rewards: torch.Tensor, unbiased: bool) -> tuple[GroupStats, torch.Tensor]:
+    """(GroupStats of ``rewards``, inverse index int64 [N] of each member's group) for the global vectors
+    ``ids`` int64 [N] and ``rewards`` fp32 [N]."""
+    uniq, inverse = torch.unique(ids, sorted=True, return_inverse=True)
+    count, mean, std = segment_mean_std(rewards, inverse, uniq.numel(), unbiased=unbiased)
+    return GroupStats(uniq, count, mean, std), inverse
+
+
+def reward_metrics(rewards: torch.Tensor, stats: GroupStats, advantages: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Metrics of the explicit rewards shared by every group objective (global vectors in, fp32 scalars out)."""
+    degenerate = (stats.count < 2) | (stats.std == 0)
+    return {
+        "reward/mean": rewards.mean(),
+        "reward/std": rewards.std() if rewards.numel() > 1 else rewards.new_zeros(()),
+        "advantage/abs_mean": advantages.abs().mean(),
+        "groups/degenerate_frac": degenerate.float().mean(),
+        "groups/count": torch.tensor(float(stats.ids.numel()), device=rewards.device),
+    }
+
+
+@torch.no_grad()
+def group_reward_statistics(members: Members, layout: BatchLayout, *, eps: float, unbiased: bool) -> BatchStats:
+    """BatchStats with the global counts and the rewards' group statistics (and their metrics): everything
+    GFT and the GRPO family need, from the data alone."""
+    n_members, n_tokens = count_totals(members, layout)
+    ids, rewards, _ = gather_member_scalars(members, layout)
+    r_stats, inverse = reward_group_stats(ids, rewards, unbiased)
+    A = (rewards - r_stats.mean[inverse]) / (r_stats.std[inverse] + eps)
+    return BatchStats(n_members, n_tokens, rewards=r_stats, metrics=reward_metrics(rewards, r_stats, A))

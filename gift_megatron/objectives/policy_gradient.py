@@ -32,8 +32,9 @@ from gift_megatron.objectives.base import (
     Objective,
     TokenBatch,
     register,
+    require_positive,
 )
-from gift_megatron.objectives.gft import group_reward_statistics
+from gift_megatron.objectives.groups import group_reward_statistics
 
 AGGREGATIONS = ("seq_mean_token_mean", "token_mean")
 
@@ -57,15 +58,14 @@ class GRPO(Objective):
     clip_ratio_c: float | None = None
 
     name: ClassVar[str] = "grpo"
+    inputs: ClassVar[frozenset[str]] = frozenset({"rewards", "group_ids", "old_logp"})
     group_relative: ClassVar[bool] = True
 
-    @property
-    def uses(self) -> frozenset[str]:  # type: ignore[override]
-        base = {"rewards", "group_ids", "old_logp"}
-        return frozenset(base | ({"ref_logp"} if self.kl_coef > 0 else set()))
+    def option_inputs(self) -> frozenset[str]:
+        return frozenset({"ref_logp"}) if self.kl_coef > 0 else frozenset()
 
     def validate_options(self) -> None:
-        super().validate_options()
+        require_positive(self.name, "eps", self.eps)
         if self.aggregation not in AGGREGATIONS:
             raise ValueError(f"{self.name}: aggregation must be one of {AGGREGATIONS}, got {self.aggregation!r}")
         if not (0 <= self.eps_low < 1) or not self.eps_high >= 0:
@@ -82,7 +82,7 @@ class GRPO(Objective):
             )
 
     def statistics(self, members: Members, layout: BatchLayout = SINGLE_PROCESS) -> BatchStats:
-        return group_reward_statistics(self, members, layout)
+        return group_reward_statistics(members, layout, eps=self.eps, unbiased=self.unbiased)
 
     def loss(self, batch: TokenBatch, stats: BatchStats, layout: BatchLayout = SINGLE_PROCESS) -> LossOutput:
         counted = batch.counted
@@ -131,16 +131,16 @@ class GSPO(Objective):
     unbiased: bool = True
 
     name: ClassVar[str] = "gspo"
-    uses: ClassVar[frozenset[str]] = frozenset({"rewards", "group_ids", "old_logp"})
+    inputs: ClassVar[frozenset[str]] = frozenset({"rewards", "group_ids", "old_logp"})
     group_relative: ClassVar[bool] = True
 
     def validate_options(self) -> None:
-        super().validate_options()
+        require_positive(self.name, "eps", self.eps)
         if not (0 <= self.eps_low < 1) or not self.eps_high >= 0:
             raise ValueError(f"gspo: need 0 <= eps_low < 1 and eps_high >= 0, got {self.eps_low}, {self.eps_high}")
 
     def statistics(self, members: Members, layout: BatchLayout = SINGLE_PROCESS) -> BatchStats:
-        return group_reward_statistics(self, members, layout)
+        return group_reward_statistics(members, layout, eps=self.eps, unbiased=self.unbiased)
 
     def loss(self, batch: TokenBatch, stats: BatchStats, layout: BatchLayout = SINGLE_PROCESS) -> LossOutput:
         counted = batch.counted

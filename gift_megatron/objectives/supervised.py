@@ -15,6 +15,7 @@ from gift_megatron.objectives.base import (
     SINGLE_PROCESS,
     BatchLayout,
     BatchStats,
+    GroupDefaults,
     LossOutput,
     Members,
     Objective,
@@ -25,6 +26,13 @@ from gift_megatron.objectives.base import (
 
 
 class _TokenMean(Objective):
+    """Token-mean likelihood objectives: trained on demonstrations only (one expert member per group by
+    default). Their rollouts are still generated and scored, for the reward metrics, but never trained on
+    (imitating one's own samples is not SFT)."""
+
+    default_groups: ClassVar[GroupDefaults] = GroupDefaults(n_expert=1)
+    trains_on_rollouts: ClassVar[bool] = False
+
     def statistics(self, members: Members, layout: BatchLayout = SINGLE_PROCESS) -> BatchStats:
         n_members, n_tokens = count_totals(members, layout)
         return BatchStats(n_members, n_tokens)

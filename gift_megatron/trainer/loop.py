@@ -447,7 +447,7 @@ class Trainer:
         t0 = time.perf_counter()
         all_members = self._rollout(self.step)
         t_rollout = time.perf_counter() - t0
-        # Supervised baselines generate rollouts for the reward metrics only (config.group_composition).
+        # Objectives that do not train on rollouts (trains_on_rollouts) score them for the reward metrics only.
         members = [m for m in all_members if m.kind != "rollout" or self.n_rollout]
         if self.engine is not None and cfg.rollout.sleep_during_training:
             self.engine.sleep()
