@@ -13,7 +13,7 @@ COMPAT_TESTS := tests/test_objectives.py tests/test_layout_invariance.py tests/t
                 tests/test_checkpoint_specs.py tests/test_packing.py tests/test_moe_config.py \
                 tests/test_moe_layout.py
 
-.PHONY: venv test test-compat test-vllm demo bench gpu-check clean-venv
+.PHONY: venv test lint test-compat test-vllm demo bench gpu-check clean-venv
 
 venv:
 	@scripts/ensure_venv.sh $(VENV) 3.12 constraints/dev-py312.txt "-e .[dev]"
@@ -26,6 +26,13 @@ test: venv
 	  echo "== gpu-marked tests on CUDA =="; \
 	  GIFT_MEGATRON_DEVICE=cuda $(VENV)/bin/python -m pytest tests -m gpu $(PYTEST_ARGS); \
 	fi
+
+# Lint and format (ruff.toml), types (pyrefly.toml), and the layers of the README's Layout (.importlinter).
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/pyrefly check --output-format min-text
+	$(VENV)/bin/lint-imports
 
 # On the old stack each layer runs once per kind of layout; the 4-rank and repeated layouts of the step test
 # run on the current stack only (the CI time budget).

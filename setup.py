@@ -45,6 +45,10 @@ setup(
             "leptonai<0.47",
             "tqdm",
             "rich",
+            # make lint: lint and format, types, the layer contract (.importlinter).
+            "ruff",
+            "pyrefly",
+            "import-linter",
         ],
     },
 )

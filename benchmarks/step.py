@@ -228,8 +228,9 @@ def main(argv=None):
 
 
 def run(args, device: torch.device) -> dict:
+    from gift_megatron.megatron.forward import forward_logprobs
     from gift_megatron.megatron.reference import FrozenReference
-    from gift_megatron.megatron.step import ObjectiveStep, forward_logprobs
+    from gift_megatron.megatron.step import ObjectiveStep
     from gift_megatron.objectives import build_objective
 
     spec, build_model = build(args, device)

@@ -152,8 +152,8 @@ def main() -> None:
     optimizer = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=1e-4, clip_grad=1.0), [ddp])
 
     # ---- gift_megatron: the lines that switch the loss ----------------------------------------------
+    from gift_megatron.megatron import ObjectiveStep, pack_global_batch, split_global_batch
     from gift_megatron.megatron.reference import FrozenReference
-    from gift_megatron.megatron.step import ObjectiveStep, pack_global_batch, split_global_batch
     from gift_megatron.objectives import build_objective
     from gift_megatron.parallel.packing import pad_multiple
 

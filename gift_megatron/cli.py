@@ -153,14 +153,17 @@ def main(argv: list[str] | None = None) -> int:
         if cfg.run.show_warnings:  # the workers show what they print before they read the config, too
             os.environ[console.SHOW_WARNINGS_ENV] = "1"
         return console.launch(args.nproc_per_node, [args.config, *overrides])
+    from gift_megatron.errors import StartupError
+    from gift_megatron.megatron import CheckpointError
     from gift_megatron.trainer import train
     from gift_megatron.trainer.run_dir import RunDirLocked
 
     try:
         train(cfg)  # the run prints its own summary (output dir, checkpoint, steps, time, eval reward)
-    except (ValueError, FileNotFoundError, RunDirLocked) as exc:
-        # Start-up errors (dataset, tokenizer, checkpoint, layout, a run directory in use) are the user's
-        # to fix: one line, no traceback wall.
+    except (StartupError, CheckpointError, RunDirLocked) as exc:
+        # What the start-up checks found (dataset, tokenizer, reward, checkpoint, layout, a run directory in
+        # use) is the user's to fix: one line, no traceback wall. Any other exception, a ValueError from a
+        # bug at step 500 included, keeps its traceback.
         if console.env_flag(console.TRACEBACK_ENV):
             raise
         console.print_error(exc)

@@ -23,25 +23,33 @@ import torch
 import torch.distributed as dist
 
 ProcessGroup = dist.ProcessGroup
-WORLD = object()  # marker: the default process group, for helpers where None means "nobody else"
+
+
+class _World:
+    """The type of :data:`WORLD`."""
+
+
+WORLD = _World()  # marker: the default process group, for helpers where None means "nobody else"
+# A group argument: a process group, WORLD, or None ("nobody else": the call is local).
+Group = ProcessGroup | _World | None
 
 
 def _initialized() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
-def group_size(group: ProcessGroup | None) -> int:
+def group_size(group: Group) -> int:
     """Number of ranks in ``group``; 1 when ``group`` is None or torch.distributed is not initialized."""
     if group is None or not _initialized():
         return 1
-    return dist.get_world_size(None if group is WORLD else group)
+    return dist.get_world_size(_pg(group))
 
 
-def group_rank(group: ProcessGroup | None) -> int:
+def group_rank(group: Group) -> int:
     """This process's rank inside ``group``; 0 when ``group`` is None."""
     if group_size(group) == 1:
         return 0
-    return dist.get_rank(None if group is WORLD else group)
+    return dist.get_rank(_pg(group))
 
 
 def backend_device_type(backend_config: str) -> str:
@@ -58,19 +66,18 @@ def backend_device_type(backend_config: str) -> str:
     return "cpu" if "cpu" in types else "cuda"
 
 
-def group_device(group: ProcessGroup | None = None) -> torch.device:
+def group_device(group: Group = None) -> torch.device:
     """The device a tensor must be on to enter a collective over ``group`` (None / WORLD: the default
     group): the current CUDA device for NCCL, the CPU for gloo and when not initialized."""
     if not _initialized():
         return torch.device("cpu")
-    g = None if group is None or group is WORLD else group
-    if backend_device_type(str(dist.get_backend_config(g))) == "cpu":
+    if backend_device_type(str(dist.get_backend_config(_pg(group)))) == "cpu":
         return torch.device("cpu")
     return torch.device("cuda", torch.cuda.current_device())
 
 
-def _pg(group):
-    return None if group is WORLD else group
+def _pg(group: Group) -> ProcessGroup | None:
+    return None if isinstance(group, _World) else group
 
 
 # ---------------------------------------------------------------------------------- differentiable sum
@@ -87,7 +94,8 @@ class _AllReduceSum(torch.autograd.Function):
         return _reduce(x, dist.ReduceOp.SUM, group)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor):
+    def backward(ctx, *grads: torch.Tensor):
+        (grad,) = grads
         return _reduce(grad.contiguous(), dist.ReduceOp.SUM, ctx.group), None
 
 
@@ -122,7 +130,7 @@ def _op(op: str, caller: str):
     return ops[op]
 
 
-def all_reduce_host(values: Sequence[float], op: str = "sum", group: Any = WORLD) -> list[float]:
+def all_reduce_host(values: Sequence[float], op: str = "sum", group: Group = WORLD) -> list[float]:
     """Reduce Python numbers over ``group`` (default: every rank) in fp64; one host copy of the result.
 
     ``op``: "sum" or "max". For metrics the trainer keeps on the host (counts, rewards).
@@ -135,7 +143,7 @@ def all_reduce_host(values: Sequence[float], op: str = "sum", group: Any = WORLD
     return t.tolist()
 
 
-def all_reduce_tensor(x: torch.Tensor, op: str = "sum", group: Any = WORLD) -> torch.Tensor:
+def all_reduce_tensor(x: torch.Tensor, op: str = "sum", group: Group = WORLD) -> torch.Tensor:
     """Out-of-place reduce of a device tensor over ``group`` (default: every rank), no gradient; the
     result is on ``x``'s device. ``op``: "sum" or "max"."""
     reduce_op = _op(op, "all_reduce_tensor")
@@ -202,13 +210,13 @@ def broadcast_tensor(x: torch.Tensor, src: int, group: Any) -> torch.Tensor:
     return buf.to(x.device)
 
 
-def send_tensor(x: torch.Tensor, dst: int, group: Any = WORLD) -> None:
+def send_tensor(x: torch.Tensor, dst: int, group: Group = WORLD) -> None:
     """Point-to-point send of ``x`` to global rank ``dst``."""
     dist.send(x.to(group_device(group)).contiguous(), dst=dst, group=_pg(group))
 
 
 def recv_tensor(
-    shape: Sequence[int], dtype: torch.dtype, src: int, group: Any = WORLD, *, device: torch.device | None = None
+    shape: Sequence[int], dtype: torch.dtype, src: int, group: Group = WORLD, *, device: torch.device | None = None
 ) -> torch.Tensor:
     """Receive a tensor of ``shape`` / ``dtype`` from global rank ``src``; returned on ``device`` (default:
     the group's device)."""
@@ -220,14 +228,14 @@ def recv_tensor(
 
 # -------------------------------------------------------------------------------------- Python objects
 # torch's object collectives pick their own device (the current CUDA device for NCCL): nothing to move.
-def broadcast_objects(objects: list[Any], src: int, group: Any = WORLD) -> list[Any]:
+def broadcast_objects(objects: list[Any], src: int, group: Group = WORLD) -> list[Any]:
     """Broadcast the picklable ``objects`` list of global rank ``src`` in place; returns it."""
     if group_size(group) > 1:
         dist.broadcast_object_list(objects, src=src, group=_pg(group))
     return objects
 
 
-def all_gather_objects(obj: Any, group: Any = WORLD) -> list[Any]:
+def all_gather_objects(obj: Any, group: Group = WORLD) -> list[Any]:
     """Every rank's picklable ``obj``, in group-rank order."""
     if group_size(group) == 1:
         return [obj]
@@ -236,17 +244,17 @@ def all_gather_objects(obj: Any, group: Any = WORLD) -> list[Any]:
     return out
 
 
-def send_objects(objects: list[Any], dst: int, group: Any = WORLD) -> None:
+def send_objects(objects: list[Any], dst: int, group: Group = WORLD) -> None:
     dist.send_object_list(objects, dst=dst, group=_pg(group))
 
 
-def recv_objects(n: int, src: int, group: Any = WORLD) -> list[Any]:
+def recv_objects(n: int, src: int, group: Group = WORLD) -> list[Any]:
     box: list[Any] = [None] * n
     dist.recv_object_list(box, src=src, group=_pg(group))
     return box
 
 
-def barrier(group: Any = WORLD) -> None:
+def barrier(group: Group = WORLD) -> None:
     """Wait for every rank of ``group`` (no-op for one rank)."""
     if group_size(group) > 1:
         if group_device(group).type == "cuda":
@@ -255,7 +263,9 @@ def barrier(group: Any = WORLD) -> None:
             dist.barrier(group=_pg(group))
 
 
-def new_group(ranks: Sequence[int]):
+def new_group(ranks: Sequence[int]) -> ProcessGroup | None:
     """A process group over global ``ranks`` with the default group's backend. Collective: every rank of
     the world must call it with the same ranks, in the same order of calls."""
-    return dist.new_group(list(ranks))
+    group = dist.new_group(list(ranks))
+    # Ranks outside the group get torch's GroupMember.NON_GROUP_MEMBER marker (an int): None here.
+    return group if isinstance(group, ProcessGroup) else None

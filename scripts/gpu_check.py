@@ -696,9 +696,8 @@ def _instrument(trainer: Any, counter: SyncCounter, timings: dict, missing: list
 
         setattr(trainer, name, wrapped)
 
-    wrap("_rollout", "rollout")
-    wrap("_kl_to_reference", "metrics")
-    wrap("_rollout_gap", "metrics")
+    wrap("rollout", "rollout")
+    wrap("rollout_metrics", "metrics")
     wrap("sync_weights", "weight sync")
     wrap("evaluate", "eval")
     wrap("save", "checkpoint")

@@ -168,9 +168,8 @@ def test_trainer_batch_helpers_under_meta():
         engine_logprobs,
         micro_batches,
         pack,
-        rollout_kl_to_reference,
-        rollout_logprob_gap,
     )
+    from gift_megatron.trainer.step_metrics import rollout_kl_to_reference, rollout_logprob_gap
 
     members = [
         Member(0, [1, 2, 3], [4, 5, 6], "rollout", reward=0.5, rollout_logprobs=[-0.1, -0.2, -0.3]),

@@ -250,7 +250,7 @@ def test_the_trainer_step_proxy_counts_prepare_and_update_and_forwards_the_rest(
         counter.uninstall()
     assert trainer.train_step.device == "cuda:0"
     assert counter.counts == {"prepare": 1, "update": 2, "weight sync": 1}
-    assert set(missing) == {"_rollout", "_kl_to_reference", "_rollout_gap", "evaluate", "save"}
+    assert set(missing) == {"rollout", "rollout_metrics", "evaluate", "save"}
     assert len(timings["weight sync"]) == 1
 
 

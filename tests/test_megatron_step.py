@@ -307,7 +307,7 @@ def test_single_process_step_equals_plain_autograd(reference_run):
 
 
 def test_batching_errors_name_the_problem():
-    from gift_megatron.megatron.step import split_global_batch, validate_micro_batches
+    from gift_megatron.megatron.batching import split_global_batch, validate_micro_batches
     from gift_megatron.objectives import build_objective
 
     b = global_batch()

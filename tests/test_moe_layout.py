@@ -134,7 +134,7 @@ def load(model, path):
 
 def packed_micro_batches(dp_rank, dp_size):
     """This rank's members packed end to end into [1, T] rows of at most 2 x SEQ tokens (THD)."""
-    from gift_megatron.megatron.step import pack_global_batch
+    from gift_megatron.megatron.batching import pack_global_batch
 
     return pack_global_batch(
         global_batch(), micro_batch_tokens=2 * SEQ, dp_rank=dp_rank, dp_size=dp_size, keep_groups=False
@@ -350,8 +350,9 @@ def router_loss_grads(init_dir):
     from megatron.core.distributed import finalize_model_grads
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
+    from gift_megatron.megatron.forward import model_logprobs
     from gift_megatron.megatron.model import ParallelConfig
-    from gift_megatron.megatron.step import ObjectiveStep, model_logprobs
+    from gift_megatron.megatron.step import ObjectiveStep
     from gift_megatron.objectives import build_objective
 
     parallel = ParallelConfig(expert_model_parallel_size=2)

@@ -205,8 +205,8 @@ def test_zigzag_positions_split_every_slot_like_megatron():
 
 # ---------------------------------------------------------------------------------------------- model
 def _model_worker(rank, world, bf16):
+    from gift_megatron.megatron.forward import model_logprobs
     from gift_megatron.megatron.model import ModelConfig, ParallelConfig, PrecisionConfig, build_model
-    from gift_megatron.megatron.step import model_logprobs
     from gift_megatron.parallel.cpu_runtime import destroy_model_parallel_cpu, initialize_model_parallel_cpu
 
     initialize_model_parallel_cpu(seed=3)

@@ -18,6 +18,8 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from gift_megatron.errors import StartupError
+
 log = logging.getLogger("gift_megatron.data")
 
 FIELDS = ("prompt", "messages", "answer", "expert", "teachers", "id")
@@ -26,7 +28,7 @@ PARQUET_EXTENSIONS = (".parquet", ".pq")
 SHOWN_REASONS = 5  # how many bad rows an error or a warning lists
 
 
-class DatasetError(ValueError):
+class DatasetError(StartupError):
     """A dataset that cannot be used; the message names the file, the line and the reason."""
 
 

@@ -33,22 +33,21 @@ class Tokenizer:
         self.use_chat_template = use_chat_template
         self.chat_template_kwargs = dict(chat_template_kwargs or {})
         if kind == "hf":
-            self.eos_id = backend.eos_token_id
+            eos, pad = backend.eos_token_id, backend.pad_token_id
             self.bos_id = backend.bos_token_id
-            self.pad_id = backend.pad_token_id
             # len() counts added tokens; ids can still have gaps, so the largest id decides what fits.
             self.vocab_size = max(len(backend), max(backend.get_vocab().values(), default=-1) + 1)
             self._add_bos = self.bos_id is not None and self._hf_adds_bos()
         else:
-            self.eos_id = backend.eos_id() if backend.eos_id() >= 0 else None
+            eos = backend.eos_id() if backend.eos_id() >= 0 else None
             self.bos_id = backend.bos_id() if backend.bos_id() >= 0 else None
-            self.pad_id = backend.pad_id() if backend.pad_id() >= 0 else None
+            pad = backend.pad_id() if backend.pad_id() >= 0 else None
             self.vocab_size = backend.get_piece_size()
             self._add_bos = self.bos_id is not None  # sentencepiece models with a BOS piece (Llama 1/2) expect it
-        if self.eos_id is None:
+        if eos is None:
             raise ValueError(f"tokenizer {source}: it defines no EOS token, which generation needs to stop")
-        if self.pad_id is None:
-            self.pad_id = self.eos_id  # padding is always masked out; any valid id does
+        self.eos_id: int = eos
+        self.pad_id: int = eos if pad is None else pad  # padding is always masked out; any valid id does
 
     def _hf_adds_bos(self) -> bool:
         # Whether BOS is prepended is decided by the tokenizer's post-processor (Llama: yes, Qwen: no); an
@@ -64,7 +63,7 @@ class Tokenizer:
     @classmethod
     def load(
         cls,
-        path: str | os.PathLike,
+        path: str | os.PathLike[str],
         *,
         use_chat_template: bool = False,
         chat_template_kwargs: Mapping[str, Any] | None = None,
@@ -74,7 +73,7 @@ class Tokenizer:
         use_chat_template: also format plain ``prompt`` rows with the chat template (chat rows always use it).
         chat_template_kwargs: extra variables for the template, e.g. ``{"enable_thinking": False}`` (Qwen3).
         """
-        path = os.fspath(path)
+        path = str(os.fspath(path))
         if not os.path.exists(path):
             raise FileNotFoundError(f"data.tokenizer: {path} does not exist")
         if os.path.isfile(path):
@@ -126,7 +125,9 @@ class Tokenizer:
         rows, and for plain prompts when ``use_chat_template``; otherwise BOS (if the tokenizer prepends
         one) followed by the prompt."""
         if example.messages is None and not self.use_chat_template:
-            return ([self.bos_id] if self._add_bos else []) + self.encode(example.prompt or "")
+            return ([self.bos_id] if self._add_bos and self.bos_id is not None else []) + self.encode(
+                example.prompt or ""
+            )
         if not self.has_chat_template:
             raise ValueError(
                 f"{example.where}: a chat row needs a tokenizer with a chat template ({self.source} "

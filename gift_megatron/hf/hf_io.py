@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from gift_megatron.errors import StartupError
 from gift_megatron.hf.mapping import (
     HF_ARCHITECTURES,
     MOE_ARCHITECTURES,
@@ -84,7 +85,7 @@ _SHARD_NAME = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")
 _EXPERT_HF = re.compile(r"^model\.layers\.(\d+)\.(?:mlp|block_sparse_moe)\.experts\.(\d+)\.")
 
 
-class ConversionError(ValueError):
+class ConversionError(StartupError):
     """A checkpoint that cannot be converted; the message names the file, field or flag and the problem."""
 
 

@@ -16,6 +16,7 @@ there, non-zero ``model.moe_aux_loss_coeff`` / ``model.moe_z_loss_coeff`` are re
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -181,7 +182,7 @@ class MoEStepMonitor:
         return scale_func(torch.ones(1, dtype=torch.float32, device=self.device)) * self._ratio
 
     # ---------------------------------------------------------------------------------------- the step
-    def check_micro_batches(self, micro_batches: list) -> None:
+    def check_micro_batches(self, micro_batches: Sequence[dict[str, Any]]) -> None:
         """Clear error before compute if data-parallel ranks hold different numbers of micro-batches under
         expert parallelism; records the step's global router-token count T. One small all-gather over the
         data-parallel group (for EP > 1 or non-zero router-loss coefficients; nothing otherwise)."""

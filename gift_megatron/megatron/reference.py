@@ -8,7 +8,7 @@ memory only during its forward pass.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -22,7 +22,7 @@ class FrozenReference(list):
             (the same builder the policy was made with: the shapes must match exactly).
     """
 
-    def __init__(self, policy: list[torch.nn.Module], build_chunk: Callable[[int], torch.nn.Module]) -> None:
+    def __init__(self, policy: Sequence[torch.nn.Module], build_chunk: Callable[[int], torch.nn.Module]) -> None:
         from megatron.core.utils import unwrap_model
 
         chunks = []

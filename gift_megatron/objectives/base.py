@@ -16,6 +16,8 @@ per rank when every rank holds its whole batch.
 
 from __future__ import annotations
 
+import functools
+import operator
 import types
 import typing
 from dataclasses import dataclass, field, fields
@@ -142,6 +144,26 @@ class BatchStats:
     extra: Any = None
     metrics: dict[str, torch.Tensor] = field(default_factory=dict)
 
+    @property
+    def groups(self) -> GroupStats:
+        """The rewards' group statistics, which every group objective's loss needs."""
+        if self.rewards is None:
+            raise ValueError("these statistics have no reward groups (computed by a non-group objective)")
+        return self.rewards
+
+    def group_positions(self, batch: TokenBatch) -> torch.Tensor:
+        """Each member's group as a position in the statistics' groups, int64 [B]."""
+        if batch.group_ids is None:
+            raise ValueError("group_ids are required by this objective but were not given")
+        return self.groups.index(batch.group_ids)
+
+    def advantages(self, batch: TokenBatch, eps: float, pos: torch.Tensor | None = None) -> torch.Tensor:
+        """A_i = Z_g(R)_i: each member's reward z-scored within its group over the global batch, fp32 [B].
+        ``pos``: :meth:`group_positions` when the caller has it (its check costs a host sync)."""
+        if batch.rewards is None or batch.group_ids is None:
+            raise ValueError("rewards and group_ids are required by this objective but were not given")
+        return self.groups.zscore(batch.rewards, batch.group_ids, eps, pos=pos)
+
 
 @dataclass
 class LossOutput:
@@ -162,8 +184,8 @@ class LossOutput:
         """Sum of the losses and shares of several micro-batches of one step (metrics from the first)."""
         if not outputs:
             raise ValueError("LossOutput.accumulate needs at least one output")
-        shares = {k: sum(o.shares[k] for o in outputs) for k in outputs[0].shares}
-        return LossOutput(sum(o.loss for o in outputs), shares, dict(outputs[0].metrics))
+        shares = {k: functools.reduce(operator.add, (o.shares[k] for o in outputs)) for k in outputs[0].shares}
+        return LossOutput(functools.reduce(operator.add, (o.loss for o in outputs)), shares, dict(outputs[0].metrics))
 
     def finalize(self, layout: BatchLayout) -> dict[str, torch.Tensor]:
         """All global metrics of a call that saw its rank's whole batch (shares summed over ranks)."""
@@ -338,7 +360,7 @@ def check_batch(batch: TokenBatch, uses: frozenset[str], objective: str) -> None
     for ok, (_, message) in zip(flags, checks):
         if ok:
             continue
-        if message == "rewards":
+        if message == "rewards" and r is not None:
             bad = torch.nonzero(~torch.isfinite(r)).flatten()[:5].tolist()
             raise ValueError(f"{objective}: rewards are not finite for members {bad}")
         raise ValueError(message)
@@ -390,7 +412,7 @@ def build_objective(name: str, **options) -> Objective:
         raise ValueError(f"objective: unknown name {name!r}; known objectives: {', '.join(sorted(OBJECTIVES))}")
     cls = OBJECTIVES[name]
     hints = typing.get_type_hints(cls)
-    known = {f.name for f in fields(cls)}
+    known = {f.name for f in fields(typing.cast(Any, cls))}  # every registered objective is a dataclass
     for key, value in options.items():
         if key not in known:
             raise ValueError(f"objective {name}: unknown option {key!r}; options: {', '.join(sorted(known))}")

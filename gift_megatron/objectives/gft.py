@@ -62,7 +62,7 @@ class GFT(Objective):
 
     def loss(self, batch: TokenBatch, stats: BatchStats, layout: BatchLayout = SINGLE_PROCESS) -> LossOutput:
         lp = batch.masked("logp")
-        A = stats.rewards.zscore(batch.rewards, batch.group_ids, self.eps)
+        A = stats.advantages(batch, self.eps)
         p = torch.exp(lp.detach())
         counted = batch.counted
         coeff = dcr_coefficient(p, self.tau)

@@ -169,8 +169,8 @@ class GIFT(Objective):
 
     def loss(self, batch: TokenBatch, stats: BatchStats, layout: BatchLayout = SINGLE_PROCESS) -> LossOutput:
         u = self.implicit_rewards(batch, layout)
-        pos = stats.rewards.index(batch.group_ids)
-        A = stats.rewards.zscore(batch.rewards, batch.group_ids, self.eps, pos=pos)
+        pos = stats.group_positions(batch)
+        A = stats.advantages(batch, self.eps, pos=pos)
         own: ImplicitStats = stats.extra
         mean, std = own.implicit.mean[pos], own.implicit.std[pos]
         z = (u - mean) / (std + self.eps)

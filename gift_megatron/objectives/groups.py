@@ -38,7 +38,8 @@ class _SafeSqrt(torch.autograd.Function):
         return y
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx, *grads):
+        (grad,) = grads
         (y,) = ctx.saved_tensors
         safe = torch.where(y > 0, y, torch.ones_like(y))
         return torch.where(y > 0, grad / (2 * safe), torch.zeros_like(grad))

@@ -87,7 +87,7 @@ class GRPO(Objective):
     def loss(self, batch: TokenBatch, stats: BatchStats, layout: BatchLayout = SINGLE_PROCESS) -> LossOutput:
         counted = batch.counted
         lp, olp = batch.masked("logp"), batch.masked("old_logp")
-        A = stats.rewards.zscore(batch.rewards, batch.group_ids, self.eps)
+        A = stats.advantages(batch, self.eps)
         ratio = torch.exp(lp - olp)
         token_loss, clipped = _clipped_surrogate(ratio, A[:, None], self.eps_low, self.eps_high)
         shares = {}
@@ -147,7 +147,7 @@ class GSPO(Objective):
         diff = batch.masked("logp") - batch.masked("old_logp")
         n_i = all_reduce_sum(counted.float().sum(dim=1), layout.cp_group)
         seq_ratio = torch.exp(all_reduce_sum(diff.sum(dim=1), layout.cp_group) / n_i)
-        A = stats.rewards.zscore(batch.rewards, batch.group_ids, self.eps)
+        A = stats.advantages(batch, self.eps)
         per_member, clipped = _clipped_surrogate(seq_ratio, A, self.eps_low, self.eps_high)
         # The sequence term is replicated on every CP rank; each carries 1/cp of it.
         scale = stats.n_members * layout.cp_size

@@ -127,6 +127,8 @@ def step_batch(
     the step's largest one, on every rank (pipeline parallelism). Errors (a member longer than the budget) come before any compute.
     """
     if micro_batch_tokens is None:
+        if micro_batch_size is None:
+            raise ValueError("step_batch: give micro_batch_size (padded rows) or micro_batch_tokens (packed rows)")
         mine = list(members)
         rows = pack(mine, seq_length, pad_id)
         rows["engine_logp"] = engine_logprobs(mine, seq_length)
@@ -182,29 +184,3 @@ def engine_logprobs(members: Sequence[Member], seq_length: int) -> torch.Tensor:
             lp = m.rollout_logprobs[: seq_length - start]
             out[i, start : start + len(lp)] = torch.tensor(lp, dtype=torch.float32, device="cpu")
     return out
-
-
-def rollout_logprob_gap(trainer_logp: torch.Tensor, engine_logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """[max |trainer log-prob - engine log-prob| over counted rollout tokens, 1 if there was any such token
-    else 0]: fp32 [2] on ``trainer_logp``'s device, no host sync.
-
-    How far the rollout engine drifted from the trainer's weights: 0 up to kernel round-off when the weight
-    sync is exact. trainer_logp, mask [N, S] (device); engine_logp [N, S] from :func:`engine_logprobs`.
-    """
-    engine = engine_logp.to(trainer_logp.device, non_blocking=True)
-    valid = (mask > 0) & torch.isfinite(engine)
-    diff = torch.where(valid, (trainer_logp.float() - torch.nan_to_num(engine)).abs(), trainer_logp.new_zeros(()))
-    return torch.stack([diff.max() if diff.numel() else diff.sum(), valid.any().float()]).float()
-
-
-def rollout_kl_to_reference(ref_logp: torch.Tensor, engine_logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """[sum over rollout responses of sum_t (engine log-prob - reference log-prob), number of rollout
-    responses]: fp32 [2] on ``ref_logp``'s device, no host sync. The k1 estimate of KL(pi || pi_ref) per
-    response, from numbers the step has anyway (no extra pass). ref_logp, mask [N, S]; engine_logp as above.
-    """
-    engine = engine_logp.to(ref_logp.device, non_blocking=True)
-    valid = (mask > 0) & torch.isfinite(engine)
-    per_token = torch.where(
-        valid, torch.nan_to_num(engine) - ref_logp.float(), ref_logp.new_zeros((), dtype=torch.float32)
-    )
-    return torch.stack([per_token.sum(), valid.any(dim=1).float().sum()])

@@ -47,7 +47,7 @@ def post_update_implicit_metrics(
     """
     from megatron.core import parallel_state as ps
 
-    from gift_megatron.megatron.step import batch_layout, forward_logprobs, split_for_context_parallel, token_batch
+    from gift_megatron.megatron.forward import batch_layout, forward_logprobs, split_for_context_parallel, token_batch
 
     layout = batch_layout()
     # The micro-batches were validated (labels included) when the step prepared them.
@@ -55,7 +55,7 @@ def post_update_implicit_metrics(
         model, micro_batches, temperature=temperature, chunk_size=chunk_size, vocab_size=vocab_size, check_labels=False
     )
     payload: list[Any] = [None]
-    if ps.is_pipeline_last_stage():
+    if logps is not None:  # the last pipeline stage
         parts = [
             objective.members(token_batch(split_for_context_parallel(mb), lp), layout)
             for mb, lp in zip(micro_batches, logps)

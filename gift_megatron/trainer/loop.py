@@ -29,11 +29,14 @@ import torch.distributed as dist
 from gift_megatron import comm
 from gift_megatron.config import TrainConfig, check_world_size, save_config
 from gift_megatron.device import default_backend, use_cuda
-from gift_megatron.megatron.step import _ps, member_rows
+from gift_megatron.errors import StartupError
+from gift_megatron.megatron.mpu import parallel_state
 from gift_megatron.parallel.packing import pad_multiple
-from gift_megatron.trainer.batch import Member, StepBatch, rollout_kl_to_reference, rollout_logprob_gap, step_batch
+from gift_megatron.trainer.batch import Member, StepBatch, step_batch
+from gift_megatron.trainer.members import assemble_members, score_members
 from gift_megatron.trainer.metrics import DegenerateGroupsWatch, MetricsLogger, first_eval_record, plot_run
 from gift_megatron.trainer.run_dir import lock_run_dir, watch_launcher
+from gift_megatron.trainer.step_metrics import kl_to_reference, rollout_gap, rollout_totals, step_record
 
 log = logging.getLogger("gift_megatron.train")
 
@@ -87,15 +90,15 @@ def _fmt(value: float | None) -> str:
     return "none (no eval set)" if value is None else f"{value:.3f}"
 
 
-def replica_groups() -> tuple[Any, int]:
+def replica_groups() -> tuple[comm.ProcessGroup | None, int]:
     """(process group of this rank's data-parallel replica, global rank of its rollout owner).
 
     A replica is every rank with the same data-parallel rank: its TP x PP x CP ranks. Built from an
     all-gather of data-parallel ranks because Megatron has no group spanning exactly TP x PP x CP.
     """
-    ps = _ps()
+    ps = parallel_state()
     dp_ranks = comm.all_gather_objects(ps.get_data_parallel_rank())
-    mine = None
+    mine: tuple[comm.ProcessGroup | None, int] = (None, dist.get_rank())
     for d in sorted(set(dp_ranks)):
         ranks = [r for r, x in enumerate(dp_ranks) if x == d]
         group = comm.new_group(ranks) if len(ranks) > 1 else None  # every rank must create every group
@@ -105,7 +108,7 @@ def replica_groups() -> tuple[Any, int]:
 
 
 def is_rollout_owner() -> bool:
-    ps = _ps()
+    ps = parallel_state()
     return (
         ps.get_tensor_model_parallel_rank() == 0
         and ps.get_pipeline_model_parallel_rank() == 0
@@ -128,7 +131,7 @@ class Trainer:
         self.dp = check_world_size(cfg, self.world, gpus_per_node=gpus_per_node or None)
         # One writer per run directory, taken before anything is written there (run_dir.py).
         self.run_lock = lock_run_dir(cfg.run.output_dir, self.rank)
-        ps = _ps()
+        ps = parallel_state()
         self.dp_rank = ps.get_data_parallel_rank()
         self.replica_group, self.owner_rank = replica_groups()
         self.owner = is_rollout_owner()
@@ -180,15 +183,18 @@ class Trainer:
 
         d = self.cfg.data
         if not d.train_files:
-            raise ValueError("data.train_files: no prompt file given")
+            raise StartupError("data.train_files: no prompt file given")
         if d.tokenizer is None:
             if self.cfg.init.hf_config is None:
-                raise ValueError("data.tokenizer: no tokenizer given (and no init.hf_config dir to take it from)")
+                raise StartupError("data.tokenizer: no tokenizer given (and no init.hf_config dir to take it from)")
             d.tokenizer = self.cfg.init.hf_config
-        self.tokenizer = Tokenizer.load(
-            d.tokenizer, use_chat_template=d.use_chat_template, chat_template_kwargs=d.chat_template_kwargs
-        )
-        check_vocab(self.tokenizer, self.cfg.model.vocab_size)
+        try:  # the tokenizer's own errors name data.tokenizer / data.use_chat_template / model.vocab_size
+            self.tokenizer = Tokenizer.load(
+                d.tokenizer, use_chat_template=d.use_chat_template, chat_template_kwargs=d.chat_template_kwargs
+            )
+            check_vocab(self.tokenizer, self.cfg.model.vocab_size)
+        except ValueError as exc:
+            raise StartupError(str(exc)) from exc
         self.train_set, _ = load_prompts(d.train_files, max_skipped_fraction=d.max_skipped_fraction, fields=d.fields)
         self.eval_set = (
             load_prompts(d.eval_files, max_skipped_fraction=d.max_skipped_fraction, fields=d.fields)[0]
@@ -197,23 +203,26 @@ class Trainer:
         )
         for example in self.train_set:
             self._check_example(example)
-        self.reward_fn = build_reward(self.cfg.reward.name, **self.cfg.reward.options)
+        try:
+            self.reward_fn = build_reward(self.cfg.reward.name, **self.cfg.reward.options)
+        except ValueError as exc:
+            raise StartupError(f"reward.name / reward.options: {exc}") from exc
 
     def _check_example(self, ex) -> None:
         """Every row can form a full group and fits the sequence length (checked before any compute)."""
         where = f"{ex.source}:{ex.line}"
         n = len(self.tokenizer.prompt_ids(ex))
         if n > self.cfg.data.max_prompt_tokens:
-            raise ValueError(
+            raise StartupError(
                 f"{where}: prompt has {n} tokens, more than data.max_prompt_tokens ({self.cfg.data.max_prompt_tokens})"
             )
         if self.n_expert and not ex.expert:
-            raise ValueError(
+            raise StartupError(
                 f"{where}: objective {self.objective.name} adds {self.n_expert} expert member(s) per "
                 "group but the row has no 'expert' field (set groups.n_expert=0 to train without)"
             )
         if self.n_teacher and len(ex.teachers) < self.n_teacher:
-            raise ValueError(
+            raise StartupError(
                 f"{where}: groups.n_teacher={self.n_teacher} but the row has {len(ex.teachers)} teacher response(s)"
             )
 
@@ -254,7 +263,7 @@ class Trainer:
             # Weights only, in this run's layout (Megatron reshards); a converted root or a step dir.
             load_checkpoint(resolve_checkpoint(cfg.init.checkpoint), [module], restore_rng=False)
         distributed = o.use_distributed_optimizer and self.dp > 1
-        self.model = [
+        self.model: list[Any] = [  # Megatron's optimizer and schedules take the DDP-wrapped chunks
             DistributedDataParallel(
                 config=module.config,
                 module=module,
@@ -319,7 +328,7 @@ class Trainer:
 
         r = self.cfg.run.resume
         if r == "none" and latest_checkpoint(self.ckpt_dir) is not None:
-            raise ValueError(
+            raise StartupError(
                 f"run.output_dir {self.run_dir} already holds checkpoints: pass run.resume=auto to "
                 "continue that run, or choose another run.output_dir"
             )
@@ -360,6 +369,12 @@ class Trainer:
         ranks = dist.get_process_group_ranks(self.replica_group) if self.replica_group is not None else [self.rank]
         return build_engine(self.cfg, self.tokenizer, replica_ranks=[self.rank] + [r for r in ranks if r != self.rank])
 
+    def _engine(self):
+        """The replica's rollout engine; only its owner rank holds one."""
+        if self.engine is None:
+            raise RuntimeError(f"rank {self.rank} is not its replica's rollout owner: it has no engine")
+        return self.engine
+
     def sync_weights(self) -> None:
         """Stream the replica's current weights (full HF tensors, gathered over TP and PP) into its engine.
         Collective over the replica; only the owner receives tensors."""
@@ -377,22 +392,9 @@ class Trainer:
         self.engine.update_weights(t for bucket in buckets for t in bucket)
 
     def _score(self, members: list[Member], examples: dict[int, Any]) -> None:
-        from gift_megatron.rewards import RewardInput, check_rewards
+        score_members(self.reward_fn, members, examples)
 
-        inputs = [
-            RewardInput(
-                prompt=examples[m.group_id].prompt_text,
-                response=m.response_text,
-                answer=examples[m.group_id].answer,
-                example=examples[m.group_id],
-            )
-            for m in members
-        ]
-        values = check_rewards(self.reward_fn(inputs), inputs)
-        for m, v in zip(members, values):
-            m.reward = float(v)
-
-    def _rollout(self, step: int) -> list[Member]:
+    def rollout(self, step: int) -> list[Member]:
         """The replica's members for ``step`` (owner generates and scores; the replica receives)."""
         payload: list[Any] = [None]
         if self.owner:
@@ -403,33 +405,19 @@ class Trainer:
             examples = {k: ex for k, ex in drawn}
             prompts = [self.tokenizer.prompt_ids(ex) for _, ex in drawn]
             seed = (self.cfg.run.seed * 7919 + step * 104729 + self.dp_rank) % (2**31)
-            rollouts = self.engine.generate(
+            rollouts = self._engine().generate(
                 prompts,
                 SamplingParams(n=r.n, temperature=r.temperature, top_p=r.top_p, max_tokens=r.max_tokens, seed=seed),
             )
-            members = []
-            eos = self.tokenizer.eos_id
-            for j, (k, ex) in enumerate(drawn):  # group order: expert, teachers, rollouts (the loss ignores it)
-                p = prompts[j]
-                demos = [("expert", ex.expert)] * self.n_expert + [
-                    ("teacher", t) for t in ex.teachers[: self.n_teacher]
-                ]
-                for kind, text in demos:
-                    members.append(Member(k, p, self.tokenizer.encode(text) + [eos], kind, response_text=text))
-                for ro in rollouts[j * r.n : (j + 1) * r.n]:
-                    ids = ro.response_ids.tolist()
-                    text = self.tokenizer.decode([t for t in ids if t != eos])
-                    members.append(
-                        Member(
-                            k,
-                            p,
-                            ids,
-                            "rollout",
-                            response_text=text,
-                            rollout_logprobs=ro.logprobs.tolist(),
-                            finished=ro.finished,
-                        )
-                    )
+            members = assemble_members(
+                drawn,
+                prompts,
+                rollouts,
+                self.tokenizer,
+                n_expert=self.n_expert,
+                n_teacher=self.n_teacher,
+                n_rollout=r.n,
+            )
             self._score(members, examples)
             payload = [members]
         comm.broadcast_objects(payload, src=self.owner_rank, group=self.replica_group)
@@ -445,7 +433,7 @@ class Trainer:
     def train_one_step(self) -> dict[str, float]:
         cfg = self.cfg
         t0 = time.perf_counter()
-        all_members = self._rollout(self.step)
+        all_members = self.rollout(self.step)
         t_rollout = time.perf_counter() - t0
         # Objectives that do not train on rollouts (trains_on_rollouts) score them for the reward metrics only.
         members = [m for m in all_members if m.kind != "rollout" or self.n_rollout]
@@ -457,9 +445,7 @@ class Trainer:
         # Moved to the model's device once, with reference and old-policy log-probs computed once for the
         # whole rollout batch, before any update of it; the updates below train on slices of it.
         mbs = self.train_step.prepare(batch.micro_batches)
-        engine = batch.engine
-        kl = self._kl_to_reference(mbs, engine)
-        gap = self._rollout_gap(mbs, engine)
+        kl, gap = self.rollout_metrics(mbs, batch.engine)
         per_update = len(mbs) // cfg.train.updates_per_step
         results = []
         t1 = time.perf_counter()
@@ -474,48 +460,31 @@ class Trainer:
 
         self.step += 1
         self.consumed += cfg.train.prompts_per_step
-        rollout = [m for m in all_members if m.kind == "rollout"]
-        # The owner's per-replica values, plus the KL from the one rank per replica that computed it (the
+        rollouts = [m for m in all_members if m.kind == "rollout"]
+        # The owner's per-replica totals, plus the KL shares of the ranks that hold reference log-probs (the
         # last pipeline stage, which is not the owner when PP > 1): one reduction, one host copy.
-        per_replica = [
-            sum(m.reward for m in rollout),
-            len(rollout),
-            sum(len(m.response_ids) for m in rollout),
-            sum(m.finished for m in rollout),
-            batch.tokens_real,
-            batch.tokens_computed,
-        ]
-        r_sum, r_n, len_sum, fin, tok, computed, kl_sum, kl_n = self._global_sum(per_replica, kl)
+        sums = self._global_sum(rollout_totals(rollouts, batch), kl)
+        timings = {"rollout": t_rollout, "train": t_train, "sync": t_sync, "step": time.perf_counter() - t0}
         metrics = dict(results[-1].metrics)
-        metrics.update(
-            {
-                "loss": sum(r.loss for r in results) / len(results),
-                "rollout/reward_mean": r_sum / max(r_n, 1),
-                "response/length_mean": len_sum / max(r_n, 1),
-                "response/finished_frac": fin / max(r_n, 1),
-                "optim/lr": self.scheduler.get_lr(self.optimizer.param_groups[0]),
-                "perf/rollout_s": t_rollout,
-                "perf/train_s": t_train,
-                "perf/sync_s": t_sync,
-                "perf/step_s": time.perf_counter() - t0,
-                "perf/tokens_per_s": tok / max(time.perf_counter() - t0, 1e-9),  # real tokens, not padding
-                "perf/tokens_real": tok,
-                "perf/tokens_computed": computed,
-            }
-        )
+        metrics["loss"] = sum(r.loss for r in results) / len(results)
+        metrics["optim/lr"] = self.scheduler.get_lr(self.optimizer.param_groups[0])
+        metrics.update(step_record(sums[:-2], sums[-2:], gap, timings))
         metrics.update(after)
         if results[-1].grad_norm is not None:
             metrics["optim/grad_norm"] = results[-1].grad_norm
-        if kl_n:
-            metrics["kl/reference"] = kl_sum / kl_n
-        if gap is not None:
-            metrics["rollout/logprob_gap_max"] = gap
         return metrics
+
+    def rollout_metrics(
+        self, mbs: list[dict[str, Any]], engine: list[torch.Tensor]
+    ) -> tuple[tuple[float, float], float | None]:
+        """(this rank's KL-to-reference (sum, count) share, the job's rollout log-prob gap or None), before any
+        update of the step (gift_megatron/trainer/step_metrics.py)."""
+        return kl_to_reference(mbs, engine), rollout_gap(mbs, engine, self.train_step.device)
 
     def _step_batch(self, members: list[Member]) -> StepBatch:
         """This rank's micro-batches: padded rows of its replica's members, or, under a token budget, packed
         rows of every replica's members balanced over data-parallel ranks (gathered here, in rank order)."""
-        cfg, ps = self.cfg, _ps()
+        cfg, ps = self.cfg, parallel_state()
         t, p = cfg.train, cfg.parallel
         if t.micro_batch_tokens is not None and self.dp > 1:
             parts = comm.all_gather_objects(members, group=ps.get_data_parallel_group())
@@ -553,47 +522,6 @@ class Trainer:
             vocab_size=cfg.model.vocab_size,
         )
 
-    def _rollout_gap(self, mbs, engine: list[torch.Tensor]) -> float | None:
-        """Max |trainer old log-prob - engine sampling log-prob| over every rollout token of the step, when
-        the objective has the old-policy pass (GRPO family, GIFT reference=rollout): it measures that the
-        weight sync left the engine on the trainer's exact weights. Global max over replicas; computed on
-        the device, one host copy."""
-        ps = _ps()
-        have = torch.zeros(2, dtype=torch.float32, device=self.train_step.device)
-        if (
-            ps.is_pipeline_last_stage()
-            and ps.get_tensor_model_parallel_rank() == 0
-            and ps.get_context_parallel_world_size() == 1
-            and mbs[0].get("old_logp") is not None
-        ):
-            parts = [rollout_logprob_gap(mb["old_logp"], e, mb["loss_mask"]) for mb, e in zip(mbs, engine)]
-            have = torch.stack(parts).amax(dim=0)
-        gap, seen = comm.all_reduce_tensor(have, "max").tolist()
-        return gap if seen > 0 else None
-
-    def _kl_to_reference(self, mbs, engine: list[torch.Tensor]) -> tuple[float, float]:
-        """(sum, count) over this replica's rollouts of sum_t (rollout log-prob - reference log-prob): the
-        k1 estimate of KL(pi || pi_ref) per response. Counted on the last pipeline stage's TP rank 0 with
-        CP 1 only, where ref_logp is whole; (0, 0) elsewhere."""
-        ps = _ps()
-        if (
-            mbs[0].get("ref_logp") is None
-            or not ps.is_pipeline_last_stage()
-            or ps.get_tensor_model_parallel_rank()
-            or ps.get_context_parallel_world_size() > 1
-        ):
-            return 0.0, 0.0
-        parts = [
-            rollout_kl_to_reference(
-                member_rows(mb, mb["ref_logp"]),
-                member_rows(mb, e.to(mb["ref_logp"].device)),
-                member_rows(mb, mb["loss_mask"]),
-            )
-            for mb, e in zip(mbs, engine)
-        ]
-        total, n = torch.stack(parts).sum(dim=0).tolist()
-        return total, n
-
     # ------------------------------------------------------------------------------------------ eval
     def evaluate(self) -> float | None:
         """Mean reward of greedy responses to the first ``train.eval_prompts`` eval prompts (None without
@@ -606,7 +534,7 @@ class Trainer:
         if self.owner and share:
             from gift_megatron.rollout import SamplingParams
 
-            outs = self.engine.generate(
+            outs = self._engine().generate(
                 [self.tokenizer.prompt_ids(ex) for ex in share],
                 SamplingParams(n=1, temperature=0.0, max_tokens=self.cfg.rollout.max_tokens),
             )
@@ -631,16 +559,16 @@ class Trainer:
         start_step, history = self.step, []
         degenerate = DegenerateGroupsWatch(cfg.run.warn_degenerate_steps)
         while self.step < cfg.train.steps:
-            metrics = self.train_one_step()
+            metrics: dict[str, float | None] = dict(self.train_one_step())
             if cfg.train.eval_interval and self.step % cfg.train.eval_interval == 0 and self.step < cfg.train.steps:
                 metrics["eval/reward"] = self.evaluate()
             if self.step == cfg.train.steps:
                 metrics["eval/reward"] = self.evaluate()
-            metrics = {k: v for k, v in metrics.items() if v is not None}
-            history.append(metrics)
+            record = {k: v for k, v in metrics.items() if v is not None}
+            history.append(record)
             if self.step % cfg.run.log_interval == 0 or self.step == cfg.train.steps:
-                self.logger.log(self.step, metrics)
-            warning = degenerate.update(self.step, metrics)  # every step, not only logged ones
+                self.logger.log(self.step, record)
+            warning = degenerate.update(self.step, record)  # every step, not only logged ones
             if warning:
                 self.logger.write(warning)
             if (cfg.run.save_interval and self.step % cfg.run.save_interval == 0) or self.step == cfg.train.steps:
@@ -682,11 +610,12 @@ class Trainer:
     def close(self) -> None:
         from gift_megatron.parallel import destroy_model_parallel_cpu
 
-        if getattr(self, "run_lock", None) is not None:
-            self.run_lock.release()
+        lock = getattr(self, "run_lock", None)
+        if lock is not None:
+            lock.release()
 
         if use_cuda():
-            _ps().destroy_model_parallel()
+            parallel_state().destroy_model_parallel()
         else:
             destroy_model_parallel_cpu()
         if dist.is_initialized():
