@@ -80,7 +80,10 @@ def attribute_docstrings(cls: type) -> dict[str, str]:
         source = textwrap.dedent(inspect.getsource(cls))
     except (OSError, TypeError):
         return {}
-    body = ast.parse(source).body[0].body
+    node = ast.parse(source).body[0]
+    if not isinstance(node, ast.ClassDef):
+        return {}
+    body = node.body
     out = {}
     for prev, node in itertools.pairwise(body):
         if (

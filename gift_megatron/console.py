@@ -84,8 +84,9 @@ def show_third_party() -> None:
     filters, levels, env = _saved
     for name in env:
         os.environ.pop(name, None)
-    warnings.filters[:] = filters
-    warnings._filters_mutated()
+    warnings.filters[:] = filters  # pyrefly: ignore[unsupported-operation]  (a list at run time)
+    # Private but needed: Python caches its filter decisions and drops the cache only through this call.
+    warnings._filters_mutated()  # pyrefly: ignore[missing-attribute]
     for name, level in levels.items():
         logging.getLogger(name).setLevel(level)
     _saved = None

@@ -461,7 +461,8 @@ def launch(
             scripts = []
             for job in exp.jobs:
                 # The file nemo-run itself wrote for sbatch, not a re-rendering.
-                path = os.path.join(job.executor.experiment_dir, f"{job.executor.job_name}_sbatch.sh")
+                executor: Any = job.executor  # a SlurmExecutor; Executor's annotation lacks job_name
+                path = os.path.join(executor.experiment_dir, f"{executor.job_name}_sbatch.sh")
                 with open(path, encoding="utf-8") as fh:
                     scripts.append(fh.read())
             if not keep_dryrun_files:

@@ -220,8 +220,8 @@ def load_prompts(
     dataset, or more malformed rows than ``max_skipped_fraction`` allows (the first ones are listed as
     ``file:line: reason``).
     """
-    paths = [os.fspath(paths)] if isinstance(paths, (str, os.PathLike)) else [os.fspath(p) for p in paths]
-    if not paths:
+    files = [str(os.fspath(paths))] if isinstance(paths, (str, os.PathLike)) else [str(os.fspath(p)) for p in paths]
+    if not files:
         raise DatasetError("no dataset files given")
     if not 0.0 <= max_skipped_fraction <= 1.0:
         raise DatasetError(f"data.max_skipped_fraction must be in [0, 1], got {max_skipped_fraction}")
@@ -235,7 +235,7 @@ def load_prompts(
 
     examples: list[PromptExample] = []
     report = LoadReport()
-    for path in paths:
+    for path in files:
         for line, row, problem in _rows(path):
             report.rows += 1
             if problem is None:
@@ -246,7 +246,7 @@ def load_prompts(
                     problem = str(exc)
             report.skipped.append((path, line, problem))
 
-    where = ", ".join(paths)
+    where = ", ".join(files)
     if report.rows == 0:
         raise DatasetError(f"{where}: the dataset has no rows")
     bad = len(report.skipped)

@@ -24,6 +24,7 @@ layer is Megatron's plain ``tensor_parallel.ColumnParallelLinear`` in both suppo
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass
 from typing import Any
 
@@ -759,7 +760,8 @@ class SequenceParallelRMSNorm(torch.nn.RMSNorm):
         # Built on the CPU like the rest of the local model (use_cpu_initialization); build_model moves the
         # whole model to the GPU when there is one.
         super().__init__(hidden_size, eps=eps, device=torch.device("cpu"), dtype=config.params_dtype)
-        self.weight.sequence_parallel = bool(config.sequence_parallel)
+        # Megatron's marker attribute: finalize_model_grads all-reduces these weights' gradients over TP.
+        self.weight.sequence_parallel = bool(config.sequence_parallel)  # pyrefly: ignore[missing-attribute]
 
 
 def _with_sequence_parallel_norms(block):
@@ -868,14 +870,18 @@ def build_model(
     config = transformer_config(model, parallel, precision, **config_overrides)
     gpt = GPTModel(
         config=config,
-        transformer_layer_spec=decoder_spec(model, config, backend),
+        # A TransformerBlockSubmodules (the MoE decoder spec) is accepted too, though annotated ModuleSpec.
+        transformer_layer_spec=typing.cast(Any, decoder_spec(model, config, backend)),
         vocab_size=model.padded_vocab_size(tp),
         max_sequence_length=model.max_position_embeddings,
         pre_process=parallel_state.is_pipeline_first_stage() if pre_process is None else pre_process,
         post_process=parallel_state.is_pipeline_last_stage() if post_process is None else post_process,
         share_embeddings_and_output_weights=model.tie_embeddings,
         position_embedding_type="rope",
-        rotary_base=int(model.rotary_base) if float(model.rotary_base).is_integer() else model.rotary_base,
+        # Annotated int, used as a float base: a non-integer base (YaRN-scaled configs) passes as is.
+        rotary_base=typing.cast(
+            int, model.rotary_base if not float(model.rotary_base).is_integer() else int(model.rotary_base)
+        ),
         rope_scaling=model.rope_scaling_factor is not None,
         rope_scaling_factor=model.rope_scaling_factor or 8.0,
     )

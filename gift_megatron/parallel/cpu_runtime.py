@@ -362,7 +362,7 @@ def _patch_rng_tracker() -> None:
 
     # add() and model_parallel_cuda_manual_seed() call torch.cuda.get_rng_state / manual_seed; unpatched,
     # manual_seed is silently queued until CUDA initializes, i.e. dropped on CPU (0.16, 0.19).
-    mp_random.torch = _TORCH_ON_CPU
+    mp_random.torch = _TORCH_ON_CPU  # pyrefly: ignore[bad-assignment]  (a stand-in with torch's interface)
     # fork() and activation checkpointing save/restore states through these two helpers (0.16, 0.19).
     mp_random._get_cuda_rng_state = _get_cpu_rng_state
     mp_random._set_cuda_rng_state = _set_cpu_rng_state

@@ -67,6 +67,8 @@ def _import_function(spec: str) -> Callable:
             raise ValueError(f"reward {spec}: no such file {path}")
         name = "gift_megatron_user_reward_" + hashlib.sha1(path.encode()).hexdigest()[:12]
         loader_spec = importlib.util.spec_from_file_location(name, path)
+        if loader_spec is None or loader_spec.loader is None:
+            raise ValueError(f"reward {spec}: {path} cannot be imported as a Python module")
         module = importlib.util.module_from_spec(loader_spec)
         sys.modules[name] = module  # so the function's objects pickle and dataclasses resolve their module
         try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -55,7 +56,9 @@ class RewardModel:
 
         self.device = torch.device(device) if device else compute_device()
         try:
-            self.tokenizer = AutoTokenizer.from_pretrained(path)
+            # Any: transformers' stubs type the loaded tokenizer as Optional and per backend.
+            tokenizer: Any = AutoTokenizer.from_pretrained(path)
+            self.tokenizer = tokenizer
             self.model = AutoModelForSequenceClassification.from_pretrained(path, dtype=getattr(torch, dtype))
         except (OSError, ValueError, KeyError) as exc:
             raise ValueError(f"reward {self.spec}: cannot load it: {exc}") from exc

@@ -75,7 +75,7 @@ class MathVerify:
         from math_verify import parse
 
         wrapped = answer if "$" in answer or "\\boxed" in answer else f"${answer}$"
-        gold = parse(wrapped, parsing_timeout=timeout)
+        gold = parse(wrapped, parsing_timeout=timeout)  # pyrefly: ignore[bad-argument-type]  (None: no limit)
         if gold:
             with self._lock:
                 if len(self._gold_cache) >= 4096:
@@ -88,7 +88,7 @@ class MathVerify:
         from math_verify import parse, verify
 
         gold = self._gold(answer, timeout)
-        pred = parse(response, parsing_timeout=timeout)
+        pred = parse(response, parsing_timeout=timeout)  # pyrefly: ignore[bad-argument-type]  (None: no limit)
         if not gold or not pred:
             return self.wrong
         return self.correct if verify(gold, pred, timeout_seconds=timeout) else self.wrong

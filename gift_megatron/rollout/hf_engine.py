@@ -85,8 +85,9 @@ class HFRolloutEngine:
         ``down_proj`` [E, h, I]; Mixtral's ``mlp.gate`` is ``block_sparse_moe.gate`` on disk), for the
         families of :mod:`gift_megatron.hf.mapping`. The weight stream (``iter_hf_weights``) uses the
         on-disk names, one tensor per expert. Empty for a dense model or another architecture."""
-        if getattr(self, "_views", None) is not None:
-            return self._views
+        cached = getattr(self, "_views", None)
+        if cached is not None:
+            return cached
         from gift_megatron.hf.mapping import fused_hf_names
         from gift_megatron.megatron.model import ModelConfig
 
