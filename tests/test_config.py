@@ -159,7 +159,7 @@ RECIPES = [
 
 @pytest.mark.parametrize("path, world", RECIPES)
 def test_recipes_load_validate_and_dry_run_their_layout(path, world):
-    from gift_megatron.config import layout_plan
+    from gift_megatron.layout_plan import layout_plan
 
     cfg = load_config(path)
     plan = layout_plan(cfg, world)
@@ -240,7 +240,7 @@ SEVEN_B = "examples/qwen2.5-7b-gift.yaml"
 
 
 def test_7b_memory_plan_shows_the_engine_with_and_without_offload():
-    from gift_megatron.config import layout_plan
+    from gift_megatron.layout_plan import layout_plan
 
     plan = layout_plan(load_config(SEVEN_B), 8)
     assert plan["rollout_gpus_of_first_replica"] == "0,1"
@@ -280,7 +280,7 @@ def test_7b_memory_plan_shows_the_engine_with_and_without_offload():
     ],
 )
 def test_memory_plan_refuses_budgets_that_leave_the_trainer_too_little(overrides, expected):
-    from gift_megatron.config import layout_plan
+    from gift_megatron.layout_plan import layout_plan
 
     with pytest.raises(ConfigError, match=expected):
         layout_plan(load_config(SEVEN_B, overrides), 8)
@@ -306,7 +306,7 @@ def test_cluster_doc_shows_the_numbers_validate_prints(path, world):
     """docs/cluster.md quotes the memory plan of both recipes: it must stay what `validate` computes."""
     import os
 
-    from gift_megatron.config import layout_plan
+    from gift_megatron.layout_plan import layout_plan
 
     plan = layout_plan(load_config(path), world)
     doc = open(
