@@ -7,21 +7,29 @@ Every section is a dataclass; the model, parallel and precision sections are the
 configs (:mod:`gift_megatron.megatron.model`), so a YAML file and a Python caller build the same objects.
 Unknown keys, wrong types and invalid values are :class:`ConfigError` naming the dotted key (and the file).
 
-Written by hand rather than with OmegaConf's structured configs because those reject the ``Literal`` and
-``X | None`` annotations our sections use and do not call ``__post_init__`` validation on merge; the
-loader below is the small subset we need (dataclasses, Optional, list, dict, Literal, scalars).
+Loaded with OmegaConf's structured configs: the schema is ``OmegaConf.structured(TrainConfig)``, built from
+these same dataclasses, so the YAML file, the command line and a Python caller share one definition of every
+key's type and default; the file and the overrides are read with OmegaConf's YAML loader and override grammar
+(``3e-4`` is a float, ``[a, b]`` a list, ``null`` None), and ``OmegaConf.to_object`` builds the dataclasses,
+running their ``__post_init__`` checks. OmegaConf's own errors are turned into :class:`ConfigError` with the
+same dotted key. Two fields whose choices were ``Literal`` annotations (which OmegaConf 2.3 rejects) are ``str``
+with the choices in the field's metadata, checked in ``__post_init__``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal, Union
+from typing import Any, Union
 
 import yaml
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
 from gift_megatron.megatron.model import ModelConfig, ParallelConfig, PrecisionConfig
 
@@ -31,6 +39,19 @@ SUPERVISED = ("sft", "dft")
 
 class ConfigError(ValueError):
     """A configuration that cannot run; the message names the dotted key and, when known, the file."""
+
+
+def _choice(*choices: str) -> Any:
+    """A ``str`` field that takes one of ``choices`` (the first is the default). Not a ``Literal``
+    annotation: OmegaConf 2.3 rejects those; :func:`_check_choices` checks the value, config_doc lists them."""
+    return field(default=choices[0], metadata={"choices": choices})
+
+
+def _check_choices(obj: Any, section: str) -> None:
+    for f in dataclasses.fields(obj):
+        choices = f.metadata.get("choices")
+        if choices is not None and getattr(obj, f.name) not in choices:
+            raise ValueError(f"{section}.{f.name}: must be one of {list(choices)}, got {getattr(obj, f.name)!r}")
 
 
 @dataclass
@@ -126,7 +147,7 @@ class RolloutConfig:
     sync_bucket_mb: size of the buckets in which updated weights are streamed to the rollout engine (MiB).
     """
 
-    engine: Literal["auto", "hf", "vllm"] = "auto"
+    engine: str = _choice("auto", "hf", "vllm")
     n: int = 8
     temperature: float = 1.0
     top_p: float = 1.0
@@ -139,6 +160,9 @@ class RolloutConfig:
     offload_training_states: bool | None = None
     enforce_eager: bool = True
     sync_bucket_mb: int = 512
+
+    def __post_init__(self) -> None:
+        _check_choices(self, "rollout")
 
 
 @dataclass
@@ -193,8 +217,11 @@ class OptimizerConfig:
     adam_eps: float = 1e-8
     clip_grad: float = 1.0
     warmup_steps: int = 0
-    lr_decay_style: Literal["constant", "linear", "cosine"] = "constant"
+    lr_decay_style: str = _choice("constant", "linear", "cosine")
     use_distributed_optimizer: bool = True
+
+    def __post_init__(self) -> None:
+        _check_choices(self, "optimizer")
 
 
 @dataclass
@@ -256,141 +283,137 @@ class TrainConfig:
 
 
 # --------------------------------------------------------------------------------------------- loading
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+def _schema() -> DictConfig:
+    """``OmegaConf.structured(TrainConfig)``, each section built from its class's field defaults: the default
+    factories' instances have run ``__post_init__`` (``LoopConfig()`` has already chosen
+    ``micro_batch_size=4``, which would then clash with a file's ``micro_batch_tokens``)."""
+    schema = OmegaConf.structured(TrainConfig)
+    hints = typing.get_type_hints(TrainConfig)
+    for f in dataclasses.fields(TrainConfig):
+        schema[f.name] = OmegaConf.structured(hints[f.name])
+    return schema
 
 
-def _convert(value: Any, tp: Any, key: str) -> Any:
-    """``value`` (parsed YAML) as type ``tp``, or ConfigError naming ``key``."""
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if tp is Any:
-        return value
-    if origin in (Union, types.UnionType):
-        if value is None and type(None) in args:
+def _without_none(tp: Any) -> Any:
+    if typing.get_origin(tp) in (Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0] if len(args) == 1 else tp
+    return tp
+
+
+def _annotation(key: str) -> Any:
+    """The annotation of the dotted ``key`` (list items as ``key[0]``) in TrainConfig; None if there is none."""
+    tp: Any = TrainConfig
+    for part in re.findall(r"\[\d+\]|[^.\[\]]+", key):
+        tp = _without_none(tp)
+        origin, args = typing.get_origin(tp), typing.get_args(tp)
+        if part.startswith("["):
+            tp = args[0] if origin is list and args else None
+        elif dataclasses.is_dataclass(tp):
+            tp = typing.get_type_hints(tp).get(part)
+        elif origin is dict:
+            tp = args[1] if len(args) == 2 else Any
+        else:
+            tp = Any if tp is Any else None
+        if tp is None:
             return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _convert(value, arg, key)
-            except ConfigError as exc:
-                errors.append(str(exc))
-        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: {value!r} matches none of {_type_name(tp)}")
-    if origin is Literal:
-        if value not in args:
-            raise ConfigError(f"{key}: must be one of {list(args)}, got {value!r}")
-        return value
-    if dataclasses.is_dataclass(tp):
-        return _build(tp, value, key)
-    if origin is list:
-        if isinstance(value, str):  # a comma-separated override: data.train_files=a.jsonl,b.jsonl
-            value = [v for v in value.split(",") if v]
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
-        return [_convert(v, args[0] if args else Any, f"{key}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__} {value!r}")
-        vt = args[1] if len(args) == 2 else Any
-        return {str(k): _convert(v, vt, f"{key}.{k}") for k, v in value.items()}
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{key}: expected true or false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, str):  # PyYAML (YAML 1.1) reads 3e-4 as a string; 3.0e-4 as a float
-            try:
-                value = float(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-            raise ConfigError(f"{key}: expected a string, got {value!r}")
-        return str(value)
-    raise ConfigError(f"{key}: unsupported field type {_type_name(tp)}")
+    return tp
 
 
-def _build(cls: type, data: Any, prefix: str) -> Any:
-    """Instance of dataclass ``cls`` from mapping ``data``: unknown keys and bad values name their key."""
-    if data is None:
-        data = {}
-    if dataclasses.is_dataclass(data):
-        return data
-    if not isinstance(data, dict):
-        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {type(data).__name__} {data!r}")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls) if f.init]
-    unknown = [k for k in data if k not in names]
-    if unknown:
-        where = prefix + "." if prefix else ""
-        raise ConfigError(
-            f"unknown key {where}{unknown[0]} (known keys of {prefix or 'the config'}: {', '.join(names)})"
-        )
-    kwargs = {k: _convert(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in data.items()}
-    try:
-        return cls(**kwargs)
-    except ConfigError:
-        raise
-    except (ValueError, TypeError) as exc:
-        msg = str(exc)
-        raise ConfigError(msg if prefix and prefix in msg else f"{prefix}: {msg}") from exc
-
-
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """``a.b.c=value`` -> (["a", "b", "c"], value parsed as YAML: numbers, true/false, null, lists)."""
-    if "=" not in text:
-        raise ConfigError(f"override {text!r}: expected key=value (for example train.steps=10)")
-    key, raw = text.split("=", 1)
-    path = key.strip().split(".")
-    if not all(path):
-        raise ConfigError(f"override {text!r}: empty key segment")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"override {key}: cannot parse value {raw!r}: {exc}") from exc
-    return path, value
-
-
-def apply_overrides(data: dict, overrides: list[str]) -> dict:
-    """``data`` with every ``key=value`` of ``overrides`` set (nested mappings created as needed)."""
-    for text in overrides:
-        path, value = parse_override(text)
-        node = data
-        for i, part in enumerate(path[:-1]):
-            child = node.get(part)
-            if child is None:
-                child = node[part] = {}
-            if not isinstance(child, dict):
-                raise ConfigError(f"override {text!r}: {'.'.join(path[: i + 1])} is not a section")
-            node = child
-        node[path[-1]] = value
+def _lookup(data: Any, key: str) -> Any:
+    """The value at the dotted ``key`` of the mapping ``data``; raises LookupError when there is none."""
+    for part in re.findall(r"\[\d+\]|[^.\[\]]+", key):
+        if part.startswith("[") and isinstance(data, (list, tuple)):
+            data = data[int(part[1:-1])]
+        elif isinstance(data, Mapping) and part in data:
+            data = data[part]
+        else:
+            raise LookupError(key)
     return data
 
 
-def _hf_model_section(path: str, key: str = "init.hf_config") -> dict:
-    """ModelConfig fields derived from a Hugging Face config.json (file or model dir)."""
-    import json
+_EXPECTED = {bool: "expected true or false", int: "expected an integer", float: "expected a number"}
+
+
+def _expected(tp: Any) -> str:
+    tp = _without_none(tp)
+    if tp in _EXPECTED:
+        return _EXPECTED[tp]
+    if typing.get_origin(tp) is list:
+        return "expected a list"
+    if typing.get_origin(tp) is dict or dataclasses.is_dataclass(tp):
+        return "expected a mapping"
+    return "expected a string" if tp is str else f"expected {tp}"
+
+
+def _config_error(exc: OmegaConfBaseException, data: Any) -> ConfigError:
+    """OmegaConf's exception as a ConfigError naming the dotted key (its ``full_key``) as this module words it."""
+    key = getattr(exc, "full_key", None) or ""
+    first = str(exc).split("\n")[0]
+    if isinstance(exc, (ConfigKeyError, ConfigAttributeError)) and key:
+        parent, _, _ = key.rpartition(".")
+        section = _without_none(_annotation(parent) if parent else TrainConfig)
+        names = [f.name for f in dataclasses.fields(section)] if dataclasses.is_dataclass(section) else []
+        known = f" (known keys of {parent or 'the config'}: {', '.join(names)})" if names else ""
+        return ConfigError(f"unknown key {key}{known}")
+    tp = _annotation(key) if key else None
+    if tp is None or tp is Any:
+        return ConfigError(f"{key or 'config'}: {first}")
+    try:
+        got = f", got {_lookup(data, key)!r}"
+    except LookupError:
+        got = f" ({first})"
+    return ConfigError(f"{key}: {_expected(tp)}{got}")
+
+
+def _apply_override(user: DictConfig, text: str) -> None:
+    """Set ``key=value`` on ``user`` (the YAML file's config): the value read with OmegaConf's override grammar
+    (``OmegaConf.from_dotlist``), a list field also from ``a,b`` (``data.train_files=a.jsonl,b.jsonl``)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected key=value (for example train.steps=10)")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    path = key.split(".")
+    if not all(path):
+        raise ConfigError(f"override {text!r}: empty key segment")
+    if not raw.strip():
+        value: Any = ""  # key= is the empty string (an empty list for a list field), not null
+    else:
+        try:
+            value = OmegaConf.select(OmegaConf.from_dotlist([f"{key}={raw}"]), key)
+        except (OmegaConfBaseException, yaml.YAMLError) as exc:
+            raise ConfigError(f"override {key}: cannot parse value {raw!r}: {exc}") from exc
+        if isinstance(value, DictConfig) or OmegaConf.is_list(value):
+            value = OmegaConf.to_container(value)
+    if isinstance(value, str) and typing.get_origin(_without_none(_annotation(key))) is list:
+        value = [v for v in value.split(",") if v]
+    node: Any = user
+    for i, part in enumerate(path[:-1]):
+        node = node.get(part) if isinstance(node, DictConfig) else None
+        if node is None:
+            break
+        if not isinstance(node, DictConfig):
+            raise ConfigError(f"override {text!r}: {'.'.join(path[: i + 1])} is not a section")
+    try:
+        # merge=False replaces a mapping: objective.options={} drops the file's options instead of keeping them.
+        OmegaConf.update(user, key, value, merge=False)
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"override {text!r}: {str(exc).splitlines()[0]}") from exc
+
+
+def _hf_model_section(path: str) -> dict:
+    """ModelConfig fields derived from a Hugging Face config.json (file or model dir), read and checked as the
+    checkpoint conversion reads it (:func:`gift_megatron.hf.hf_io.model_config_from_hf`): what conversion
+    refuses (MLP biases, sliding-window attention, an unsupported architecture) a run refuses too."""
+    from gift_megatron.hf.hf_io import ConversionError, model_config_from_hf, read_hf_config
 
     file = os.path.join(path, "config.json") if os.path.isdir(path) else path
+    if not os.path.isfile(file):
+        raise ConfigError(f"init.hf_config: cannot read {file}: No such file or directory")
     try:
-        with open(file, encoding="utf-8") as fh:
-            hf = json.load(fh)
-    except OSError as exc:
-        raise ConfigError(f"{key}: cannot read {file}: {exc.strerror}") from exc
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"{key}: {file} is not valid JSON: {exc}") from exc
-    try:
-        return dataclasses.asdict(ModelConfig.from_hf_config(hf))
-    except (ValueError, KeyError) as exc:
-        raise ConfigError(f"{key}: {file}: {exc}") from exc
+        return dataclasses.asdict(model_config_from_hf(read_hf_config(path), file))
+    except ConversionError as exc:
+        raise ConfigError(f"init.hf_config: {exc}") from exc
 
 
 # ModelConfig fields a run may choose freely; every other field is the checkpoint's architecture.
@@ -456,15 +479,37 @@ def _model_from_checkpoint(data: dict) -> None:
     data["model"] = {**record, **given}
 
 
-def config_from_dict(data: dict, *, source: str = "") -> TrainConfig:
+def _sections(data: Mapping) -> dict:
+    """``data`` with an empty section (``run:`` with nothing under it, None) as {}; a section that is not a
+    mapping is a ConfigError (OmegaConf's merge error would not name it)."""
+    hints = typing.get_type_hints(TrainConfig)
+    out = {}
+    for k, v in data.items():
+        if k in hints and v is None:
+            v = {}
+        elif k in hints and not isinstance(v, Mapping) and not dataclasses.is_dataclass(v):
+            raise ConfigError(f"{k}: expected a mapping, got {type(v).__name__} {v!r}")
+        out[k] = v
+    return out
+
+
+def config_from_dict(data: Mapping, *, source: str = "") -> TrainConfig:
     """A validated TrainConfig from a mapping (the YAML document after overrides)."""
-    data = dict(data or {})
-    hf = (data.get("init") or {}).get("hf_config") if isinstance(data.get("init"), dict) else None
-    if hf:
-        data["model"] = {**_hf_model_section(hf), **(data.get("model") or {})}
     try:
+        data = _sections(data or {})
+        init = data.get("init")
+        hf = init.get("hf_config") if isinstance(init, Mapping) else None
+        if hf:
+            model = data.get("model")
+            data["model"] = {**_hf_model_section(hf), **(model if isinstance(model, Mapping) else {})}
         _model_from_checkpoint(data)
-        cfg = _build(TrainConfig, data, "")
+        try:
+            cfg = OmegaConf.to_object(OmegaConf.merge(_schema(), data))
+        except OmegaConfBaseException as exc:
+            raise _config_error(exc, data) from None
+        except (ValueError, TypeError) as exc:  # a __post_init__ check; its message names the key
+            raise ConfigError(str(exc)) from exc
+        assert isinstance(cfg, TrainConfig)
         validate(cfg)
     except ConfigError as exc:
         raise ConfigError(f"{source}: {exc}" if source else str(exc)) from None
@@ -475,15 +520,22 @@ def load_config(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] 
     """Load ``path`` (YAML), apply dotted ``overrides`` and validate; ConfigError names file and key."""
     path = os.fspath(path)
     try:
-        with open(path, encoding="utf-8") as fh:
-            data = yaml.safe_load(fh) or {}
+        user = OmegaConf.load(path)
     except OSError as exc:
         raise ConfigError(f"config file {path}: {exc.strerror}") from exc
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file {path}: invalid YAML: {exc}") from exc
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file {path}: expected a mapping of sections, got {type(data).__name__}")
-    data = apply_overrides(data, list(overrides))
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"config file {path}: {str(exc).splitlines()[0]}") from exc
+    if not isinstance(user, DictConfig):
+        raise ConfigError(f"config file {path}: expected a mapping of sections, got {type(user).__name__}")
+    try:
+        for text in overrides:
+            _apply_override(user, text)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    data = OmegaConf.to_container(user)
+    assert isinstance(data, dict)
     return config_from_dict(data, source=path)
 
 

@@ -106,20 +106,25 @@ def test_world_size_checks_name_the_numbers(tmp_path):
         check_world_size(mbs, 2)
 
 
+QWEN2_HF = {
+    # init.hf_config is read as checkpoint conversion reads it: `architectures` names the family.
+    "architectures": ["Qwen2ForCausalLM"],
+    "model_type": "qwen2",
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 3,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "vocab_size": 100,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 1e6,
+    "tie_word_embeddings": True,
+    "hidden_act": "silu",
+}
+
+
 def test_model_from_hf_config_with_overrides(tmp_path):
-    hf = {
-        "model_type": "qwen2",
-        "hidden_size": 64,
-        "intermediate_size": 128,
-        "num_hidden_layers": 3,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "vocab_size": 100,
-        "rms_norm_eps": 1e-6,
-        "rope_theta": 1e6,
-        "tie_word_embeddings": True,
-        "hidden_act": "silu",
-    }
+    hf = dict(QWEN2_HF)
     (tmp_path / "hf").mkdir()
     (tmp_path / "hf" / "config.json").write_text(json.dumps(hf))
     cfg = config_from_dict({**BASE, "model": {"seq_length": 64}, "init": {"hf_config": str(tmp_path / "hf")}})
@@ -132,6 +137,25 @@ def test_model_from_hf_config_with_overrides(tmp_path):
     assert cfg.model.seq_length == 64  # the file's model keys override the HF config
     with pytest.raises(ConfigError, match="init.hf_config: cannot read"):
         config_from_dict({**BASE, "init": {"hf_config": str(tmp_path / "missing")}})
+
+
+@pytest.mark.parametrize(
+    "extra, expected",
+    [
+        ({"mlp_bias": True}, "mlp_bias=true is not supported"),
+        ({"use_sliding_window": True, "sliding_window": 32}, "sliding-window attention is not supported"),
+    ],
+)
+def test_hf_config_refuses_what_conversion_refuses(tmp_path, extra, expected):
+    """init.hf_config goes through the conversion's reader: a config.json it refuses cannot start a run either."""
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({**QWEN2_HF, **extra}))
+    yaml_file = write(tmp_path, {**BASE, "model": {"seq_length": 64}, "init": {"hf_config": str(tmp_path / "hf")}})
+    with pytest.raises(ConfigError) as err:
+        load_config(yaml_file)
+    message = str(err.value)
+    assert message.startswith(f"{yaml_file}: init.hf_config: ") and expected in message, message
+    assert str(tmp_path / "hf" / "config.json") in message
 
 
 def test_missing_and_invalid_files(tmp_path):
