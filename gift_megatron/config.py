@@ -346,9 +346,26 @@ def _expected(tp: Any) -> str:
     return "expected a string" if tp is str else f"expected {tp}"
 
 
-def _config_error(exc: OmegaConfBaseException, data: Any) -> ConfigError:
+def _misplaced_container(data: Any, prefix: str = "") -> str | None:
+    """The dotted key of the first mapping given for a list field or list for a mapping field: OmegaConf's
+    error for those ("Cannot merge incompatible container types") carries no key."""
+    if not isinstance(data, Mapping):
+        return None
+    for k, v in data.items():
+        key = f"{prefix}{k}"
+        tp = _without_none(_annotation(key))
+        mapping = typing.get_origin(tp) is dict or dataclasses.is_dataclass(tp)
+        if (typing.get_origin(tp) is list and isinstance(v, Mapping)) or (mapping and isinstance(v, (list, tuple))):
+            return key
+        found = _misplaced_container(v, f"{key}.") if mapping else None
+        if found:
+            return found
+    return None
+
+
+def _config_error(exc: Exception, data: Any) -> ConfigError:
     """OmegaConf's exception as a ConfigError naming the dotted key (its ``full_key``) as this module words it."""
-    key = getattr(exc, "full_key", None) or ""
+    key = getattr(exc, "full_key", None) or _misplaced_container(data) or ""
     first = str(exc).split("\n")[0]
     if isinstance(exc, (ConfigKeyError, ConfigAttributeError)) and key:
         parent, _, _ = key.rpartition(".")
@@ -360,10 +377,11 @@ def _config_error(exc: OmegaConfBaseException, data: Any) -> ConfigError:
     if tp is None or tp is Any:
         return ConfigError(f"{key or 'config'}: {first}")
     try:
-        got = f", got {_lookup(data, key)!r}"
+        value = _lookup(data, key)
     except LookupError:
-        got = f" ({first})"
-    return ConfigError(f"{key}: {_expected(tp)}{got}")
+        return ConfigError(f"{key}: {_expected(tp)} ({first})")
+    kind = "" if _without_none(tp) in _EXPECTED or _without_none(tp) is str else f"{type(value).__name__} "
+    return ConfigError(f"{key}: {_expected(tp)}, got {kind}{value!r}")
 
 
 def _apply_override(user: DictConfig, text: str) -> None:
@@ -504,7 +522,11 @@ def config_from_dict(data: Mapping, *, source: str = "") -> TrainConfig:
             data["model"] = {**_hf_model_section(hf), **(model if isinstance(model, Mapping) else {})}
         _model_from_checkpoint(data)
         try:
-            cfg = OmegaConf.to_object(OmegaConf.merge(_schema(), data))
+            merged = OmegaConf.merge(_schema(), data)
+        except (OmegaConfBaseException, TypeError) as exc:  # TypeError: a list given for a mapping, or the reverse
+            raise _config_error(exc, data) from None
+        try:
+            cfg = OmegaConf.to_object(merged)
         except OmegaConfBaseException as exc:
             raise _config_error(exc, data) from None
         except (ValueError, TypeError) as exc:  # a __post_init__ check; its message names the key
@@ -516,7 +538,7 @@ def config_from_dict(data: Mapping, *, source: str = "") -> TrainConfig:
     return cfg
 
 
-def load_config(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
+def load_config(path: str | os.PathLike[str], overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
     """Load ``path`` (YAML), apply dotted ``overrides`` and validate; ConfigError names file and key."""
     path = os.fspath(path)
     try:
@@ -556,6 +578,7 @@ def _check_token_budget(cfg: TrainConfig) -> None:
     from gift_megatron.parallel.packing import pad_multiple
 
     budget, p = cfg.train.micro_batch_tokens, cfg.parallel
+    assert budget is not None  # validate() calls this only with a token budget
     multiple = pad_multiple(p.tensor_model_parallel_size, p.context_parallel_size, p.sequence_parallel)
     if budget < 1 or budget % multiple:
         raise ConfigError(

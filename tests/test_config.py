@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 
 import pytest
@@ -375,3 +376,73 @@ def test_token_budget_keys(tmp_path):
         r"model.seq_length \(64\)",
     ):
         load_config(path, ["train.micro_batch_size=null", "train.micro_batch_tokens=48"])
+
+
+def test_exponent_override_is_a_float(tmp_path):
+    """OmegaConf's override grammar reads 3e-4 as a number (YAML 1.1, and so PyYAML, reads it as a string)."""
+    cfg = load_config(write(tmp_path, BASE), ["objective.options.beta=3e-4"])
+    beta = cfg.objective.options["beta"]
+    assert beta == 3e-4 and isinstance(beta, float)
+
+
+@pytest.mark.parametrize(
+    "section, expected",
+    [
+        ({"train": {**BASE["train"], "steps": "many"}}, "train.steps: expected an integer, got 'many'"),
+        ({"rollout": {**BASE["rollout"], "nn": 3}}, "unknown key rollout.nn (known keys of rollout: engine, n,"),
+        ({"data": {**BASE["data"], "train_files": {"a": 1}}}, "data.train_files: expected a list, got dict"),
+        ({"optimizer": {"lr_decay_style": "exp"}}, "optimizer.lr_decay_style: must be one of"),
+        ({"train": 5}, "train: expected a mapping, got int 5"),
+        ({"model": {**BASE["model"], "moe_layer_freq": ["x"]}}, "model.moe_layer_freq[0]: expected an integer"),
+    ],
+)
+def test_bad_values_in_the_file_name_the_file_and_the_key(tmp_path, section, expected):
+    path = write(tmp_path, {**BASE, **section})
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert str(err.value).startswith(f"{path}: {expected}"), str(err.value)
+
+
+def test_empty_sections_and_list_overrides(tmp_path):
+    path = tmp_path / "e.yaml"
+    path.write_text(yaml.safe_dump(BASE) + "run:\ninit:\n")
+    cfg = load_config(path, ["data.eval_files=", "data.train_files=[a.jsonl]", "objective.options={}"])
+    assert cfg.run.output_dir == "runs/default" and cfg.init.checkpoint is None
+    assert cfg.data.eval_files == [] and cfg.data.train_files == ["a.jsonl"] and cfg.objective.options == {}
+
+
+def _from_yaml_by_hand(path):
+    """The TrainConfig of ``path`` built from its YAML sections with the dataclasses alone (no OmegaConf, no
+    loader code): each section's keys passed to its class, ints and numeric strings given for float keys
+    made floats."""
+    import typing
+
+    from gift_megatron.config import TrainConfig
+
+    with open(path, encoding="utf-8") as fh:
+        data = yaml.safe_load(fh)
+    hints = typing.get_type_hints(TrainConfig)
+    sections = {}
+    for name, values in data.items():
+        fields = typing.get_type_hints(hints[name])
+        sections[name] = hints[name](
+            **{
+                k: float(v) if float in (fields[k], *typing.get_args(fields[k])) and isinstance(v, (int, str)) else v
+                for k, v in (values or {}).items()
+            }
+        )
+    return TrainConfig(**sections)
+
+
+EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
+
+
+@pytest.mark.parametrize("path", sorted(p for p in os.listdir(EXAMPLES) if p.endswith(".yaml")))
+def test_examples_load_to_exactly_their_yaml(path):
+    """Every recipe loads into the TrainConfig its YAML spells out: same values, same types."""
+    import dataclasses
+
+    path = os.path.join(EXAMPLES, path)
+    cfg, expected = load_config(path), _from_yaml_by_hand(path)
+    assert cfg == expected
+    assert json.dumps(dataclasses.asdict(cfg)) == json.dumps(dataclasses.asdict(expected))
