@@ -11,9 +11,10 @@ Loaded with OmegaConf's structured configs: the schema is ``OmegaConf.structured
 these same dataclasses, so the YAML file, the command line and a Python caller share one definition of every
 key's type and default; the file and the overrides are read with OmegaConf's YAML loader and override grammar
 (``3e-4`` is a float, ``[a, b]`` a list, ``null`` None), and ``OmegaConf.to_object`` builds the dataclasses,
-running their ``__post_init__`` checks. OmegaConf's own errors are turned into :class:`ConfigError` with the
-same dotted key. Two fields whose choices were ``Literal`` annotations (which OmegaConf 2.3 rejects) are ``str``
-with the choices in the field's metadata, checked in ``__post_init__``.
+running their ``__post_init__`` checks (a ``${section.key}`` in a value is OmegaConf's interpolation).
+OmegaConf's own errors are turned into :class:`ConfigError` with the same dotted key. The two fields with a
+fixed set of values are ``str`` with the choices in the field's metadata (:func:`_choice`), checked in
+``__post_init__``: OmegaConf 2.3 rejects ``Literal`` annotations.
 """
 
 from __future__ import annotations
@@ -405,6 +406,7 @@ def _apply_override(user: DictConfig, text: str) -> None:
             value = OmegaConf.to_container(value)
     if isinstance(value, str) and typing.get_origin(_without_none(_annotation(key))) is list:
         value = [v for v in value.split(",") if v]
+    # OmegaConf.update would silently turn a scalar on the way (train: 5, then train.steps=3) into a section.
     node: Any = user
     for i, part in enumerate(path[:-1]):
         node = node.get(part) if isinstance(node, DictConfig) else None
