@@ -18,6 +18,8 @@ setup(
         "psutil",
         "numpy",
         "pyyaml",
+        # The config loader (gift_megatron.config, structured configs); 2.3 is the line hydra-core 1.3 allows.
+        "omegaconf>=2.3",
         # The trainer's data, rewards and observability layers.
         "safetensors",
         "pyarrow",

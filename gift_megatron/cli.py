@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
             from gift_megatron.trainer.run_dir import watch_launcher
 
             watch_launcher()
-    from gift_megatron.config import ConfigError, check_inputs, check_world_size, layout_plan, load_config
+    from gift_megatron.config import ConfigError, check_inputs, check_world_size, load_config
 
     if args.command == "plot":
         from gift_megatron.trainer.metrics import plot_run, plot_runs
@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.command == "validate":
         if args.world_size:
-            from gift_megatron.config import H100_GPU_GIB
+            from gift_megatron.layout_plan import H100_GPU_GIB, layout_plan
 
             try:
                 plan = layout_plan(

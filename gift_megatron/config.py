@@ -7,27 +7,49 @@ Every section is a dataclass; the model, parallel and precision sections are the
 configs (:mod:`gift_megatron.megatron.model`), so a YAML file and a Python caller build the same objects.
 Unknown keys, wrong types and invalid values are :class:`ConfigError` naming the dotted key (and the file).
 
-Written by hand rather than with OmegaConf's structured configs because those reject the ``Literal`` and
-``X | None`` annotations our sections use and do not call ``__post_init__`` validation on merge; the
-loader below is the small subset we need (dataclasses, Optional, list, dict, Literal, scalars).
+Loaded with OmegaConf's structured configs: the schema is ``OmegaConf.structured(TrainConfig)``, built from
+these same dataclasses, so the YAML file, the command line and a Python caller share one definition of every
+key's type and default; the file and the overrides are read with OmegaConf's YAML loader and override grammar
+(``3e-4`` is a float, ``[a, b]`` a list, ``null`` None), and ``OmegaConf.to_object`` builds the dataclasses,
+running their ``__post_init__`` checks (a ``${section.key}`` in a value is OmegaConf's interpolation).
+OmegaConf's own errors are turned into :class:`ConfigError` with the same dotted key. The two fields with a
+fixed set of values are ``str`` with the choices in the field's metadata (:func:`_choice`), checked in
+``__post_init__``: OmegaConf 2.3 rejects ``Literal`` annotations.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal, Union
+from typing import Any, Union
 
 import yaml
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
 from gift_megatron.megatron.model import ModelConfig, ParallelConfig, PrecisionConfig
 
 
 class ConfigError(ValueError):
     """A configuration that cannot run; the message names the dotted key and, when known, the file."""
+
+
+def _choice(*choices: str) -> Any:
+    """A ``str`` field that takes one of ``choices`` (the first is the default). Not a ``Literal``
+    annotation: OmegaConf 2.3 rejects those; :func:`_check_choices` checks the value, config_doc lists them."""
+    return field(default=choices[0], metadata={"choices": choices})
+
+
+def _check_choices(obj: Any, section: str) -> None:
+    for f in dataclasses.fields(obj):
+        choices = f.metadata.get("choices")
+        if choices is not None and getattr(obj, f.name) not in choices:
+            raise ValueError(f"{section}.{f.name}: must be one of {list(choices)}, got {getattr(obj, f.name)!r}")
 
 
 @dataclass
@@ -123,7 +145,7 @@ class RolloutConfig:
     sync_bucket_mb: size of the buckets in which updated weights are streamed to the rollout engine (MiB).
     """
 
-    engine: Literal["auto", "hf", "vllm"] = "auto"
+    engine: str = _choice("auto", "hf", "vllm")
     n: int = 8
     temperature: float = 1.0
     top_p: float = 1.0
@@ -136,6 +158,9 @@ class RolloutConfig:
     offload_training_states: bool | None = None
     enforce_eager: bool = True
     sync_bucket_mb: int = 512
+
+    def __post_init__(self) -> None:
+        _check_choices(self, "rollout")
 
 
 @dataclass
@@ -190,8 +215,11 @@ class OptimizerConfig:
     adam_eps: float = 1e-8
     clip_grad: float = 1.0
     warmup_steps: int = 0
-    lr_decay_style: Literal["constant", "linear", "cosine"] = "constant"
+    lr_decay_style: str = _choice("constant", "linear", "cosine")
     use_distributed_optimizer: bool = True
+
+    def __post_init__(self) -> None:
+        _check_choices(self, "optimizer")
 
 
 @dataclass
@@ -260,141 +288,156 @@ class TrainConfig:
 
 
 # --------------------------------------------------------------------------------------------- loading
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+def _schema() -> DictConfig:
+    """``OmegaConf.structured(TrainConfig)``, each section built from its class's field defaults: the default
+    factories' instances have run ``__post_init__`` (``LoopConfig()`` has already chosen
+    ``micro_batch_size=4``, which would then clash with a file's ``micro_batch_tokens``)."""
+    schema = OmegaConf.structured(TrainConfig)
+    hints = typing.get_type_hints(TrainConfig)
+    for f in dataclasses.fields(TrainConfig):
+        schema[f.name] = OmegaConf.structured(hints[f.name])
+    return schema
 
 
-def _convert(value: Any, tp: Any, key: str) -> Any:
-    """``value`` (parsed YAML) as type ``tp``, or ConfigError naming ``key``."""
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if tp is Any:
-        return value
-    if origin in (Union, types.UnionType):
-        if value is None and type(None) in args:
+def _without_none(tp: Any) -> Any:
+    if typing.get_origin(tp) in (Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0] if len(args) == 1 else tp
+    return tp
+
+
+def _annotation(key: str) -> Any:
+    """The annotation of the dotted ``key`` (list items as ``key[0]``) in TrainConfig; None if there is none."""
+    tp: Any = TrainConfig
+    for part in re.findall(r"\[\d+\]|[^.\[\]]+", key):
+        tp = _without_none(tp)
+        origin, args = typing.get_origin(tp), typing.get_args(tp)
+        if part.startswith("["):
+            tp = args[0] if origin is list and args else None
+        elif dataclasses.is_dataclass(tp):
+            tp = typing.get_type_hints(tp).get(part)
+        elif origin is dict:
+            tp = args[1] if len(args) == 2 else Any
+        else:
+            tp = Any if tp is Any else None
+        if tp is None:
             return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _convert(value, arg, key)
-            except ConfigError as exc:
-                errors.append(str(exc))
-        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: {value!r} matches none of {_type_name(tp)}")
-    if origin is Literal:
-        if value not in args:
-            raise ConfigError(f"{key}: must be one of {list(args)}, got {value!r}")
-        return value
-    if dataclasses.is_dataclass(tp):
-        return _build(tp, value, key)
-    if origin is list:
-        if isinstance(value, str):  # a comma-separated override: data.train_files=a.jsonl,b.jsonl
-            value = [v for v in value.split(",") if v]
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
-        return [_convert(v, args[0] if args else Any, f"{key}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__} {value!r}")
-        vt = args[1] if len(args) == 2 else Any
-        return {str(k): _convert(v, vt, f"{key}.{k}") for k, v in value.items()}
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{key}: expected true or false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, str):  # PyYAML (YAML 1.1) reads 3e-4 as a string; 3.0e-4 as a float
-            try:
-                value = float(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-            raise ConfigError(f"{key}: expected a string, got {value!r}")
-        return str(value)
-    raise ConfigError(f"{key}: unsupported field type {_type_name(tp)}")
+    return tp
 
 
-def _build(cls: type, data: Any, prefix: str) -> Any:
-    """Instance of dataclass ``cls`` from mapping ``data``: unknown keys and bad values name their key."""
-    if data is None:
-        data = {}
-    if dataclasses.is_dataclass(data):
-        return data
-    if not isinstance(data, dict):
-        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {type(data).__name__} {data!r}")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls) if f.init]
-    unknown = [k for k in data if k not in names]
-    if unknown:
-        where = prefix + "." if prefix else ""
-        raise ConfigError(
-            f"unknown key {where}{unknown[0]} (known keys of {prefix or 'the config'}: {', '.join(names)})"
-        )
-    kwargs = {k: _convert(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in data.items()}
-    try:
-        return cls(**kwargs)
-    except ConfigError:
-        raise
-    except (ValueError, TypeError) as exc:
-        msg = str(exc)
-        raise ConfigError(msg if prefix and prefix in msg else f"{prefix}: {msg}") from exc
-
-
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """``a.b.c=value`` -> (["a", "b", "c"], value parsed as YAML: numbers, true/false, null, lists)."""
-    if "=" not in text:
-        raise ConfigError(f"override {text!r}: expected key=value (for example train.steps=10)")
-    key, raw = text.split("=", 1)
-    path = key.strip().split(".")
-    if not all(path):
-        raise ConfigError(f"override {text!r}: empty key segment")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"override {key}: cannot parse value {raw!r}: {exc}") from exc
-    return path, value
-
-
-def apply_overrides(data: dict, overrides: list[str]) -> dict:
-    """``data`` with every ``key=value`` of ``overrides`` set (nested mappings created as needed)."""
-    for text in overrides:
-        path, value = parse_override(text)
-        node = data
-        for i, part in enumerate(path[:-1]):
-            child = node.get(part)
-            if child is None:
-                child = node[part] = {}
-            if not isinstance(child, dict):
-                raise ConfigError(f"override {text!r}: {'.'.join(path[: i + 1])} is not a section")
-            node = child
-        node[path[-1]] = value
+def _lookup(data: Any, key: str) -> Any:
+    """The value at the dotted ``key`` of the mapping ``data``; raises LookupError when there is none."""
+    for part in re.findall(r"\[\d+\]|[^.\[\]]+", key):
+        if part.startswith("[") and isinstance(data, (list, tuple)):
+            data = data[int(part[1:-1])]
+        elif isinstance(data, Mapping) and part in data:
+            data = data[part]
+        else:
+            raise LookupError(key)
     return data
 
 
-def _hf_model_section(path: str, key: str = "init.hf_config") -> dict:
-    """ModelConfig fields derived from a Hugging Face config.json (file or model dir)."""
-    import json
+_EXPECTED = {bool: "expected true or false", int: "expected an integer", float: "expected a number"}
+
+
+def _expected(tp: Any) -> str:
+    tp = _without_none(tp)
+    if tp in _EXPECTED:
+        return _EXPECTED[tp]
+    if typing.get_origin(tp) is list:
+        return "expected a list"
+    if typing.get_origin(tp) is dict or dataclasses.is_dataclass(tp):
+        return "expected a mapping"
+    return "expected a string" if tp is str else f"expected {tp}"
+
+
+def _misplaced_container(data: Any, prefix: str = "") -> str | None:
+    """The dotted key of the first mapping given for a list field or list for a mapping field: OmegaConf's
+    error for those ("Cannot merge incompatible container types") carries no key."""
+    if not isinstance(data, Mapping):
+        return None
+    for k, v in data.items():
+        key = f"{prefix}{k}"
+        tp = _without_none(_annotation(key))
+        mapping = typing.get_origin(tp) is dict or dataclasses.is_dataclass(tp)
+        if (typing.get_origin(tp) is list and isinstance(v, Mapping)) or (mapping and isinstance(v, (list, tuple))):
+            return key
+        found = _misplaced_container(v, f"{key}.") if mapping else None
+        if found:
+            return found
+    return None
+
+
+def _config_error(exc: Exception, data: Any) -> ConfigError:
+    """OmegaConf's exception as a ConfigError naming the dotted key (its ``full_key``) as this module words it."""
+    key = getattr(exc, "full_key", None) or _misplaced_container(data) or ""
+    first = str(exc).split("\n")[0]
+    if isinstance(exc, (ConfigKeyError, ConfigAttributeError)) and key:
+        parent, _, _ = key.rpartition(".")
+        section = _without_none(_annotation(parent) if parent else TrainConfig)
+        names = [f.name for f in dataclasses.fields(section)] if dataclasses.is_dataclass(section) else []
+        known = f" (known keys of {parent or 'the config'}: {', '.join(names)})" if names else ""
+        return ConfigError(f"unknown key {key}{known}")
+    tp = _annotation(key) if key else None
+    if tp is None or tp is Any:
+        return ConfigError(f"{key or 'config'}: {first}")
+    try:
+        value = _lookup(data, key)
+    except LookupError:
+        return ConfigError(f"{key}: {_expected(tp)} ({first})")
+    kind = "" if _without_none(tp) in _EXPECTED or _without_none(tp) is str else f"{type(value).__name__} "
+    return ConfigError(f"{key}: {_expected(tp)}, got {kind}{value!r}")
+
+
+def _apply_override(user: DictConfig, text: str) -> None:
+    """Set ``key=value`` on ``user`` (the YAML file's config): the value read with OmegaConf's override grammar
+    (``OmegaConf.from_dotlist``), a list field also from ``a,b`` (``data.train_files=a.jsonl,b.jsonl``)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected key=value (for example train.steps=10)")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    path = key.split(".")
+    if not all(path):
+        raise ConfigError(f"override {text!r}: empty key segment")
+    if not raw.strip():
+        value: Any = ""  # key= is the empty string (an empty list for a list field), not null
+    else:
+        try:
+            value = OmegaConf.select(OmegaConf.from_dotlist([f"{key}={raw}"]), key)
+        except (OmegaConfBaseException, yaml.YAMLError) as exc:
+            raise ConfigError(f"override {key}: cannot parse value {raw!r}: {exc}") from exc
+        if isinstance(value, DictConfig) or OmegaConf.is_list(value):
+            value = OmegaConf.to_container(value)
+    if isinstance(value, str) and typing.get_origin(_without_none(_annotation(key))) is list:
+        value = [v for v in value.split(",") if v]
+    # OmegaConf.update would silently turn a scalar on the way (train: 5, then train.steps=3) into a section.
+    node: Any = user
+    for i, part in enumerate(path[:-1]):
+        node = node.get(part) if isinstance(node, DictConfig) else None
+        if node is None:
+            break
+        if not isinstance(node, DictConfig):
+            raise ConfigError(f"override {text!r}: {'.'.join(path[: i + 1])} is not a section")
+    try:
+        # merge=False replaces a mapping: objective.options={} drops the file's options instead of keeping them.
+        OmegaConf.update(user, key, value, merge=False)
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"override {text!r}: {str(exc).splitlines()[0]}") from exc
+
+
+def _hf_model_section(path: str) -> dict:
+    """ModelConfig fields derived from a Hugging Face config.json (file or model dir), read and checked as the
+    checkpoint conversion reads it (:func:`gift_megatron.hf.hf_io.model_config_from_hf`): what conversion
+    refuses (MLP biases, sliding-window attention, an unsupported architecture) a run refuses too."""
+    from gift_megatron.hf.hf_io import ConversionError, model_config_from_hf, read_hf_config
 
     file = os.path.join(path, "config.json") if os.path.isdir(path) else path
+    if not os.path.isfile(file):
+        raise ConfigError(f"init.hf_config: cannot read {file}: No such file or directory")
     try:
-        with open(file, encoding="utf-8") as fh:
-            hf = json.load(fh)
-    except OSError as exc:
-        raise ConfigError(f"{key}: cannot read {file}: {exc.strerror}") from exc
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"{key}: {file} is not valid JSON: {exc}") from exc
-    try:
-        return dataclasses.asdict(ModelConfig.from_hf_config(hf))
-    except (ValueError, KeyError) as exc:
-        raise ConfigError(f"{key}: {file}: {exc}") from exc
+        return dataclasses.asdict(model_config_from_hf(read_hf_config(path), file))
+    except ConversionError as exc:
+        raise ConfigError(f"init.hf_config: {exc}") from exc
 
 
 # ModelConfig fields a run may choose freely; every other field is the checkpoint's architecture.
@@ -460,34 +503,67 @@ def _model_from_checkpoint(data: dict) -> None:
     data["model"] = {**record, **given}
 
 
-def config_from_dict(data: dict, *, source: str = "") -> TrainConfig:
+def _sections(data: Mapping) -> dict:
+    """``data`` with an empty section (``run:`` with nothing under it, None) as {}; a section that is not a
+    mapping is a ConfigError (OmegaConf's merge error would not name it)."""
+    hints = typing.get_type_hints(TrainConfig)
+    out = {}
+    for k, v in data.items():
+        if k in hints and v is None:
+            v = {}
+        elif k in hints and not isinstance(v, Mapping) and not dataclasses.is_dataclass(v):
+            raise ConfigError(f"{k}: expected a mapping, got {type(v).__name__} {v!r}")
+        out[k] = v
+    return out
+
+
+def config_from_dict(data: Mapping, *, source: str = "") -> TrainConfig:
     """A validated TrainConfig from a mapping (the YAML document after overrides)."""
-    data = dict(data or {})
-    hf = (data.get("init") or {}).get("hf_config") if isinstance(data.get("init"), dict) else None
-    if hf:
-        data["model"] = {**_hf_model_section(hf), **(data.get("model") or {})}
     try:
+        data = _sections(data or {})
+        init = data.get("init")
+        hf = init.get("hf_config") if isinstance(init, Mapping) else None
+        if hf:
+            model = data.get("model")
+            data["model"] = {**_hf_model_section(hf), **(model if isinstance(model, Mapping) else {})}
         _model_from_checkpoint(data)
-        cfg = _build(TrainConfig, data, "")
+        try:
+            merged = OmegaConf.merge(_schema(), data)
+        except (OmegaConfBaseException, TypeError) as exc:  # TypeError: a list given for a mapping, or the reverse
+            raise _config_error(exc, data) from None
+        try:
+            cfg = OmegaConf.to_object(merged)
+        except OmegaConfBaseException as exc:
+            raise _config_error(exc, data) from None
+        except (ValueError, TypeError) as exc:  # a __post_init__ check; its message names the key
+            raise ConfigError(str(exc)) from exc
+        assert isinstance(cfg, TrainConfig)
         validate(cfg)
     except ConfigError as exc:
         raise ConfigError(f"{source}: {exc}" if source else str(exc)) from None
     return cfg
 
 
-def load_config(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
+def load_config(path: str | os.PathLike[str], overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
     """Load ``path`` (YAML), apply dotted ``overrides`` and validate; ConfigError names file and key."""
     path = os.fspath(path)
     try:
-        with open(path, encoding="utf-8") as fh:
-            data = yaml.safe_load(fh) or {}
+        user = OmegaConf.load(path)
     except OSError as exc:
         raise ConfigError(f"config file {path}: {exc.strerror}") from exc
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file {path}: invalid YAML: {exc}") from exc
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file {path}: expected a mapping of sections, got {type(data).__name__}")
-    data = apply_overrides(data, list(overrides))
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"config file {path}: {str(exc).splitlines()[0]}") from exc
+    if not isinstance(user, DictConfig):
+        raise ConfigError(f"config file {path}: expected a mapping of sections, got {type(user).__name__}")
+    try:
+        for text in overrides:
+            _apply_override(user, text)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    data = OmegaConf.to_container(user)
+    assert isinstance(data, dict)
     return config_from_dict(data, source=path)
 
 
@@ -508,6 +584,7 @@ def _check_token_budget(cfg: TrainConfig) -> None:
     from gift_megatron.parallel.packing import pad_multiple
 
     budget, p = cfg.train.micro_batch_tokens, cfg.parallel
+    assert budget is not None  # validate() calls this only with a token budget
     multiple = pad_multiple(p.tensor_model_parallel_size, p.context_parallel_size, p.sequence_parallel)
     if budget < 1 or budget % multiple:
         raise ConfigError(
@@ -710,242 +787,3 @@ def check_world_size(cfg: TrainConfig, world_size: int, gpus_per_node: int | Non
             f"train.micro_batch_size ({t.micro_batch_size})"
         )
     return dp
-
-
-#: What PyTorch reports for an H100 80 GB (81559 MiB): the default GPU of the memory plan.
-H100_GPU_GIB = 79.6
-#: Kept free on every GPU: the trainer's and the engine process's CUDA contexts, NCCL buffers, allocator
-#: fragmentation (docs/cluster.md: 3-6 GB).
-CONTEXT_RESERVE_GIB = 4.0
-#: vLLM's offline (LLM class) defaults on H100/H200 (vllm/engine/arg_utils.py, 0.32): the profile run that
-#: sizes its activations uses this many batched tokens and sequences.
-VLLM_PROFILE_TOKENS = 16384
-VLLM_PROFILE_SEQS = 1024
-_GIB = 1024**3
-
-
-def _micro_batch_tokens(cfg: TrainConfig) -> int:
-    """The most tokens one micro-batch computes: its token budget, or rows x model.seq_length."""
-    t = cfg.train
-    return (
-        t.micro_batch_tokens if t.micro_batch_tokens is not None else (t.micro_batch_size or 4) * cfg.model.seq_length
-    )
-
-
-def _activation_bytes(cfg: TrainConfig) -> float:
-    """Bytes of activations the backward pass keeps for one micro-batch on one GPU (docs/cluster.md): per
-    token and layer, the attention block keeps norm input and output, Q, K, V and the attention output, the
-    MLP norm input and output, the gate/up output (2 f) and the SwiGLU output (f), in the training dtype;
-    split over TP (sequence parallel) and CP. Under 1F1B the first stage holds up to PP micro-batches of L/PP
-    layers, so PP does not shrink it."""
-    m, p = cfg.model, cfg.parallel
-    q, kv = m.num_attention_heads * m.head_dim, 2 * m.num_query_groups * m.head_dim
-    attention = 2 * m.hidden_size + 2 * q + kv
-    dense_mlp = 2 * m.hidden_size + 3 * m.ffn_hidden_size
-    # An MoE layer keeps, per token: the norm input and output, the router's fp32 logits and probabilities
-    # (2 x 2 E values in the training dtype's units), and for each of its top-k experts the dispatched copy of
-    # the token (h), the expert's gate/up (2 f_e) and SwiGLU (f_e) outputs and its output (h); plus the shared
-    # expert's 3 f_s. Averaged over ranks: the all-to-all moves tokens, balanced routing keeps the count.
-    moe_mlp = (
-        2 * m.hidden_size
-        + 4 * m.num_experts
-        + m.moe_router_topk * (2 * m.hidden_size + 3 * m.expert_ffn_hidden_size)
-        + 3 * (m.moe_shared_expert_intermediate_size or 0)
-    )
-    per_layer = sum(attention + (moe_mlp if moe else dense_mlp) for moe in m.moe_layers())
-    dtype_bytes = 4 if cfg.precision.dtype == "fp32" else 2
-    tokens = _micro_batch_tokens(cfg)
-    return tokens * per_layer * dtype_bytes / (p.tensor_model_parallel_size * p.context_parallel_size)
-
-
-def routed_expert_parameters(m: ModelConfig) -> int:
-    """Parameters of the routed experts (sharded over expert parallel x expert tensor parallel ranks; the rest
-    of the model is sharded over tensor parallel ranks). 0 for a dense model."""
-    return sum(m.moe_layers()) * m.num_experts * 3 * m.hidden_size * m.expert_ffn_hidden_size
-
-
-def _engine_plan(cfg: TrainConfig, gpu_gib: float) -> dict[str, Any]:
-    """Per-GPU memory of one vLLM engine (rollout TP ``r``): weights / r; activations of vLLM's profile run
-    (VLLM_PROFILE_TOKENS tokens through one layer's widest tensors, plus fp32 logits and log-probs of
-    VLLM_PROFILE_SEQS sequences); the KV cache, which is what remains of ``gpu_memory_utilization`` x the GPU
-    (or ``kv_cache_bytes``); and the tokens that KV cache holds."""
-    m, r = cfg.model, cfg.rollout
-    rtp = r.tensor_parallel_size
-    dtype_bytes = 4 if cfg.precision.dtype == "fp32" else 2
-    weights = m.parameter_count() * dtype_bytes / rtp / _GIB
-    q, kv = m.num_attention_heads * m.head_dim, 2 * m.num_query_groups * m.head_dim
-    # MoE: vLLM's fused-MoE kernel holds top-k expert intermediates per token (its experts are TP-sharded too).
-    mlp = m.moe_router_topk * 3 * m.expert_ffn_hidden_size if m.is_moe else 3 * m.ffn_hidden_size
-    per_token = 4 * m.hidden_size + (q + kv + mlp) / rtp
-    activations = (
-        VLLM_PROFILE_TOKENS * per_token * dtype_bytes + VLLM_PROFILE_SEQS * m.padded_vocab_size(rtp) / rtp * 4 * 2
-    ) / _GIB
-    kv_heads_per_gpu = max(m.num_query_groups // rtp, 1)  # vLLM replicates KV heads when rtp > their count
-    kv_token_bytes = 2 * m.num_layers * kv_heads_per_gpu * m.head_dim * dtype_bytes
-    if r.kv_cache_bytes is not None:
-        kv_gib = r.kv_cache_bytes / _GIB
-        engine = weights + activations + kv_gib
-    else:
-        engine = r.gpu_memory_utilization * gpu_gib
-        kv_gib = engine - weights - activations
-    return {
-        "rollout_weights_gib": weights,
-        "rollout_activations_gib": activations,
-        "rollout_kv_cache_gib": kv_gib,
-        "rollout_kv_bytes_per_token": kv_token_bytes,
-        "rollout_kv_tokens": max(int(kv_gib * _GIB // kv_token_bytes), 0),
-        "rollout_engine_gib": engine,
-    }
-
-
-def layout_plan(
-    cfg: TrainConfig,
-    world_size: int,
-    gpu_memory_gib: float = H100_GPU_GIB,
-    gpus_per_node: int | None = None,
-    check_memory: bool = True,
-) -> dict[str, Any]:
-    """The parallel layout of ``cfg`` on ``world_size`` ranks and a per-GPU memory plan (GiB), the dry run
-    of a recipe (``gift-megatron validate --world-size N``; the arithmetic is explained in docs/cluster.md).
-
-    Trainer: Megatron's mixed-precision layout (bf16/fp16 weights, fp32 gradient buffers, fp32 main weights +
-    two Adam moments = 12 bytes a parameter, sharded over data-parallel ranks by the distributed optimizer),
-    the activations of one micro-batch and its logits: the training peak.
-
-    vLLM engine (``rollout.engine`` vllm or auto), on its replica's first ``rollout.tensor_parallel_size``
-    GPUs (``gpus_per_node`` default: min(world, 8)): its weights, activations, KV cache and budget, and what
-    the trainer holds on those GPUs while the engine is awake: its weights only with
-    ``rollout.offload_training_states`` (default on here: the engine shares the GPUs), all its states without.
-    With ``check_memory``, a budget that leaves the trainer too little memory (or the engine no KV cache) is
-    a ConfigError naming the key; CONTEXT_RESERVE_GIB stays free on every GPU.
-    """
-    gpus_per_node = gpus_per_node or min(world_size, 8)
-    dp = check_world_size(cfg, world_size, gpus_per_node=gpus_per_node)
-    p, m = cfg.parallel, cfg.model
-    # Routed experts are split over EP x ETP (x PP) and their optimizer state over the expert data-parallel
-    # ranks world / (ETP x EP x PP); everything else over TP (x PP) and DP, as in Megatron.
-    experts = routed_expert_parameters(m)
-    tp_pp = p.tensor_model_parallel_size * p.pipeline_model_parallel_size
-    expert_split = p.etp * p.expert_model_parallel_size * p.pipeline_model_parallel_size
-    dense_shard, expert_shard = (m.parameter_count() - experts) / tp_pp, experts / expert_split
-    shard = dense_shard + expert_shard
-    weight_bytes = 4 if cfg.precision.dtype == "fp32" else 2
-    distributed = cfg.optimizer.use_distributed_optimizer
-    optim_ranks = dp if distributed else 1
-    expert_optim_ranks = world_size // expert_split if distributed else 1
-    plan: dict[str, Any] = {
-        "world_size": world_size,
-        "gpus_per_node": min(gpus_per_node, world_size),
-        "gpu_memory_gib": gpu_memory_gib,
-        "tp": p.tensor_model_parallel_size,
-        "pp": p.pipeline_model_parallel_size,
-        "cp": p.context_parallel_size,
-        "dp": dp,
-        "parameters_b": m.parameter_count() / 1e9,
-    }
-    if m.is_moe:
-        plan.update(
-            {
-                "ep": p.expert_model_parallel_size,
-                "etp": p.etp,
-                "expert_dp": world_size // expert_split,
-                "active_parameters_b": m.active_parameter_count() / 1e9,
-                "expert_parameters_per_gpu_b": expert_shard / 1e9,
-            }
-        )
-    plan.update(
-        {
-            "weights_gib": shard * weight_bytes / _GIB,
-            "grads_gib": shard * 4 / _GIB,
-            "optimizer_gib": (dense_shard * 12 / optim_ranks + expert_shard * 12 / expert_optim_ranks) / _GIB,
-        }
-    )
-    from gift_megatron.objectives import build_objective
-
-    if "ref_logp" in build_objective(cfg.objective.name, **cfg.objective.options).uses:
-        plan["reference_gib_offloaded_between_passes"] = shard * weight_bytes / _GIB
-    plan["train_states_gib"] = plan["weights_gib"] + plan["grads_gib"] + plan["optimizer_gib"]
-    plan["activations_gib"] = _activation_bytes(cfg) / _GIB
-    plan["logits_gib"] = (
-        _micro_batch_tokens(cfg)
-        * m.padded_vocab_size(p.tensor_model_parallel_size)
-        * 2
-        / p.tensor_model_parallel_size
-        / p.context_parallel_size
-        / _GIB
-    )
-    plan["train_peak_gib"] = plan["train_states_gib"] + plan["activations_gib"] + plan["logits_gib"]
-    plan["reserve_gib"] = CONTEXT_RESERVE_GIB
-    if cfg.rollout.engine not in ("auto", "vllm"):
-        return plan
-
-    r = cfg.rollout
-    from gift_megatron.rollout.placement import check_layout
-
-    local = check_layout(
-        world_size,
-        plan["gpus_per_node"],
-        p.tensor_model_parallel_size,
-        p.pipeline_model_parallel_size,
-        p.context_parallel_size,
-        r.tensor_parallel_size,
-    )
-    offload = offload_enabled(cfg, cuda=True)
-    plan["rollout_tp"] = r.tensor_parallel_size
-    plan["rollout_gpus_of_first_replica"] = ",".join(local)
-    plan.update(_engine_plan(cfg, gpu_memory_gib))
-    plan["offload_training_states"] = offload
-    plan["awake_trainer_gib_with_offload"] = plan["weights_gib"]
-    plan["awake_trainer_gib_without_offload"] = plan["train_states_gib"]
-    plan["generation_peak_gib_with_offload"] = plan["weights_gib"] + plan["rollout_engine_gib"]
-    plan["generation_peak_gib_without_offload"] = plan["train_states_gib"] + plan["rollout_engine_gib"]
-    plan["generation_peak_gib"] = plan[
-        "generation_peak_gib_with_offload" if offload else "generation_peak_gib_without_offload"
-    ]
-    # The engine asleep frees its weights and KV cache (both levels); awake through training it holds it all.
-    plan["training_peak_gib_with_engine"] = plan["train_peak_gib"] + (
-        0.0 if r.sleep_during_training else plan["rollout_engine_gib"]
-    )
-    if check_memory:
-        _check_memory_plan(cfg, plan)
-    return plan
-
-
-def _check_memory_plan(cfg: TrainConfig, plan: dict[str, Any]) -> None:
-    r = cfg.rollout
-    gpu, reserve = plan["gpu_memory_gib"], plan["reserve_gib"]
-    budget_key = "rollout.kv_cache_bytes" if r.kv_cache_bytes is not None else "rollout.gpu_memory_utilization"
-    budget = (
-        f"rollout.kv_cache_bytes={r.kv_cache_bytes}"
-        if r.kv_cache_bytes is not None
-        else f"rollout.gpu_memory_utilization={r.gpu_memory_utilization} ({plan['rollout_engine_gib']:.1f} GiB of a "
-        f"{gpu:.1f} GiB GPU)"
-    )
-    if plan["rollout_kv_cache_gib"] <= 0 or plan["rollout_kv_tokens"] < cfg.model.seq_length:
-        raise ConfigError(
-            f"{budget} leaves the vLLM engine {max(plan['rollout_kv_cache_gib'], 0):.1f} GiB of KV cache "
-            f"({plan['rollout_kv_tokens']} tokens, fewer than one model.seq_length={cfg.model.seq_length} sequence) "
-            f"after its weights ({plan['rollout_weights_gib']:.1f} GiB at rollout.tensor_parallel_size="
-            f"{r.tensor_parallel_size}) and activations ({plan['rollout_activations_gib']:.1f} GiB): raise {budget_key}"
-        )
-    awake = plan["generation_peak_gib"]
-    if awake + reserve > gpu:
-        held = (
-            "its weights"
-            if plan["offload_training_states"]
-            else "weights, gradient buffers and optimizer state (rollout.offload_training_states is off)"
-        )
-        raise ConfigError(
-            f"{budget} leaves the trainer too little memory while the engine is awake: the trainer holds {held}, "
-            f"{awake - plan['rollout_engine_gib']:.1f} GiB, the engine {plan['rollout_engine_gib']:.1f} GiB, plus "
-            f"{reserve:.0f} GiB of CUDA contexts and buffers = {awake + reserve:.1f} GiB > {gpu:.1f} GiB per GPU: "
-            f"lower {budget_key}"
-            + ("" if plan["offload_training_states"] else " or set rollout.offload_training_states=true")
-        )
-    if not r.sleep_during_training and plan["training_peak_gib_with_engine"] + reserve > gpu:
-        raise ConfigError(
-            f"rollout.sleep_during_training=false keeps the engine's {plan['rollout_engine_gib']:.1f} GiB ({budget}) "
-            f"on the GPU while the trainer peaks at {plan['train_peak_gib']:.1f} GiB: "
-            f"{plan['training_peak_gib_with_engine'] + reserve:.1f} GiB with {reserve:.0f} GiB of contexts > "
-            f"{gpu:.1f} GiB per GPU: set rollout.sleep_during_training=true or lower {budget_key}"
-        )

@@ -152,7 +152,10 @@ def rows(cls: type, prefix: str = "") -> tuple[str, list[tuple[str, str, str, st
         if dataclasses.is_dataclass(hints[f.name]):
             out += rows(hints[f.name], f"{prefix}{f.name}.")[1]
             continue
-        out.append((prefix + f.name, type_text(hints[f.name]), default_text(f), entries.get(f.name, "")))
+        # A str field limited to some values (config._choice) lists them, as a Literal annotation would.
+        choices = f.metadata.get("choices")
+        tp = "one of " + ", ".join(f"`{c}`" for c in choices) if choices else type_text(hints[f.name])
+        out.append((prefix + f.name, tp, default_text(f), entries.get(f.name, "")))
     return intro, out
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 
 import pytest
@@ -106,20 +107,25 @@ def test_world_size_checks_name_the_numbers(tmp_path):
         check_world_size(mbs, 2)
 
 
+QWEN2_HF = {
+    # init.hf_config is read as checkpoint conversion reads it: `architectures` names the family.
+    "architectures": ["Qwen2ForCausalLM"],
+    "model_type": "qwen2",
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 3,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "vocab_size": 100,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 1e6,
+    "tie_word_embeddings": True,
+    "hidden_act": "silu",
+}
+
+
 def test_model_from_hf_config_with_overrides(tmp_path):
-    hf = {
-        "model_type": "qwen2",
-        "hidden_size": 64,
-        "intermediate_size": 128,
-        "num_hidden_layers": 3,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "vocab_size": 100,
-        "rms_norm_eps": 1e-6,
-        "rope_theta": 1e6,
-        "tie_word_embeddings": True,
-        "hidden_act": "silu",
-    }
+    hf = dict(QWEN2_HF)
     (tmp_path / "hf").mkdir()
     (tmp_path / "hf" / "config.json").write_text(json.dumps(hf))
     cfg = config_from_dict({**BASE, "model": {"seq_length": 64}, "init": {"hf_config": str(tmp_path / "hf")}})
@@ -132,6 +138,25 @@ def test_model_from_hf_config_with_overrides(tmp_path):
     assert cfg.model.seq_length == 64  # the file's model keys override the HF config
     with pytest.raises(ConfigError, match="init.hf_config: cannot read"):
         config_from_dict({**BASE, "init": {"hf_config": str(tmp_path / "missing")}})
+
+
+@pytest.mark.parametrize(
+    "extra, expected",
+    [
+        ({"mlp_bias": True}, "mlp_bias=true is not supported"),
+        ({"use_sliding_window": True, "sliding_window": 32}, "sliding-window attention is not supported"),
+    ],
+)
+def test_hf_config_refuses_what_conversion_refuses(tmp_path, extra, expected):
+    """init.hf_config goes through the conversion's reader: a config.json it refuses cannot start a run either."""
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({**QWEN2_HF, **extra}))
+    yaml_file = write(tmp_path, {**BASE, "model": {"seq_length": 64}, "init": {"hf_config": str(tmp_path / "hf")}})
+    with pytest.raises(ConfigError) as err:
+        load_config(yaml_file)
+    message = str(err.value)
+    assert message.startswith(f"{yaml_file}: init.hf_config: ") and expected in message, message
+    assert str(tmp_path / "hf" / "config.json") in message
 
 
 def test_missing_and_invalid_files(tmp_path):
@@ -159,7 +184,7 @@ RECIPES = [
 
 @pytest.mark.parametrize("path, world", RECIPES)
 def test_recipes_load_validate_and_dry_run_their_layout(path, world):
-    from gift_megatron.config import layout_plan
+    from gift_megatron.layout_plan import layout_plan
 
     cfg = load_config(path)
     plan = layout_plan(cfg, world)
@@ -240,7 +265,7 @@ SEVEN_B = "examples/qwen2.5-7b-gift.yaml"
 
 
 def test_7b_memory_plan_shows_the_engine_with_and_without_offload():
-    from gift_megatron.config import layout_plan
+    from gift_megatron.layout_plan import layout_plan
 
     plan = layout_plan(load_config(SEVEN_B), 8)
     assert plan["rollout_gpus_of_first_replica"] == "0,1"
@@ -280,7 +305,7 @@ def test_7b_memory_plan_shows_the_engine_with_and_without_offload():
     ],
 )
 def test_memory_plan_refuses_budgets_that_leave_the_trainer_too_little(overrides, expected):
-    from gift_megatron.config import layout_plan
+    from gift_megatron.layout_plan import layout_plan
 
     with pytest.raises(ConfigError, match=expected):
         layout_plan(load_config(SEVEN_B, overrides), 8)
@@ -306,7 +331,7 @@ def test_cluster_doc_shows_the_numbers_validate_prints(path, world):
     """docs/cluster.md quotes the memory plan of both recipes: it must stay what `validate` computes."""
     import os
 
-    from gift_megatron.config import layout_plan
+    from gift_megatron.layout_plan import layout_plan
 
     plan = layout_plan(load_config(path), world)
     doc = open(
@@ -351,3 +376,73 @@ def test_token_budget_keys(tmp_path):
         r"model.seq_length \(64\)",
     ):
         load_config(path, ["train.micro_batch_size=null", "train.micro_batch_tokens=48"])
+
+
+def test_exponent_override_is_a_float(tmp_path):
+    """OmegaConf's override grammar reads 3e-4 as a number (YAML 1.1, and so PyYAML, reads it as a string)."""
+    cfg = load_config(write(tmp_path, BASE), ["objective.options.beta=3e-4"])
+    beta = cfg.objective.options["beta"]
+    assert beta == 3e-4 and isinstance(beta, float)
+
+
+@pytest.mark.parametrize(
+    "section, expected",
+    [
+        ({"train": {**BASE["train"], "steps": "many"}}, "train.steps: expected an integer, got 'many'"),
+        ({"rollout": {**BASE["rollout"], "nn": 3}}, "unknown key rollout.nn (known keys of rollout: engine, n,"),
+        ({"data": {**BASE["data"], "train_files": {"a": 1}}}, "data.train_files: expected a list, got dict"),
+        ({"optimizer": {"lr_decay_style": "exp"}}, "optimizer.lr_decay_style: must be one of"),
+        ({"train": 5}, "train: expected a mapping, got int 5"),
+        ({"model": {**BASE["model"], "moe_layer_freq": ["x"]}}, "model.moe_layer_freq[0]: expected an integer"),
+    ],
+)
+def test_bad_values_in_the_file_name_the_file_and_the_key(tmp_path, section, expected):
+    path = write(tmp_path, {**BASE, **section})
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert str(err.value).startswith(f"{path}: {expected}"), str(err.value)
+
+
+def test_empty_sections_and_list_overrides(tmp_path):
+    path = tmp_path / "e.yaml"
+    path.write_text(yaml.safe_dump(BASE) + "run:\ninit:\n")
+    cfg = load_config(path, ["data.eval_files=", "data.train_files=[a.jsonl]", "objective.options={}"])
+    assert cfg.run.output_dir == "runs/default" and cfg.init.checkpoint is None
+    assert cfg.data.eval_files == [] and cfg.data.train_files == ["a.jsonl"] and cfg.objective.options == {}
+
+
+def _from_yaml_by_hand(path):
+    """The TrainConfig of ``path`` built from its YAML sections with the dataclasses alone (no OmegaConf, no
+    loader code): each section's keys passed to its class, ints and numeric strings given for float keys
+    made floats."""
+    import typing
+
+    from gift_megatron.config import TrainConfig
+
+    with open(path, encoding="utf-8") as fh:
+        data = yaml.safe_load(fh)
+    hints = typing.get_type_hints(TrainConfig)
+    sections = {}
+    for name, values in data.items():
+        fields = typing.get_type_hints(hints[name])
+        sections[name] = hints[name](
+            **{
+                k: float(v) if float in (fields[k], *typing.get_args(fields[k])) and isinstance(v, (int, str)) else v
+                for k, v in (values or {}).items()
+            }
+        )
+    return TrainConfig(**sections)
+
+
+EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
+
+
+@pytest.mark.parametrize("path", sorted(p for p in os.listdir(EXAMPLES) if p.endswith(".yaml")))
+def test_examples_load_to_exactly_their_yaml(path):
+    """Every recipe loads into the TrainConfig its YAML spells out: same values, same types."""
+    import dataclasses
+
+    path = os.path.join(EXAMPLES, path)
+    cfg, expected = load_config(path), _from_yaml_by_hand(path)
+    assert cfg == expected
+    assert json.dumps(dataclasses.asdict(cfg)) == json.dumps(dataclasses.asdict(expected))

@@ -128,7 +128,8 @@ def test_visible_list_too_short_and_malformed_values():
 def test_config_validation_refuses_it_where_the_layout_is_known(tmp_path):
     import yaml
 
-    from gift_megatron.config import ConfigError, check_world_size, layout_plan, load_config
+    from gift_megatron.config import ConfigError, check_world_size, load_config
+    from gift_megatron.layout_plan import layout_plan
 
     path = tmp_path / "c.yaml"
     path.write_text(
