@@ -32,10 +32,11 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
+from gift_megatron.errors import StartupError
 from gift_megatron.megatron.model import ModelConfig, ParallelConfig, PrecisionConfig
 
 
-class ConfigError(ValueError):
+class ConfigError(StartupError):
     """A configuration that cannot run; the message names the dotted key and, when known, the file."""
 
 
