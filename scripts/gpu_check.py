@@ -645,9 +645,9 @@ def _short_path(filename: str) -> str:
 
 
 # The ObjectiveStep methods that prepare a step's micro-batches (moving them to the device and running the
-# reference / old-policy log-prob passes): ``prepare`` in the current trainer, ``_fill_reference_logprobs``
-# in earlier ones. Their syncs are the "prepare" phase.
-PREPARE_METHODS = ("prepare", "_fill_reference_logprobs")
+# reference / old-policy log-prob passes): ``prepare``, and ``fill_reference_logprobs`` (which ``prepare``
+# runs) when a caller calls it on its own. Their syncs are the "prepare" phase.
+PREPARE_METHODS = ("prepare", "fill_reference_logprobs")
 STEP_PHASES = ("rollout", "prepare", "update", "metrics", "weight sync", "other")
 
 

@@ -30,7 +30,7 @@ def post_update_worker(rank, world):
         assert wants_post_update_metrics(obj) and not wants_post_update_metrics(build_objective("gift"))
         step = ObjectiveStep(obj, [ddp], opt)
         mbs = my_micro_batches(0, 1, 2, False)
-        step._fill_reference_logprobs(mbs)  # the rollout policy's log-probs, as the trainer does once a step
+        step.fill_reference_logprobs(mbs)  # the rollout policy's log-probs, as the trainer does once a step
         during = step(mbs).metrics["gift/beta_x_mean"]
         after = post_update_implicit_metrics(obj, [ddp], mbs)
         # Independent: the updated model's logits, a plain log_softmax, per-group torch.std.

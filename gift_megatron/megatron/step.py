@@ -172,7 +172,7 @@ class ObjectiveStep:
         if self.moe is not None:  # expert parallelism: equal micro-batch counts, checked before any forward pass
             self.moe.check_micro_batches(micro_batches)
         micro_batches = [move_to(mb, self.device) for mb in micro_batches]
-        self._fill_reference_logprobs(micro_batches)
+        self.fill_reference_logprobs(micro_batches)
         return micro_batches
 
     def _label_bound(self) -> int:
@@ -182,7 +182,7 @@ class ObjectiveStep:
         padded = getattr(unwrap_model(self.model[0]), "vocab_size", None)
         return padded if padded is not None else (self.vocab_size or 2**62)
 
-    def _fill_reference_logprobs(self, micro_batches: list[dict[str, Any]]) -> None:
+    def fill_reference_logprobs(self, micro_batches: list[dict[str, Any]]) -> None:
         """Add ref_logp / old_logp the objective needs and the micro-batches lack (forward-only passes)."""
         uses = self.objective.uses
         if "ref_logp" in uses and not has_logprobs(micro_batches[0], "ref_logp"):
