@@ -65,7 +65,7 @@ def members_in(mb: dict[str, Any]) -> int:
     return layout.n if layout is not None else int(mb["tokens"].shape[0])
 
 
-def model_device(model) -> torch.device:
+def model_device(model: torch.nn.Module | Sequence[torch.nn.Module]) -> torch.device:
     """The device of the parameters of ``model`` (a chunk or a list of chunks, DDP-wrapped or not)."""
     from megatron.core.utils import unwrap_model
 
@@ -245,7 +245,7 @@ def make_forward_step(
     range check on the device (one host sync per micro-batch) when the caller checked them on the host.
     """
 
-    def forward_step(data_iterator: Iterator[dict[str, Any]], model):
+    def forward_step(data_iterator: Iterator[dict[str, Any]], model: torch.nn.Module):
         # A no-op for micro-batches ObjectiveStep.prepare already moved; a user's own loop may pass host ones.
         mb = split_for_context_parallel(move_to(next(data_iterator), model_device(model)))
         logp = model_logprobs(

@@ -223,7 +223,7 @@ class ObjectiveStep:
             )
 
     @staticmethod
-    def _attach(micro_batches, key, logps):
+    def _attach(micro_batches: list[dict[str, Any]], key: str, logps: list[torch.Tensor] | None) -> None:
         """Store CP-local log-probs back at full-sequence positions (the step splits every tensor again)."""
         ps = parallel_state()
         for mb in micro_batches:

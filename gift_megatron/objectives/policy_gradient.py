@@ -39,7 +39,9 @@ from gift_megatron.objectives.groups import group_reward_statistics
 AGGREGATIONS = ("seq_mean_token_mean", "token_mean")
 
 
-def _clipped_surrogate(ratio, adv, eps_low, eps_high):
+def _clipped_surrogate(
+    ratio: torch.Tensor, adv: torch.Tensor, eps_low: float, eps_high: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(-min(r A, clip(r) A), clipped-indicator) elementwise."""
     unclipped = ratio * adv
     clipped = torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high) * adv
@@ -157,22 +159,22 @@ class GSPO(Objective):
 
 
 def grpo_loss(
-    logp,
-    old_logp,
-    mask,
-    rewards,
-    group_ids,
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    mask: torch.Tensor,
+    rewards: torch.Tensor,
+    group_ids: torch.Tensor,
     *,
-    ref_logp=None,
-    eps_low=0.2,
-    eps_high=0.2,
-    kl_coef=0.0,
-    aggregation="seq_mean_token_mean",
-    eps=1e-6,
-    unbiased=True,
-    clip_ratio_c=None,
-    layout=SINGLE_PROCESS,
-):
+    ref_logp: torch.Tensor | None = None,
+    eps_low: float = 0.2,
+    eps_high: float = 0.2,
+    kl_coef: float = 0.0,
+    aggregation: str = "seq_mean_token_mean",
+    eps: float = 1e-6,
+    unbiased: bool = True,
+    clip_ratio_c: float | None = None,
+    layout: BatchLayout = SINGLE_PROCESS,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """GRPO loss: (loss fp32 scalar, metrics). logp/old_logp/ref_logp/mask [B, S]; rewards [B]; group_ids [B] int."""
     obj = GRPO(
         eps_low=eps_low,
@@ -188,21 +190,21 @@ def grpo_loss(
 
 
 def dapo_loss(
-    logp,
-    old_logp,
-    mask,
-    rewards,
-    group_ids,
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    mask: torch.Tensor,
+    rewards: torch.Tensor,
+    group_ids: torch.Tensor,
     *,
-    ref_logp=None,
-    eps_low=0.2,
-    eps_high=0.28,
-    kl_coef=0.0,
-    eps=1e-6,
-    unbiased=True,
-    clip_ratio_c=None,
-    layout=SINGLE_PROCESS,
-):
+    ref_logp: torch.Tensor | None = None,
+    eps_low: float = 0.2,
+    eps_high: float = 0.28,
+    kl_coef: float = 0.0,
+    eps: float = 1e-6,
+    unbiased: bool = True,
+    clip_ratio_c: float | None = None,
+    layout: BatchLayout = SINGLE_PROCESS,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """DAPO loss (GRPO clip with eps_high 0.28 and global token mean): (loss, metrics)."""
     obj = DAPO(
         eps_low=eps_low, eps_high=eps_high, kl_coef=kl_coef, eps=eps, unbiased=unbiased, clip_ratio_c=clip_ratio_c
@@ -212,18 +214,18 @@ def dapo_loss(
 
 
 def gspo_loss(
-    logp,
-    old_logp,
-    mask,
-    rewards,
-    group_ids,
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    mask: torch.Tensor,
+    rewards: torch.Tensor,
+    group_ids: torch.Tensor,
     *,
-    eps_low=3e-4,
-    eps_high=4e-4,
-    eps=1e-6,
-    unbiased=True,
-    layout=SINGLE_PROCESS,
-):
+    eps_low: float = 3e-4,
+    eps_high: float = 4e-4,
+    eps: float = 1e-6,
+    unbiased: bool = True,
+    layout: BatchLayout = SINGLE_PROCESS,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """GSPO loss (sequence-level clipped ratio, mean over members): (loss, metrics)."""
     obj = GSPO(eps_low=eps_low, eps_high=eps_high, eps=eps, unbiased=unbiased)
     out = obj(TokenBatch(logp, mask, rewards, group_ids, old_logp=old_logp), layout)

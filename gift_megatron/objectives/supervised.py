@@ -53,7 +53,7 @@ class _TokenMean(Objective):
 class SFT(_TokenMean):
     name: ClassVar[str] = "sft"
 
-    def token_weights(self, lp):
+    def token_weights(self, lp: torch.Tensor) -> torch.Tensor:
         return torch.ones_like(lp)
 
 
@@ -62,17 +62,21 @@ class SFT(_TokenMean):
 class DFT(_TokenMean):
     name: ClassVar[str] = "dft"
 
-    def token_weights(self, lp):
+    def token_weights(self, lp: torch.Tensor) -> torch.Tensor:
         return torch.exp(lp)
 
 
-def sft_loss(logp, mask, *, layout: BatchLayout = SINGLE_PROCESS):
+def sft_loss(
+    logp: torch.Tensor, mask: torch.Tensor, *, layout: BatchLayout = SINGLE_PROCESS
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Token-mean negative log-likelihood: (loss fp32 scalar, metrics). logp, mask [B, S]."""
     out = SFT()(TokenBatch(logp, mask), layout)
     return out.loss, out.finalize(layout)
 
 
-def dft_loss(logp, mask, *, layout: BatchLayout = SINGLE_PROCESS):
+def dft_loss(
+    logp: torch.Tensor, mask: torch.Tensor, *, layout: BatchLayout = SINGLE_PROCESS
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Dynamic Fine-Tuning: token mean of -sg(p) lp: (loss fp32 scalar, metrics). logp, mask [B, S]."""
     out = DFT()(TokenBatch(logp, mask), layout)
     return out.loss, out.finalize(layout)

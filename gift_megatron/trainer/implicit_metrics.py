@@ -18,6 +18,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import torch
+
 from gift_megatron.comm import broadcast_objects
 from gift_megatron.device import to_host_floats
 from gift_megatron.objectives import Members, Objective
@@ -32,7 +34,7 @@ def wants_post_update_metrics(objective: Objective) -> bool:
 
 def post_update_implicit_metrics(
     objective: Objective,
-    model,
+    model: list[torch.nn.Module],
     micro_batches: Sequence[dict[str, Any]],
     *,
     temperature: float = 1.0,

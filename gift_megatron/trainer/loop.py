@@ -21,7 +21,7 @@ import logging
 import os
 import random
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -37,6 +37,10 @@ from gift_megatron.trainer.members import assemble_members, score_members
 from gift_megatron.trainer.metrics import DegenerateGroupsWatch, MetricsLogger, first_eval_record, plot_run
 from gift_megatron.trainer.run_dir import lock_run_dir, watch_launcher
 from gift_megatron.trainer.step_metrics import kl_to_reference, rollout_gap, rollout_totals, step_record
+
+if TYPE_CHECKING:
+    from gift_megatron.data.prompts import PromptExample
+    from gift_megatron.rollout.base import RolloutEngine
 
 log = logging.getLogger("gift_megatron.train")
 
@@ -208,7 +212,7 @@ class Trainer:
         except ValueError as exc:
             raise StartupError(f"reward.name / reward.options: {exc}") from exc
 
-    def _check_example(self, ex) -> None:
+    def _check_example(self, ex: PromptExample) -> None:
         """Every row can form a full group and fits the sequence length (checked before any compute)."""
         where = f"{ex.source}:{ex.line}"
         n = len(self.tokenizer.prompt_ids(ex))
@@ -362,14 +366,14 @@ class Trainer:
             )
 
     # --------------------------------------------------------------------------------------- rollout
-    def _build_engine(self):
+    def _build_engine(self) -> RolloutEngine:
         from gift_megatron.rollout import build_engine
 
         # The replica's ranks, this (owner) rank first: the engine runs on their GPUs.
         ranks = dist.get_process_group_ranks(self.replica_group) if self.replica_group is not None else [self.rank]
         return build_engine(self.cfg, self.tokenizer, replica_ranks=[self.rank] + [r for r in ranks if r != self.rank])
 
-    def _engine(self):
+    def _engine(self) -> RolloutEngine:
         """The replica's rollout engine; only its owner rank holds one."""
         if self.engine is None:
             raise RuntimeError(f"rank {self.rank} is not its replica's rollout owner: it has no engine")
@@ -502,7 +506,7 @@ class Trainer:
             bins_multiple=t.updates_per_step,
         )
 
-    def _post_update_metrics(self, mbs, step: int) -> dict[str, float]:
+    def _post_update_metrics(self, mbs: list[dict[str, Any]], step: int) -> dict[str, float]:
         """GIFT ``reference: rollout``: beta(x) and the implicit-reward spread of the updated policy against
         the rollout policy, on steps that get logged (one forward-only pass; see gift_megatron/trainer/implicit_metrics.py).
         At the step's first update u is 0, so the values the update itself reports are null."""

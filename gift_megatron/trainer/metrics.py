@@ -13,7 +13,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 METRICS_FILE = "metrics.jsonl"
@@ -252,7 +252,7 @@ def _series(records: Iterable[dict], key: str) -> tuple[list[int], list[float]]:
     return xs, ys
 
 
-def _draw(ax, title: str, series, ylabel: str, legend: bool = False) -> None:
+def _draw(ax: Any, title: str, series: Sequence[tuple], ylabel: str, legend: bool = False) -> None:
     """series: (label, xs, ys) or (label, xs, ys, style kwargs for ax.plot)."""
     for label, xs, ys, *style in series:
         ax.plot(xs, ys, marker="o" if len(xs) < 30 else None, markersize=3, label=label, **(style[0] if style else {}))
@@ -322,7 +322,7 @@ def plot_runs(run_dirs: list[str], out_dir: str) -> list[str]:
     return _write_panels(panels, out_dir, legend=True)
 
 
-def _write_panels(panels, out_dir: str, legend: bool = False) -> list[str]:
+def _write_panels(panels: Sequence[tuple], out_dir: str, legend: bool = False) -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")  # headless: cluster nodes and CI have no display
