@@ -181,3 +181,32 @@ def test_reward_labels_and_plain_lines_without_a_terminal(tmp_path, capsys):
     bar.log(1, metrics)
     bar.close()
     assert capsys.readouterr().out == ""  # the terminal gets the bar (on stderr), not lines
+
+
+def test_only_start_up_errors_are_one_line(monkeypatch, capsys):
+    """A StartupError (or a subclass) from train() is one line and exit code 2; any other exception, a
+    ValueError from a bug mid-run included, propagates with its traceback."""
+    import gift_megatron.trainer as trainer_pkg
+    from gift_megatron import cli
+    from gift_megatron.data import DatasetError
+    from gift_megatron.errors import StartupError
+
+    monkeypatch.delenv("GIFT_MEGATRON_TRACEBACK", raising=False)
+    # main(["train", ...]) quiets third-party warnings for its process: give them back to pytest after.
+    monkeypatch.setattr("gift_megatron.console.configure", lambda show_warnings=None: None)
+    for exc in (StartupError("data.tokenizer: /nowhere does not exist"), DatasetError("train.jsonl:3: bad row")):
+
+        def fail(cfg, exc=exc):
+            raise exc
+
+        monkeypatch.setattr(trainer_pkg, "train", fail)
+        assert cli.main(["train", CONFIG]) == 2
+        err = capsys.readouterr().err
+        assert str(exc) in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+    def bug(cfg):
+        raise ValueError("step 500: shapes [3] and [4] do not match")
+
+    monkeypatch.setattr(trainer_pkg, "train", bug)
+    with pytest.raises(ValueError, match="step 500"):
+        cli.main(["train", CONFIG])
