@@ -60,7 +60,7 @@ import dataclasses
 import json
 import logging
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 
@@ -100,8 +100,8 @@ log = logging.getLogger("gift_megatron.rollout")
 
 
 @contextlib.contextmanager
-def _environ(**values: str | None):
-    def apply(pairs):
+def _environ(**values: str | None) -> Iterator[None]:
+    def apply(pairs: dict[str, str | None]) -> None:
         for k, v in pairs.items():
             if v is None:
                 os.environ.pop(k, None)
@@ -413,6 +413,8 @@ class VLLMRolloutEngine:
         if self._pack:
             if self._cuda_ipc and any(t.is_cuda for _, t in bucket):
                 torch.cuda.synchronize()  # the tensors are complete before another process reads them
+            # Looked up on the module at each call: a benchmark sets weight_transport.SEGMENT_DIR = None (bytes in
+            # the message) and a test records what pack_bucket sends.
             payload, segment = weight_transport.pack_bucket(bucket, self._cuda_ipc, weight_transport.SEGMENT_DIR)
             try:
                 self.llm.collective_rpc("gift_load_weights", args=(payload,))
