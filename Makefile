@@ -9,7 +9,7 @@ export OMP_NUM_THREADS ?= 1
 # Tests of the layers that must also run on the oldest supported stack (Python 3.11, megatron-core 0.16.1).
 COMPAT_TESTS := tests/test_objectives.py tests/test_layout_invariance.py tests/test_logprobs.py \
                 tests/test_context_parallel.py tests/test_cpu_runtime.py tests/test_model_builder.py \
-                tests/test_megatron_step.py tests/test_checkpoint.py tests/test_conversion.py \
+                tests/test_megatron_step.py tests/test_checkpoint.py tests/test_checkpoint_publish.py tests/test_conversion.py \
                 tests/test_checkpoint_specs.py tests/test_packing.py tests/test_moe_config.py \
                 tests/test_moe_layout.py
 

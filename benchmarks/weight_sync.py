@@ -87,8 +87,9 @@ def main() -> None:
     a = p.parse_args()
     import transformers
 
-    from gift_megatron.rollout import vllm_engine
-    from gift_megatron.rollout.vllm_engine import VLLMRolloutEngine, import_vllm
+    from gift_megatron.rollout import weight_transport
+    from gift_megatron.rollout.vllm_compat import import_vllm
+    from gift_megatron.rollout.vllm_engine import VLLMRolloutEngine
 
     import_vllm()  # a clear message before building 15 GB of tensors
     from vllm.platforms import current_platform
@@ -102,7 +103,7 @@ def main() -> None:
         )
     device = "cuda" if gpu else "cpu"
     if a.bytes_in_message:
-        vllm_engine.SEGMENT_DIR = None
+        weight_transport.SEGMENT_DIR = None
     sync = torch.cuda.synchronize if gpu else (lambda: None)
 
     d = tempfile.mkdtemp(prefix="weight_sync_")

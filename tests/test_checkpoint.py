@@ -1,4 +1,4 @@
-"""Distributed checkpoints (gift_megatron/megatron/checkpoint.py) on CPU over gloo.
+"""Distributed checkpoints (gift_megatron/megatron/checkpoint/) on CPU over gloo.
 
 The story the tests pin, with the tiny GPT of tests/tiny_gpt.py, Adam and a cosine LR schedule:
 
@@ -758,15 +758,16 @@ def test_save_rejects_bad_arguments_before_writing(tmp_path):
 
 def test_publish_replaces_a_checkpoint_of_the_same_step(tmp_path):
     """A run restarted from step 2 saves step 3 again: the new step_3 replaces the old one, atomically."""
-    from gift_megatron.megatron.checkpoint import _clean_up, _publish, latest_checkpoint
+    from gift_megatron.megatron.checkpoint import latest_checkpoint
+    from gift_megatron.megatron.checkpoint.publish import clean_up, publish
 
     root = tmp_path / "run"
     for name, marker in (("step_00000003", "old"), (".tmp_step_00000003_new", "new")):
         os.makedirs(root / name)
         (root / name / "gift_checkpoint.json").write_text(json.dumps({"format": 1, "marker": marker}))
     (root / "latest").write_text("step_00000002\n")
-    _publish(str(root), str(root / ".tmp_step_00000003_new"), str(root / "step_00000003"))
-    _clean_up(str(root), str(root / "step_00000003"), keep_last=None)
+    publish(str(root), str(root / ".tmp_step_00000003_new"), str(root / "step_00000003"))
+    clean_up(str(root), str(root / "step_00000003"), keep_last=None)
     assert latest_checkpoint(root) == str(root / "step_00000003")
     assert json.loads((root / "step_00000003" / "gift_checkpoint.json").read_text())["marker"] == "new"
     assert sorted(os.listdir(root)) == ["latest", "step_00000003"]

@@ -1,4 +1,4 @@
-"""Checkpoints across layer specs: local <-> Transformer Engine (gift_megatron/megatron/checkpoint.py).
+"""Checkpoints across layer specs: local <-> Transformer Engine (gift_megatron/megatron/checkpoint/).
 
 On GPU the trainer builds GPTModel with Transformer Engine's layer spec; on CPU, and in every converter
 output, with the local spec. Transformer Engine cannot be installed on CPU (it breaks ``import

