@@ -31,7 +31,7 @@ test: venv
 lint: venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/pyrefly check --output-format min-text
+	$(VENV)/bin/pyrefly check --output-format min-text --python-interpreter-path $(VENV)/bin/python
 	$(VENV)/bin/lint-imports
 
 # On the old stack each layer runs once per kind of layout; the 4-rank and repeated layouts of the step test
