@@ -33,7 +33,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -182,7 +182,7 @@ def build_cpu_model(model_cfg: Any, dtype: torch.dtype, *, tp: int | None = None
     tp = tp or ps.get_tensor_model_parallel_world_size()
     pp = pp or ps.get_pipeline_model_parallel_world_size()
     moe = bool(getattr(model_cfg, "num_experts", 0))
-    experts = (
+    experts: dict[str, Any] = (
         dict(
             expert_model_parallel_size=ps.get_expert_model_parallel_world_size(),
             expert_tensor_parallel_size=ps.get_expert_tensor_parallel_world_size(),
@@ -209,7 +209,8 @@ def build_cpu_model(model_cfg: Any, dtype: torch.dtype, *, tp: int | None = None
     )
     gpt = GPTModel(
         config=config,
-        transformer_layer_spec=decoder_spec(model_cfg, config, "local"),
+        # A TransformerBlockSubmodules (the MoE decoder spec) is accepted too, though annotated ModuleSpec.
+        transformer_layer_spec=cast(Any, decoder_spec(model_cfg, config, "local")),
         vocab_size=model_cfg.padded_vocab_size(tp),
         max_sequence_length=model_cfg.max_position_embeddings,
         pre_process=ps.is_pipeline_first_stage(),
@@ -429,7 +430,7 @@ def resolve_checkpoint(path: str | os.PathLike) -> str:
     a manifest), else the one a checkpoint root's ``latest`` names."""
     from gift_megatron.megatron.checkpoint import MANIFEST_NAME, latest_checkpoint
 
-    path = os.fspath(path)
+    path = str(os.fspath(path))
     if os.path.isfile(os.path.join(path, MANIFEST_NAME)):
         return path
     found = latest_checkpoint(path)

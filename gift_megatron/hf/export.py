@@ -164,6 +164,8 @@ def _items(local: list[LocalParam], tp: int, etp: int, ep: int, ep_rank: int, nu
         for owner in range(ep):
             for k, lp in params:
                 m = _EXPERT_INDEX.match(lp.name)
+                if m is None:
+                    raise ValueError(f"expert parameter {lp.name}: no expert index in its name")
                 j = int(m.group(2)) - ep_rank * per_rank  # this rank's local index
                 name = f"{m.group(1)}{owner * per_rank + j}{m.group(3)}"
                 experts.append(
@@ -258,6 +260,13 @@ class _Plan:
     def everyone(self) -> bool:
         return self.dst is None
 
+    @property
+    def target(self) -> int:
+        """The destination rank (only when not exporting to everyone)."""
+        if self.dst is None:
+            raise RuntimeError("iter_hf_weights: exporting to every rank, there is no single destination")
+        return self.dst
+
     def stage_items(self, src_stage: int, local: list[LocalParam], num_experts: int) -> list[_Item]:
         """The export list of ``src_stage``, on the ranks that need it (the source stage's own ranks compute
         it; receivers elsewhere get it from the source stage)."""
@@ -273,13 +282,13 @@ class _Plan:
             return mine if self.stage == src_stage else []
         if self.stage == src_stage:
             if self.me == self.collector[src_stage]:
-                comm.send_objects([mine], dst=self.dst, group=pp_group)
+                comm.send_objects([mine], dst=self.target, group=pp_group)
             return mine
         if self.me == self.dst:
             return comm.recv_objects(1, src=self.collector[src_stage], group=pp_group)[0]
         return []  # neither sends nor receives this stage's tensors
 
-    def move(self, src_stage: int, item: _Item, local: list[LocalParam], device) -> torch.Tensor | None:
+    def move(self, src_stage: int, item: _Item, local: list[LocalParam], device: torch.device) -> torch.Tensor | None:
         """One tensor of ``src_stage``: the full tensor on a receiving rank, None elsewhere."""
         on_stage = self.stage == src_stage
         if item.owner is not None:
@@ -300,15 +309,20 @@ class _Plan:
         full = None
         if lp is not None:  # on the source stage: gather the shards onto the collector
             full = _gather_tp(lp, self.tp, self.tp_group, collector, self.me == collector)
-            if src_stage != self.dst_stage and self.me == collector:
-                comm.send_tensor(full, dst=self.dst, group=self.pp_group)
+            if src_stage != self.dst_stage and self.me == collector and full is not None:
+                comm.send_tensor(full, dst=self.target, group=self.pp_group)
                 return None
         elif self.me == self.dst:
             full = comm.recv_tensor(item.shape, item.dtype, src=collector, group=self.pp_group, device=device)
         return full if self.me == self.dst else None
 
-    def _move_expert(self, src_stage: int, item: _Item, local: list[LocalParam], device) -> torch.Tensor | None:
-        holds = self.stage == src_stage and self.ep_rank == item.owner
+    def _move_expert(
+        self, src_stage: int, item: _Item, local: list[LocalParam], device: torch.device
+    ) -> torch.Tensor | None:
+        owner = item.owner
+        if owner is None:
+            raise ValueError(f"{item.name}: not an expert tensor")
+        holds = self.stage == src_stage and self.ep_rank == owner
         lp = local[item.local] if holds else None
         if self.everyone:
             full = (
@@ -317,16 +331,16 @@ class _Plan:
                 else torch.empty(item.shape, dtype=item.dtype, device=device)
             )
             if self.stage == src_stage and self.ep > 1:
-                full = comm.broadcast_tensor(full, src=_global(self.ep_group, item.owner), group=self.ep_group)
+                full = comm.broadcast_tensor(full, src=_global(self.ep_group, owner), group=self.ep_group)
             if self.pp > 1:
                 full = comm.broadcast_tensor(full, src=_global(self.pp_group, src_stage), group=self.pp_group)
             return full
-        holder = self.holder[src_stage][item.owner]
+        holder = self.holder[src_stage][owner]
         full = None
         if lp is not None and self.me in self.coords[self.collector[src_stage]][6]:
             full = _gather_tp(lp, self.etp, self.etp_group, holder, self.me == holder)
-            if self.me == holder and holder != self.dst:
-                comm.send_tensor(full, dst=self.dst)
+            if self.me == holder and holder != self.dst and full is not None:
+                comm.send_tensor(full, dst=self.target)
                 return None
         elif self.me == self.dst:
             full = comm.recv_tensor(item.shape, item.dtype, src=holder, device=device)
@@ -340,20 +354,20 @@ def _full_shape(lp: LocalParam, tp: int) -> tuple[int, ...]:
     return tuple(shape)
 
 
-def _all_gather_tp(lp: LocalParam, tp: int, group) -> torch.Tensor:
+def _all_gather_tp(lp: LocalParam, tp: int, group: comm.Group) -> torch.Tensor:
     p = lp.param.detach()
     if tp == 1 or not lp.tp_split:
         return p
     return torch.cat(comm.all_gather_tensors(p, group), dim=lp.partition_dim)
 
 
-def _gather_tp(lp: LocalParam, tp: int, group, collector: int, am_collector: bool) -> torch.Tensor | None:
+def _gather_tp(lp: LocalParam, tp: int, group: comm.Group, collector: int, am_collector: bool) -> torch.Tensor | None:
     p = lp.param.detach()
     if tp == 1 or not lp.tp_split:
         return p if am_collector else None
     parts = comm.gather_tensors(p, dst=collector, group=group)
-    return torch.cat(parts, dim=lp.partition_dim) if am_collector else None
+    return torch.cat(parts, dim=lp.partition_dim) if am_collector and parts is not None else None
 
 
-def _global(group, group_rank: int) -> int:
+def _global(group: Any, group_rank: int) -> int:
     return dist.get_global_rank(group, group_rank)

@@ -579,7 +579,8 @@ def tokenizer_size(directory: str) -> int | None:
     try:
         from transformers import AutoTokenizer
 
-        return len(AutoTokenizer.from_pretrained(directory))
+        tokenizer: Any = AutoTokenizer.from_pretrained(directory)  # stubs type it Optional, per backend
+        return len(tokenizer)
     except Exception as exc:  # any loader failure: the check is skipped, never the conversion
         logger.warning(
             "%s: cannot load the tokenizer to check its size against the model (%s: %s)",

@@ -162,7 +162,10 @@ def _etp() -> tuple[int, int]:
     from megatron.core import parallel_state as ps
 
     try:
-        return ps.get_expert_tensor_parallel_world_size(), ps.get_expert_tensor_parallel_rank()
+        size, rank = ps.get_expert_tensor_parallel_world_size(), ps.get_expert_tensor_parallel_rank()
+        if size is None or rank is None:  # Megatron returns None before its expert groups exist
+            return _tp()
+        return size, rank
     except (AssertionError, AttributeError, RuntimeError):
         return _tp()
 

@@ -295,7 +295,7 @@ def megatron_param_shapes(model_cfg: Any) -> dict[tuple[str, int | None], tuple[
     }
     moe_layers = _moe_layers(model_cfg)
     for i in range(model_cfg.num_layers):
-        layer = {
+        layer: dict[str, tuple[int, ...]] = {
             "input_layernorm.weight": (h,),
             "self_attention.linear_qkv.weight": (qkv, h),
             "self_attention.linear_proj.weight": (h, model_cfg.num_attention_heads * d),
@@ -310,7 +310,8 @@ def megatron_param_shapes(model_cfg: Any) -> dict[tuple[str, int | None], tuple[
         if model_cfg.qk_layernorm:
             layer["self_attention.q_layernorm.weight"] = (d,)
             layer["self_attention.k_layernorm.weight"] = (d,)
-        shapes.update({(n, i): s for n, s in layer.items()})
+        for n, s in layer.items():
+            shapes[(n, i)] = s
     shapes[("decoder.final_layernorm.weight", None)] = (h,)
     if not model_cfg.tie_embeddings:
         shapes[("output_layer.weight", None)] = (model_cfg.vocab_size, h)

@@ -82,7 +82,7 @@ def compare_logits(
     moe = bool(getattr(cfg, "num_experts", 0))
     world = verify_world_size(tp, ep, etp)
     try:
-        experts = (
+        experts: dict[str, Any] = (
             dict(expert_model_parallel_size=ep, expert_tensor_parallel_size=etp, sequence_parallel=tp > 1)
             if moe
             else dict(expert_model_parallel_size=ep, expert_tensor_parallel_size=etp)
@@ -211,7 +211,7 @@ def _logits_rank(
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
-        experts = (
+        experts: dict[str, Any] = (
             dict(expert_model_parallel_size=ep, expert_tensor_parallel_size=etp or tp)
             if getattr(model_cfg, "num_experts", 0)
             else {}
@@ -231,6 +231,8 @@ def spawn_ranks(fn: Any, world: int, args: Sequence[Any], *, timeout: float) -> 
     import torch.multiprocessing as mp
 
     ctx = mp.start_processes(fn, args=(world, *args), nprocs=world, join=False, start_method="spawn")
+    if ctx is None:  # torch returns the context whenever join=False
+        raise RuntimeError("torch.multiprocessing.start_processes returned no process context")
     deadline = time.monotonic() + timeout
     try:
         while not ctx.join(timeout=1.0):
