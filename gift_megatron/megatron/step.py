@@ -193,34 +193,24 @@ class ObjectiveStep:
                 )
             if hasattr(self.reference, "onload"):
                 self.reference.onload()
-            self._attach(
-                micro_batches,
-                "ref_logp",
-                forward_logprobs(
-                    self.reference,
-                    micro_batches,
-                    temperature=self.temperature,
-                    chunk_size=self.chunk_size,
-                    vocab_size=self.vocab_size,
-                    check_labels=False,
-                ),
-            )
+            self._attach(micro_batches, "ref_logp", self._logprobs(self.reference, micro_batches))
             if hasattr(self.reference, "offload"):
                 self.reference.offload()
         if "old_logp" in uses and not has_logprobs(micro_batches[0], "old_logp"):
             # The policy before this step is the rollout policy when each rollout feeds one step.
-            self._attach(
-                micro_batches,
-                "old_logp",
-                forward_logprobs(
-                    self.model,
-                    micro_batches,
-                    temperature=self.temperature,
-                    chunk_size=self.chunk_size,
-                    vocab_size=self.vocab_size,
-                    check_labels=False,
-                ),
-            )
+            self._attach(micro_batches, "old_logp", self._logprobs(self.model, micro_batches))
+
+    def _logprobs(self, model: Any, micro_batches: list[dict[str, Any]]) -> list[torch.Tensor] | None:
+        """A forward-only pass of ``model`` (the policy or the reference) with this step's log-prob settings;
+        labels were checked when the micro-batches were prepared."""
+        return forward_logprobs(
+            model,
+            micro_batches,
+            temperature=self.temperature,
+            chunk_size=self.chunk_size,
+            vocab_size=self.vocab_size,
+            check_labels=False,
+        )
 
     @staticmethod
     def _attach(micro_batches: list[dict[str, Any]], key: str, logps: list[torch.Tensor] | None) -> None:
@@ -239,7 +229,7 @@ class ObjectiveStep:
             full[:, cp_local_positions(mb, cp, rank, lp.device)] = lp
             mb[key] = full
 
-    def statistics(self, micro_batches: list[dict[str, Any]], layout: BatchLayout):
+    def statistics(self, micro_batches: list[dict[str, Any]], layout: BatchLayout) -> tuple[LossContext, str]:
         """(LossContext for the step, stats_source)."""
         obj = self.objective
         members = data_members(obj, micro_batches)
@@ -249,14 +239,7 @@ class ObjectiveStep:
             return LossContext(obj, layout, obj.statistics(members, layout), scale), "data"
         if groups_whole_per_micro_batch(micro_batches, layout):
             return LossContext(obj, layout, None, scale, totals=(n_members, n_tokens)), "in_place"
-        logps = forward_logprobs(
-            self.model,
-            micro_batches,
-            temperature=self.temperature,
-            chunk_size=self.chunk_size,
-            vocab_size=self.vocab_size,
-            check_labels=False,
-        )
+        logps = self._logprobs(self.model, micro_batches)
         stats = None
         if logps is not None:
             parts = [
