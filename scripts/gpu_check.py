@@ -72,7 +72,7 @@ SYNC_WARNING = "called a synchronizing CUDA operation"
 # What the GPU machine lacks, carried as wheels at the versions the CPU stack pins (constraints/dev-py312.txt):
 # megatron-core, and math-verify (an install_requires of ours, for the math_verify reward) with its two
 # dependencies. Everything else setup.py and these wheels require is on the machine already (GPU_PACKAGES).
-CARRIED = ("megatron-core", "math-verify", "latex2sympy2_extended", "antlr4-python3-runtime")
+CARRIED = ("megatron-core", "math-verify", "latex2sympy2_extended", "antlr4-python3-runtime", "omegaconf")
 CONSTRAINTS = os.path.join(ROOT, "constraints", "dev-py312.txt")
 PLATFORMS = (
     "manylinux_2_28_x86_64",
