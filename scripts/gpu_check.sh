@@ -5,7 +5,7 @@
 # A later session runs it like this:
 #   1. On the CPU machine, in the repository root of the checkout the session was started in (the device
 #      tool sends that checkout, not a helper's worktree), fetch the wheels the GPU machine lacks into the
-#      git-ignored .whl/ (megatron-core 0.19.2, math-verify and its two dependencies; about 2.6 MiB):
+#      git-ignored .whl/ (megatron-core 0.19.2, math-verify and its two dependencies, omegaconf; about 2.8 MiB):
 #        .venv/bin/python scripts/gpu_check.py --prepare
 #      and check it first at tiny shapes on CPU (about a minute on an idle 2-core machine):
 #        .venv/bin/python scripts/gpu_check.py --cpu-dry
