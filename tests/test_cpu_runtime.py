@@ -363,7 +363,7 @@ def test_bf16_mixed_precision_trains_on_cpu(reference: dict[str, Any]) -> None:
 
 @pytest.mark.timeout(60)
 def test_enable_cpu_runtime_is_a_no_op_with_cuda() -> None:
-    (result,) = run_ranks(cuda_available_rank, 1, "auto", timeout=50)
+    (result,) = run_ranks(cuda_available_rank, 1, "auto", timeout=50, fresh_interpreter=True)
     assert result == {"enabled": False, "megatron_imported": False, "patched_sees_cuda": None}
 
 
