@@ -119,8 +119,8 @@ def _make_step(impl: str, chunk: int, device) -> Callable:
 
         chunk_size = chunk if impl == "ours-chunk" else None
         if impl == "ours-1block":
-            module._CPU_BLOCK_BYTES = 1 << 62
-            module._DEVICE_BLOCK_BYTES = 1 << 62
+            module.CPU_BLOCK_BYTES = 1 << 62
+            module.DEVICE_BLOCK_BYTES = 1 << 62
 
         def step(logits, labels, weights):
             (vocab_parallel_logprobs(logits, labels, chunk_size=chunk_size) * weights).sum().backward()

@@ -70,7 +70,7 @@ def test_tp1_matches_log_softmax(dtype, temperature, chunk_size):
 
 def test_cpu_block_cap_splits_unchunked_work(monkeypatch):
     # Force the CPU cache blocking to its minimum so an unchunked call still walks several blocks.
-    monkeypatch.setattr(lp_module, "_CPU_BLOCK_BYTES", 1)
+    monkeypatch.setattr(lp_module, "CPU_BLOCK_BYTES", 1)
     logits, labels, weights = make_case(1, (3, 7), 40, torch.bfloat16)
     assert_matches(*ours(logits, labels, weights, 1.3, None), *reference(logits, labels, weights, 1.3), torch.bfloat16)
 

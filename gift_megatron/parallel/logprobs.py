@@ -27,10 +27,10 @@ __all__ = ["vocab_parallel_logprobs"]
 # measured 3-5x faster than one block of all tokens on the 2-core CI machine (32 MiB L3). The larger end
 # is used because every op is one OpenMP parallel region, and on a loaded machine each region's barrier
 # can wait for a descheduled thread: fewer, larger blocks degrade far less.
-_CPU_BLOCK_BYTES = 8 << 20
+CPU_BLOCK_BYTES = 8 << 20
 # On accelerators a block only has to be big enough to fill the device (16M elements does); one block of
 # all tokens would add two fp32 copies of the logits (8 bytes per element), more than Megatron's 6.
-_DEVICE_BLOCK_BYTES = 64 << 20
+DEVICE_BLOCK_BYTES = 64 << 20
 
 
 def vocab_parallel_logprobs(
@@ -140,9 +140,9 @@ def _block_rows(num_tokens: int, vocab_shard: int, chunk_size: int | None, devic
     rows = num_tokens if chunk_size is None else min(chunk_size, num_tokens)
     if device.type == "cpu":
         # At least two rows per thread so the row-parallel softmax kernel keeps every core busy.
-        cap = max(2 * torch.get_num_threads(), _CPU_BLOCK_BYTES // (4 * vocab_shard))
+        cap = max(2 * torch.get_num_threads(), CPU_BLOCK_BYTES // (4 * vocab_shard))
     else:
-        cap = max(1, _DEVICE_BLOCK_BYTES // (4 * vocab_shard))
+        cap = max(1, DEVICE_BLOCK_BYTES // (4 * vocab_shard))
     return max(min(rows, cap), 1)
 
 
