@@ -1,4 +1,4 @@
-"""One writer per run directory, and workers that do not outlive their launcher (DESIGN.md contracts).
+"""One writer per run directory, and workers that do not outlive their launcher (the README, "One writer per run directory").
 
 Two failures these guard against, both seen in practice:
 
