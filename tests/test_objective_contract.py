@@ -25,9 +25,9 @@ from gift_megatron.objectives import (
     Objective,
     TokenBatch,
     build_objective,
+    count_totals,
     register,
 )
-from gift_megatron.objectives.base import count_totals
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ from gift_megatron.objectives.base import (
     Objective,
     TokenBatch,
     build_objective,
+    count_totals,
     register,
 )
 from gift_megatron.objectives.gft import GFT, dcr_coefficient, gft_loss
@@ -51,6 +52,7 @@ __all__ = [
     "Objective",
     "TokenBatch",
     "build_objective",
+    "count_totals",
     "dapo_loss",
     "dcr_coefficient",
     "dft_loss",
