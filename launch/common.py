@@ -199,14 +199,11 @@ def check_training_config(config: str, overrides: Iterable[str], world_size: int
     except ConfigError as exc:
         hint = " (paths are checked from this machine; --no-check-paths skips them)" if check_paths else ""
         raise LaunchError(f"training config {config}: {exc}{hint}") from exc
-    try:
-        try:  # the full check (whole micro-batches per data-parallel rank) when the config module has it
-            from gift_megatron.config import check_world_size
-        except ImportError:
-            cfg.parallel.validate(world_size, cfg.model)
-        else:
-            check_world_size(cfg, world_size)
-    except ValueError as exc:  # ConfigError is a ValueError, and so is ParallelConfig.validate's
+    from gift_megatron.config import check_world_size
+
+    try:  # the layout and whole micro-batches per data-parallel rank
+        check_world_size(cfg, world_size)
+    except ConfigError as exc:
         p = cfg.parallel
         layout = (
             f"TP {p.tensor_model_parallel_size} x PP {p.pipeline_model_parallel_size} x CP {p.context_parallel_size}"
