@@ -438,3 +438,31 @@ def test_moe_step_helpers_under_meta():
     with meta_default():
         assert router_loss_scale(32, 512) == 1 / 16
         check_equal_micro_batch_counts([2, 2], ep=2)
+
+
+# torch factories that create a tensor on the default device unless told otherwise.
+FACTORIES = {"tensor", "as_tensor", "zeros", "ones", "empty", "full", "arange", "linspace", "eye", "rand", "randn"}
+FACTORIES |= {"randint", "randperm"}
+
+
+def test_every_factory_call_in_the_library_names_its_device():
+    """The static half of the meta guard: a ``torch.<factory>(...)`` call in gift_megatron/ without
+    ``device=`` lands on the CPU next to CUDA tensors, on paths a CPU test may never reach."""
+    import ast
+
+    missing = []
+    for path in sorted(glob.glob(os.path.join(ROOT, "gift_megatron", "**", "*.py"), recursive=True)):
+        with open(path, encoding="utf-8") as fh:
+            tree = ast.parse(fh.read())
+        for node in ast.walk(tree):
+            func = getattr(node, "func", None)
+            if (
+                isinstance(node, ast.Call)
+                and isinstance(func, ast.Attribute)
+                and isinstance(func.value, ast.Name)
+                and func.value.id == "torch"
+                and func.attr in FACTORIES
+                and not any(k.arg == "device" for k in node.keywords)
+            ):
+                missing.append(f"{os.path.relpath(path, ROOT)}:{node.lineno} torch.{func.attr}")
+    assert not missing, missing

@@ -188,7 +188,7 @@ class _MappedFile:
         begin, end = info["data_offsets"]
         dtype = _ST_DTYPES[info["dtype"]]
         if end == begin:
-            return torch.empty(info["shape"], dtype=dtype)
+            return torch.empty(info["shape"], dtype=dtype, device="cpu")  # read from the file, like the rest
         flat = torch.frombuffer(
             self._map, dtype=dtype, count=(end - begin) // dtype.itemsize, offset=self.data_start + begin
         )

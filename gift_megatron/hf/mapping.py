@@ -277,7 +277,7 @@ def megatron_tensor_from_hf(
         valid = max(0, min(src.shape[0] - start, per_rank))
         if valid == per_rank:
             return src[start : start + per_rank]
-        out = torch.zeros((per_rank, *src.shape[1:]), dtype=src.dtype)
+        out = torch.zeros((per_rank, *src.shape[1:]), dtype=src.dtype, device=src.device)
         out[:valid] = src[start : start + valid]
         return out
     return src.chunk(tp, dim=partition_dim)[tp_rank] if tp > 1 else src

@@ -105,9 +105,10 @@ def compare_logits(
                 f"{ckpt} was converted from another architecture than {hf_dir}: (checkpoint, HF) differ in {diff}"
             )
     if tokens is None:
-        g = torch.Generator().manual_seed(seed)
-        tokens = torch.randint(0, cfg.vocab_size, (batch, seq_length), generator=g)
-    tokens = torch.as_tensor(tokens, dtype=torch.long)
+        g = torch.Generator(device="cpu").manual_seed(seed)
+        tokens = torch.randint(0, cfg.vocab_size, (batch, seq_length), generator=g, device="cpu")
+    # The verification ranks run on the CPU (gloo); the tokens go to them pickled.
+    tokens = torch.as_tensor(tokens, dtype=torch.long, device="cpu")
     if tokens.dim() != 2 or tokens.numel() == 0:
         raise ConversionError(f"token ids must be a non-empty [batch, seq] array, got shape {list(tokens.shape)}")
     if moe and tokens.shape[1] % tp:

@@ -48,7 +48,7 @@ class Rollout:
     """One response: prompt and response token ids, and the sampling log-prob of each response token.
 
     prompt_ids: [P] int64; response_ids: [R] int64 (ends with EOS when the model stopped by itself);
-    logprobs: [R] fp32; finished: whether EOS was produced before max_tokens.
+    logprobs: [R] fp32; finished: whether EOS was produced before max_tokens. Tensors are on the host.
     """
 
     prompt_index: int

@@ -372,7 +372,7 @@ class VLLMRolloutEngine:
         rollouts = []
         for k, out in enumerate(outs):
             index = k // copies
-            prompt_ids = torch.tensor([int(t) for t in prompts[index]], dtype=torch.long)
+            prompt_ids = torch.tensor([int(t) for t in prompts[index]], dtype=torch.long, device="cpu")
             for comp in sorted(out.outputs, key=lambda c: c.index):
                 ids = list(comp.token_ids)
                 if comp.logprobs is None or len(comp.logprobs) != len(ids):
@@ -384,8 +384,9 @@ class VLLMRolloutEngine:
                     Rollout(
                         index,
                         prompt_ids.clone(),
-                        torch.tensor(ids, dtype=torch.long),
-                        torch.tensor(lps, dtype=torch.float32),
+                        # Host tensors, as Rollout documents (the trainer reads them with .tolist()).
+                        torch.tensor(ids, dtype=torch.long, device="cpu"),
+                        torch.tensor(lps, dtype=torch.float32, device="cpu"),
                         finished,
                     )
                 )

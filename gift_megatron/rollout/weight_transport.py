@@ -157,7 +157,8 @@ def unpack_bucket(payload: Sequence[Sequence]) -> list[tuple[str, torch.Tensor]]
         elif kind == "host":
             dtype, shape, data = getattr(torch, item[2]), item[3], item[4]
             raw = bytearray(data)
-            flat = torch.frombuffer(raw, dtype=torch.uint8) if raw else torch.empty(0, dtype=torch.uint8)
+            # On the host (frombuffer always is); vLLM's load_weights copies each tensor to its device.
+            flat = torch.frombuffer(raw, dtype=torch.uint8) if raw else torch.empty(0, dtype=torch.uint8, device="cpu")
             out.append((name, flat.view(dtype).reshape(shape)))
         else:
             raise ValueError(f"unknown weight payload kind {kind!r} for {name!r}")

@@ -128,8 +128,9 @@ def allocate_distributed_optimizer_state(optimizer: Any) -> None:
         if init_state_fn is not None:
             init_state_fn(inner, sub.config)
         if not distrib_optimizer.HAVE_APEX_OR_TE:
+            # torch's Adam keeps a non-capturable ``step`` as a CPU scalar tensor, whatever the params' device.
             for p in params:
-                inner.state[p].setdefault("step", torch.tensor(0.0))
+                inner.state[p].setdefault("step", torch.tensor(0.0, device="cpu"))
 
 
 def restore_distributed_optimizer_steps(optimizer: Any, saved_steps: list[float | None] | None) -> None:
