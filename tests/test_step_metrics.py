@@ -61,8 +61,9 @@ def _cp_worker(rank, world):
             keep = torch.zeros_like(mb["loss_mask"])
             keep[:, cp_local_positions(mb, CP, rank, keep.device)] = 1
             mb["ref_logp"], mb["old_logp"] = mb["ref_logp"] * keep, mb["old_logp"] * keep
-            kl = kl_to_reference([mb], [engine])
-            gap = rollout_gap([mb], [engine], torch.device("cpu"))
+            with torch.device("meta"):  # a tensor made without a device would land on meta and fail
+                kl = kl_to_reference([mb], [engine])
+                gap = rollout_gap([mb], [engine], torch.device("cpu"))
             total = torch.tensor(kl)
             torch.distributed.all_reduce(total)
             out[packed] = (total.tolist(), gap)

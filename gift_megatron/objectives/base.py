@@ -424,7 +424,11 @@ def build_objective(name: str, **options) -> Objective:
 
 
 def _has_type(value: Any, tp: Any) -> bool:
-    """Whether ``value`` fits the option annotation ``tp`` (scalars, ``X | None``, Any)."""
+    """Whether ``value`` fits the option annotation ``tp`` (scalars, ``X | None``, Any).
+
+    By hand: options are plain scalars, so this is all the checking they need, and it keeps the
+    objectives layer free of a validation library (OmegaConf types the config, whose ``objective.options``
+    is a free mapping because each objective has its own fields)."""
     if tp is Any:
         return True
     if typing.get_origin(tp) in (typing.Union, types.UnionType):

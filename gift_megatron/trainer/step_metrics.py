@@ -87,14 +87,19 @@ def kl_to_reference(mbs: Sequence[dict[str, Any]], engine: Sequence[torch.Tensor
     rank for the step's value."""
     if mbs[0].get("ref_logp") is None or not _holds_whole_logprobs():
         return 0.0, 0.0
-    count_here = parallel_state().get_context_parallel_rank() == 0
+    ps = parallel_state()
+    cp, cp_rank = ps.get_context_parallel_world_size(), ps.get_context_parallel_rank()
     parts = []
     for mb, e in zip(mbs, engine):
         e = member_rows(mb, e.to(mb["ref_logp"].device))
         ref = member_rows(mb, mb["ref_logp"])
         local = rollout_kl_to_reference(ref, e, member_rows(mb, _cp_local_mask(mb)))
-        whole = rollout_kl_to_reference(ref, e, member_rows(mb, mb["loss_mask"]))
-        parts.append(torch.stack([local[0], whole[1] if count_here else whole[1] * 0]))
+        if cp > 1:  # responses are counted once, on CP rank 0, over their whole mask
+            whole = (
+                rollout_kl_to_reference(ref, e, member_rows(mb, mb["loss_mask"]))[1] if cp_rank == 0 else 0 * local[1]
+            )
+            local = torch.stack([local[0], whole])
+        parts.append(local)
     total, n = torch.stack(parts).sum(dim=0).tolist()
     return total, n
 
